@@ -1,0 +1,103 @@
+"""pHash: agreement with imagehash's definition, robustness to edits, bad bytes."""
+
+from __future__ import annotations
+
+import io
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance
+
+from curate import phash
+
+
+def _photo(seed: int, size=(320, 240)) -> Image.Image:
+    """A textured image with structure at several scales (smooth blobs plus edges)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    img = np.zeros((h, w, 3))
+    for _ in range(12):
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.4)
+        col = rng.uniform(0, 255, 3)
+        mask = ((x - cx) ** 2 + (y - cy) ** 2) < r * r
+        img[mask] = 0.5 * img[mask] + 0.5 * col
+    img += rng.normal(0, 4, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _jpeg(img: Image.Image, quality=90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_matches_imagehash_on_small_images():
+    # Below 256 px no reduction happens, so our pixels are imagehash's pixels: same bits.
+    for seed in range(20):
+        img = _photo(seed, (200, 150))
+        assert phash.to_hex(phash.phash_pil(img)) == str(imagehash.phash(img))
+
+
+def test_bytes_path_close_to_imagehash_and_pil_path():
+    for seed in range(10):
+        img = _photo(seed, (800, 600))
+        blob = _jpeg(img)
+        ours = phash.phash_bytes([blob])[0]
+        ref = int(str(imagehash.phash(Image.open(io.BytesIO(blob)))), 16)
+        decoded = phash.phash_pil(Image.open(io.BytesIO(blob)))
+        assert phash.hamming(ours, ref) <= 4
+        assert phash.hamming(ours, decoded) <= 4
+
+
+def test_near_duplicates_close_distinct_far():
+    base = _photo(1, (640, 480))
+    h0 = phash.phash_pil(base)
+    edits = {
+        "resized": base.resize((320, 240), Image.Resampling.BICUBIC),
+        "jpeg_q30": Image.open(io.BytesIO(_jpeg(base, 30))),
+        "brightness": ImageEnhance.Brightness(base).enhance(1.15),
+        "crop": base.crop((8, 6, 632, 474)),
+    }
+    over = base.copy()
+    ImageDraw.Draw(over).text((20, 20), "SAMPLE TEXT", fill=(255, 255, 255))
+    edits["text"] = over
+    for name, img in edits.items():
+        assert phash.hamming(h0, phash.phash_pil(img)) <= 8, name
+    others = [phash.phash_pil(_photo(s, (640, 480))) for s in range(2, 12)]
+    assert min(phash.hamming(h0, h) for h in others) > 12
+
+
+def test_batch_equals_single_and_bad_input_is_none():
+    blobs = [_jpeg(_photo(s)) for s in range(5)]
+    png = io.BytesIO()
+    _photo(9).convert("P").save(png, "PNG")
+    blobs += [b"not an image", None, blobs[0][: len(blobs[0]) // 3], png.getvalue()]
+    got = phash.phash_bytes(blobs)
+    assert got[:5] == [phash.phash_bytes([b])[0] for b in blobs[:5]]
+    assert got[5] is None and got[6] is None
+    assert got[8] is not None  # palette PNG
+    assert all(h is None or 0 <= h < 2**64 for h in got)
+
+
+def test_pixel_cap():
+    blob = _jpeg(_photo(3, (800, 600)))
+    # JPEG is decoded at 1/4 scale here (200x150 = 30,000 px): the cap applies to that.
+    assert phash.phash_bytes([blob], max_pixels=20_000) == [None]
+    assert phash.phash_bytes([blob], max_pixels=40_000)[0] is not None
+
+
+def test_flat_image_is_deterministic():
+    a = phash.phash_pil(Image.new("L", (300, 300), 128))
+    b = phash.phash_pil(Image.new("RGB", (64, 64), (10, 200, 30)))
+    assert a == b == 1 << 63  # only the DC coefficient is above the (zero) median
+
+
+def test_hashes_from_pixels_shape_and_hamming_np():
+    px = np.random.default_rng(0).integers(0, 255, (7, 32, 32), dtype=np.uint8)
+    hs = phash.hashes_from_pixels(px)
+    assert hs.dtype == np.uint64 and hs.shape == (7,)
+    assert [int(x) for x in phash.hamming_np(hs, hs[0])] == [phash.hamming(int(h), int(hs[0])) for h in hs]
+    with pytest.raises(ValueError):
+        phash.hashes_from_pixels(np.zeros((2, 16, 16)))
