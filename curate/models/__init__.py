@@ -1,0 +1,1 @@
+"""Thin wrappers over open_clip / transformers / DALI. No Ray, no Arrow."""

@@ -1,0 +1,447 @@
+"""Runs a stage over every shard of its input on Ray; the only module that imports ray.
+
+One Ray task per shard for CPU stages, one actor call per shard for model stages (an actor pool keeps
+the model loaded). The number of shards in flight is bounded, so memory is bounded by the pool size,
+not by the dataset. Each shard is committed atomically by the worker that ran it (see dataset.py);
+the driver only plans, tracks progress and writes the manifest once every shard is committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import curate
+from curate import schema, stages
+from curate.config import ConfigError, fingerprint, load_stage_config, resolved
+from curate.dataset import PLAN_DIR, Dataset, DatasetError, digits_for
+from curate.stage import PlanContext, RunOptions, ShardContext, Stage, StageConfig
+from curate.wds import TarWriter
+
+log = logging.getLogger(__name__)
+
+
+class StageFailed(RuntimeError):
+    """A shard raised: a bug or a broken input shard (per-row problems are rejects, not errors)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardEnv:
+    """Everything a worker needs besides the stage: plain data, cheap to ship."""
+
+    stage: str
+    input_path: str | None
+    output: str
+    shard_digits: int
+    options: RunOptions
+
+
+# -- one shard ---------------------------------------------------------------------------------
+def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
+    """Load, process, split and commit shard ``n``; return its stats. Safe to retry: a committed
+    shard is returned as it is, an uncommitted one is cleared and redone from scratch."""
+    out = Dataset(env.output)
+    out.shard_digits = env.shard_digits
+    if out.fs.exists(out.shard_path(n, "stats.json")):
+        return out.stats(n)
+    out.clear_shard(n)
+    inp = Dataset(env.input_path) if (stage.reads_dataset and env.input_path) else None
+    ctx = ShardContext(
+        shard=n,
+        input_path=env.input_path,
+        input=inp,
+        output=out,
+        plan_dir=out.path(PLAN_DIR),
+        options=env.options,
+    )
+    start = time.perf_counter()
+    t = time.perf_counter()
+    table = stage.load(n, ctx)
+    ctx.add_time("load", time.perf_counter() - t)
+    rows_in = table.num_rows
+    tar_file = None
+    if stage.writes_images:
+        tar_file = out.open_tmp_tar(n)
+        ctx.tar = TarWriter(tar_file)
+        ctx.tar_url = out.tar_url(n)
+    try:
+        t = time.perf_counter()
+        result = stage.process(table, ctx)
+        ctx.add_time("process", time.perf_counter() - t)
+    finally:
+        if tar_file is not None:
+            ctx.tar.close()
+            tar_file.close()
+    if result.num_rows != rows_in:
+        raise StageFailed(
+            f"stage {env.stage} returned {result.num_rows} rows for {rows_in} input rows in shard "
+            f"{out.shard_name(n)}: every row must be kept or rejected with a reason"
+        )
+    kept, rejects = split_rejects(result)
+    drops = Counter(rejects.column(schema.DROP_REASON).to_pylist()) if rejects.num_rows else Counter()
+    stats = {
+        "shard": out.shard_name(n),
+        "rows_in": rows_in,
+        "rows_out": kept.num_rows,
+        "rejected": rejects.num_rows,
+        "drops": dict(sorted(drops.items())),
+        "tar_bytes": ctx.tar.bytes_written if ctx.tar is not None else 0,
+        "timings": ctx.timings,
+        "seconds": time.perf_counter() - start,
+        **ctx.stats,
+    }
+    out.commit_shard(
+        n,
+        kept,
+        rejects,
+        stats,
+        tar_written=stage.writes_images,
+        idx_text=ctx.tar.index_text() if ctx.tar is not None else None,
+    )
+    _record_metrics(env.stage, stats)
+    return stats
+
+
+def split_rejects(result: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Kept rows (drop_reason null, column removed) and rejected rows, both in canonical types."""
+    if schema.DROP_REASON not in result.column_names:
+        return schema.conform(result), schema.conform(result.slice(0, 0).append_column(
+            schema.DROP_REASON, pa.array([], pa.string())))
+    reasons = result.column(schema.DROP_REASON)
+    dropped = pc.invert(pc.is_null(reasons))
+    kept = result.filter(pc.invert(dropped)).drop_columns([schema.DROP_REASON])
+    return schema.conform(kept), schema.conform(result.filter(dropped))
+
+
+# -- Ray plumbing ------------------------------------------------------------------------------
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster a Ray job runs in, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address and not address.startswith("http"):
+        ray.init(address=address, **kwargs)
+    else:
+        # "local" rather than auto-detect: never attach by surprise to a cluster another user started.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _slots(res) -> int:
+    import ray
+
+    if res.concurrency:
+        return res.concurrency
+    total = ray.cluster_resources()
+    if res.num_gpus > 0:
+        return max(1, int(total.get("GPU", 0) // res.num_gpus))
+    return max(1, int(total.get("CPU", 1) // res.num_cpus))
+
+
+def _ray_options(res) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.memory_gb:
+        opts["memory"] = int(res.memory_gb * 1024**3)
+    return opts
+
+
+def _make_stage(name: str, config: StageConfig, setup: bool) -> Stage:
+    stage = stages.get(name)(config)
+    if setup:
+        stage.setup()
+    return stage
+
+
+def _shard_task(name: str, config: StageConfig, n: int, env: ShardEnv) -> dict[str, Any]:
+    return execute_shard(_make_stage(name, config, setup=True), n, env)
+
+
+class _ShardActor:
+    """Holds one set-up stage (a loaded model) and runs shards on it, one call per shard."""
+
+    def __init__(self, name: str, config: StageConfig):
+        self.stage = _make_stage(name, config, setup=True)
+
+    def run(self, n: int, env: ShardEnv) -> dict[str, Any]:
+        return execute_shard(self.stage, n, env)
+
+
+def _run_shards(
+    name: str, stage_cls: type[Stage], config: StageConfig, pending: list[int], env: ShardEnv,
+    on_done: Callable[[int, dict[str, Any]], None],
+) -> None:
+    import ray
+
+    res = config.resources
+    slots = min(_slots(res), max(1, len(pending)))
+    opts = _ray_options(res)
+    todo = list(pending)
+    inflight: dict[Any, int] = {}
+    errors: list[str] = []
+
+    if stage_cls.uses_model:
+        actor_cls = ray.remote(max_restarts=2, max_task_retries=2, **opts)(_ShardActor)
+        actors = [actor_cls.remote(name, config) for _ in range(slots)]
+        idle = list(actors)
+        owner: dict[Any, Any] = {}
+
+        def submit() -> None:
+            while todo and idle and not errors:
+                actor = idle.pop()
+                n = todo.pop(0)
+                ref = actor.run.remote(n, env)
+                inflight[ref], owner[ref] = n, actor
+    else:
+        task = ray.remote(max_retries=3, **opts)(_shard_task)
+        limit = 2 * slots  # bounded back-pressure: a few queued beyond what can run
+
+        def submit() -> None:
+            while todo and len(inflight) < limit and not errors:
+                n = todo.pop(0)
+                inflight[task.remote(name, config, n, env)] = n
+
+    submit()
+    while inflight:
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        ref = done[0]
+        n = inflight.pop(ref)
+        if stage_cls.uses_model:
+            idle.append(owner.pop(ref))
+        try:
+            on_done(n, ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - reported with the shard, after in-flight work ends
+            cause = getattr(e, "cause", None) or e
+            errors.append(f"shard {n}: {type(cause).__name__}: {cause}")
+        submit()
+    if stage_cls.uses_model:
+        for a in actors:
+            ray.kill(a)
+    if errors:
+        raise StageFailed(f"stage {name} failed on {len(errors)} shard(s); first: {errors[0]}")
+
+
+def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1) -> list[Any]:
+    """Run ``fn`` over ``items`` as Ray tasks, results in order (for plan steps)."""
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
+    return ray.get([remote.remote(i) for i in items])
+
+
+# -- metrics -----------------------------------------------------------------------------------
+_METRICS: dict[str, Any] = {}
+
+
+def _record_metrics(stage: str, stats: dict[str, Any]) -> None:
+    """rows in / kept / dropped per stage, exported through Ray's Prometheus metrics endpoint."""
+    try:
+        import ray
+        from ray.util.metrics import Counter as RayCounter
+    except ImportError:  # pragma: no cover
+        return
+    if not ray.is_initialized():
+        return
+    if not _METRICS:
+        _METRICS["in"] = RayCounter("curate_rows_in", "rows read by a stage", tag_keys=("stage",))
+        _METRICS["kept"] = RayCounter("curate_rows_kept", "rows kept by a stage", tag_keys=("stage",))
+        _METRICS["dropped"] = RayCounter(
+            "curate_rows_dropped", "rows dropped by a stage", tag_keys=("stage", "reason"))
+        _METRICS["shards"] = RayCounter("curate_shards_committed", "shards committed", tag_keys=("stage",))
+    _METRICS["in"].inc(stats["rows_in"], {"stage": stage})
+    if stats["rows_out"]:
+        _METRICS["kept"].inc(stats["rows_out"], {"stage": stage})
+    for reason, count in stats["drops"].items():
+        _METRICS["dropped"].inc(count, {"stage": stage, "reason": reason})
+    _METRICS["shards"].inc(1, {"stage": stage})
+
+
+# -- one stage ---------------------------------------------------------------------------------
+def prepare(
+    stage: str,
+    input: str | None,
+    output: str,
+    config: dict[str, Any] | None = None,
+    sets: Sequence[str] = (),
+    config_file: str | None = None,
+    check: bool = True,
+) -> tuple[type[Stage], StageConfig, dict[str, Any]]:
+    """Validate everything a run needs before any work: stage, config, input. Raises ConfigError."""
+    try:
+        stage_cls = stages.get(stage)
+    except stages.UnknownStage as e:
+        raise ConfigError(str(e)) from None
+    except ImportError as e:
+        raise ConfigError(f"stage {stage!r} is not available: {e}") from None
+    cfg = load_stage_config(stage_cls.Config, stage, config_file, config, sets)
+    if input is None:
+        raise ConfigError(f"{stage}: --input is required")
+    if stage_cls.reads_dataset:
+        inp = Dataset(input)
+        if not inp.is_complete():
+            what = "does not exist" if not inp.fs.exists(inp.root) else "is not a complete curate dataset (no _manifest.json)"
+            raise ConfigError(f"{stage}: input {input} {what}")
+        input_id = {"url": inp.url, "manifest": fingerprint(inp.manifest())}
+    else:
+        from curate.dataset import url_to_fs
+
+        fs, path = url_to_fs(input)
+        if not fs.exists(path):
+            raise ConfigError(f"{stage}: input {input} does not exist")
+        input_id = {"url": input if "://" in input else os.path.abspath(input)}
+    record = {
+        "stage": stage,
+        "config": resolved(cfg),
+        "input": input_id,
+    }
+    if check:
+        check_output(Dataset(output), record)
+    return stage_cls, cfg, record
+
+
+def check_output(out: Dataset, record: dict[str, Any]) -> str:
+    """'fresh', 'resume' or 'complete'; raises ConfigError if the output belongs to another run."""
+    manifest = out.manifest()
+    existing = manifest.get("run") if manifest else out.read_json(PLAN_DIR, "run.json")
+    if existing is None:
+        if out.fs.exists(out.root) and out.fs.ls(out.root, detail=False):
+            raise ConfigError(f"output {out.url} exists and is not a curate dataset; choose another --output")
+        return "fresh"
+    if existing != record:
+        what = "a complete" if manifest else "an unfinished"
+        diff = next((k for k in ("stage", "input", "config") if existing.get(k) != record.get(k)), "config")
+        raise ConfigError(
+            f"output {out.url} holds {what} {existing.get('stage')} run with a different {diff}; "
+            "use --overwrite to replace it or choose another --output")
+    return "complete" if manifest else "resume"
+
+
+def run_stage(
+    stage: str,
+    input: str | None,
+    output: str,
+    config: dict[str, Any] | None = None,
+    sets: Sequence[str] = (),
+    options: RunOptions = RunOptions(),
+    config_file: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run one stage to completion (or resume it); return the manifest's summary."""
+    out = Dataset(output)
+    stage_cls, cfg, record = prepare(stage, input, output, config, sets, config_file, check=False)
+    if options.overwrite and out.fs.exists(out.root):
+        _remove_tree(out)
+        out.refresh()
+    state = check_output(out, record)
+    if state == "complete" and not options.retry_failed:
+        log.info("%s: output %s is complete with the same config and input; skipping", stage, out.url)
+        return {**out.manifest()["totals"], "skipped": True, "stage": stage, "output": out.url}
+
+    ensure_ray()
+    started = time.time()
+    out.fs.makedirs(out.path(PLAN_DIR), exist_ok=True)
+    out.write_json(record, PLAN_DIR, "run.json")
+    driver_stage = stage_cls(cfg)
+    inp = Dataset(input) if stage_cls.reads_dataset else None
+
+    plan = out.read_json(PLAN_DIR, "plan.json")
+    if plan is None or options.retry_failed:
+        pctx = PlanContext(
+            input_path=input, input=inp, output=out, plan_dir=out.path(PLAN_DIR), options=options,
+            map=ray_map,
+        )
+        t = time.perf_counter()
+        ids = driver_stage.plan(pctx)
+        plan_seconds = time.perf_counter() - t
+        if ids is None:
+            ids, digits = inp.shard_ids(), inp.shard_digits
+        else:
+            ids = sorted(int(i) for i in ids)
+            digits = digits_for(max(ids) + 1 if ids else 1, 5)
+        plan = {"shards": ids, "shard_digits": digits, "plan_seconds": plan_seconds}
+        out.write_json(plan, PLAN_DIR, "plan.json")
+    out.shard_digits = plan["shard_digits"]
+
+    env = ShardEnv(stage, input, out.url, plan["shard_digits"], options)
+    committed = set(out.shard_ids())
+    pending = [n for n in plan["shards"] if n not in committed]
+    total = len(plan["shards"])
+    done = total - len(pending)
+    if progress:
+        progress(done, total)
+
+    def on_done(n: int, stats: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    if pending:
+        _run_shards(stage, stage_cls, cfg, pending, env, on_done)
+    out.refresh()
+    out.shard_digits = plan["shard_digits"]
+    manifest = write_manifest(out, stage_cls, record, plan, time.time() - started)
+    return {**manifest["totals"], "skipped": False, "stage": stage, "output": out.url}
+
+
+def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any], plan: dict[str, Any],
+                   seconds: float) -> dict[str, Any]:
+    shards = []
+    totals: dict[str, Any] = {"rows_in": 0, "kept": 0, "dropped": 0, "drops": Counter(), "tar_bytes": 0,
+                              "shard_seconds": 0.0}
+    missing = [n for n in plan["shards"] if not out.fs.exists(out.shard_path(n, "stats.json"))]
+    if missing:
+        raise DatasetError(f"{out.url}: shards {missing[:5]} are not committed; cannot write the manifest")
+    sizes = {}
+    for n in sorted(set(plan["shards"]) | set(out.shard_ids())):
+        s = out.stats(n)
+        parquet_bytes = out.fs.size(out.shard_path(n, "parquet"))
+        entry = {"shard": out.shard_name(n), "rows": s["rows_out"], "rejected": s["rejected"],
+                 "parquet_bytes": parquet_bytes, "tar_bytes": s.get("tar_bytes", 0)}
+        shards.append(entry)
+        totals["rows_in"] += s["rows_in"]
+        totals["kept"] += s["rows_out"]
+        totals["dropped"] += s["rejected"]
+        totals["drops"].update(s["drops"])
+        totals["tar_bytes"] += s.get("tar_bytes", 0)
+        totals["shard_seconds"] += s.get("seconds", 0.0)
+        if stage_cls.writes_images:
+            sizes[f"{out.shard_name(n)}.tar"] = s["rows_out"]
+    totals["drops"] = dict(sorted(totals["drops"].items()))
+    if stage_cls.writes_images:
+        out.write_json(sizes, "shards", "sizes.json")
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "stage": record["stage"],
+        "config": record["config"],
+        "input": record["input"],
+        "run": record,
+        "code_version": curate.__version__,
+        "owns_images": stage_cls.writes_images,
+        "shard_digits": plan["shard_digits"],
+        "shards": shards,
+        "totals": totals,
+        "seconds": seconds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "removals": (out.manifest() or {}).get("removals", []),
+    }
+    out.write_json(manifest, "_manifest.json")
+    out.refresh()
+    return manifest
+
+
+def _remove_tree(out: Dataset) -> None:
+    if out.fs.protocol in ("file", "local") or "file" in out.fs.protocol:
+        shutil.rmtree(out.root, ignore_errors=True)
+    else:
+        out.fs.rm(out.root, recursive=True)

@@ -1,0 +1,135 @@
+"""Column names and Arrow types of a curate row (DESIGN §3).
+
+Every other module refers to columns through the constants here, never through string literals,
+so a rename happens in one place.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# identity and input
+UID = "uid"
+URL = "url"
+CAPTION = "caption"
+KEY = "key"
+
+# download / import
+STATUS = "status"
+ERROR_MESSAGE = "error_message"
+WIDTH = "width"
+HEIGHT = "height"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+SHA256 = "sha256"
+IMAGE_TAR = "image_tar"
+IMAGE_OFFSET = "image_offset"
+IMAGE_LENGTH = "image_length"
+IMAGE_FORMAT = "image_format"  # member extension: jpg, png, webp
+
+# dedup
+PHASH = "phash"
+DUP_OF = "dup_of"
+
+# clip
+CLIP_SCORE = "clip_score"
+IMAGE_EMBEDDING = "image_embedding"
+TEXT_EMBEDDING = "text_embedding"
+
+# filter
+LANGUAGE = "language"
+
+# recaption
+RECAPTION = "recaption"
+RECAPTION_CLIP_SCORE = "recaption_clip_score"
+
+# export
+CAPTION_SOURCE = "caption_source"  # "original" or "recaption": what export wrote into KEY.txt
+SPLIT = "split"  # "train" or "val"
+
+# rejects only
+DROP_REASON = "drop_reason"
+
+# img2dataset status values
+STATUS_SUCCESS = "success"
+STATUS_FAILED_TO_DOWNLOAD = "failed_to_download"
+STATUS_FAILED_TO_RESIZE = "failed_to_resize"
+STATUS_FAILED_TO_DECODE = "failed_to_decode"
+
+TYPES: dict[str, pa.DataType] = {
+    UID: pa.string(),
+    URL: pa.string(),
+    CAPTION: pa.string(),
+    KEY: pa.string(),
+    STATUS: pa.string(),
+    ERROR_MESSAGE: pa.string(),
+    WIDTH: pa.int32(),
+    HEIGHT: pa.int32(),
+    ORIGINAL_WIDTH: pa.int32(),
+    ORIGINAL_HEIGHT: pa.int32(),
+    SHA256: pa.string(),
+    IMAGE_TAR: pa.dictionary(pa.int32(), pa.string()),
+    IMAGE_OFFSET: pa.int64(),
+    IMAGE_LENGTH: pa.int64(),
+    IMAGE_FORMAT: pa.string(),
+    PHASH: pa.uint64(),
+    DUP_OF: pa.string(),
+    CLIP_SCORE: pa.float32(),
+    LANGUAGE: pa.string(),
+    RECAPTION: pa.string(),
+    RECAPTION_CLIP_SCORE: pa.float32(),
+    CAPTION_SOURCE: pa.string(),
+    SPLIT: pa.string(),
+    DROP_REASON: pa.string(),
+}
+
+# Columns that locate the image bytes of a row inside the tar of the dataset that owns them.
+POINTER_COLUMNS = (IMAGE_TAR, IMAGE_OFFSET, IMAGE_LENGTH)
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    """Arrow type of an L2-normalised embedding column of ``dim`` float16 values."""
+    return pa.list_(pa.float16(), dim)
+
+
+def reason(stage: str, why: str) -> str:
+    """A ``drop_reason`` value: ``stage:why``."""
+    return f"{stage}:{why}"
+
+
+def field(name: str) -> pa.Field:
+    return pa.field(name, TYPES[name])
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Cast the known columns of ``table`` to their canonical types; leave extra columns untouched.
+
+    Stages build columns with whatever Arrow inferred (int64 widths, plain strings); the runner calls
+    this before writing so every shard of every dataset has the same physical schema.
+    """
+    for i, name in enumerate(table.column_names):
+        want = TYPES.get(name)
+        col = table.column(i)
+        if want is None or col.type == want:
+            continue
+        if pa.types.is_dictionary(want) and not pa.types.is_dictionary(col.type):
+            col = col.cast(want.value_type).dictionary_encode()
+            if col.type != want:
+                col = col.cast(want)
+        else:
+            col = col.cast(want)
+        table = table.set_column(i, pa.field(name, want), col)
+    return table
+
+
+def with_column(table: pa.Table, name: str, values, type_: pa.DataType | None = None) -> pa.Table:
+    """Set (replace or append) column ``name``, typed as the schema says unless ``type_`` is given."""
+    type_ = type_ or TYPES.get(name)
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=type_)
+    if type_ is not None and arr.type != type_:
+        arr = arr.cast(type_)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, arr)
+    return table.append_column(name, arr)
