@@ -1,0 +1,218 @@
+"""The bundled demo corpus served over HTTP on 127.0.0.1, and the URL list that points at it.
+
+``DemoServer`` is what the demo, the tests and the benchmarks download from: a threaded stdlib HTTP
+server in a background thread, bounded in concurrent connections, that serves the corpus files
+with their real content types. The corpus' deliberately broken entries stay broken on the wire: the
+missing file answers 404, the HTML page with a ``.jpg`` name is served as ``image/jpeg``.
+
+``write_url_list`` turns ``demo/corpus/captions.jsonl`` into the Parquet URL list the download
+stage reads (``url``, ``caption``).
+
+    python -m curate.demo serve [--root DIR] [--port 8000]
+    python -m curate.demo urls OUT.parquet --base-url http://127.0.0.1:8000 [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from curate import schema
+
+log = logging.getLogger(__name__)
+
+CORPUS = Path(__file__).resolve().parent.parent / "demo" / "corpus"
+CAPTIONS_FILE = "captions.jsonl"
+
+# mimetypes differs between systems (webp is missing on some); the corpus needs exactly these.
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".json": "application/json",
+    ".jsonl": "application/jsonl",
+    ".parquet": "application/vnd.apache.parquet",
+    ".html": "text/html",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+
+def read_entries(root: str | Path = CORPUS) -> list[dict[str, Any]]:
+    """The corpus entries (file, caption, kind, source, of), in URL-list order."""
+    with open(Path(root) / CAPTIONS_FILE, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    # HTTP/1.1 keep-alive: downloaders reuse connections, as they would against a real host.
+    protocol_version = "HTTP/1.1"
+    # An idle keep-alive connection holds one of the bounded slots; give it back after a while.
+    timeout = 30
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **CONTENT_TYPES}
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def list_directory(self, path):  # no directory listings: a folder URL is a 404, as on an image host
+        self.send_error(404, "Not Found")
+        return None
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` at once; a new connection waits for a
+    free slot (in the listen backlog) instead of growing threads without bound."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr, handler, max_connections: int):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(addr, handler)
+
+    def process_request(self, request, client_address):
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class DemoServer:
+    """Serve ``root`` over HTTP in a background thread.
+
+    >>> with DemoServer("demo/corpus") as srv:
+    ...     srv.base_url   # 'http://127.0.0.1:PORT'
+
+    ``port=0`` picks a free port. Leaving the ``with`` block stops the server and closes its socket;
+    connections still open are daemon threads and die with the process.
+    """
+
+    def __init__(
+        self, root: str | Path = CORPUS, host: str = "127.0.0.1", port: int = 0, max_connections: int = 64
+    ):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"demo server root {self.root} is not a directory")
+        self.host = host
+        self.port = port
+        self.max_connections = max_connections
+        self._server: _BoundedServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("DemoServer is not running")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> DemoServer:
+        root = str(self.root)
+
+        class Handler(_Handler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=root, **kwargs)
+
+        self._server = _BoundedServer((self.host, self.port), Handler, self.max_connections)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-http", daemon=True)
+        self._thread.start()
+        log.info("serving %s at %s", self.root, self.base_url)
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> DemoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def urls(base_url: str, root: str | Path = CORPUS, repeat: int = 1) -> tuple[list[str], list[str]]:
+    """(urls, captions) of the corpus; copy r > 0 of each entry gets ``?copy=r`` so every URL is
+    distinct while the server sends the same file."""
+    if repeat < 1:
+        raise ValueError("repeat must be >= 1")
+    base = base_url.rstrip("/")
+    entries = read_entries(root)
+    out_urls: list[str] = []
+    out_caps: list[str] = []
+    for r in range(repeat):
+        suffix = f"?copy={r}" if r else ""
+        for e in entries:
+            out_urls.append(f"{base}/{e['file']}{suffix}")
+            out_caps.append(e["caption"])
+    return out_urls, out_caps
+
+
+def write_url_list(out_path: str | Path, base_url: str, repeat: int = 1, root: str | Path = CORPUS) -> int:
+    """Write the corpus as a Parquet URL list (``url``, ``caption``) at ``out_path``; return its rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    u, c = urls(base_url, root, repeat)
+    table = pa.table({schema.URL: pa.array(u, pa.string()), schema.CAPTION: pa.array(c, pa.string())})
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    return table.num_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m curate.demo", description="serve the demo corpus")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve the corpus over HTTP until interrupted")
+    s.add_argument("--root", default=str(CORPUS))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--urls", help="also write the URL list for this server to this Parquet file")
+    s.add_argument("--repeat", type=int, default=1)
+    u = sub.add_parser("urls", help="write the Parquet URL list for a server at --base-url")
+    u.add_argument("out")
+    u.add_argument("--base-url", required=True)
+    u.add_argument("--root", default=str(CORPUS))
+    u.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cmd == "urls":
+        n = write_url_list(args.out, args.base_url, args.repeat, args.root)
+        print(f"wrote {n} urls to {args.out}")
+        return 0
+    with DemoServer(args.root, args.host, args.port) as srv:
+        if args.urls:
+            n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
+            print(f"wrote {n} urls to {args.urls}")
+        print(f"serving {srv.root} at {srv.base_url} (Ctrl-C to stop)", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
