@@ -1,0 +1,475 @@
+"""export: reshard the kept samples of any curated dataset into training shards (DESIGN §2, §4).
+
+The input is any curated dataset: its rows point (image_tar / image_offset / image_length) at the
+bytes in whichever dataset owns them. Export copies those bytes, never re-encoded, into new tars
+``KEY.<ext> + KEY.txt + KEY.json``, with Parquet, DALI ``.idx`` and ``sizes.json`` beside them (the
+runner writes the last two), so webdataset, HF ``datasets``, DALI and open_clip read the output as is.
+
+Planning is global and memory-bounded. Pass 1 reads only ``uid`` and ``image_length`` of each input
+shard (in parallel) to count rows, estimate sample size and pick the held-out split. Pass 2 gives
+every row a global position with a seeded pseudo-random permutation (a Feistel network over the row's
+global index, so no process ever holds the whole dataset) and writes each input shard's rows,
+tagged with their output shard and index, to ``_plan/export/parts/``. An output shard's ``load``
+gathers its rows from those parts (row groups are per output shard, so the read is pruned).
+
+Layout of the output: train shards are ``0 .. T-1`` and validation shards ``T .. T+V-1``; every row
+carries ``split``, every shard's stats say its split, and :func:`split_shards` returns both lists.
+The held-out set depends only on the uids (not on ``seed``), so reshuffling keeps the same val set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import json
+import logging
+import math
+import posixpath
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from curate import schema
+from curate.config import ConfigError
+from curate.dataset import PLAN_DIR, Dataset, digits_for, make_key, read_images, sha256_hex
+from curate.stage import PlanContext, ShardContext, Stage, StageConfig
+
+log = logging.getLogger(__name__)
+
+NAME = "export"
+SPLIT_TRAIN = "train"
+SPLIT_VAL = "val"
+SOURCE_ORIGINAL = "original"
+SOURCE_RECAPTION = "recaption"
+
+# Internal columns of the plan parts; never written to the output.
+_OUT_SHARD = "_export_shard"
+_OUT_INDEX = "_export_index"
+_PLAN_SUBDIR = "export"
+_PLAN_FILE = "export.json"
+
+# Salts keep the three uses of the uid hash independent of each other.
+_SPLIT_SALT = b"curate-export-split"
+_CAPTION_SALT = b"curate-export-caption"
+# Tar bytes per sample besides the image: three 512-byte headers, padding, txt and json.
+_SAMPLE_OVERHEAD = 3 * (512 + 256) + 768
+_FEISTEL_ROUNDS = 6
+_EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
+# Columns the per-sample json leaves out: pointers describe this tar itself, the rest are internal.
+_JSON_SKIP = {*schema.POINTER_COLUMNS, schema.DROP_REASON, _OUT_SHARD, _OUT_INDEX}
+
+
+class ExportConfig(StageConfig):
+    seed: int = 0
+    # Samples per output shard; when None, derived from target_shard_bytes and the mean sample size.
+    samples_per_shard: int | None = Field(None, ge=1)
+    target_shard_bytes: int = Field(1_000_000_000, ge=4096)
+    # What KEY.txt holds: the original caption, the recaption, or a per-sample mix (Recap-DataComp:
+    # probability recaption_probability of the new caption, seeded and fixed per uid).
+    caption: Literal["original", "recaption", "mix"] = "original"
+    recaption_probability: float = Field(0.8, ge=0.0, le=1.0)
+    # caption="recaption" and a row has none: write its original caption, or reject the row.
+    missing_recaption: Literal["original", "drop"] = "original"
+    # Held-out split by uid hash. val_min_count lifts tiny fractions of small datasets to a usable
+    # size (never above half the rows); it is the number of smallest hashes each plan task returns.
+    val_fraction: float = Field(0.0, ge=0.0, le=0.5)
+    val_min_count: int = Field(0, ge=0, le=1_000_000)
+    # Check each image's bytes against the row's sha256 where the input has one.
+    verify_sha256: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportConfig:
+        if self.val_min_count and not self.val_fraction:
+            raise ValueError("val_min_count needs val_fraction > 0")
+        return self
+
+
+# -- hashing and the permutation -------------------------------------------------------------------
+def _hash64(salt: bytes, uids: list[str]) -> np.ndarray:
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8, key=salt).digest(), "big") for u in uids),
+        dtype=np.uint64,
+        count=len(uids),
+    )
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(index: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
+    """A seeded bijection of ``0..n-1`` evaluated element-wise.
+
+    A balanced Feistel network over the smallest even-width bit domain holding n, with cycle walking
+    to stay inside ``0..n-1``: any worker can place any row without seeing the others.
+    """
+    index = np.asarray(index, dtype=np.uint64)
+    if n <= 1:
+        return index.copy()
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    keys = [
+        np.uint64(int.from_bytes(hashlib.blake2b(f"{seed}:{stream}:{r}".encode(), digest_size=8).digest(), "big"))
+        for r in range(_FEISTEL_ROUNDS)
+    ]
+
+    def encrypt(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << shift) | right
+
+    out = encrypt(index)
+    bad = out >= np.uint64(n)
+    while bad.any():
+        out[bad] = encrypt(out[bad])
+        bad = out >= np.uint64(n)
+    return out
+
+
+def _caption_draw(seed: int, uids: list[str]) -> np.ndarray:
+    """Uniform [0, 1) per uid, fixed by seed: the same uid gets the same caption in every export."""
+    return _hash64(_CAPTION_SALT + str(seed).encode(), uids).astype(np.float64) / 2.0**64
+
+
+# -- plan --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What pass 2 needs to place a row; plain data shipped to the plan tasks."""
+
+    input_url: str
+    plan_path: str  # fs path of _plan/export in the output dataset
+    output_url: str
+    input_digits: int
+    seed: int
+    val_threshold: int  # rows whose split hash is below this are held out
+    samples_per_shard: int
+    n_train: int
+    n_val: int
+    train_shards: int
+
+
+def _scan(item: tuple[str, int, int, int]) -> dict[str, Any]:
+    """Pass 1 over one input shard: counts, bytes, and the split hashes the driver needs."""
+    url, n, threshold, keep_smallest = item
+    t = Dataset(url).read_shard(n, columns=[schema.UID, schema.IMAGE_LENGTH])
+    hashes = _hash64(_SPLIT_SALT, t.column(schema.UID).to_pylist())
+    lengths = t.column(schema.IMAGE_LENGTH) if schema.IMAGE_LENGTH in t.column_names else None
+    image_bytes = int(pc.sum(lengths).as_py() or 0) if lengths is not None else 0
+    smallest = np.sort(hashes)[:keep_smallest].tolist() if keep_smallest else []
+    return {
+        "shard": n,
+        "rows": t.num_rows,
+        "image_bytes": image_bytes,
+        "below": int((hashes < np.uint64(threshold)).sum()) if threshold else 0,
+        "smallest": smallest,
+    }
+
+
+def _place(item: tuple[_Layout, int, int, int]) -> int:
+    """Pass 2 over one input shard: give each row its output shard and index; write the part."""
+    lay, n, train_offset, val_offset = item
+    table = Dataset(lay.input_url).read_shard(n)
+    uids = table.column(schema.UID).to_pylist()
+    if lay.val_threshold:
+        is_val = _hash64(_SPLIT_SALT, uids) < np.uint64(lay.val_threshold)
+    else:
+        is_val = np.zeros(len(uids), dtype=bool)
+    shard = np.empty(len(uids), dtype=np.int64)
+    index = np.empty(len(uids), dtype=np.int64)
+    per = lay.samples_per_shard
+    for mask, offset, total, stream, first in (
+        (~is_val, train_offset, lay.n_train, 0, 0),
+        (is_val, val_offset, lay.n_val, 1, lay.train_shards),
+    ):
+        count = int(mask.sum())
+        if not count:
+            continue
+        pos = permute(np.arange(offset, offset + count, dtype=np.uint64), total, lay.seed, stream).astype(np.int64)
+        shard[mask] = first + pos // per
+        index[mask] = pos % per
+    if schema.IMAGE_TAR in table.column_names and pa.types.is_dictionary(table.schema.field(schema.IMAGE_TAR).type):
+        # Parts of different input shards must concatenate; plain strings always do.
+        i = table.column_names.index(schema.IMAGE_TAR)
+        table = table.set_column(i, schema.IMAGE_TAR, table.column(i).cast(pa.string()))
+    table = schema.with_column(table, schema.SPLIT, np.where(is_val, SPLIT_VAL, SPLIT_TRAIN).tolist())
+    table = table.append_column(_OUT_SHARD, pa.array(shard)).append_column(_OUT_INDEX, pa.array(index))
+    table = table.sort_by([(_OUT_SHARD, "ascending"), (_OUT_INDEX, "ascending")])
+
+    out = Dataset(lay.output_url)
+    path = posixpath.join(lay.plan_path, "parts", f"{n:0{lay.input_digits}d}.parquet")
+    out.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    shards = table.column(_OUT_SHARD).to_numpy()
+    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]]) if len(shards) else np.array([], dtype=int)
+    bounds = [*starts.tolist(), len(shards)]
+    with out.fs.open(path + ".tmp", "wb") as f:
+        # One row group per output shard: load() reads only the groups it needs.
+        with pq.ParquetWriter(f, table.schema, compression="zstd") as w:
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                w.write_table(table.slice(a, b - a))
+    out.rename(path + ".tmp", path)
+    return table.num_rows
+
+
+def _val_threshold(scans: list[dict[str, Any]], total: int, cfg: ExportConfig) -> tuple[int, list[int]]:
+    """The split-hash threshold and, per scan, how many of its rows fall below it."""
+    if not cfg.val_fraction or not total:
+        return 0, [0] * len(scans)
+    frac_threshold = min(int(cfg.val_fraction * 2.0**64), 2**64 - 1)
+    want = min(cfg.val_min_count, total // 2)
+    if sum(s["below"] for s in scans) >= want:
+        return frac_threshold, [s["below"] for s in scans]
+    # The want-th smallest hash overall is among the want smallest of every shard.
+    smallest = list(heapq.merge(*(s["smallest"] for s in scans)))[:want]
+    threshold = smallest[-1] + 1
+    return threshold, [sum(1 for h in s["smallest"] if h < threshold) for s in scans]
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+class ExportStage(Stage):
+    name = NAME
+    Config = ExportConfig
+    writes_images = True
+
+    def __init__(self, config: ExportConfig):
+        super().__init__(config)
+        self._layout: dict[str, Any] | None = None
+
+    def plan(self, ctx: PlanContext) -> list[int]:
+        cfg: ExportConfig = self.config
+        inp = ctx.input
+        assert inp is not None
+        ids = inp.shard_ids()
+        in_schema = inp.schema()
+        if cfg.caption != "original" and (in_schema is None or schema.RECAPTION not in in_schema.names):
+            raise ConfigError(
+                f"export: caption={cfg.caption!r} needs a {schema.RECAPTION!r} column, and {inp.url} has none "
+                "(run the recaption stage first, or use caption=original)")
+        plan_path = posixpath.join(ctx.plan_dir, _PLAN_SUBDIR)
+        out = ctx.output
+        if out.fs.exists(posixpath.join(plan_path, "parts")):
+            out.fs.rm(posixpath.join(plan_path, "parts"), recursive=True)  # a half-written earlier plan
+
+        t = time.perf_counter()
+        frac_threshold = min(int(cfg.val_fraction * 2.0**64), 2**64 - 1)
+        scans = ctx.map(_scan, [(inp.url, n, frac_threshold, cfg.val_min_count) for n in ids])
+        total = sum(s["rows"] for s in scans)
+        threshold, val_counts = _val_threshold(scans, total, cfg)
+        n_val = sum(val_counts)
+        n_train = total - n_val
+        if cfg.samples_per_shard:
+            per = cfg.samples_per_shard
+        else:
+            mean = (sum(s["image_bytes"] for s in scans) / total if total else 0) + _SAMPLE_OVERHEAD
+            per = max(1, int(cfg.target_shard_bytes // mean))
+        train_shards = math.ceil(n_train / per)
+        val_shards = math.ceil(n_val / per)
+        scan_seconds = time.perf_counter() - t
+
+        lay = _Layout(
+            input_url=inp.url, plan_path=plan_path, output_url=out.url, input_digits=inp.shard_digits,
+            seed=cfg.seed, val_threshold=threshold, samples_per_shard=per, n_train=n_train, n_val=n_val,
+            train_shards=train_shards,
+        )
+        items, train_off, val_off = [], 0, 0
+        for s, v in zip(scans, val_counts, strict=True):
+            if s["rows"]:
+                items.append((lay, s["shard"], train_off, val_off))
+            train_off += s["rows"] - v
+            val_off += v
+        t = time.perf_counter()
+        placed = ctx.map(_place, items)
+        assert sum(placed) == total, (sum(placed), total)
+
+        counts = [per] * (train_shards + val_shards)
+        if train_shards:
+            counts[train_shards - 1] = n_train - per * (train_shards - 1)
+        if val_shards:
+            counts[-1] = n_val - per * (val_shards - 1)
+        record = {
+            "rows": total,
+            "samples_per_shard": per,
+            "shard_digits": digits_for(len(counts), 5),
+            "index_digits": digits_for(per, 4),
+            "parts": [f"{item[1]:0{lay.input_digits}d}.parquet" for item in items],
+            "rows_per_shard": counts,
+            "splits": {
+                SPLIT_TRAIN: {"shards": list(range(train_shards)), "rows": n_train},
+                SPLIT_VAL: {"shards": list(range(train_shards, train_shards + val_shards)), "rows": n_val},
+            },
+            "val_threshold": str(threshold),
+            "seconds": {"scan": scan_seconds, "place": time.perf_counter() - t},
+        }
+        out.write_json(record, PLAN_DIR, _PLAN_SUBDIR, _PLAN_FILE)
+        log.info("export plan: %d rows -> %d train shards (%d rows) + %d val shards (%d rows), %d per shard",
+                 total, train_shards, n_train, val_shards, n_val, per)
+        return list(range(len(counts)))
+
+    def _plan_record(self, out: Dataset) -> dict[str, Any]:
+        if self._layout is None:
+            self._layout = out.read_json(PLAN_DIR, _PLAN_SUBDIR, _PLAN_FILE)
+            if self._layout is None:
+                raise RuntimeError(f"{out.url}: export plan {_PLAN_SUBDIR}/{_PLAN_FILE} is missing")
+        return self._layout
+
+    def load(self, shard: int, ctx: ShardContext) -> pa.Table:
+        rec = self._plan_record(ctx.output)
+        fs = ctx.output.fs
+        parts = [
+            pq.read_table(posixpath.join(ctx.plan_dir, _PLAN_SUBDIR, "parts", name), filesystem=fs,
+                          filters=[(_OUT_SHARD, "==", shard)])
+            for name in rec["parts"]
+        ]
+        table = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
+        table = table.sort_by(_OUT_INDEX)
+        if table.num_rows != rec["rows_per_shard"][shard]:
+            raise RuntimeError(f"export plan: shard {shard} gathered {table.num_rows} rows, "
+                               f"planned {rec['rows_per_shard'][shard]}")
+        return table
+
+    def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
+        cfg: ExportConfig = self.config
+        rec = self._plan_record(ctx.output)
+        assert ctx.tar is not None and ctx.tar_url is not None
+        n = table.num_rows
+        t = time.perf_counter()
+        images = read_images(table)
+        ctx.add_time("read_images", time.perf_counter() - t)
+
+        cols = table.column_names
+        uids = table.column(schema.UID).to_pylist()
+        captions = table.column(schema.CAPTION).to_pylist() if schema.CAPTION in cols else [None] * n
+        recaps = table.column(schema.RECAPTION).to_pylist() if schema.RECAPTION in cols else [None] * n
+        formats = table.column(schema.IMAGE_FORMAT).to_pylist() if schema.IMAGE_FORMAT in cols else [None] * n
+        hashes = table.column(schema.SHA256).to_pylist() if (cfg.verify_sha256 and schema.SHA256 in cols) else [None] * n
+        indexes = table.column(_OUT_INDEX).to_pylist()
+        if cfg.caption == "original":
+            want_recap = np.zeros(n, dtype=bool)
+        elif cfg.caption == "recaption":
+            want_recap = np.ones(n, dtype=bool)
+        else:
+            want_recap = _caption_draw(cfg.seed, uids) < cfg.recaption_probability
+        # The json holds the row's scalar metadata; embeddings and other nested columns stay in Parquet.
+        json_cols = [c for c in cols if c not in _JSON_SKIP and not _nested(table.schema.field(c).type)]
+        meta = table.select(json_cols).to_pylist()
+
+        keys = table.column(schema.KEY).to_pylist() if schema.KEY in cols else [None] * n
+        tars = table.column(schema.IMAGE_TAR).to_pylist() if schema.IMAGE_TAR in cols else [None] * n
+        offsets = table.column(schema.IMAGE_OFFSET).to_pylist() if schema.IMAGE_OFFSET in cols else [None] * n
+        lengths = table.column(schema.IMAGE_LENGTH).to_pylist() if schema.IMAGE_LENGTH in cols else [None] * n
+        reasons: list[str | None] = [None] * n
+        sources: list[str | None] = [None] * n
+        t = time.perf_counter()
+        for i in range(n):
+            data = images[i]
+            if data is None:
+                reasons[i] = schema.reason(NAME, "unreadable")
+                continue
+            if hashes[i] is not None and sha256_hex(data) != hashes[i]:
+                reasons[i] = schema.reason(NAME, "corrupt")
+                continue
+            ext = _EXTENSIONS.get((formats[i] or "").lower()) or _sniff(data)
+            if ext is None:
+                reasons[i] = schema.reason(NAME, "unsupported_format")
+                continue
+            text, source = captions[i], SOURCE_ORIGINAL
+            if want_recap[i]:
+                if recaps[i]:
+                    text, source = recaps[i], SOURCE_RECAPTION
+                elif cfg.caption == "recaption" and cfg.missing_recaption == "drop":
+                    reasons[i] = schema.reason(NAME, "no_recaption")
+                    continue
+            if not text:
+                reasons[i] = schema.reason(NAME, "no_caption")
+                continue
+            key = make_key(ctx.shard, indexes[i], rec["shard_digits"], rec["index_digits"])
+            row = meta[i]
+            row[schema.KEY] = key
+            row[schema.CAPTION_SOURCE] = source
+            where = ctx.tar.add(key, {ext: data, "txt": text.encode("utf-8"), "json": _json_bytes(row)})
+            keys[i], sources[i] = key, source
+            tars[i], (offsets[i], lengths[i]) = ctx.tar_url, where[ext]
+        ctx.add_time("write", time.perf_counter() - t)
+
+        table = table.drop_columns([_OUT_SHARD, _OUT_INDEX])
+        table = schema.with_column(table, schema.KEY, keys)
+        table = schema.with_column(table, schema.IMAGE_TAR, tars, pa.string())
+        table = schema.with_column(table, schema.IMAGE_OFFSET, offsets)
+        table = schema.with_column(table, schema.IMAGE_LENGTH, lengths)
+        table = schema.with_column(table, schema.CAPTION_SOURCE, sources)
+        table = schema.with_column(table, schema.DROP_REASON, reasons)
+        split = SPLIT_VAL if ctx.shard in rec["splits"][SPLIT_VAL]["shards"] else SPLIT_TRAIN
+        kept_sources = [s for s in sources if s is not None]
+        ctx.stats.update({
+            "split": split,
+            "caption_source": {
+                SOURCE_ORIGINAL: kept_sources.count(SOURCE_ORIGINAL),
+                SOURCE_RECAPTION: kept_sources.count(SOURCE_RECAPTION),
+            },
+        })
+        return table
+
+    def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
+        cols = [schema.UID, schema.KEY, schema.SPLIT, schema.CAPTION_SOURCE, schema.IMAGE_TAR]
+        for n, t in output.iter_shards(columns=cols):
+            hit = t.filter(pc.equal(t.column(schema.UID), uid))
+            if hit.num_rows:
+                row = hit.slice(0, 1).to_pylist()[0]
+                return {"kept": True, "shard": output.shard_name(n), **{k: v for k, v in row.items() if k != schema.UID}}
+        for n, t in output.iter_rejects(columns=[schema.UID, schema.DROP_REASON]):
+            hit = t.filter(pc.equal(t.column(schema.UID), uid))
+            if hit.num_rows:
+                return {"kept": False, "shard": output.shard_name(n),
+                        schema.DROP_REASON: hit.column(schema.DROP_REASON)[0].as_py()}
+        return None
+
+
+def split_shards(dataset: Dataset | str) -> dict[str, list[int]]:
+    """Shard numbers of each split of an exported dataset: ``{"train": [...], "val": [...]}``.
+
+    Read from the committed shards' stats (each names its split), so it works on any export.
+    """
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    out: dict[str, list[int]] = {SPLIT_TRAIN: [], SPLIT_VAL: []}
+    for n in ds.shard_ids():
+        out.setdefault(ds.stats(n).get("split", SPLIT_TRAIN), []).append(n)
+    return out
+
+
+def _nested(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+            or pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t))
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _json_bytes(row: dict[str, Any]) -> bytes:
+    clean = {k: _json_value(v) for k, v in row.items()}
+    return json.dumps(clean, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None

@@ -1,0 +1,246 @@
+"""export end to end through the runner on embedded Ray, plus the pure pieces (permutation) alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from curate import schema
+from curate.config import ConfigError
+from curate.dataset import Dataset, read_images
+from curate.runner import run_stage
+from curate.stage import RunOptions
+from curate.stages.export import ExportConfig, permute, split_shards
+from curate.wds import parse_index
+
+CONFIG = {
+    "samples_per_shard": 16,
+    "seed": 3,
+    "caption": "mix",
+    "recaption_probability": 0.5,
+    "val_fraction": 0.01,
+    "val_min_count": 12,
+}
+
+
+def _all_rows(ds: Dataset) -> pa.Table:
+    return pa.concat_tables([t for _, t in ds.iter_shards()], promote_options="default")
+
+
+def _files(ds: Dataset) -> dict[str, bytes]:
+    """Every output file whose content should be reproducible (not stats/manifest: they hold timings)."""
+    out = {}
+    for path in sorted(ds.fs.find(ds.path("shards"))):
+        if path.endswith((".tar", ".idx", ".parquet", "sizes.json")):
+            with ds.fs.open(path, "rb") as f:
+                out[path] = f.read()
+    for path in sorted(ds.fs.find(ds.path("rejects"))):
+        with ds.fs.open(path, "rb") as f:
+            out[path] = f.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(curated, tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("export-out") / "export"
+    summary = run_stage("export", curated.url, str(out), config=CONFIG)
+    return Dataset(str(out)), summary
+
+
+def test_counts_bytes_and_layout(curated, exported):
+    out, summary = exported
+    src = _all_rows(curated)
+    got = _all_rows(out)
+    assert summary["kept"] == got.num_rows == src.num_rows  # nothing unreadable here
+    assert sorted(got.column(schema.UID).to_pylist()) == sorted(src.column(schema.UID).to_pylist())
+
+    # Bytes behind the new pointers are exactly the source bytes (no re-encoding).
+    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src), strict=True))
+    new_bytes = read_images(got)
+    for uid, data in zip(got.column(schema.UID).to_pylist(), new_bytes, strict=True):
+        assert data is not None and data == src_bytes[uid]
+
+    # Shards of 16, keys = shard digits + index digits, pointers into this dataset's own tars.
+    sizes = json.loads(out.fs.cat(out.path("shards", "sizes.json")))
+    ids = out.shard_ids()
+    assert len(ids) >= 6
+    for n in ids:
+        t = out.read_shard(n)
+        assert sizes[f"{out.shard_name(n)}.tar"] == t.num_rows <= 16
+        assert set(t.column(schema.IMAGE_TAR).to_pylist()) == {out.tar_url(n)}
+        keys = t.column(schema.KEY).to_pylist()
+        assert all(k.startswith(out.shard_name(n)) and len(k) == 9 and k.isdigit() for k in keys)
+        assert keys == sorted(keys)
+        # The tar holds image + txt + json per sample, contiguous, in key order, as the idx says.
+        with tarfile.open(out.shard_path(n, "tar")) as tf:
+            names = tf.getnames()
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        assert [nm.split(".")[0] for nm in names[::3]] == keys
+        idx = parse_index(out.fs.cat(out.shard_path(n, "idx")).decode())
+        assert len(idx) == t.num_rows
+        rows = t.to_pylist()
+        for row, entry in zip(rows, idx, strict=True):
+            ext = row[schema.IMAGE_FORMAT]
+            assert entry[ext] == (row[schema.IMAGE_OFFSET], row[schema.IMAGE_LENGTH])
+            meta = json.loads(members[f"{row[schema.KEY]}.json"])
+            assert meta[schema.UID] == row[schema.UID] and meta[schema.KEY] == row[schema.KEY]
+            assert meta["extra_column"] == row["extra_column"]
+            assert schema.IMAGE_EMBEDDING not in meta and schema.IMAGE_TAR not in meta
+            text = members[f"{row[schema.KEY]}.txt"].decode()
+            want = row[schema.RECAPTION] if row[schema.CAPTION_SOURCE] == "recaption" else row[schema.CAPTION]
+            assert text == want and meta[schema.CAPTION_SOURCE] == row[schema.CAPTION_SOURCE]
+            assert meta[schema.CAPTION] == row[schema.CAPTION]  # the original is never overwritten
+
+
+def test_global_shuffle(curated, exported):
+    out, _ = exported
+    shard_of = {}
+    for n, t in curated.iter_shards(columns=[schema.UID]):
+        shard_of.update(dict.fromkeys(t.column(schema.UID).to_pylist(), n))
+    train = split_shards(out)["train"]
+    mixed = 0
+    for n in train[:-1]:
+        origins = Counter(shard_of[u] for u in out.read_shard(n, [schema.UID]).column(schema.UID).to_pylist())
+        mixed += len(origins) > 1
+    assert mixed == len(train) - 1  # every full shard draws from several input shards
+    first = out.read_shard(0, [schema.UID]).column(schema.UID).to_pylist()
+    in_order = curated.read_shard(0, [schema.UID]).column(schema.UID).to_pylist()
+    assert first != in_order[: len(first)]
+
+
+def test_held_out_split(curated, exported):
+    out, _ = exported
+    splits = split_shards(out)
+    total = sum(t.num_rows for _, t in curated.iter_shards(columns=[schema.UID]))
+    # 1% of ~100 rows is 1; val_min_count lifts it to 12.
+    val = pa.concat_tables([out.read_shard(n) for n in splits["val"]])
+    assert val.num_rows == 12 and total > 90
+    assert set(val.column(schema.SPLIT).to_pylist()) == {"val"}
+    train = pa.concat_tables([out.read_shard(n) for n in splits["train"]])
+    assert set(train.column(schema.SPLIT).to_pylist()) == {"train"}
+    assert splits["val"] and min(splits["val"]) > max(splits["train"])  # val shards come after train
+    assert not set(val.column(schema.UID).to_pylist()) & set(train.column(schema.UID).to_pylist())
+
+
+def test_caption_mix(exported):
+    out, _ = exported
+    t = _all_rows(out)
+    sources = t.column(schema.CAPTION_SOURCE).to_pylist()
+    has_recap = [r is not None for r in t.column(schema.RECAPTION).to_pylist()]
+    # Rows without a recaption always fall back to the original.
+    assert all(s == "original" for s, h in zip(sources, has_recap, strict=True) if not h)
+    chosen = [s == "recaption" for s, h in zip(sources, has_recap, strict=True) if h]
+    assert 0.3 < sum(chosen) / len(chosen) < 0.7  # p = 0.5 on ~80 rows
+    per_shard = sum(out.stats(n)["caption_source"]["recaption"] for n in out.shard_ids())
+    assert per_shard == sum(chosen)
+
+
+def test_deterministic_rerun_and_caption_choice_per_uid(curated, exported, tmp_path):
+    out, _ = exported
+    before = _files(out)
+    run_stage("export", curated.url, out.url, config=CONFIG, options=RunOptions(overwrite=True))
+    after = _files(out)
+    assert before.keys() == after.keys() and len(before) > 10
+    assert all(before[k] == after[k] for k in before)  # byte-identical tars, idx, parquet, sizes.json
+
+    # Another seed reshuffles and redraws the mix, but keeps the held-out set (it hangs on uids only).
+    other = Dataset(str(tmp_path / "other"))
+    run_stage("export", curated.url, other.url, config={**CONFIG, "seed": 4})
+    a, b = _all_rows(out), _all_rows(other)
+    assert a.column(schema.UID).to_pylist() != b.column(schema.UID).to_pylist()
+    val = {u for u, s in zip(a.column(schema.UID).to_pylist(), a.column(schema.SPLIT).to_pylist(), strict=True)
+           if s == "val"}
+    val_b = {u for u, s in zip(b.column(schema.UID).to_pylist(), b.column(schema.SPLIT).to_pylist(), strict=True)
+             if s == "val"}
+    assert val == val_b
+    src_a = dict(zip(a.column(schema.UID).to_pylist(), a.column(schema.CAPTION_SOURCE).to_pylist(), strict=True))
+    src_b = dict(zip(b.column(schema.UID).to_pylist(), b.column(schema.CAPTION_SOURCE).to_pylist(), strict=True))
+    assert src_a != src_b
+
+
+def test_unreadable_and_corrupt_rows_are_rejected(curated, tmp_path, ray_session):
+    # A pointer-only dataset where one row points past the end of its tar, one at the wrong bytes.
+    bad = Dataset(str(tmp_path / "bad"))
+    t = curated.read_shard(0)
+    offsets = t.column(schema.IMAGE_OFFSET).to_pylist()
+    lengths = t.column(schema.IMAGE_LENGTH).to_pylist()
+    offsets[0] = 10**9
+    offsets[1] = offsets[2]
+    lengths[1] = lengths[2]
+    t = schema.with_column(t, schema.IMAGE_OFFSET, offsets)
+    t = schema.with_column(t, schema.IMAGE_LENGTH, lengths)
+    rejects = t.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
+    bad.commit_shard(0, t, rejects, {"rows_in": t.num_rows, "rows_out": t.num_rows, "rejected": 0, "drops": {}})
+    bad.write_json({"run": {}, "shard_digits": 5, "shards": [], "totals": {}}, "_manifest.json")
+    out = Dataset(str(tmp_path / "out"))
+    summary = run_stage("export", bad.url, out.url, config={"samples_per_shard": 8})
+    assert summary["drops"] == {"export:corrupt": 1, "export:unreadable": 1}
+    assert summary["kept"] == t.num_rows - 2
+    uids = t.column(schema.UID).to_pylist()
+    rejected = pa.concat_tables([r for _, r in out.iter_rejects()])
+    assert dict(zip(rejected.column(schema.UID).to_pylist(), rejected.column(schema.DROP_REASON).to_pylist(),
+                    strict=True)) == {uids[0]: "export:unreadable", uids[1]: "export:corrupt"}
+    # sizes.json counts what is in the tars, not what was planned.
+    sizes = json.loads(out.fs.cat(out.path("shards", "sizes.json")))
+    assert sum(sizes.values()) == t.num_rows - 2
+    for n in out.shard_ids():
+        with tarfile.open(fileobj=io.BytesIO(out.fs.cat(out.shard_path(n, "tar")))) as tf:
+            assert len(tf.getnames()) == 3 * sizes[f"{out.shard_name(n)}.tar"]
+
+
+def test_target_bytes_sizes_shards(curated, tmp_path, ray_session):
+    out = Dataset(str(tmp_path / "out"))
+    src = _all_rows(curated)
+    mean = sum(src.column(schema.IMAGE_LENGTH).to_pylist()) / src.num_rows
+    target = int(20 * (mean + 3000))  # about 20 samples of image + tar headers + txt + json
+    run_stage("export", curated.url, out.url, config={"target_shard_bytes": target})
+    sizes = list(json.loads(out.fs.cat(out.path("shards", "sizes.json"))).values())
+    assert 15 <= sizes[0] <= 25 and len(set(sizes[:-1])) == 1 and sum(sizes) == src.num_rows
+    tar_bytes = [out.fs.size(out.shard_path(n, "tar")) for n in out.shard_ids()[:-1]]
+    assert all(0.6 * target < b < 1.5 * target for b in tar_bytes)
+
+
+def test_recaption_mode_needs_column_and_drop_policy(curated, tmp_path, ray_session):
+    src = Dataset(str(tmp_path / "nocap"))
+    t = curated.read_shard(0).drop_columns([schema.RECAPTION])
+    rejects = t.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
+    src.commit_shard(0, t, rejects, {"rows_in": t.num_rows, "rows_out": t.num_rows, "rejected": 0, "drops": {}})
+    src.write_json({"run": {}, "shard_digits": 5, "shards": [], "totals": {}}, "_manifest.json")
+    with pytest.raises(ConfigError, match="recaption"):
+        run_stage("export", src.url, str(tmp_path / "o1"), config={"caption": "recaption"})
+
+    out = Dataset(str(tmp_path / "o2"))
+    summary = run_stage("export", curated.url, out.url,
+                        config={"caption": "recaption", "missing_recaption": "drop", "samples_per_shard": 50})
+    recaps = _all_rows(curated).column(schema.RECAPTION).to_pylist()
+    assert summary["drops"] == {"export:no_recaption": sum(r is None for r in recaps)}
+    assert set(_all_rows(out).column(schema.CAPTION_SOURCE).to_pylist()) == {"recaption"}
+
+
+def test_config_is_strict():
+    with pytest.raises(ValueError):
+        ExportConfig(captions="mix")
+    with pytest.raises(ValueError):
+        ExportConfig(val_min_count=10)  # without a val_fraction it would mean nothing
+    with pytest.raises(ValueError):
+        ExportConfig(recaption_probability=1.5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 100, 1000, 4097])
+def test_permute_is_a_seeded_bijection(n):
+    idx = np.arange(n, dtype=np.uint64)
+    p = permute(idx, n, seed=1, stream=0)
+    assert sorted(p.tolist()) == list(range(n))
+    assert np.array_equal(p, permute(idx, n, seed=1, stream=0))
+    # Evaluated piecewise (as plan tasks do, one input shard each), it gives the same positions.
+    half = n // 2
+    assert np.array_equal(np.r_[permute(idx[:half], n, 1, 0), permute(idx[half:], n, 1, 0)], p)
+    if n >= 16:
+        assert not np.array_equal(p, permute(idx, n, seed=2, stream=0))
+        assert not np.array_equal(p, idx)
