@@ -1,0 +1,413 @@
+"""The download stage: URL lists in, a dataset that owns its image bytes out (tars + Parquet).
+
+``plan`` cuts the URL list(s) into deterministic input shards of ``shard_size`` rows under the
+output's plan folder (a repeated input uid is marked there and rejected later, never fetched).
+Each shard then runs as one task with one asyncio event loop: many connections through the guarded
+client of :mod:`curate.fetch`, decode / resize / encode of :mod:`curate.images` in a small thread pool
+(Pillow releases the GIL), and samples appended to the shard's tar in row order, so the same
+responses always give the same tar. Where an image is decoded anyway its pHash is computed too.
+
+Every row ends with img2dataset's ``status`` and ``error_message``; failures are rejected with
+``download:<status>``. ``--retry-failed`` re-plans: transient failures of committed shards are moved
+into new shards, and the old shards' rejects (and their stats) are rewritten without them, so every
+input uid stays exactly once in shards + rejects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import logging
+import posixpath
+import time
+from collections import Counter
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from curate import schema
+from curate.dataset import PLAN_DIR, Dataset, make_key, write_parquet
+from curate.fetch import FetchConfig, retryable_message
+from curate.images import ImageConfig
+from curate.stage import PlanContext, ShardContext, Stage, StageConfig
+
+log = logging.getLogger(__name__)
+
+STAGE = "download"
+PLAN_SUBDIR = "download"
+STATE_FILE = "download.json"
+DUP_COL = "__curate_duplicate_uid"  # plan-only marker, never written to the output
+STATUS_DICT_CAP = 100
+
+
+class DownloadConfig(StageConfig):
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    uid_col: str = "uid"
+    extra_columns: tuple[str, ...] | None = None  # None: carry every other input column
+    input_format: Literal["parquet", "csv", "tsv", "json", "jsonl", "txt"] | None = None  # None: by extension
+    shard_size: int = Field(10_000, ge=1)
+    decode_threads: int = Field(2, ge=1)
+    compute_phash: bool = True
+    # Finished samples waiting for a slower earlier row before being written in row order.
+    reorder_buffer_mb: int = Field(256, ge=1)
+    fetch: FetchConfig = FetchConfig()
+    image: ImageConfig = ImageConfig()
+
+
+def _plan_file(ctx_dir: str, n: int) -> str:
+    return posixpath.join(ctx_dir, PLAN_SUBDIR, f"{n:08d}.parquet")
+
+
+def shard_stats(statuses: list[str], errors: list[str | None]) -> dict[str, Any]:
+    """img2dataset's per-shard stats fields from the rows' status / error_message."""
+    by_status = Counter(statuses)
+    messages = Counter(e if s != schema.STATUS_SUCCESS else "success" for s, e in zip(statuses, errors, strict=True))
+    return {
+        "count": len(statuses),
+        "successes": by_status.get(schema.STATUS_SUCCESS, 0),
+        "failed_to_download": by_status.get(schema.STATUS_FAILED_TO_DOWNLOAD, 0),
+        "failed_to_resize": by_status.get(schema.STATUS_FAILED_TO_RESIZE, 0),
+        "failed_to_decode": by_status.get(schema.STATUS_FAILED_TO_DECODE, 0),
+        "status_dict": dict(messages.most_common(STATUS_DICT_CAP)),
+    }
+
+
+class DownloadStage(Stage):
+    name = STAGE
+    Config = DownloadConfig
+    writes_images = True
+    reads_dataset = False
+
+    def __init__(self, config: DownloadConfig):
+        super().__init__(config)
+        self.config: DownloadConfig = config
+        self._phash = None
+
+    def setup(self) -> None:
+        if self.config.compute_phash:
+            try:
+                from curate.phash import phash_pil
+
+                self._phash = phash_pil
+            except ImportError:
+                log.warning("curate.phash is not available; phash left empty")
+
+    # -- plan ------------------------------------------------------------------------------------
+    def plan(self, ctx: PlanContext) -> list[int]:
+        out = ctx.output
+        state = out.read_json(PLAN_DIR, STATE_FILE)
+        if state is None:
+            state = self._plan_input(ctx)
+        if ctx.options.retry_failed:
+            state = self._plan_retry(ctx, state)
+        return list(state["shards"])
+
+    def _plan_input(self, ctx: PlanContext) -> dict[str, Any]:
+        from curate.inputs import read_url_list
+
+        cfg = self.config
+        out = ctx.output
+        out.fs.makedirs(out.path(PLAN_DIR, PLAN_SUBDIR), exist_ok=True)
+        seen: set = set()
+        duplicates = 0
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        shards: list[int] = []
+        rows = 0
+
+        def flush(force: bool) -> None:
+            nonlocal pending, pending_rows
+            while pending_rows >= cfg.shard_size or (force and pending_rows):
+                table = pa.concat_tables(pending, promote_options="permissive")
+                head, rest = table.slice(0, cfg.shard_size), table.slice(cfg.shard_size)
+                n = len(shards)
+                self._write_plan_shard(out, n, head)
+                shards.append(n)
+                pending = [rest] if rest.num_rows else []
+                pending_rows = rest.num_rows
+
+        for batch in read_url_list(ctx.input_path, cfg.url_col, cfg.caption_col, cfg.uid_col,
+                                   cfg.extra_columns, cfg.input_format):
+            dup = []
+            for uid in batch.column(schema.UID).to_pylist():
+                k = _uid_key(uid)
+                dup.append(k in seen)
+                seen.add(k)
+            n_dup = sum(dup)
+            duplicates += n_dup
+            batch = batch.append_column(DUP_COL, pa.array(dup, pa.bool_()))
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            rows += batch.num_rows
+            flush(False)
+        flush(True)
+        if duplicates:
+            log.warning("%d input rows repeat an earlier uid; they are rejected as download:duplicate_uid",
+                        duplicates)
+        state = {"version": 1, "rows": rows, "duplicates": duplicates, "shards": shards, "retry_rounds": []}
+        out.write_json(state, PLAN_DIR, STATE_FILE)  # the plan's commit point
+        return state
+
+    def _write_plan_shard(self, out: Dataset, n: int, table: pa.Table) -> None:
+        path = _plan_file(out.path(PLAN_DIR), n)
+        write_parquet(table, path + ".tmp", out.fs)
+        out.rename(path + ".tmp", path)
+
+    def _plan_retry(self, ctx: PlanContext, state: dict[str, Any]) -> dict[str, Any]:
+        """Move transient failures of committed shards into new shards (see module docstring).
+
+        Order makes it crash-safe: new input shards, then the state file naming them (commit), then
+        the old rejects rewritten without the moved uids. A rerun re-applies the last round's rewrite
+        (idempotent: it removes uids that are already gone) before starting a new one.
+        """
+        out = ctx.output
+        rounds = state.setdefault("retry_rounds", [])
+        if rounds:
+            self._apply_round(out, rounds[-1])
+        committed = [n for n in out.shard_ids() if n in set(state["shards"])]
+        moved: list[pa.Table] = []
+        sources: list[int] = []
+        for n in committed:
+            if not out.fs.exists(out.shard_path(n, "rejects.parquet")):
+                continue
+            rej = out.read_rejects(n)
+            if rej.num_rows == 0:
+                continue
+            want = [r == schema.reason(STAGE, schema.STATUS_FAILED_TO_DOWNLOAD) and retryable_message(e)
+                    for r, e in zip(rej.column(schema.DROP_REASON).to_pylist(),
+                                    rej.column(schema.ERROR_MESSAGE).to_pylist(), strict=True)]
+            if not any(want):
+                continue
+            input_cols = [c for c in pq.read_schema(_plan_file(out.path(PLAN_DIR), n), filesystem=out.fs).names
+                          if c != DUP_COL and c in rej.column_names]
+            moved.append(rej.filter(pa.array(want)).select(input_cols))
+            sources.append(n)
+        if not moved:
+            log.info("retry-failed: no transient failures to retry")
+            return state
+        table = pa.concat_tables([_plain(t) for t in moved], promote_options="permissive")
+        first = max(state["shards"]) + 1
+        new_ids = []
+        for i, start in enumerate(range(0, table.num_rows, self.config.shard_size)):
+            self._write_plan_shard(out, first + i, table.slice(start, self.config.shard_size))
+            new_ids.append(first + i)
+        rnd = {"round": len(rounds) + 1, "shards": new_ids, "sources": sources, "rows": table.num_rows}
+        rounds.append(rnd)
+        state["shards"] = list(state["shards"]) + new_ids
+        out.write_json(state, PLAN_DIR, STATE_FILE)
+        self._apply_round(out, rnd)
+        log.info("retry-failed: %d rows from %d shards moved into new shards %s",
+                 table.num_rows, len(sources), new_ids)
+        return state
+
+    def _apply_round(self, out: Dataset, rnd: dict[str, Any]) -> None:
+        uids = pa.concat_arrays([
+            pq.read_table(_plan_file(out.path(PLAN_DIR), n), columns=[schema.UID], filesystem=out.fs)
+            .column(schema.UID).combine_chunks() for n in rnd["shards"]
+        ])
+        for n in rnd["sources"]:
+            rej = out.read_rejects(n)
+            gone = pc.is_in(rej.column(schema.UID), value_set=uids)
+            if not pc.any(gone).as_py():
+                continue
+            keep = rej.filter(pc.invert(gone))
+            path = out.shard_path(n, "rejects.parquet")
+            write_parquet(keep, path + ".tmp", out.fs)
+            out.rename(path + ".tmp", path)
+            self._restat(out, n, rej.num_rows - keep.num_rows)
+
+    def _restat(self, out: Dataset, n: int, moved: int) -> None:
+        """Recount a shard's stats from its files after rows left it for a retry shard."""
+        stats = out.stats(n)
+        kept = out.read_shard(n, columns=[schema.STATUS])
+        rej = out.read_rejects(n, columns=[schema.STATUS, schema.ERROR_MESSAGE, schema.DROP_REASON])
+        statuses = kept.column(schema.STATUS).to_pylist() + rej.column(schema.STATUS).to_pylist()
+        errors = [None] * kept.num_rows + rej.column(schema.ERROR_MESSAGE).to_pylist()
+        stats.update(shard_stats(statuses, errors))
+        stats["rows_in"] = kept.num_rows + rej.num_rows
+        stats["rows_out"] = kept.num_rows
+        stats["rejected"] = rej.num_rows
+        stats["drops"] = dict(sorted(Counter(rej.column(schema.DROP_REASON).to_pylist()).items()))
+        stats["retried_out"] = stats.get("retried_out", 0) + moved
+        out.write_json(stats, "shards", f"{out.shard_name(n)}.stats.json")
+
+    # -- one shard -------------------------------------------------------------------------------
+    def load(self, shard: int, ctx: ShardContext) -> pa.Table:
+        return pq.read_table(_plan_file(ctx.plan_dir, shard), filesystem=ctx.output.fs)
+
+    def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
+        if self._phash is None and self.config.compute_phash:
+            self.setup()
+        t0 = time.perf_counter()
+        if DUP_COL in table.column_names:
+            dup = table.column(DUP_COL).to_pylist()
+            table = table.drop_columns([DUP_COL])
+        else:
+            dup = [False] * table.num_rows
+        results, timing, requests = asyncio.run(self._download(table, dup, ctx))
+        for k, v in timing.items():
+            ctx.add_time(k, v)
+
+        cols: dict[str, list] = {c: [] for c in (
+            schema.KEY, schema.STATUS, schema.ERROR_MESSAGE, schema.WIDTH, schema.HEIGHT,
+            schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.SHA256, schema.IMAGE_TAR,
+            schema.IMAGE_OFFSET, schema.IMAGE_LENGTH, schema.IMAGE_FORMAT, schema.PHASH, schema.DROP_REASON)}
+        for r in results:
+            for c in cols:
+                cols[c].append(r.get(c))
+        out = table
+        for c, values in cols.items():
+            out = schema.with_column(out, c, values)
+        ctx.stats.update(shard_stats(cols[schema.STATUS], cols[schema.ERROR_MESSAGE]))
+        ctx.stats["duration"] = time.perf_counter() - t0
+        ctx.stats["requests"] = requests
+        return out
+
+    async def _download(self, table: pa.Table, dup: list[bool], ctx: ShardContext):
+        from curate.fetch import Fetcher
+        from curate.images import process_image
+
+        cfg = self.config
+        n_rows = table.num_rows
+        urls = table.column(schema.URL).to_pylist()
+        captions = table.column(schema.CAPTION).to_pylist()
+        rows = table.to_pylist()
+        digits = ctx.output.shard_digits
+        index_digits = max(4, len(str(max(n_rows - 1, 0))))
+        keys = [make_key(ctx.shard, i, digits, index_digits) for i in range(n_rows)]
+        results: list[dict[str, Any] | None] = [None] * n_rows
+        timing = {"network": 0.0, "decode": 0.0, "resize": 0.0, "phash": 0.0, "write": 0.0}
+        loop = asyncio.get_running_loop()
+        pool = concurrent.futures.ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="curate-decode")
+        budget = cfg.reorder_buffer_mb * 1024 * 1024
+        state = {"head": 0, "buffered": 0}
+        cond = asyncio.Condition()
+        inflight = asyncio.Semaphore(cfg.fetch.connections + 4 * cfg.decode_threads)
+
+        def cpu(data: bytes) -> tuple[Any, str | None, int | None, float]:
+            p = process_image(data, cfg.image, keep_image=self._phash is not None)
+            sha = hashlib.sha256(p.data).hexdigest() if p.data is not None else None
+            ph, t = None, 0.0
+            if p.image is not None:
+                t = time.perf_counter()
+                try:
+                    ph = self._phash(p.image)
+                except Exception:  # noqa: BLE001 - a hash failure must not lose the image
+                    log.debug("phash failed", exc_info=True)
+                t = time.perf_counter() - t
+                p.image = None
+            return p, sha, ph, t
+
+        def write_ready() -> None:
+            # Append finished rows to the tar in row order.
+            while state["head"] < n_rows and results[state["head"]] is not None:
+                i = state["head"]
+                r = results[i]
+                blob = r.pop("_bytes", None)
+                if blob is not None:
+                    state["buffered"] -= len(blob)
+                    t = time.perf_counter()
+                    meta = {k: v for k, v in rows[i].items()}
+                    meta.update({k: r.get(k) for k in (
+                        schema.KEY, schema.STATUS, schema.ERROR_MESSAGE, schema.WIDTH, schema.HEIGHT,
+                        schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.SHA256)})
+                    where = ctx.tar.add(keys[i], {
+                        r[schema.IMAGE_FORMAT]: blob,
+                        "txt": captions[i] or "",
+                        "json": json.dumps(meta, default=str, ensure_ascii=False),
+                    })
+                    off, size = where[r[schema.IMAGE_FORMAT]]
+                    r[schema.IMAGE_TAR] = ctx.tar_url
+                    r[schema.IMAGE_OFFSET] = off
+                    r[schema.IMAGE_LENGTH] = size
+                    timing["write"] += time.perf_counter() - t
+                state["head"] += 1
+
+        async def one(i: int, fetcher: Fetcher) -> None:
+            async with cond:
+                await cond.wait_for(lambda: state["buffered"] < budget or i == state["head"])
+            r: dict[str, Any] = {schema.KEY: keys[i], schema.DROP_REASON: None}
+            try:
+                async with inflight:
+                    if dup[i]:
+                        r[schema.STATUS] = schema.STATUS_FAILED_TO_DOWNLOAD
+                        r[schema.ERROR_MESSAGE] = "duplicate_uid: this uid appears earlier in the input"
+                        r[schema.DROP_REASON] = schema.reason(STAGE, "duplicate_uid")
+                    else:
+                        f = await fetcher.fetch(urls[i] or "")
+                        timing["network"] += f.seconds
+                        if f.data is None:
+                            r[schema.STATUS] = schema.STATUS_FAILED_TO_DOWNLOAD
+                            r[schema.ERROR_MESSAGE] = f.error
+                        else:
+                            p, sha, ph, t_ph = await loop.run_in_executor(pool, cpu, f.data)
+                            del f
+                            timing["decode"] += p.decode_seconds
+                            timing["resize"] += p.resize_seconds
+                            timing["phash"] += t_ph
+                            r[schema.STATUS] = p.status
+                            r[schema.ERROR_MESSAGE] = p.error
+                            if p.data is not None:
+                                r.update({
+                                    schema.WIDTH: p.width, schema.HEIGHT: p.height,
+                                    schema.ORIGINAL_WIDTH: p.original_width,
+                                    schema.ORIGINAL_HEIGHT: p.original_height,
+                                    schema.SHA256: sha, schema.IMAGE_FORMAT: p.ext, schema.PHASH: ph,
+                                    "_bytes": p.data,
+                                })
+                        if r[schema.STATUS] != schema.STATUS_SUCCESS:
+                            r[schema.DROP_REASON] = schema.reason(STAGE, r[schema.STATUS])
+            except Exception as e:  # noqa: BLE001 - one row's bug must not lose the shard's other rows
+                log.exception("download of row %d failed unexpectedly", i)
+                r[schema.STATUS] = schema.STATUS_FAILED_TO_DOWNLOAD
+                r[schema.ERROR_MESSAGE] = f"internal: {type(e).__name__}: {e}"
+                r[schema.DROP_REASON] = schema.reason(STAGE, schema.STATUS_FAILED_TO_DOWNLOAD)
+                r.pop("_bytes", None)
+            async with cond:
+                results[i] = r
+                state["buffered"] += len(r.get("_bytes") or b"")
+                write_ready()
+                cond.notify_all()
+
+        try:
+            async with Fetcher(cfg.fetch) as fetcher:
+                await asyncio.gather(*(one(i, fetcher) for i in range(n_rows)))
+        finally:
+            pool.shutdown(wait=True)
+        return results, timing, fetcher.requests
+
+    def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
+        cols = [schema.UID, schema.URL, schema.KEY, schema.STATUS, schema.ERROR_MESSAGE, schema.DROP_REASON]
+        for n in output.shard_ids():
+            for kind, reader in (("kept", output.read_shard), ("rejected", output.read_rejects)):
+                try:
+                    t = reader(n, columns=cols)
+                except FileNotFoundError:
+                    continue
+                hit = t.filter(pc.equal(t.column(schema.UID), uid))
+                if hit.num_rows:
+                    row = hit.to_pylist()[0]
+                    return {"stage": STAGE, "decision": kind, "shard": output.shard_name(n), **row}
+        return None
+
+
+def _uid_key(uid: str) -> bytes | str:
+    # 16 bytes per seen uid instead of a 32-character string: the plan keeps every uid in memory.
+    try:
+        return bytes.fromhex(uid) if len(uid) == 32 else uid
+    except ValueError:
+        return uid
+
+
+def _plain(t: pa.Table) -> pa.Table:
+    """Dictionary columns back to plain values, so tables from different shards concatenate."""
+    for i, f in enumerate(t.schema):
+        if pa.types.is_dictionary(f.type):
+            t = t.set_column(i, pa.field(f.name, f.type.value_type), t.column(i).cast(f.type.value_type))
+    return t
