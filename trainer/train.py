@@ -1,0 +1,550 @@
+"""Train an open_clip CLIP or CoCa model on an exported dataset: one loop, read top to bottom.
+
+    python -m trainer.train --data DATASET --recipe trainer/recipes/NAME.yaml [--set key=value ...]
+    torchrun --nproc-per-node N -m trainer.train ...        # DDP: NCCL on GPUs, gloo on CPU
+
+What a step does: fetch ``accum`` micro-batches from the loader (DALI or torch), tokenize the captions,
+and run them through the model. With ``accum > 1`` it first embeds every micro-batch without gradients,
+then recomputes each with gradients while the others' cached features fill in the rest of the batch,
+so the contrastive loss (and its gradient) is the one of the full global batch, as open_clip's
+``accum_freq`` does. AdamW with warmup + cosine, gradient clipping, bf16 autocast on GPU.
+
+Outputs under ``--output``: ``metrics.jsonl`` (one JSON object per logged step and per eval),
+``checkpoints/step_NNNNNNNN.pt`` (everything an exact resume needs: model, optimiser, step, each rank's
+loader position and RNG state), and ``model/`` (``open_clip_config.json`` + ``open_clip_model.safetensors``)
+that ``open_clip.create_model("local-dir:OUTPUT/model")`` loads, as does
+``open_clip.create_model(NAME, pretrained=OUTPUT/model/open_clip_model.safetensors)`` for the recipe's
+architecture. A rerun with the same output resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import data as datamod
+from trainer.config import TINY_OVERRIDES, Recipe, TokenizerConfig, deep_merge, load_recipe
+from trainer.schedule import set_lr, warmup_cosine
+
+log = logging.getLogger("trainer")
+
+
+# ---------------------------------------------------------------- setup helpers
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """One process per device; torchrun's environment says how many. NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def model_config(recipe: Recipe, tokenizer_info: dict) -> dict:
+    """The open_clip model config this run trains: the named one, shrunk and overridden by the recipe."""
+    import open_clip
+
+    base = open_clip.get_model_config(recipe.model.name)
+    if base is None:
+        raise ValueError(f"model.name={recipe.model.name!r} is not an open_clip model config")
+    cfg = base
+    if recipe.model.tiny:
+        cfg = deep_merge(cfg, {k: v for k, v in TINY_OVERRIDES.items() if k in cfg})
+    cfg = deep_merge(cfg, recipe.model.overrides)
+    tok = recipe.tokenizer
+    text = cfg["text_cfg"]
+    if "hf_model_name" in text:
+        text["hf_model_pretrained"] = False  # no hub downloads at build time; a recipe may load weights itself
+    else:
+        text["context_length"] = tok.context_length
+        text["vocab_size"] = tok.vocab_size
+    if tok.kind != "open_clip":
+        # open_clip's default pooling takes the argmax token as end-of-text, which holds only for its BPE.
+        text["pool_type"] = text.get("pool_type") if text.get("pool_type") not in (None, "argmax") else "eos"
+        text["eos_id"], text["pad_id"] = tokenizer_info["eos_id"], tokenizer_info["pad_id"]
+        if tok.kind == "hf":
+            text["hf_tokenizer_name"] = tok.name
+    if "multimodal_cfg" in cfg:
+        cfg["multimodal_cfg"]["context_length"] = tok.context_length
+        cfg["multimodal_cfg"]["vocab_size"] = tok.vocab_size
+    if recipe.data.image_size is not None:
+        cfg["vision_cfg"]["image_size"] = recipe.data.image_size
+    return cfg
+
+
+def build_model(recipe: Recipe, cfg: dict, device: torch.device) -> torch.nn.Module:
+    import open_clip
+
+    kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
+    model = open_clip.create_model(recipe.model.name, device=device, output_dict=True, **kwargs)
+    if recipe.model.lock_image:
+        model.lock_image_tower(unlocked_groups=recipe.model.lock_image_unlocked_groups, freeze_bn_stats=True)
+    if recipe.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+class Tokenizer:
+    """Captions -> LongTensor [B, context_length] with the recipe's tokenizer.
+
+    open_clip: its BPE (start/end tokens, zero padding). hf / sentencepiece: the vocabulary's own ids,
+    truncated to leave room for an end-of-text token that is always present (the text tower pools there),
+    padded with the pad id.
+    """
+
+    def __init__(self, cfg: TokenizerConfig):
+        self.cfg = cfg
+        self.length = cfg.context_length
+        if cfg.kind == "open_clip":
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self._bpe = SimpleTokenizer(context_length=cfg.context_length)
+            self.vocab_size, self.eos_id, self.pad_id = len(self._bpe.encoder), self._bpe.eot_token_id, 0
+        elif cfg.kind == "hf":
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(cfg.name)
+            self.vocab_size = len(self._hf)
+            self.eos_id = self._hf.eos_token_id if self._hf.eos_token_id is not None else self._hf.sep_token_id
+            if self.eos_id is None:
+                raise ValueError(f"tokenizer {cfg.name} has neither an eos nor a sep token")
+            self.pad_id = self._hf.pad_token_id if self._hf.pad_token_id is not None else self.eos_id
+        else:
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=cfg.name)
+            self.vocab_size = self._sp.get_piece_size()
+            self.eos_id = self._sp.eos_id()
+            if self.eos_id < 0:
+                raise ValueError(f"SentencePiece model {cfg.name} has no eos piece")
+            self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        if self.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer has {self.vocab_size} tokens but tokenizer.vocab_size={cfg.vocab_size}")
+
+    @property
+    def info(self) -> dict:
+        return {"eos_id": self.eos_id, "pad_id": self.pad_id}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.cfg.kind == "open_clip":
+            return self._bpe(texts)
+        if self.cfg.kind == "hf":
+            ids = self._hf(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        else:
+            ids = self._sp.encode(texts)
+        out = torch.full((len(texts), self.length), self.pad_id, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            seq = [t for t in seq if t != self.eos_id][: self.length - 1] + [self.eos_id]
+            out[row, : len(seq)] = torch.tensor(seq)
+        return out
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on gains, biases, embeddings of rank < 2 and the logit scale/bias."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "logit_scale" in name or "logit_bias" in name
+        (no_decay if exempt else decay).append(p)
+    o = recipe.optim
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": o.weight_decay}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def make_loss(recipe: Recipe, dist: Dist, is_coca: bool, pad_id: int) -> torch.nn.Module:
+    from open_clip.loss import ClipLoss, CoCaLoss
+
+    # Gathering with gradients makes every rank's loss the global-batch loss and DDP's gradient average
+    # the exact full-batch gradient.
+    common = {"local_loss": False, "gather_with_grad": True, "cache_labels": True,
+              "rank": dist.rank, "world_size": dist.world}
+    if is_coca:
+        return CoCaLoss(caption_loss_weight=recipe.loss.caption_weight,
+                        clip_loss_weight=recipe.loss.contrastive_weight, pad_id=pad_id, **common)
+    if recipe.loss.caption_weight:
+        raise ValueError(f"loss.caption_weight needs a CoCa model; {recipe.model.name} is a CLIP")
+    return _Weighted(ClipLoss(**common), recipe.loss.contrastive_weight)
+
+
+class _Weighted(torch.nn.Module):
+    def __init__(self, loss: torch.nn.Module, weight: float):
+        super().__init__()
+        self.loss, self.weight = loss, weight
+
+    def forward(self, image_features, text_features, logit_scale, output_dict=True, **_):
+        return {"contrastive_loss": self.weight * self.loss(image_features, text_features, logit_scale)}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def wrap_parallel(model: torch.nn.Module, recipe: Recipe, dist: Dist) -> torch.nn.Module:
+    if dist.world == 1:
+        return model
+    if recipe.train.parallel == "fsdp":
+        from open_clip.transformer import ResidualAttentionBlock
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({ResidualAttentionBlock}), use_orig_params=True,
+                    device_id=dist.device if dist.device.type == "cuda" else None)
+    ids = [dist.local_rank] if dist.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# ---------------------------------------------------------------- the step
+
+
+def train_step(model, loss_fn, micro: list[tuple[torch.Tensor, torch.Tensor]], autocast) -> dict[str, float]:
+    """Forward + backward over ``micro`` micro-batches as if they were one batch; returns the losses.
+
+    Gradients are accumulated into ``.grad`` (the caller zeroes them and steps the optimiser).
+    """
+    if len(micro) == 1:
+        images, texts = micro[0]
+        with autocast():
+            losses = loss_fn(**model(images, texts), output_dict=True)
+            total = sum(losses.values())
+        total.backward()
+        return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+
+    # Pass 1: every micro-batch's outputs without gradients, to stand in for the others in pass 2.
+    cached: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad(), autocast():
+        for images, texts in micro:
+            for key, value in model(images, texts).items():
+                if key not in ("logit_scale", "logit_bias"):
+                    cached.setdefault(key, []).append(value)
+    # Pass 2: recompute one micro-batch at a time with gradients, loss over the whole batch. The sum
+    # over j of these gradients is the gradient of the full-batch loss. DDP syncs on the last one only.
+    for j, (images, texts) in enumerate(micro):
+        sync = j == len(micro) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast():
+                out = model(images, texts)
+                inputs = {k: torch.cat(v[:j] + [out[k]] + v[j + 1 :]) for k, v in cached.items()}
+                inputs.update({k: v for k, v in out.items() if k not in cached})
+                losses = loss_fn(**inputs, output_dict=True)
+                total = sum(losses.values())
+            total.backward()
+    return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+
+
+# ---------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer: Tokenizer, batches, device, autocast) -> dict[str, float]:
+    """Image->text and text->image retrieval recall@1/5/10 over the held-out pairs (caption i <-> image i)."""
+    model.eval()
+    images, texts = [], []
+    for batch in batches:
+        with autocast():
+            out = model(batch.images.to(device), tokenizer(batch.captions).to(device))
+        images.append(out["image_features"].float())
+        texts.append(out["text_features"].float())
+    model.train()
+    img, txt = torch.cat(images), torch.cat(texts)
+    sims = img @ txt.T
+    truth = torch.arange(len(img), device=sims.device)
+    metrics: dict[str, float] = {"n": float(len(img))}
+    for name, s in (("image_to_text", sims), ("text_to_image", sims.T)):
+        # rank of the true pair = how many candidates score higher than it
+        rank = (s > s[truth, truth][:, None]).sum(dim=1)
+        for k in (1, 5, 10):
+            metrics[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+    return metrics
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather(obj, dist: Dist) -> list:
+    if dist.world == 1:
+        return [obj]
+    out = [None] * dist.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    found = sorted((output / "checkpoints").glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(output: Path, step: int, model, optimizer, loader, recipe: Recipe, dist: Dist, keep: int = 2):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Full (unsharded) state on every rank's CPU; FSDP gathers here. Rank 0 writes.
+    model_sd, optim_sd = get_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    loaders, rngs = _gather(loader.state(), dist), _gather(_rng_state(), dist)
+    if dist.main:
+        folder = output / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{step:08d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"step": step, "model": model_sd, "optimizer": optim_sd, "loaders": loaders, "rng": rngs,
+                    "world": dist.world, "recipe": recipe.model_dump(mode="json")}, tmp)
+        os.replace(tmp, path)
+        for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+            old.unlink()
+        log.info("checkpoint %s", path)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    return model_sd
+
+
+def load_checkpoint(path: Path, model, optimizer, recipe: Recipe, dist: Dist) -> tuple[int, dict | None]:
+    """Restore model and optimiser in place; return (step, this rank's loader state or None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    saved = Recipe.model_validate(ckpt["recipe"])
+    if _resume_key(saved) != _resume_key(recipe):
+        raise SystemExit(f"{path} was made by a different recipe; use another --output or --resume never")
+    set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    loader_state = None
+    if ckpt["world"] == dist.world:
+        loader_state = ckpt["loaders"][dist.rank]
+        _set_rng_state(ckpt["rng"][dist.rank])
+    else:
+        log.warning("checkpoint was written by %d ranks, now %d: data order restarts", ckpt["world"], dist.world)
+    return ckpt["step"], loader_state
+
+
+def _resume_key(recipe: Recipe) -> dict:
+    """What must match to resume: everything but when to stop, log, evaluate and save."""
+    d = recipe.model_dump(mode="json")
+    for k in ("stop_at", "log_every", "eval_every", "ckpt_every", "tensorboard"):
+        d["train"].pop(k)
+    d["data"].pop("workers")
+    return d
+
+
+def export_model(output: Path, model_sd: dict, cfg: dict, recipe: Recipe) -> Path:
+    """Weights + config in the layout open_clip's ``local-dir:`` schema and ``pretrained=PATH`` read."""
+    from safetensors.torch import save_file
+
+    from trainer.config import NORMALIZE
+
+    folder = output / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    mean, std = NORMALIZE[recipe.data.normalize]
+    config = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std),
+                                                   "interpolation": recipe.data.interpolation},
+              "trainer": {"model_name": recipe.model.name, "tokenizer": recipe.tokenizer.model_dump(mode="json")}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    weights = {k: v.detach().contiguous().clone() for k, v in model_sd.items()}
+    tmp = folder / "open_clip_model.safetensors.tmp"
+    save_file(weights, str(tmp))
+    os.replace(tmp, folder / "open_clip_model.safetensors")
+    return folder
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, resume: str = "auto") -> dict:
+    """Run (or resume) a training run; returns the last logged metrics and the last eval."""
+    dist = init_distributed()
+    out = Path(output)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    torch.manual_seed(recipe.train.seed)
+    np.random.seed(recipe.train.seed)
+    random.seed(recipe.train.seed)
+
+    tokenizer = Tokenizer(recipe.tokenizer)
+    cfg = model_config(recipe, tokenizer.info)
+    model = build_model(recipe, cfg, dist.device)
+    image_size = cfg["vision_cfg"]["image_size"]
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    is_coca = "multimodal_cfg" in cfg
+    model = wrap_parallel(model, recipe, dist)
+    optimizer = make_optimizer(model, recipe)
+    loss_fn = make_loss(recipe, dist, is_coca, tokenizer.pad_id)
+
+    step, loader_state = 0, None
+    ckpt = latest_checkpoint(out) if resume == "auto" else None
+    if ckpt is not None:
+        step, loader_state = load_checkpoint(ckpt, model, optimizer, recipe, dist)
+        log.info("resumed from %s at step %d", ckpt, step)
+
+    micro = recipe.micro_batch(dist.world)
+    loader = datamod.make_loader(
+        recipe.data.loader, datamod.find_shards(data), recipe.data, state=loader_state, image_size=image_size,
+        batch_size=micro, rank=dist.rank, world=dist.world, seed=recipe.train.seed,
+        device_id=dist.local_rank if dist.device.type == "cuda" else None,
+    )
+    val = datamod.find_val(data, val)
+    cuda = dist.device.type == "cuda"
+    use_bf16 = cuda and recipe.train.precision == "bf16"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    def run_eval() -> dict | None:
+        if val is None:
+            return None
+        batches = datamod.eval_batches(val, recipe.data, image_size=image_size, batch_size=max(micro, 64),
+                                       limit=recipe.data.val_max)
+        return evaluate(model, tokenizer, batches, dist.device, autocast)
+
+    metrics_file = (out / "metrics.jsonl").open("a") if dist.main else None
+    tb = None
+    if dist.main and recipe.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tensorboard"))
+
+    def emit(row: dict) -> None:
+        if metrics_file is None:
+            return
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    tb.add_scalar(k, v, row["step"])
+
+    total, stop = recipe.train.steps, min(recipe.train.stop_at or recipe.train.steps, recipe.train.steps)
+    o = recipe.optim
+    last: dict = {}
+    last_eval: dict | None = None
+    model.train()
+    log.info("training %s from step %d to %d: global batch %d = %d micro x %d accum x %d ranks, %s loader",
+             recipe.name, step, stop, recipe.train.global_batch, micro, recipe.train.accum, dist.world,
+             recipe.data.loader)
+    t_log, wait, samples = time.perf_counter(), 0.0, 0
+    while step < stop:
+        batches = []
+        for _ in range(recipe.train.accum):
+            t = time.perf_counter()
+            b = loader.next()
+            wait += time.perf_counter() - t
+            batches.append((b.images.to(dist.device, non_blocking=True),
+                            tokenizer(b.captions).to(dist.device, non_blocking=True)))
+        lr = warmup_cosine(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total, final_lr=o.final_lr)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        losses = train_step(model, loss_fn, batches, autocast)
+        if o.clip_norm is not None:
+            clip = getattr(model, "clip_grad_norm_", None)  # FSDP shards need their own
+            norm = clip(o.clip_norm) if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+            losses["grad_norm"] = float(norm)
+        optimizer.step()
+        with torch.no_grad():  # open_clip's clamp: a temperature below 1/100 destabilises training
+            unwrap(model).logit_scale.clamp_(0, math.log(100))
+        step += 1
+        samples += recipe.train.global_batch
+
+        if step % recipe.train.log_every == 0 or step == stop:
+            elapsed = time.perf_counter() - t_log
+            last = {"step": step, "lr": lr, **losses, "logit_scale": unwrap(model).logit_scale.exp().item(),
+                    "samples_per_s": samples / elapsed, "data_wait_frac": wait / elapsed}
+            emit(last)
+            if dist.main:
+                log.info("step %d loss %.4f lr %.3g %.1f samples/s (data wait %.0f%%)", step, losses["loss"], lr,
+                         last["samples_per_s"], 100 * last["data_wait_frac"])
+            t_log, wait, samples = time.perf_counter(), 0.0, 0
+        if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step < total:
+            last_eval = run_eval()
+            if last_eval is not None:
+                emit({"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
+        if step == stop or (recipe.train.ckpt_every and step % recipe.train.ckpt_every == 0):
+            model_sd = save_checkpoint(out, step, model, optimizer, loader, recipe, dist)
+            if dist.main and step == stop:
+                export_model(out, model_sd, cfg, recipe)
+
+    if step == total:
+        last_eval = run_eval()
+        if last_eval is not None:
+            emit({"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
+            if dist.main:
+                log.info("eval at step %d: %s", step, {k: round(v, 3) for k, v in last_eval.items()})
+    if metrics_file is not None:
+        metrics_file.close()
+    if tb is not None:
+        tb.close()
+    return {"last": last, "eval": last_eval, "step": step}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="exported dataset directory (shards/*.tar + .idx + sizes.json)")
+    p.add_argument("--recipe", help="recipe YAML (trainer/recipes/*.yaml); defaults if omitted")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. model.tiny=true train.global_batch=8 (repeatable)")
+    p.add_argument("--output", default=None, help="run directory (default runs/<recipe name>)")
+    p.add_argument("--val-data", default=None, help="held-out dataset for retrieval eval (default: from export)")
+    p.add_argument("--resume", choices=("auto", "never"), default="auto",
+                   help="auto: continue from the newest checkpoint in --output if there is one")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except (ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
+        log.error("bad recipe: %s", e)
+        return 2
+    output = args.output or str(Path("runs") / recipe.name)
+    result = train(recipe, data=args.data, output=output, val=args.val_data, resume=args.resume)
+    if result["eval"] is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"step": result["step"], **result["eval"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
