@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import posixpath
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,7 +37,17 @@ PLAN_DIR = "_plan"
 SHARDS = "shards"
 REJECTS = "rejects"
 MIN_SHARD_DIGITS = 5
-TMP_SUFFIX = ".tmp"
+TMP_MARK = ".tmp-"
+
+
+def tmp_name(path: str, attempt: str | None = None) -> str:
+    """A temporary name private to one attempt: two attempts at the same shard (a zombie worker of a
+    killed driver, a retried task) never write to each other's files."""
+    return f"{path}{TMP_MARK}{attempt or uuid.uuid4().hex[:12]}"
+
+
+def new_attempt() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class DatasetError(RuntimeError):
@@ -129,7 +140,7 @@ class Dataset:
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole file atomically: temp name, then rename."""
         final = self.path(*parts)
-        tmp = final + TMP_SUFFIX
+        tmp = tmp_name(final)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
@@ -216,18 +227,31 @@ class Dataset:
         """Remove every file of an uncommitted shard, final or temporary, left by a killed attempt."""
         if self.fs.exists(self.shard_path(n, "stats.json")):
             raise DatasetError(f"refusing to clear committed shard {self.shard_name(n)} of {self.url}")
-        for ext in ("parquet", "tar", "idx", "rejects.parquet"):
-            for p in (self.shard_path(n, ext), self.shard_path(n, ext) + TMP_SUFFIX):
-                if self.fs.exists(p):
+        prefix = self.shard_name(n) + "."
+        for folder in (SHARDS, REJECTS):
+            for p in self._ls(folder):
+                if posixpath.basename(p).startswith(prefix):
                     self.fs.rm(p)
-        tmp_stats = self.shard_path(n, "stats.json") + TMP_SUFFIX
-        if self.fs.exists(tmp_stats):
-            self.fs.rm(tmp_stats)
 
-    def open_tmp_tar(self, n: int):
-        path = self.shard_path(n, "tar") + TMP_SUFFIX
+    def sweep_tmp(self) -> int:
+        """Remove temporary files of attempts that died; call only when no attempt is running."""
+        gone = 0
+        for folder in (SHARDS, REJECTS, ""):
+            for p in self._ls(folder):
+                if TMP_MARK in posixpath.basename(p):
+                    self.fs.rm(p)
+                    gone += 1
+        return gone
+
+    def _ls(self, folder: str) -> list[str]:
+        try:
+            return self.fs.ls(self.path(folder) if folder else self.root, detail=False)
+        except FileNotFoundError:
+            return []
+
+    def open_tmp_tar(self, n: int, attempt: str):
         self.fs.makedirs(self.path(SHARDS), exist_ok=True)
-        return self.fs.open(path, "wb")
+        return self.fs.open(tmp_name(self.shard_path(n, "tar"), attempt), "wb")
 
     def commit_shard(
         self,
@@ -235,21 +259,27 @@ class Dataset:
         kept: pa.Table,
         rejects: pa.Table,
         stats: dict[str, Any],
+        attempt: str | None = None,
         tar_written: bool = False,
         idx_text: str | None = None,
     ) -> None:
-        """Write the shard's files under temp names, rename them in place, then the stats marker."""
+        """Write the shard's files under temp names, rename them in place, then the stats marker.
+
+        A concurrent attempt at the same shard writes the same bytes (stages are deterministic), so
+        whichever renames last leaves the same committed shard.
+        """
+        attempt = attempt or new_attempt()
         self.fs.makedirs(self.path(SHARDS), exist_ok=True)
         self.fs.makedirs(self.path(REJECTS), exist_ok=True)
         staged: list[tuple[str, str]] = []
 
         def stage(ext: str) -> str:
             final = self.shard_path(n, ext)
-            staged.append((final + TMP_SUFFIX, final))
-            return final + TMP_SUFFIX
+            staged.append((tmp_name(final, attempt), final))
+            return staged[-1][0]
 
         if tar_written:
-            staged.append((self.shard_path(n, "tar") + TMP_SUFFIX, self.shard_path(n, "tar")))
+            stage("tar")
         if idx_text is not None:
             with self.fs.open(stage("idx"), "wb") as f:
                 f.write(idx_text.encode())

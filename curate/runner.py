@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import curate
 from curate import schema, stages
 from curate.config import ConfigError, fingerprint, load_stage_config, resolved
-from curate.dataset import PLAN_DIR, Dataset, DatasetError, digits_for
+from curate.dataset import PLAN_DIR, Dataset, DatasetError, digits_for, new_attempt
 from curate.stage import PlanContext, RunOptions, ShardContext, Stage, StageConfig
 from curate.wds import TarWriter
 
@@ -48,12 +48,15 @@ class ShardEnv:
 # -- one shard ---------------------------------------------------------------------------------
 def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
     """Load, process, split and commit shard ``n``; return its stats. Safe to retry: a committed
-    shard is returned as it is, an uncommitted one is cleared and redone from scratch."""
+    shard is returned as it is, an uncommitted one is redone from scratch."""
     out = Dataset(env.output)
     out.shard_digits = env.shard_digits
     if out.fs.exists(out.shard_path(n, "stats.json")):
         return out.stats(n)
-    out.clear_shard(n)
+    # No clean-up here: a zombie attempt of a killed run may still be writing this shard. Its temp
+    # files are its own, final files are only ever replaced by rename with identical content, and
+    # leftovers of dead attempts are swept once the whole run is committed.
+    attempt = new_attempt()
     inp = Dataset(env.input_path) if (stage.reads_dataset and env.input_path) else None
     ctx = ShardContext(
         shard=n,
@@ -70,7 +73,7 @@ def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
     rows_in = table.num_rows
     tar_file = None
     if stage.writes_images:
-        tar_file = out.open_tmp_tar(n)
+        tar_file = out.open_tmp_tar(n, attempt)
         ctx.tar = TarWriter(tar_file)
         ctx.tar_url = out.tar_url(n)
     try:
@@ -104,6 +107,7 @@ def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
         kept,
         rejects,
         stats,
+        attempt=attempt,
         tar_written=stage.writes_images,
         idx_text=ctx.tar.index_text() if ctx.tar is not None else None,
     )
@@ -390,6 +394,7 @@ def run_stage(
         _run_shards(stage, stage_cls, cfg, pending, env, on_done)
     out.refresh()
     out.shard_digits = plan["shard_digits"]
+    out.sweep_tmp()
     manifest = write_manifest(out, stage_cls, record, plan, time.time() - started)
     return {**manifest["totals"], "skipped": False, "stage": stage, "output": out.url}
 

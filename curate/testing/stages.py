@@ -44,6 +44,7 @@ class SynthConfig(StageConfig):
     rows_per_shard: int = Field(10, ge=0)
     size: int = Field(32, ge=8)
     seed: int = 0
+    sleep_per_shard: float = Field(0.0, ge=0)
 
 
 class Synth(Stage):
@@ -76,6 +77,8 @@ class Synth(Stage):
 
         from curate.dataset import make_key
 
+        if self.config.sleep_per_shard:
+            time.sleep(self.config.sleep_per_shard)
         s = self.config.size
         cols: dict[str, list] = {k: [] for k in (schema.KEY, schema.SHA256, schema.WIDTH, schema.HEIGHT,
                                                   schema.IMAGE_TAR, schema.IMAGE_OFFSET, schema.IMAGE_LENGTH,

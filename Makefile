@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Each creates .venv when it is missing and installs the project.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch and torchvision come first, on their own line, so the machine's local wheels are used where
+# they exist; pyproject.toml only gives ranges. Override for another platform, e.g.
+#   make test TORCH="torch torchvision --index-url <your index>"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= cpu,dev
+
+.PHONY: setup test demo lint clean-demo
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -m "not gpu"
+
+demo: setup
+	$(PY) -m curate.demo run
+
+lint: setup
+	$(VENV)/bin/ruff check curate trainer tests bench
+
+clean-demo:
+	rm -rf demo-output
