@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 
 from curate import schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, digits_for, make_key, read_images, sha256_hex
+from curate.dataset import PLAN_DIR, Dataset, digits_for, make_key, read_images, sha256_hex, tmp_name
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,11 @@ class ExportConfig(StageConfig):
     val_min_count: int = Field(0, ge=0, le=1_000_000)
     # Check each image's bytes against the row's sha256 where the input has one.
     verify_sha256: bool = True
+    # Member name of the image: its real format (KEY.jpg / .png / .webp), or KEY.jpg for every image
+    # whatever its bytes (img2dataset's skip_reencode habit). Decoders sniff the content either way;
+    # "jpg" is for readers that want one image column, like HF datasets' webdataset builder, which
+    # infers its columns from the first samples and refuses or drops the other extensions.
+    image_extension: Literal["format", "jpg"] = "format"
 
     @model_validator(mode="after")
     def _check(self) -> ExportConfig:
@@ -214,12 +219,13 @@ def _place(item: tuple[_Layout, int, int, int]) -> int:
     shards = table.column(_OUT_SHARD).to_numpy()
     starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]]) if len(shards) else np.array([], dtype=int)
     bounds = [*starts.tolist(), len(shards)]
-    with out.fs.open(path + ".tmp", "wb") as f:
+    tmp = tmp_name(path)  # private to this attempt: a retried task never writes into another's file
+    with out.fs.open(tmp, "wb") as f:
         # One row group per output shard: load() reads only the groups it needs.
         with pq.ParquetWriter(f, table.schema, compression="zstd") as w:
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                 w.write_table(table.slice(a, b - a))
-    out.rename(path + ".tmp", path)
+    out.rename(tmp, path)
     return table.num_rows
 
 
@@ -384,6 +390,9 @@ class ExportStage(Stage):
             if ext is None:
                 reasons[i] = schema.reason(NAME, "unsupported_format")
                 continue
+            formats[i] = ext
+            if cfg.image_extension == "jpg":
+                ext = "jpg"
             text, source = captions[i], SOURCE_ORIGINAL
             if want_recap[i]:
                 if recaps[i]:
@@ -397,6 +406,7 @@ class ExportStage(Stage):
             key = make_key(ctx.shard, indexes[i], rec["shard_digits"], rec["index_digits"])
             row = meta[i]
             row[schema.KEY] = key
+            row[schema.IMAGE_FORMAT] = formats[i]
             row[schema.CAPTION_SOURCE] = source
             where = ctx.tar.add(key, {ext: data, "txt": text.encode("utf-8"), "json": _json_bytes(row)})
             keys[i], sources[i] = key, source
@@ -408,6 +418,7 @@ class ExportStage(Stage):
         table = schema.with_column(table, schema.IMAGE_TAR, tars, pa.string())
         table = schema.with_column(table, schema.IMAGE_OFFSET, offsets)
         table = schema.with_column(table, schema.IMAGE_LENGTH, lengths)
+        table = schema.with_column(table, schema.IMAGE_FORMAT, formats)
         table = schema.with_column(table, schema.CAPTION_SOURCE, sources)
         table = schema.with_column(table, schema.DROP_REASON, reasons)
         split = SPLIT_VAL if ctx.shard in rec["splits"][SPLIT_VAL]["shards"] else SPLIT_TRAIN

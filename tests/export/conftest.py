@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from curate import schema
-from curate.dataset import Dataset, make_key, sha256_hex, uid_for
+from curate.dataset import Dataset, make_key, new_attempt, sha256_hex, uid_for
 from curate.wds import TarWriter
 
 SOURCE_SHARDS = (40, 35, 45)
@@ -56,7 +56,8 @@ def write_source(root, seed: int = 0) -> Dataset:
     rng = random.Random(seed)
     counts = {}
     for n, rows in enumerate(SOURCE_SHARDS):
-        tar_file = ds.open_tmp_tar(n)
+        attempt = new_attempt()
+        tar_file = ds.open_tmp_tar(n, attempt)
         writer = TarWriter(tar_file)
         records = []
         for i in range(rows):
@@ -83,7 +84,7 @@ def write_source(root, seed: int = 0) -> Dataset:
         table = schema.conform(pa.Table.from_pylist(records))
         rejects = table.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
         ds.commit_shard(n, table, rejects, {"rows_in": rows, "rows_out": rows, "rejected": 0, "drops": {}},
-                        tar_written=True, idx_text=writer.index_text())
+                        attempt=attempt, tar_written=True, idx_text=writer.index_text())
         counts[n] = rows
     _manifest(ds, "download", counts)
     ds.refresh()
