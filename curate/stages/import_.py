@@ -1,0 +1,554 @@
+"""The import stage: adopt existing WebDataset or img2dataset tars without copying their bytes.
+
+``plan`` lists the input's ``.tar`` files in a fixed order, one input shard per tar (a tar named
+``NNNNN.tar`` keeps its number), and notes which have img2dataset's ``NNNNN.parquet`` beside them.
+Each shard scans its tar's headers (never trusting them: truncation, PAX long names, directories,
+duplicate and non-contiguous members), reads every sample's members once in offset order, decodes
+the image cheaply to validate it (JPEG at reduced scale), and computes sha256 and the pHash on the way.
+
+Rows point into the source tar (``image_tar`` is its absolute URL); the source is only ever read. The
+dataset's ``shards/NNNNN.idx`` is a DALI index of the kept samples of that source tar, so DALI reads
+exactly the adopted samples from the tars where they are.
+
+Sample keys: a member ``a/b.c.jpg`` belongs to key ``a/b.c`` (the name up to its LAST dot), which is
+what a writer given the key ``a/b.c`` meant; webdataset's reader would split at the first dot instead
+and see extensions ``c.jpg``, ``c.txt``.
+
+Rejects (``drop_reason``): ``import:missing_caption``, ``import:missing_image`` (a key with no image
+member, or an img2dataset row that failed to download), ``import:undecodable``,
+``import:too_many_pixels`` (declared size over ``max_pixels``: not decoded), ``import:duplicate_key``
+(a key seen again in the same tar with members it already has), ``import:duplicate_uid``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import re
+import tarfile
+import warnings
+from collections import Counter
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+from pydantic import Field
+
+from curate import schema
+from curate.config import ConfigError
+from curate.dataset import PLAN_DIR, Dataset, to_url, uid_for, url_to_fs
+from curate.stage import PlanContext, ShardContext, Stage, StageConfig
+from curate.wds import IDX_VERSION, TarScan, iter_tar
+
+log = logging.getLogger(__name__)
+
+STAGE = "import"
+PLAN_FILE = "import.json"
+MAX_EXAMPLES = 10  # names of odd keys kept in a shard's stats
+
+# Private columns between load and process; never written.
+_TXT_OFF, _TXT_LEN = "__txt_offset", "__txt_length"
+_JSON_OFF, _JSON_LEN = "__json_offset", "__json_length"
+_MEMBERS = "__members"
+_REASON = "__reason"
+_OCC = "__occurrence"
+_PRIVATE = (_TXT_OFF, _TXT_LEN, _JSON_OFF, _JSON_LEN, _MEMBERS, _REASON, _OCC)
+
+# Input fields the stage sets itself from the bytes; an input's own values of these are not kept
+# (width/height) or kept under another name (sha256 -> original_sha256).
+_COMPUTED = {
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.SHA256,
+    schema.IMAGE_TAR,
+    schema.IMAGE_OFFSET,
+    schema.IMAGE_LENGTH,
+    schema.IMAGE_FORMAT,
+    schema.PHASH,
+    schema.KEY,
+    schema.DROP_REASON,
+}
+# Input fields taken as they are (the row's identity and img2dataset's bookkeeping).
+_TAKEN = {
+    schema.UID,
+    schema.URL,
+    schema.CAPTION,
+    schema.STATUS,
+    schema.ERROR_MESSAGE,
+    schema.ORIGINAL_WIDTH,
+    schema.ORIGINAL_HEIGHT,
+}
+
+
+class ImportConfig(StageConfig):
+    # Image member extensions, in order of preference when a sample has several.
+    image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    caption_exts: tuple[str, ...] = ("txt",)
+    compute_phash: bool = True
+    # Declared width x height above this is rejected from the header, never decoded (pixel bombs).
+    max_pixels: int = Field(100_000_000, ge=1)
+    # A key whose members are not contiguous (other samples in between) is adopted (its members are
+    # found by offset; counted in the shard's stats) or refused (the shard fails naming tar and key).
+    noncontiguous: Literal["adopt", "refuse"] = "adopt"
+
+
+# -- plan --------------------------------------------------------------------------------------
+def list_tars(input_url: str) -> list[dict[str, Any]]:
+    """The input's tars in a fixed order, with their shard numbers and img2dataset parquet, if any."""
+    fs, root = url_to_fs(input_url)
+    if root.endswith(".tar") and fs.isfile(root):
+        paths, base = [root], posixpath.dirname(root)
+    else:
+        base = root
+        paths = sorted(p for p in fs.find(root) if p.endswith(".tar"))
+    if not paths:
+        raise ConfigError(f"{STAGE}: no .tar files under {input_url}")
+    rels = [posixpath.relpath(p, base) for p in paths]
+    stems = [posixpath.basename(r)[: -len(".tar")] for r in rels]
+    # img2dataset-style NNNNN.tar keep their numbers, so shard 00003 is 00003.tar.
+    numbered = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
+    out = []
+    for i, (path, rel, stem) in enumerate(zip(paths, rels, stems, strict=True)):
+        parquet = path[: -len(".tar")] + ".parquet"
+        out.append(
+            {
+                "shard": int(stem) if numbered else i,
+                "tar": to_url(fs, path),
+                "rel": rel,
+                "parquet": to_url(fs, parquet) if fs.exists(parquet) else None,
+            }
+        )
+    return out
+
+
+# -- reading a tar's structure -----------------------------------------------------------------
+def split_member(name: str) -> tuple[str, str]:
+    """``a/b.c.jpg`` -> (``a/b.c``, ``jpg``): the key is the name up to its last dot."""
+    slash = name.rfind("/") + 1
+    dot = name.rfind(".")
+    if dot <= slash:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+def _group(members, tar: str, cfg: ImportConfig, stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Samples of a tar in order of first appearance: {key, members: {ext: (offset, size, name)},
+    occurrence, reason}.
+
+    A run of contiguous members with one key is a sample; a run repeating an extension it already
+    has starts a new one. A later run of a key seen before joins it when it adds only new extensions
+    (a non-contiguous sample) and is a duplicate key otherwise.
+    """
+    samples: list[dict[str, Any]] = []
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    current: dict[str, Any] | None = None
+    noncontiguous: list[str] = []
+    skipped: Counter = Counter()
+    for m in members:
+        if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE):
+            skipped["not_a_regular_file"] += 1
+            continue
+        base = posixpath.basename(m.name)
+        if not base or base.startswith("."):  # hidden files, as webdataset and DALI skip them
+            skipped["hidden"] += 1
+            continue
+        key, ext = split_member(m.name)
+        ext = ext.lower()
+        if not ext:
+            skipped["no_extension"] += 1
+            continue
+        if current is not None and current["key"] == key and ext not in current["members"]:
+            current["members"][ext] = (m.offset, m.size, m.name)
+            continue
+        seen = by_key.get(key)
+        if seen is not None and current is not None and current["key"] != key:
+            first = seen[0]
+            if ext not in first["members"] and first["reason"] is None:
+                if cfg.noncontiguous == "refuse":
+                    raise ValueError(
+                        f"{tar}: key {key!r} has non-contiguous members (member {m.name!r} at byte "
+                        f"{m.offset} follows other samples); set noncontiguous=adopt to adopt it"
+                    )
+                if key not in noncontiguous:
+                    noncontiguous.append(key)
+                first["members"][ext] = (m.offset, m.size, m.name)
+                current = first
+                continue
+        sample = {
+            "key": key,
+            "members": {ext: (m.offset, m.size, m.name)},
+            "occurrence": len(seen) if seen else 0,
+            "reason": "duplicate_key" if seen else None,
+        }
+        by_key.setdefault(key, []).append(sample)
+        samples.append(sample)
+        current = sample
+    if noncontiguous:
+        log.warning(
+            "%s: %d keys have non-contiguous members (adopted), e.g. %r",
+            tar,
+            len(noncontiguous),
+            noncontiguous[0],
+        )
+    stats["noncontiguous_keys"] = len(noncontiguous)
+    stats["noncontiguous_examples"] = noncontiguous[:MAX_EXAMPLES]
+    stats["skipped_members"] = dict(sorted(skipped.items()))
+    dup = [s["key"] for s in samples if s["reason"] == "duplicate_key"]
+    stats["duplicate_keys"] = len(dup)
+    stats["duplicate_key_examples"] = dup[:MAX_EXAMPLES]
+    return samples
+
+
+_BLANK = re.compile(r"\s")
+
+
+def _idx_line(members: dict[str, tuple[int, int, str]]) -> str:
+    # DALI splits index lines on whitespace; a name is only informative there, so blanks become '_'.
+    return " ".join(
+        f"{ext} {off} {size} {_BLANK.sub('_', name)}"
+        for ext, (off, size, name) in sorted(members.items(), key=lambda kv: kv[1][0])
+    )
+
+
+# -- per row -----------------------------------------------------------------------------------
+def _decode(data: bytes, cfg: ImportConfig, phash_pil) -> tuple[int, int, int | None]:
+    """(width, height, phash) of the image; raises _Reject when it is not usable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise _Reject("too_many_pixels", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - any parser error: not an image we can read
+            raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise _Reject("undecodable", f"invalid size {w}x{h}")
+        if w * h > cfg.max_pixels:
+            raise _Reject("too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
+        try:
+            if img.format == "JPEG":
+                # Decode at 1/2..1/8 scale in the DCT domain: validates the whole entropy stream at
+                # a fraction of the cost, and is exactly the input phash_bytes hashes, so dedup's
+                # hashes of these bytes agree with ours.
+                img.draft("L", (128, 128))
+            img.load()
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+            raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
+        return w, h, (phash_pil(img) if phash_pil is not None else None)
+
+
+class _Reject(Exception):
+    def __init__(self, why: str, message: str):
+        super().__init__(message)
+        self.why = why
+
+
+def _json_fields(raw: bytes | None) -> tuple[dict[str, Any], str | None]:
+    if raw is None:
+        return {}, None
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {}, f"unreadable json: {e}"
+    if not isinstance(obj, dict):
+        return {}, "json is not an object"
+    return obj, None
+
+
+def _column(values: list[Any]) -> pa.Array:
+    """An Arrow column from input values of unknown, possibly mixed types: nested values as JSON
+    text, and everything as text when the scalars do not share one type."""
+    vals = [json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for v in values]
+    try:
+        return pa.array(vals)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array([None if v is None else str(v) for v in vals], pa.string())
+
+
+def _input_name(name: str) -> str | None:
+    """Where an input field goes: its own name, ``original_sha256``, ``input_<name>`` when it would
+    collide with a curate column, or None (not kept)."""
+    if name in _TAKEN:
+        return name
+    if name == schema.SHA256:
+        return schema.ORIGINAL_SHA256
+    if name in (schema.WIDTH, schema.HEIGHT, schema.KEY) or name.startswith("__"):
+        return None
+    if name in schema.TYPES or name in _COMPUTED:
+        return f"input_{name}"
+    return name
+
+
+class ImportStage(Stage):
+    name = STAGE
+    Config = ImportConfig
+    reads_dataset = False
+
+    def __init__(self, config: ImportConfig):
+        super().__init__(config)
+        self.config: ImportConfig = config
+        self._phash = None
+
+    def setup(self) -> None:
+        if self.config.compute_phash:
+            from curate.phash import phash_pil
+
+            self._phash = phash_pil
+
+    # -- plan ------------------------------------------------------------------------------
+    def plan(self, ctx: PlanContext) -> list[int]:
+        assert ctx.input_path is not None
+        tars = list_tars(ctx.input_path)
+        ctx.output.write_json(tars, PLAN_DIR, PLAN_FILE)
+        kinds = Counter("img2dataset" if t["parquet"] else "webdataset" for t in tars)
+        log.info("import: %d tars under %s (%s)", len(tars), ctx.input_path, dict(kinds))
+        return [t["shard"] for t in tars]
+
+    def _entry(self, ctx: ShardContext) -> dict[str, Any]:
+        tars = ctx.output.read_json(PLAN_DIR, PLAN_FILE)
+        for t in tars:
+            if t["shard"] == ctx.shard:
+                return t
+        raise KeyError(f"shard {ctx.shard} is not in the import plan")
+
+    # -- load: the tar's structure, joined with img2dataset's parquet ------------------------
+    def load(self, shard: int, ctx: ShardContext) -> pa.Table:
+        entry = self._entry(ctx)
+        fs, path = url_to_fs(entry["tar"])
+        scan = TarScan()
+        st: dict[str, Any] = {"tar": entry["tar"]}
+        size = fs.size(path)
+        with fs.open(path, "rb") as f:
+            members = list(iter_tar(f, size, scan))
+            if not scan.truncated and size > 0:
+                # A tar cut exactly between two members parses cleanly; only the missing
+                # end-of-archive blocks (two zero blocks) tell that members may be lost.
+                end = scan.end + (-scan.end) % 512
+                f.seek(end)
+                tail = f.read(1024)
+                if len(tail) < 1024 or tail.strip(b"\0"):
+                    scan.truncated = True
+                    scan.error = f"no end-of-archive marker after byte {end}"
+        st["members"] = len(members)
+        st["truncated"] = scan.truncated
+        if scan.truncated:
+            st["tar_error"] = scan.error
+            log.warning(
+                "import: tar %s is truncated or damaged (%s); keeping the %d members before the break",
+                entry["tar"],
+                scan.error,
+                len(members),
+            )
+        samples = _group(members, entry["tar"], self.config, st)
+        ctx.stats["import"] = st
+
+        rows: dict[str, list[Any]] = {
+            c: []
+            for c in (schema.KEY, schema.IMAGE_OFFSET, schema.IMAGE_LENGTH, schema.IMAGE_FORMAT, *_PRIVATE)
+        }
+        parquet = pq.read_table(entry["parquet"]) if entry["parquet"] else None
+
+        def add(sample: dict[str, Any] | None, key: str) -> None:
+            m = sample["members"] if sample else {}
+            img_ext = next((e for e in self.config.image_exts if e in m), None)
+            txt_ext = next((e for e in self.config.caption_exts if e in m), None)
+            rows[schema.KEY].append(key)
+            rows[schema.IMAGE_FORMAT].append(img_ext)
+            rows[schema.IMAGE_OFFSET].append(m[img_ext][0] if img_ext else None)
+            rows[schema.IMAGE_LENGTH].append(m[img_ext][1] if img_ext else None)
+            rows[_TXT_OFF].append(m[txt_ext][0] if txt_ext else None)
+            rows[_TXT_LEN].append(m[txt_ext][1] if txt_ext else None)
+            rows[_JSON_OFF].append(m["json"][0] if "json" in m else None)
+            rows[_JSON_LEN].append(m["json"][1] if "json" in m else None)
+            rows[_MEMBERS].append(json.dumps({e: list(v) for e, v in m.items()}) if m else None)
+            reason = sample["reason"] if sample else None
+            if reason is None and img_ext is None:
+                reason = "missing_image"
+            rows[_REASON].append(reason)
+            rows[_OCC].append(sample["occurrence"] if sample else 0)
+
+        if parquet is None:
+            for s in samples:
+                add(s, s["key"])
+            table = pa.table(rows)
+        else:
+            # img2dataset: the parquet lists every input row (failed downloads too); the tar holds
+            # the successes. Rows follow the parquet; tar samples it does not list come after.
+            first = {s["key"]: s for s in samples if s["occurrence"] == 0}
+            keys = (
+                [str(k) if k is not None else None for k in parquet.column(schema.KEY).to_pylist()]
+                if schema.KEY in parquet.column_names
+                else [None] * parquet.num_rows
+            )
+            listed = set()
+            for k in keys:
+                if k is not None and k not in listed:
+                    listed.add(k)
+                    add(first.get(k), k)
+                else:  # a parquet row without a key, or repeating one: it cannot own a tar sample
+                    add(
+                        {"members": {}, "reason": "duplicate_key" if k else "missing_image", "occurrence": 1},
+                        k,
+                    )
+            extra = [s for s in samples if s["key"] not in listed or s["occurrence"] > 0]
+            for s in extra:
+                add(s, s["key"])
+            table = pa.table(rows)
+            cols = {}
+            for name in parquet.column_names:
+                target = _input_name(name)
+                if target is None:
+                    continue
+                col = parquet.column(name).combine_chunks()
+                if len(extra):
+                    col = pa.concat_arrays([col, pa.nulls(len(extra), col.type)])
+                cols[target] = col
+            for name, col in cols.items():
+                table = table.append_column(name, col)
+        st["samples"] = len(samples)
+        return table
+
+    # -- process: read each sample once, validate, hash ------------------------------------
+    def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
+        entry = self._entry(ctx)
+        cfg = self.config
+        n = table.num_rows
+        fs, path = url_to_fs(entry["tar"])
+        cols = set(table.column_names)
+        get = {c: table.column(c).to_pylist() for c in table.column_names}
+        reasons: list[str | None] = list(get[_REASON])
+        errors: list[str | None] = list(get.get(schema.ERROR_MESSAGE, [None] * n))
+        captions: list[str | None] = list(get.get(schema.CAPTION, [None] * n))
+        width: list[int | None] = [None] * n
+        height: list[int | None] = [None] * n
+        sha: list[str | None] = [None] * n
+        phash: list[int | None] = [None] * n
+        json_rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        bad_json = 0
+
+        order = sorted(
+            (i for i in range(n) if get[_MEMBERS][i] is not None),
+            key=lambda i: min(v[0] for v in json.loads(get[_MEMBERS][i]).values()),
+        )
+        with fs.open(path, "rb") as f:
+
+            def read(off: int | None, length: int | None) -> bytes | None:
+                if off is None:
+                    return None
+                f.seek(off)
+                data = f.read(length)
+                return data if len(data) == length else None
+
+            for i in order:
+                txt = read(get[_TXT_OFF][i], get[_TXT_LEN][i])
+                fields, err = _json_fields(read(get[_JSON_OFF][i], get[_JSON_LEN][i]))
+                bad_json += err is not None
+                json_rows[i] = fields
+                if txt is not None:
+                    captions[i] = txt.decode("utf-8", errors="replace")
+                elif captions[i] is None and isinstance(fields.get(schema.CAPTION), str):
+                    captions[i] = fields[schema.CAPTION]
+                if reasons[i] is not None:
+                    continue
+                data = read(get[schema.IMAGE_OFFSET][i], get[schema.IMAGE_LENGTH][i])
+                if data is None:
+                    reasons[i], errors[i] = "missing_image", "image member runs past the end of the tar"
+                    continue
+                sha[i] = hashlib.sha256(data).hexdigest()
+                try:
+                    width[i], height[i], phash[i] = _decode(data, cfg, self._phash)
+                except _Reject as r:
+                    reasons[i], errors[i] = r.why, str(r)
+
+        # Fields from each sample's json become columns (the parquet's win where both exist).
+        json_cols: dict[str, list[Any]] = {}
+        for i, fields in enumerate(json_rows):
+            for k, v in fields.items():
+                target = _input_name(k)
+                if target is None or target in cols or target == schema.CAPTION:
+                    continue
+                json_cols.setdefault(target, [None] * n)[i] = v
+
+        json_uids = json_cols.pop(schema.UID, [None] * n)
+        uids: list[str | None] = list(get[schema.UID]) if schema.UID in get else json_uids
+        for i, e in enumerate(json_cols.pop(schema.ERROR_MESSAGE, [None] * n)):
+            errors[i] = errors[i] or e
+        seen_uids: set[str] = set()
+        rel = entry["rel"]
+        for i in range(n):
+            cap = captions[i]
+            if reasons[i] is None and (cap is None or not cap.strip()):
+                reasons[i] = "missing_caption"
+            if uids[i] is None:
+                parts = (rel, get[schema.KEY][i], cap)
+                uids[i] = uid_for(*parts, get[_OCC][i]) if get[_OCC][i] else uid_for(*parts)
+            else:
+                uids[i] = str(uids[i])
+            if uids[i] in seen_uids:
+                reasons[i] = reasons[i] or "duplicate_uid"
+            seen_uids.add(uids[i])
+
+        out = table.drop_columns([c for c in _PRIVATE if c in cols])
+        out = schema.with_column(out, schema.UID, uids)
+        out = schema.with_column(out, schema.CAPTION, captions)
+        if schema.URL not in out.column_names:
+            out = schema.with_column(out, schema.URL, json_cols.pop(schema.URL, [None] * n), pa.string())
+        for name, values in json_cols.items():
+            out = out.append_column(name, _column(values))
+        out = schema.with_column(out, schema.WIDTH, width)
+        out = schema.with_column(out, schema.HEIGHT, height)
+        for orig, now in ((schema.ORIGINAL_WIDTH, width), (schema.ORIGINAL_HEIGHT, height)):
+            if orig in out.column_names:
+                have = out.column(orig).to_pylist()
+                out = schema.with_column(
+                    out, orig, [h if h is not None else w for h, w in zip(have, now, strict=True)]
+                )
+            else:
+                out = schema.with_column(out, orig, now)
+        out = schema.with_column(out, schema.SHA256, sha)
+        if cfg.compute_phash:
+            out = schema.with_column(out, schema.PHASH, phash)
+        out = schema.with_column(out, schema.IMAGE_TAR, [entry["tar"]] * n, pa.string())
+        out = schema.with_column(out, schema.ERROR_MESSAGE, errors)
+        out = schema.with_column(
+            out, schema.DROP_REASON, [schema.reason(STAGE, r) if r else None for r in reasons]
+        )
+
+        # The DALI index of the adopted samples, pointing into the source tar, in tar order.
+        lines = [
+            _idx_line({e: tuple(v) for e, v in json.loads(get[_MEMBERS][i]).items()})
+            for i in order
+            if reasons[i] is None
+        ]
+        ctx.output.write_bytes(
+            f"{IDX_VERSION} {len(lines)}\n{''.join(x + chr(10) for x in lines)}".encode(),
+            "shards",
+            f"{ctx.output.shard_name(ctx.shard)}.idx",
+        )
+        st = ctx.stats.setdefault("import", {})
+        st["bad_json"] = bad_json
+        return out
+
+    def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
+        for where, reader in (("kept", output.read_shard), ("rejected", output.read_rejects)):
+            for n in output.shard_ids():
+                t = reader(n)
+                hit = t.filter(pc.equal(t.column(schema.UID), uid))
+                if hit.num_rows:
+                    row = hit.slice(0, 1).to_pylist()[0]
+                    return {
+                        "stage": STAGE,
+                        "decision": where,
+                        "reason": row.get(schema.DROP_REASON),
+                        "error_message": row.get(schema.ERROR_MESSAGE),
+                        "source_tar": row.get(schema.IMAGE_TAR),
+                        "key": row.get(schema.KEY),
+                        "shard": output.shard_name(n),
+                    }
+        return None
