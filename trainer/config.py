@@ -39,6 +39,8 @@ class ModelConfig(Frozen):
     name: str = "ViT-B-32"  # an open_clip model config name (CLIP or coca_*)
     overrides: dict[str, Any] = Field(default_factory=dict)  # deep-merged into the open_clip config
     tiny: bool = False  # apply TINY_OVERRIDES first (tests, demo)
+    pretrained: str | None = None  # open_clip checkpoint (file path or tag) for the whole model
+    pretrained_image: str | None = None  # state dict for the image tower only
     lock_image: bool = False  # freeze the image tower (LiT / frozen-tower recipes)
     lock_image_unlocked_groups: int = Field(0, ge=0)  # last N layer groups left trainable
     grad_checkpointing: bool = False
@@ -48,15 +50,9 @@ class TokenizerConfig(Frozen):
     # open_clip: its BPE (49,408); hf: a transformers tokenizer (hub id or local dir);
     # sentencepiece: a SentencePiece .model file.
     kind: Literal["open_clip", "hf", "sentencepiece"] = "open_clip"
-    name: str | None = None
+    name: str | None = None  # required by hf / sentencepiece; checked when the tokenizer is loaded
     vocab_size: int = Field(49408, gt=0)  # size of the text tower's embedding table
     context_length: int = Field(77, gt=1)
-
-    @model_validator(mode="after")
-    def _needs_name(self) -> TokenizerConfig:
-        if self.kind != "open_clip" and not self.name:
-            raise ValueError(f"tokenizer.kind={self.kind} needs tokenizer.name (hub id, directory or .model file)")
-        return self
 
 
 class ColorJitter(Frozen):

@@ -104,7 +104,12 @@ def build_model(recipe: Recipe, cfg: dict, device: torch.device) -> torch.nn.Mod
     import open_clip
 
     kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
-    model = open_clip.create_model(recipe.model.name, device=device, output_dict=True, **kwargs)
+    m = recipe.model
+    for path in (m.pretrained_image,) + ((m.pretrained,) if m.pretrained and os.sep in m.pretrained else ()):
+        if path and not os.path.isfile(path):  # open_clip only logs a missing tower file
+            raise FileNotFoundError(f"pretrained weights not found: {path}")
+    model = open_clip.create_model(m.name, pretrained=m.pretrained, pretrained_image_path=m.pretrained_image,
+                                   device=device, output_dict=True, **kwargs)
     if recipe.model.lock_image:
         model.lock_image_tower(unlocked_groups=recipe.model.lock_image_unlocked_groups, freeze_bn_stats=True)
     if recipe.model.grad_checkpointing:
@@ -123,6 +128,8 @@ class Tokenizer:
     def __init__(self, cfg: TokenizerConfig):
         self.cfg = cfg
         self.length = cfg.context_length
+        if cfg.kind != "open_clip" and not cfg.name:
+            raise ValueError(f"tokenizer.kind={cfg.kind} needs tokenizer.name (hub id, directory or .model file)")
         if cfg.kind == "open_clip":
             from open_clip.tokenizer import SimpleTokenizer
 
@@ -398,6 +405,9 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    if dist.device.type == "cpu":
+        # Leave the cores the loader's threads use; oversubscribing them slows a CPU step many times over.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world - recipe.data.workers))
     torch.manual_seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
     random.seed(recipe.train.seed)
