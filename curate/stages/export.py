@@ -433,18 +433,26 @@ class ExportStage(Stage):
         return table
 
     def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
-        cols = [schema.UID, schema.KEY, schema.SPLIT, schema.CAPTION_SOURCE, schema.IMAGE_TAR]
-        for n, t in output.iter_shards(columns=cols):
-            hit = t.filter(pc.equal(t.column(schema.UID), uid))
-            if hit.num_rows:
-                row = hit.slice(0, 1).to_pylist()[0]
-                return {"kept": True, "shard": output.shard_name(n), **{k: v for k, v in row.items() if k != schema.UID}}
-        for n, t in output.iter_rejects(columns=[schema.UID, schema.DROP_REASON]):
-            hit = t.filter(pc.equal(t.column(schema.UID), uid))
-            if hit.num_rows:
-                return {"kept": False, "shard": output.shard_name(n),
-                        schema.DROP_REASON: hit.column(schema.DROP_REASON)[0].as_py()}
-        return None
+        """Why this uid went to its split and got its caption (``curate inspect`` shows the row)."""
+        cfg: ExportConfig = self.config
+        rec = output.read_json(PLAN_DIR, _PLAN_SUBDIR, _PLAN_FILE)
+        if rec is None:
+            return None
+        threshold = int(rec["val_threshold"])
+        position = int(_hash64(_SPLIT_SALT, [uid])[0]) / 2.0**64
+        out: dict[str, Any] = {
+            "split": SPLIT_VAL if threshold and position < threshold / 2.0**64 else SPLIT_TRAIN,
+            "split_why": (f"uid hash at {position:.6f} of the hash range; held out below {threshold / 2.0**64:.6f} "
+                          f"(val_fraction={cfg.val_fraction}, val_min_count={cfg.val_min_count})"),
+            "caption_mode": cfg.caption,
+        }
+        if cfg.caption == "mix":
+            draw = float(_caption_draw(cfg.seed, [uid])[0])
+            out["caption_why"] = (f"draw {draw:.4f} {'<' if draw < cfg.recaption_probability else '>='} "
+                                  f"recaption_probability {cfg.recaption_probability}: "
+                                  f"{'recaption' if draw < cfg.recaption_probability else 'original'} "
+                                  "(original if the row has no recaption)")
+        return out
 
 
 def split_shards(dataset: Dataset | str) -> dict[str, list[int]]:
