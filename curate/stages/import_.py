@@ -83,6 +83,26 @@ _TAKEN = {
     schema.ORIGINAL_WIDTH,
     schema.ORIGINAL_HEIGHT,
 }
+_ORDER = (
+    schema.UID,
+    schema.KEY,
+    schema.URL,
+    schema.CAPTION,
+    schema.STATUS,
+    schema.ERROR_MESSAGE,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.ORIGINAL_WIDTH,
+    schema.ORIGINAL_HEIGHT,
+    schema.SHA256,
+    schema.ORIGINAL_SHA256,
+    schema.PHASH,
+    schema.IMAGE_TAR,
+    schema.IMAGE_OFFSET,
+    schema.IMAGE_LENGTH,
+    schema.IMAGE_FORMAT,
+    schema.DROP_REASON,
+)
 
 
 class ImportConfig(StageConfig):
@@ -519,6 +539,10 @@ class ImportStage(Stage):
         out = schema.with_column(
             out, schema.DROP_REASON, [schema.reason(STAGE, r) if r else None for r in reasons]
         )
+        # Curate's columns first, in one fixed order, then the input's own in their order: shards
+        # of one input kind have identical schemas.
+        head = [c for c in _ORDER if c in out.column_names]
+        out = out.select(head + [c for c in out.column_names if c not in head])
 
         # The DALI index of the adopted samples, pointing into the source tar, in tar order.
         lines = [

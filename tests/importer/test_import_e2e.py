@@ -1,0 +1,164 @@
+"""The import stage end to end: the runner on embedded Ray, the CLI, verify, and DALI reading the
+adopted samples through our .idx straight from the source tars."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import webdataset as wds
+from importer_builders import image_bytes, raw_tar, write_img2dataset_shard
+
+from curate import schema
+from curate.cli import main
+from curate.dataset import Dataset, read_images
+from curate.runner import run_stage
+from curate.verify import verify
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """An img2dataset shard and a webdataset-library tar with one bad sample, side by side."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    write_img2dataset_shard(
+        folder,
+        0,
+        [
+            {"url": "http://h/0", "caption": "first", "image": image_bytes(0)},
+            {"url": "http://h/1", "caption": "lost", "error": "timeout"},
+            {"url": "http://h/2", "caption": "third", "image": image_bytes(2, "png")},
+        ],
+    )
+    with wds.TarWriter(str(folder / "00001.tar")) as sink:
+        for i in range(4):
+            sink.write(
+                {
+                    "__key__": f"w{i}",
+                    "jpg": image_bytes(10 + i),
+                    "txt": f"webdataset {i}",
+                    "json": json.dumps({"url": f"http://w/{i}"}).encode(),
+                }
+            )
+        sink.write({"__key__": "w9", "jpg": b"definitely not a jpeg", "txt": "broken"})
+    return folder
+
+
+def test_run_stage_then_verify_and_resume(ray_session, mixed_folder, tmp_path):
+    out = tmp_path / "imported"
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in mixed_folder.glob("*.tar")}
+    summary = run_stage("import", str(mixed_folder), str(out))
+    assert summary["rows_in"] == 8 and summary["kept"] == 6
+    assert summary["drops"] == {"import:missing_image": 1, "import:undecodable": 1}
+    ds = Dataset(str(out))
+    assert ds.is_complete() and ds.shard_ids() == [0, 1]
+    assert not ds.manifest()["owns_images"]
+    problems, checked = verify(ds)
+    assert problems == [] and checked == 6
+    t = pa.concat_tables([t for _, t in ds.iter_shards()], promote_options="default")
+    assert sorted(t.column(schema.CAPTION).to_pylist()) == sorted(
+        ["first", "third"] + [f"webdataset {i}" for i in range(4)]
+    )
+    want = {
+        "first": image_bytes(0),
+        "third": image_bytes(2, "png"),
+        **{f"webdataset {i}": image_bytes(10 + i) for i in range(4)},
+    }
+    for cap, blob in zip(t.column(schema.CAPTION).to_pylist(), read_images(t), strict=True):
+        assert blob == want[cap]
+    # rerun: complete with the same config and input, so nothing is redone
+    again = run_stage("import", str(mixed_folder), str(out))
+    assert again["skipped"] is True
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in mixed_folder.glob("*.tar")} == before
+
+
+def test_cli_import_inspect_and_verify(ray_session, mixed_folder, tmp_path, capsys):
+    out = str(tmp_path / "cli-out")
+    assert (
+        main(["import", "--input", str(mixed_folder), "--output", out, "--set", "compute_phash=false"]) == 0
+    )
+    ds = Dataset(out)
+    assert schema.PHASH not in ds.read_shard(0).column_names
+    assert main(["verify", out]) == 0
+    rej = pa.concat_tables([t for _, t in ds.iter_rejects()], promote_options="default")
+    uid = rej.filter(pa.compute.equal(rej.column(schema.CAPTION), "broken")).column(schema.UID)[0].as_py()
+    capsys.readouterr()
+    assert main(["inspect", out, "--uid", uid]) == 0
+    assert "import:undecodable" in capsys.readouterr().out
+    # a mistyped config key fails before any work, in one line
+    assert (
+        main(
+            [
+                "import",
+                "--input",
+                str(mixed_folder),
+                "--output",
+                str(tmp_path / "x"),
+                "--set",
+                "compute_phsh=false",
+            ]
+        )
+        != 0
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_dali_reads_the_adopted_samples_from_the_source_tar(tmp_path):
+    """Our shards/NNNNN.idx + the untouched source tar = exactly the kept samples, for DALI."""
+    pytest.importorskip("nvidia.dali")
+    from importer_builders import import_direct
+    from nvidia.dali import fn, pipeline_def
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = {k: image_bytes(i) for i, k in enumerate(["a", "c", "e"])}
+    raw_tar(
+        folder / "src.tar",
+        [
+            ("a.jpg", good["a"]),
+            ("a.txt", b"caption a"),
+            ("b.jpg", b"junk"),
+            ("b.txt", b"caption b"),
+            ("c.jpg", good["c"]),
+            ("c.txt", b"caption c"),
+            ("d.jpg", image_bytes(9)),  # no caption: rejected
+            ("e.jpg", good["e"]),
+            ("e.txt", b"caption e"),
+        ],
+    )
+    ds = import_direct(folder, tmp_path / "out")
+    idx = ds.shard_path(0, "idx")
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        img, txt = fn.readers.webdataset(
+            paths=[str(folder / "src.tar")],
+            index_paths=[idx],
+            ext=["jpg", "txt"],
+            missing_component_behavior="error",
+        )
+        return img, txt
+
+    p = pipe()
+    p.build()
+    assert p.epoch_size()["__Webdataset_0"] == 3
+    seen = {}
+    for _ in range(3):
+        img, txt = p.run()
+        seen[bytes(np.array(txt[0])).decode()] = bytes(np.array(img[0]))
+    assert seen == {f"caption {k}": v for k, v in good.items()}
+
+
+def test_import_of_a_single_tar_path(tmp_path):
+    from importer_builders import import_direct
+
+    raw_tar(tmp_path / "one.tar", [("k.webp", image_bytes(3, "webp")), ("k.txt", b"just one")])
+    ds = import_direct(tmp_path / "one.tar", tmp_path / "out")
+    t = ds.read_shard(0)
+    assert t.column(schema.CAPTION).to_pylist() == ["just one"]
+    assert read_images(t) == [image_bytes(3, "webp")]
+    assert Path(t.column(schema.IMAGE_TAR)[0].as_py()) == tmp_path / "one.tar"
