@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 # its default limit would only be noise, and its hard error (at 2x its limit) is caught as a bomb.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
+Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
+# img2dataset's OpenCV names -> Pillow filters ("area" averages source pixels: Pillow's BOX).
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST, "linear": Image.Resampling.BILINEAR,
+    "bilinear": Image.Resampling.BILINEAR, "cubic": Image.Resampling.BICUBIC,
+    "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS, "lanczos4": Image.Resampling.LANCZOS,
+}
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop", "fixed"]
 OutputFormat = Literal["jpg", "png", "webp"]
 
@@ -55,6 +63,9 @@ class ImageConfig(Frozen):
     image_size: int = Field(256, ge=1)
     resize_mode: ResizeMode = "border"
     resize_only_if_bigger: bool = False
+    # img2dataset's defaults: area averaging to shrink (fast, alias-free), Lanczos to enlarge.
+    downscale_interpolation: Interpolation = "area"
+    upscale_interpolation: Interpolation = "lanczos"
     output_format: OutputFormat = "jpg"
     # jpg/webp: quality 0-100; png: zlib compression level 0-9 (as img2dataset).
     encode_quality: int = Field(95, ge=0, le=100)
@@ -213,7 +224,9 @@ def process_image(data: bytes, cfg: ImageConfig, keep_image: bool = False) -> Pr
             out_img = _to_rgb(img)
             if target is not None:
                 if out_img.size != target:
-                    out_img = out_img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+                    shrink = target[0] * target[1] < out_img.size[0] * out_img.size[1]
+                    name = cfg.downscale_interpolation if shrink else cfg.upscale_interpolation
+                    out_img = out_img.resize(target, _FILTERS[name])
                 size = cfg.image_size
                 if cfg.resize_mode == "center_crop":
                     w, h = out_img.size

@@ -1,0 +1,214 @@
+"""Download benchmark: curate's download stage vs img2dataset 1.47.0 on the same URL list, same server.
+
+Both tools fetch the same >= 2,000 real JPEG photos (bench/assets.py; repeated under distinct URLs
+when more are asked for than exist) from the same local HTTP server, which runs in its own process
+on 127.0.0.1, and both write WebDataset tars of 256 px images, resize mode ``border``, JPEG quality
+95, shards of the same size. img2dataset runs from its own virtual environment
+(bench/.cache/img2dataset-venv, created here with ``pip install img2dataset==1.47.0``) under a memory
+cap (``prlimit --as``) and a wall-clock cap (``timeout``); a crash or a hang is reported as its result.
+
+Measured per tool, end to end as a user runs it (process start to exit, curate's embedded Ray start
+included): samples/s (input URLs / wall seconds), successes, and the peak resident memory of the
+whole process tree (sum of RSS, sampled every 0.1 s).
+
+    .venv/bin/python bench/download.py [--n 2000] [--shard-size 500] [--time-limit 600]
+
+The last line is ``ratio: X.XX`` = curate samples/s / img2dataset samples/s (0 when img2dataset
+produced nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench" / ".cache"
+I2D_VENV = CACHE / "img2dataset-venv"
+I2D_VERSION = "1.47.0"
+WORK = CACHE / "download-bench"
+
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def ensure_img2dataset() -> Path:
+    exe = I2D_VENV / "bin" / "img2dataset"
+    if exe.exists():
+        return exe
+    print(f"installing img2dataset=={I2D_VERSION} into {I2D_VENV} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+    subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", f"img2dataset=={I2D_VERSION}"], check=True)
+    return exe
+
+
+class Server:
+    """The photo folder served by curate.demo.DemoServer in a separate process."""
+
+    def __init__(self, root: Path):
+        code = (
+            "import sys, time\n"
+            "from curate.demo import DemoServer\n"
+            f"s = DemoServer({str(root)!r}, max_connections=512).start()\n"
+            "print(s.port, flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     cwd=ROOT, text=True)
+        self.port = int(self.proc.stdout.readline())
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def tree_rss(root: int) -> int:
+    """Sum of RSS (bytes) of ``root`` and all its descendants, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(")") + 2:].split()
+            pid, ppid = int(d), int(fields[1])
+            rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def run_measured(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
+    """Run ``cmd``; wall seconds, exit code, peak RSS of its whole process tree."""
+    peak = 0
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                start_new_session=True)
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, tree_rss(proc.pid))
+                done.wait(0.1)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        rc = proc.wait()
+        done.set()
+        t.join()
+        # Ray leaves daemons behind when its driver exits abnormally; end what this run started.
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+    return {"rc": rc, "seconds": time.perf_counter() - start, "peak_rss_mb": peak / 2**20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=2000, help="URLs in the list (>= 2000 for the report)")
+    ap.add_argument("--shard-size", type=int, default=500)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--resize-mode", default="border")
+    ap.add_argument("--time-limit", type=int, default=600, help="seconds before img2dataset counts as hung")
+    ap.add_argument("--mem-limit-gb", type=float, default=12.0, help="prlimit --as for img2dataset processes")
+    ap.add_argument("--processes", type=int, default=2, help="img2dataset processes_count (cores here)")
+    ap.add_argument("--threads", type=int, default=32, help="img2dataset thread_count per process")
+    args = ap.parse_args(argv)
+
+    from assets import photos
+
+    photo_paths = photos(min(args.n, 2000), max_side=800)
+    folder = photo_paths[0].parent
+    i2d = ensure_img2dataset()
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    server = Server(folder)
+    try:
+        urls = [f"{server.base_url}/{photo_paths[i % len(photo_paths)].name}"
+                + (f"?copy={i // len(photo_paths)}" if i >= len(photo_paths) else "") for i in range(args.n)]
+        captions = [f"photo {i}" for i in range(args.n)]
+        url_list = WORK / "urls.parquet"
+        pq.write_table(pa.table({"url": urls, "caption": captions}), url_list)
+        print(f"{args.n} URLs of {len(photo_paths)} distinct real photos, served from {server.base_url}", flush=True)
+
+        # curate: same geometry and format; one host, so the per-host limit is the connection count.
+        cur_out = WORK / "curate-out"
+        sets = [f"shard_size={args.shard_size}", f"image.image_size={args.image_size}",
+                f"image.resize_mode={args.resize_mode}", "image.output_format=jpg", "image.encode_quality=95",
+                "fetch.allowed_networks=[127.0.0.1/32]", "fetch.connections=64", "fetch.per_host_connections=64",
+                "decode_threads=1"]
+        cmd = [str(ROOT / ".venv" / "bin" / "curate"), "download", "--input", str(url_list), "--output",
+               str(cur_out)]
+        for s in sets:
+            cmd += ["--set", s]
+        env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+        cur = run_measured(cmd, WORK / "curate.log", env)
+        manifest = json.loads((cur_out / "_manifest.json").read_text()) if (cur_out / "_manifest.json").exists() else None
+        cur["successes"] = manifest["totals"]["kept"] if manifest else 0
+        cur["result"] = "ok" if cur["rc"] == 0 and manifest else f"failed (rc {cur['rc']}, see {WORK / 'curate.log'})"
+
+        # img2dataset: its own venv, capped.
+        i2d_out = WORK / "img2dataset-out"
+        mem = int(args.mem_limit_gb * 1024**3)
+        cmd = ["prlimit", f"--as={mem}", "timeout", "-k", "10", str(args.time_limit), str(i2d),
+               "--url_list", str(url_list), "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
+               "--output_format", "webdataset", "--output_folder", str(i2d_out),
+               "--processes_count", str(args.processes), "--thread_count", str(args.threads),
+               "--image_size", str(args.image_size), "--resize_mode", args.resize_mode,
+               "--encode_format", "jpg", "--encode_quality", "95",
+               "--number_sample_per_shard", str(args.shard_size), "--distributor", "multiprocessing",
+               "--enable_wandb", "False", "--retries", "0", "--timeout", "10"]
+        ref = run_measured(cmd, WORK / "img2dataset.log")
+        stats = [json.loads(Path(p).read_text()) for p in glob.glob(str(i2d_out / "*_stats.json"))]
+        ref["successes"] = sum(s.get("successes", 0) for s in stats)
+        if ref["rc"] in (124, 137):
+            ref["result"] = f"hung: killed after {args.time_limit}s ({ref['successes']} successes in finished shards)"
+        elif ref["rc"] != 0:
+            ref["result"] = f"crashed (rc {ref['rc']}, see {WORK / 'img2dataset.log'})"
+        else:
+            ref["result"] = "ok"
+    finally:
+        server.close()
+
+    print(f"{'tool':<22}{'result':<10}{'seconds':>9}{'samples/s':>11}{'successes':>11}{'peak RSS MB':>13}")
+    rates = {}
+    for name, r in (("curate download", cur), (f"img2dataset {I2D_VERSION}", ref)):
+        ok = r["result"] == "ok"
+        rate = args.n / r["seconds"] if ok else 0.0
+        rates[name] = rate
+        print(f"{name:<22}{'ok' if ok else 'FAILED':<10}{r['seconds']:>9.1f}{rate:>11.1f}{r['successes']:>11d}"
+              f"{r['peak_rss_mb']:>13.0f}")
+        if not ok:
+            print(f"  {name}: {r['result']}")
+    c, b = rates["curate download"], rates[f"img2dataset {I2D_VERSION}"]
+    print(f"success counts: curate {cur['successes']} / img2dataset {ref['successes']} of {args.n}")
+    print(f"ratio: {c / b:.2f}" if b > 0 else "ratio: 0.00")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
