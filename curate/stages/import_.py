@@ -372,7 +372,11 @@ class ImportStage(Stage):
             c: []
             for c in (schema.KEY, schema.IMAGE_OFFSET, schema.IMAGE_LENGTH, schema.IMAGE_FORMAT, *_PRIVATE)
         }
-        parquet = pq.read_table(entry["parquet"]) if entry["parquet"] else None
+        parquet = None
+        if entry["parquet"]:
+            pfs, ppath = url_to_fs(entry["parquet"])
+            with pfs.open(ppath, "rb") as f:
+                parquet = pq.read_table(f)
 
         def add(sample: dict[str, Any] | None, key: str) -> None:
             m = sample["members"] if sample else {}
@@ -406,16 +410,14 @@ class ImportStage(Stage):
                 if schema.KEY in parquet.column_names
                 else [None] * parquet.num_rows
             )
-            listed = set()
+            listed: Counter = Counter()
             for k in keys:
-                if k is not None and k not in listed:
-                    listed.add(k)
+                listed[k] += 1
+                if k is not None and listed[k] == 1:
                     add(first.get(k), k)
                 else:  # a parquet row without a key, or repeating one: it cannot own a tar sample
-                    add(
-                        {"members": {}, "reason": "duplicate_key" if k else "missing_image", "occurrence": 1},
-                        k,
-                    )
+                    why = "duplicate_key" if k is not None else "missing_image"
+                    add({"members": {}, "reason": why, "occurrence": listed[k] - 1}, k)
             extra = [s for s in samples if s["key"] not in listed or s["occurrence"] > 0]
             for s in extra:
                 add(s, s["key"])

@@ -144,3 +144,32 @@ def test_server_stops_cleanly_and_frees_its_port():
 def test_directory_listing_is_refused():
     with DemoServer(CORPUS) as srv:
         assert fetch(srv.base_url + "/images/")[0] == 404
+
+
+def test_python_m_curate_demo_serve(tmp_path):
+    """The manual server: starts, writes its URL list, serves, stops on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "urls.parquet"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curate.demo", "serve", "--port", "0", "--urls", str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        lines = []
+        while not any(line.startswith("serving") for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"server exited early: {lines}"
+            lines.append(line)
+        urls = pq.read_table(out).column(schema.URL).to_pylist()
+        ok = next(u for u, e in zip(urls, read_entries(), strict=True) if e["kind"] == "ok")
+        status, _, body = fetch(ok)
+        assert status == 200 and len(body) > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0

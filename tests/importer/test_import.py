@@ -340,3 +340,48 @@ def test_empty_input_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no .tar files"):
         import_direct(tmp_path / "empty", tmp_path / "out")
+
+
+def test_input_on_another_fsspec_filesystem(tmp_path, make_image):
+    """Tars and parquet read through fsspec (memory:// here; s3:// works the same way)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    local = tmp_path / "i2d"
+    local.mkdir()
+    write_img2dataset_shard(
+        local,
+        7,
+        [
+            {"url": "http://h/a", "caption": "on memory fs", "image": make_image(1)},
+            {"url": "http://h/b", "caption": "failed", "error": "HTTP 500"},
+        ],
+    )
+    for p in local.iterdir():
+        fs.pipe(f"/imp-src/{p.name}", p.read_bytes())
+    try:
+        ds = import_direct("memory://imp-src", tmp_path / "out")
+        t = rows(ds)
+        assert ds.shard_ids() == [7]
+        (tar,) = t.column(schema.IMAGE_TAR).to_pylist()
+        assert tar.startswith("memory://") and tar.endswith("/imp-src/00007.tar")
+        assert read_images(t) == [make_image(1)]
+        assert rejects(ds).column(schema.STATUS).to_pylist() == ["failed_to_download"]
+    finally:
+        fs.rm("/imp-src", recursive=True)
+
+
+def test_img2dataset_parquet_repeating_a_key(tmp_path, make_image):
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    write_img2dataset_shard(folder, 0, [{"url": "http://h/a", "caption": "a", "image": make_image(1)}])
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(folder / "00000.parquet")
+    pq.write_table(pa.concat_tables([t, t, t]), folder / "00000.parquet")
+    ds = import_direct(folder, tmp_path / "out")
+    assert rows(ds).num_rows == 1
+    rej = rejects(ds)
+    assert rej.column(schema.DROP_REASON).to_pylist() == ["import:duplicate_key"] * 2
+    uids = rows(ds).column(schema.UID).to_pylist() + rej.column(schema.UID).to_pylist()
+    assert len(set(uids)) == 3
