@@ -9,8 +9,10 @@ Planning is global and memory-bounded. Pass 1 reads only ``uid`` and ``image_len
 shard (in parallel) to count rows, estimate sample size and pick the held-out split. Pass 2 gives
 every row a global position with a seeded pseudo-random permutation (a Feistel network over the row's
 global index, so no process ever holds the whole dataset) and writes each input shard's rows,
-tagged with their output shard and index, to ``_plan/export/parts/``. An output shard's ``load``
-gathers its rows from those parts (row groups are per output shard, so the read is pruned).
+tagged with their output shard and index, to ``_plan/export/parts/``, sorted by output shard with
+one row group per output shard. An output shard's ``load`` then reads its row group from every part:
+the shape of a sort-based shuffle (one block per map output per reducer), inputs × outputs small
+reads, each found from the part's footer statistics without touching the other groups.
 
 Layout of the output: train shards are ``0 .. T-1`` and validation shards ``T .. T+V-1``; every row
 carries ``split``, every shard's stats say its split, and :func:`split_shards` returns both lists.
@@ -333,11 +335,10 @@ class ExportStage(Stage):
     def load(self, shard: int, ctx: ShardContext) -> pa.Table:
         rec = self._plan_record(ctx.output)
         fs = ctx.output.fs
-        parts = [
-            pq.read_table(posixpath.join(ctx.plan_dir, _PLAN_SUBDIR, "parts", name), filesystem=fs,
-                          filters=[(_OUT_SHARD, "==", shard)])
-            for name in rec["parts"]
-        ]
+        parts = []
+        for name in rec["parts"]:
+            with fs.open(posixpath.join(ctx.plan_dir, _PLAN_SUBDIR, "parts", name), "rb") as f:
+                parts.append(_read_shard_groups(pq.ParquetFile(f), shard))
         table = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
         table = table.sort_by(_OUT_INDEX)
         if table.num_rows != rec["rows_per_shard"][shard]:
@@ -465,6 +466,16 @@ def split_shards(dataset: Dataset | str) -> dict[str, list[int]]:
     for n in ds.shard_ids():
         out.setdefault(ds.stats(n).get("split", SPLIT_TRAIN), []).append(n)
     return out
+
+
+def _read_shard_groups(pf: pq.ParquetFile, shard: int) -> pa.Table:
+    """The row groups of a plan part that belong to output ``shard`` (one group per shard, so the
+    footer's statistics find them without reading the others; like a reducer's fetch of one block
+    from each map output in a sort-based shuffle)."""
+    md = pf.metadata
+    col = md.schema.names.index(_OUT_SHARD)
+    groups = [g for g in range(md.num_row_groups) if md.row_group(g).column(col).statistics.min == shard]
+    return pf.read_row_groups(groups)
 
 
 def _nested(t: pa.DataType) -> bool:

@@ -282,3 +282,16 @@ def test_explain_says_why(curated, exported):
     chose = "recaption" if "recaption (original" in detail["caption_why"] else "original"
     if t.column(schema.RECAPTION)[0].as_py() is not None:
         assert chose == t.column(schema.CAPTION_SOURCE)[0].as_py()
+
+
+def test_cli_runs_export_and_refuses_a_bad_config(curated, tmp_path, ray_session, capsys):
+    from curate.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["export", "--input", curated.url, "--output", str(out), "--set", "caption=recap"]) != 0
+    assert "caption" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+    assert main(["export", "--input", curated.url, "--output", str(out), "--set", "samples_per_shard=40",
+                 "--set", "caption=mix"]) == 0
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    assert sum(sizes.values()) == _all_rows(curated).num_rows and len(sizes) == 3
