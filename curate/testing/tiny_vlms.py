@@ -1,0 +1,253 @@
+"""Tiny randomly initialised vision-language models of real architectures, built offline.
+
+Tests, the benchmark and the demo need a captioning model, and this machine cannot download one. So
+we build the real classes (``BlipForConditionalGeneration``; ``LlavaForConditionalGeneration`` with a
+CLIP vision tower and a Llama decoder) at toy sizes with random weights, train a small tokenizer with
+the ``tokenizers`` library on a caption word list, and ``save_pretrained`` model + processor into a
+directory. That directory loads through exactly the same ``AutoProcessor`` /
+``AutoModelForImageTextToText.from_pretrained`` path as a hub model. The captions are gibberish; the
+mechanics (batching, padding, prompts, decoding, cleaning, resume) are real.
+
+Run ``python -m curate.testing.tiny_vlms OUT_DIR [--arch blip|llava|all]``: writes OUT_DIR/<arch>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ARCHES = ("blip", "llava")
+
+# Vocabulary for the tokenizer: words that show up in alt-text and clip-art captions. A tokenizer
+# trained on sentences made of them gives whole-word tokens, so decoded gibberish is readable words.
+_SUBJECTS = (
+    "cat dog bird horse cow sheep fish flower tree house car bus train boat plane bicycle man woman "
+    "child girl boy person people face hand star sun moon cloud mountain river lake sea beach road "
+    "city street building bridge tower castle church book computer phone chair table cup bottle "
+    "apple banana orange cake pizza bread heart circle square triangle arrow sign flag map icon logo "
+    "symbol pattern frame border button cartoon robot dragon angel skull crown key clock lamp"
+).split()
+_ADJECTIVES = (
+    "red blue green yellow black white gray brown pink purple orange small large old young happy "
+    "cute simple colorful bright dark round tall wooden metal glass vintage modern abstract"
+).split()
+_PLACES = (
+    "on a table|in a field|on the grass|in the sky|on a white background|in the water|on a street|"
+    "near a house|under a tree|in a room|on a beach|in the snow|at night|in the city"
+).split("|")
+_STYLES = ("a photo of|a drawing of|an illustration of|a picture of|clip art of|an icon of").split("|")
+
+
+def caption_corpus(extra: Iterable[str] = ()) -> list[str]:
+    """Deterministic caption-like sentences covering the word lists above (plus ``extra``)."""
+    # The prompt words of the supported families, so prompts tokenize into a few whole tokens.
+    out = ["USER: ASSISTANT: User: Assistant: Describe this image in one sentence. Write a short caption."]
+    for i, (subject, adjective) in enumerate(itertools.product(_SUBJECTS, _ADJECTIVES)):
+        style = _STYLES[i % len(_STYLES)]
+        place = _PLACES[i % len(_PLACES)]
+        out.append(f"{style} a {adjective} {subject} {place}.")
+    out.extend(extra)
+    return out
+
+
+def _train_wordpiece(texts: Sequence[str], vocab_size: int) -> dict[str, int]:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # [DEC] is BLIP's decoder start token (the real checkpoints add it after BERT's vocabulary).
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok.get_vocab()
+
+
+def _train_bpe(texts: Sequence[str], vocab_size: int, special: Sequence[str]) -> tuple[dict[str, int], list]:
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    # Metaspace pre-tokenisation is what Llama's (sentencepiece-style) tokenizer uses; splitting on
+    # spaces while training keeps merges inside words. Every printable ASCII character is in the
+    # alphabet so no prompt character is ever dropped.
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special),
+        initial_alphabet=[chr(c) for c in range(32, 127)] + ["▁", "\n"],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def build_blip(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, texts: Iterable[str] = ()) -> Path:
+    """A tiny ``BlipForConditionalGeneration`` (ViT vision encoder + BERT-style causal text decoder)."""
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    out = Path(out_dir)
+    vocab = _train_wordpiece(caption_corpus(texts), vocab_size=400)
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=64)
+    hidden = 32
+    config = BlipConfig(
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+            initializer_range=0.2,
+        ),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            encoder_hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=vocab["[PAD]"],
+            bos_token_id=vocab["[DEC]"],
+            sep_token_id=vocab["[SEP]"],
+            eos_token_id=vocab["[SEP]"],
+            initializer_range=0.2,
+        ),
+        projection_dim=hidden,
+        image_text_hidden_size=hidden,
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# LLaVA-1.5's chat template, cut to what a single-turn caption request needs.
+_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_llava(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, texts: Iterable[str] = ()) -> Path:
+    """A tiny ``LlavaForConditionalGeneration``: CLIP vision tower -> MLP projector -> Llama decoder."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    vocab, merges = _train_bpe(caption_corpus(texts), vocab_size=400, special=special)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, model_max_length=256, add_bos_token=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
+    patch = 8
+    hidden = 32
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=hidden,
+            initializer_range=0.2,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+            pad_token_id=vocab["<pad>"],
+            initializer_range=0.2,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        pad_token_id=vocab["<pad>"],
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.generation_config.eos_token_id = vocab["</s>"]
+    model.generation_config.bos_token_id = vocab["<s>"]
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+BUILDERS = {"blip": build_blip, "llava": build_llava}
+
+
+def build(arch: str, out_dir: str | Path, **kwargs) -> Path:
+    return BUILDERS[arch](out_dir, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m curate.testing.tiny_vlms", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="writes OUT_DIR/<arch>/ for each architecture")
+    parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for arch in ARCHES if args.arch == "all" else (args.arch,):
+        path = build(arch, Path(args.out_dir) / arch, seed=args.seed)
+        log.info("tiny %s model written to %s", arch, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
