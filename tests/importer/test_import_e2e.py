@@ -162,3 +162,47 @@ def test_import_of_a_single_tar_path(tmp_path):
     assert t.column(schema.CAPTION).to_pylist() == ["just one"]
     assert read_images(t) == [image_bytes(3, "webp")]
     assert Path(t.column(schema.IMAGE_TAR)[0].as_py()) == tmp_path / "one.tar"
+
+
+def test_import_the_demo_corpus_as_webdataset(tmp_path):
+    """Every real image of the bundled corpus (PNG with alpha, palette PNGs, JPEG, WebP) adopted; the
+    corpus' broken files rejected for the right reason."""
+    from importer_builders import import_direct
+
+    from curate.demo import CORPUS, read_entries
+
+    entries = [e for e in read_entries() if (CORPUS / e["file"]).exists()]
+    folder = tmp_path / "corpus-wds"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "corpus.tar")) as sink:
+        for i, e in enumerate(entries):
+            ext = e["file"].rsplit(".", 1)[1]
+            sink.write(
+                {
+                    "__key__": f"{i:06d}",
+                    ext: (CORPUS / e["file"]).read_bytes(),
+                    "txt": e["caption"],
+                    "json": json.dumps({"kind": e["kind"]}).encode(),
+                }
+            )
+    ds = import_direct(folder, tmp_path / "out")
+    kept = ds.read_shard(0)
+    rej = ds.read_rejects(0)
+    want_rejected = {
+        "truncated": "import:undecodable",
+        "html_as_image": "import:undecodable",
+        "pixel_bomb": "import:too_many_pixels",
+    }
+    assert (
+        dict(zip(rej.column("kind").to_pylist(), rej.column(schema.DROP_REASON).to_pylist(), strict=True))
+        == want_rejected
+    )
+    assert kept.num_rows == len(entries) - 3
+    assert set(kept.column("kind").to_pylist()) == {"ok", "duplicate", "near_duplicate"}
+    assert kept.column(schema.PHASH).null_count == 0
+    # exact duplicates share sha256 and pHash with their original
+    by_file = {e["file"]: i for i, e in enumerate(entries)}
+    sha = dict(zip(kept.column(schema.KEY).to_pylist(), kept.column(schema.SHA256).to_pylist(), strict=True))
+    for e in entries:
+        if e["kind"] == "duplicate":
+            assert sha[f"{by_file[e['file']]:06d}"] == sha[f"{by_file[e['of']]:06d}"]
