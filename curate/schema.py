@@ -44,6 +44,7 @@ LANGUAGE = "language"
 # recaption
 RECAPTION = "recaption"
 RECAPTION_CLIP_SCORE = "recaption_clip_score"
+RECAPTION_FLAG = "recaption_flag"  # why a kept row has no recaption (on_bad: flag): empty, degenerate
 
 # export
 CAPTION_SOURCE = "caption_source"  # "original" or "recaption": what export wrote into KEY.txt
@@ -80,6 +81,7 @@ TYPES: dict[str, pa.DataType] = {
     LANGUAGE: pa.string(),
     RECAPTION: pa.string(),
     RECAPTION_CLIP_SCORE: pa.float32(),
+    RECAPTION_FLAG: pa.string(),
     CAPTION_SOURCE: pa.string(),
     SPLIT: pa.string(),
     DROP_REASON: pa.string(),
