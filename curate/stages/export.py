@@ -459,10 +459,16 @@ class ExportStage(Stage):
 def split_shards(dataset: Dataset | str) -> dict[str, list[int]]:
     """Shard numbers of each split of an exported dataset: ``{"train": [...], "val": [...]}``.
 
-    Read from the committed shards' stats (each names its split), so it works on any export.
+    From the manifest's ``splits`` where the runner recorded them, else from the committed shards'
+    stats (each names its split), so it works on any export, finished or not.
     """
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     out: dict[str, list[int]] = {SPLIT_TRAIN: [], SPLIT_VAL: []}
+    recorded = (ds.manifest() or {}).get("splits")
+    if recorded:
+        for split, info in recorded.items():
+            out[split] = sorted(int(name) for name in info["shards"])
+        return out
     for n in ds.shard_ids():
         out.setdefault(ds.stats(n).get("split", SPLIT_TRAIN), []).append(n)
     return out

@@ -295,3 +295,14 @@ def test_cli_runs_export_and_refuses_a_bad_config(curated, tmp_path, ray_session
                  "--set", "caption=mix"]) == 0
     sizes = json.loads((out / "shards" / "sizes.json").read_text())
     assert sum(sizes.values()) == _all_rows(curated).num_rows and len(sizes) == 3
+
+
+def test_empty_input_gives_an_empty_complete_export(curated, tmp_path, ray_session):
+    src = Dataset(str(tmp_path / "empty"))
+    t = curated.read_shard(0).slice(0, 0)
+    rejects = t.append_column(schema.DROP_REASON, pa.array([], pa.string()))
+    src.commit_shard(0, t, rejects, {"rows_in": 0, "rows_out": 0, "rejected": 0, "drops": {}})
+    src.write_json({"run": {}, "shard_digits": 5, "shards": [], "totals": {}}, "_manifest.json")
+    out = Dataset(str(tmp_path / "out"))
+    summary = run_stage("export", src.url, out.url, config={"val_fraction": 0.1, "val_min_count": 5})
+    assert summary["kept"] == 0 and out.is_complete() and out.shard_ids() == []
