@@ -8,8 +8,10 @@ missing file answers 404, the HTML page with a ``.jpg`` name is served as ``imag
 ``write_url_list`` turns ``demo/corpus/captions.jsonl`` into the Parquet URL list the download
 stage reads (``url``, ``caption``).
 
-    python -m curate.demo serve [--root DIR] [--port 8000]
+    python -m curate.demo serve [--root DIR] [--port 8000] [--urls OUT.parquet]
     python -m curate.demo urls OUT.parquet --base-url http://127.0.0.1:8000 [--repeat N]
+    python -m curate.demo run --port 8765 --urls demo-output/urls.parquet -- curate run pipelines/demo.yaml
+        (serve while the command runs; exit with its status)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -196,8 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--base-url", required=True)
     u.add_argument("--root", default=str(CORPUS))
     u.add_argument("--repeat", type=int, default=1)
+    r = sub.add_parser("run", help="serve the corpus while a command runs; exit with its status")
+    r.add_argument("--root", default=str(CORPUS))
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=0)
+    r.add_argument("--urls", help="write the URL list for this server here before the command starts")
+    r.add_argument("--repeat", type=int, default=1)
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cmd == "run":
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not command:
+            ap.error("run: give the command after --")
+        with DemoServer(args.root, args.host, args.port) as srv:
+            if args.urls:
+                write_url_list(args.urls, srv.base_url, args.repeat, args.root)
+            print(f"serving {srv.root} at {srv.base_url}", flush=True)
+            return subprocess.call(command)
     if args.cmd == "urls":
         n = write_url_list(args.out, args.base_url, args.repeat, args.root)
         print(f"wrote {n} urls to {args.out}")

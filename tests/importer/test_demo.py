@@ -173,3 +173,28 @@ def test_python_m_curate_demo_serve(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
+
+
+def test_python_m_curate_demo_run_serves_while_a_command_runs(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "urls.parquet"
+    script = (
+        "import sys, urllib.request, pyarrow.parquet as pq; "
+        f"u = pq.read_table({str(out)!r}).column('url')[0].as_py(); "
+        "sys.exit(0 if urllib.request.urlopen(u, timeout=10).status == 200 else 3)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "curate.demo", "run", "--urls", str(out), "--", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    fail = subprocess.run(
+        [sys.executable, "-m", "curate.demo", "run", "--", sys.executable, "-c", "raise SystemExit(7)"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert fail.returncode == 7
