@@ -14,7 +14,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curate import schema
-from curate.dataset import Dataset, make_key, sha256_hex, uid_for
+from curate.dataset import Dataset, make_key, new_attempt, sha256_hex, uid_for
 from curate.wds import TarWriter
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 4
@@ -46,7 +46,8 @@ def write_source(root, shards: int = 2, rows: int = 6, corrupt: frozenset[tuple[
     ds = Dataset(str(root))
     counts = {}
     for n in range(shards):
-        tar_file = ds.open_tmp_tar(n)
+        attempt = new_attempt()
+        tar_file = ds.open_tmp_tar(n, attempt)
         writer = TarWriter(tar_file)
         records = []
         for i in range(rows):
@@ -72,7 +73,7 @@ def write_source(root, shards: int = 2, rows: int = 6, corrupt: frozenset[tuple[
         table = schema.conform(pa.Table.from_pylist(records))
         rejects = table.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
         ds.commit_shard(n, table, rejects, {"rows_in": rows, "rows_out": rows, "rejected": 0, "drops": {}},
-                        tar_written=True, idx_text=writer.index_text())
+                        attempt=attempt, tar_written=True, idx_text=writer.index_text())
         counts[n] = rows
     ds.write_json(
         {

@@ -1,0 +1,292 @@
+"""recaption: a vision-language model writes a new caption for every image (DESIGN §4).
+
+Runs as an actor pool holding the model (``uses_model``); one call per shard, so a killed run redoes
+only the shards that were not committed. Per shard: the image bytes behind the rows' pointers are
+read once (one open per tar, offset order), rows are batched (:meth:`VLM.plan_batches`: padding-safe
+order), each batch is decoded just before it is generated for (so memory holds one batch of pixels),
+the output is cleaned (:mod:`curate.captions`) and written to ``recaption``; the original
+``caption`` is never touched. With ``clip_model`` set, ``recaption_clip_score`` is the CLIP cosine of
+the image and the new caption, comparable with the ``clip_score`` of the original.
+
+Reasons: ``recaption:missing_image`` (pointer unreadable), ``recaption:undecodable`` (bytes that
+are not an image; the rest of the batch goes on), ``recaption:empty`` / ``recaption:degenerate``
+(nothing usable generated). With ``on_bad: flag`` the last two keep the row, leave ``recaption``
+null (export then uses the original caption) and say why in ``recaption_flag``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from curate import schema
+from curate.captions import Cleaned, CleaningRules, clean
+from curate.dataset import Dataset, read_images
+from curate.stage import ShardContext, Stage, StageConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+NAME = "recaption"
+MISSING = "missing_image"
+UNDECODABLE = "undecodable"
+EMPTY = "empty"
+DEGENERATE = "degenerate"
+
+
+class RecaptionConfig(StageConfig):
+    # hub id (e.g. Salesforce/blip-image-captioning-large, llava-hf/llava-1.5-7b-hf) or local directory
+    model: str
+    revision: str | None = None
+    family: Literal["auto", "blip", "blip2", "llava", "qwen_vl", "idefics"] = "auto"
+    # Instruction given to the model (None: the family's default). "{caption}" is replaced by the
+    # row's original caption, e.g. "Improve this caption: {caption}".
+    prompt: str | None = None
+    # Whole prompt layout, overriding the chat template; "{instruction}" is replaced.
+    template: str | None = None
+    decoding: Literal["greedy", "beam", "sampling"] = "greedy"
+    max_new_tokens: int = Field(48, ge=1, le=2048)
+    num_beams: int = Field(3, ge=2)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # auto: vLLM when it is installed and a GPU is present (not for BLIP-1 or beam search)
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # Decode JPEGs at 1/2..1/8 scale (DCT domain) when still at least model-input sized.
+    fast_decode: bool = True
+    max_pixels: int = Field(100_000_000, ge=1)
+    # cleaning
+    strip_boilerplate: bool = True
+    min_words: int = Field(2, ge=1)
+    max_words: int = Field(60, ge=1)
+    max_chars: int = Field(400, ge=8)
+    max_repeat_fraction: float = Field(0.5, gt=0, le=1)
+    on_bad: Literal["reject", "flag"] = "reject"
+    # scoring the new caption with open_clip (same model as the clip stage for comparable scores)
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    clip_batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RecaptionConfig:
+        if self.template is not None and "{instruction}" not in self.template:
+            raise ValueError("template must contain {instruction}")
+        if self.clip_pretrained is not None and self.clip_model is None:
+            raise ValueError("clip_pretrained needs clip_model")
+        return self
+
+    def cleaning(self) -> CleaningRules:
+        return CleaningRules(
+            strip_boilerplate=self.strip_boilerplate,
+            min_words=self.min_words,
+            max_words=self.max_words,
+            max_chars=self.max_chars,
+            max_repeat_fraction=self.max_repeat_fraction,
+        )
+
+
+def decode_image(data: bytes, min_side: int, fast: bool, max_pixels: int) -> Image.Image:
+    """RGB image from encoded bytes; raises on anything that is not a decodable image.
+
+    The pixel count is checked from the header before decoding (bombs). Transparent images are
+    matted on white, not black: clip art is mostly transparent, and a black background changes
+    what a captioning model sees."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise ValueError(f"{img.width}x{img.height} exceeds max_pixels")
+        if fast and img.format == "JPEG" and min_side > 0:
+            img.draft("RGB", (min_side, min_side))
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def _input_side(processor: Any) -> int:
+    """The side the model's image processor resizes to (draft decoding must not go below it)."""
+    ip = getattr(processor, "image_processor", None)
+    sides = []
+    for attr in ("crop_size", "size"):
+        size = getattr(ip, attr, None)
+        if isinstance(size, dict):
+            sides += [v for k, v in size.items() if k in ("height", "width", "shortest_edge") and v]
+        elif isinstance(size, int):
+            sides.append(size)
+    # Dynamic-resolution processors (Qwen-VL, Idefics) use the image at up to its own size:
+    # keep a generous side so their tiling sees detail.
+    return max(sides) if sides else 1024
+
+
+class RecaptionStage(Stage):
+    name = NAME
+    Config = RecaptionConfig
+    uses_model = True
+
+    def __init__(self, config: RecaptionConfig):
+        super().__init__(config)
+        self.vlm = None
+        self.scorer = None
+
+    def setup(self) -> None:
+        from curate.models.vlm import VLM, GenerationSettings
+
+        c = self.config
+        settings = GenerationSettings(
+            decoding=c.decoding, max_new_tokens=c.max_new_tokens, num_beams=c.num_beams,
+            temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+            repetition_penalty=c.repetition_penalty, no_repeat_ngram_size=c.no_repeat_ngram_size, seed=c.seed,
+        )
+        self.vlm = VLM(
+            c.model, revision=c.revision, family=c.family, instruction=c.prompt, template=c.template,
+            device=c.device, dtype=c.dtype, engine=c.engine, settings=settings,
+        ).load()
+        self.min_side = _input_side(self.vlm.processor)
+        if c.clip_model is not None:
+            self.scorer = _clip_scorer(c)
+
+    def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
+        if self.vlm is None:
+            self.setup()
+        c = self.config
+        n = table.num_rows
+        t = time.perf_counter()
+        blobs = read_images(table)
+        ctx.add_time("read", time.perf_counter() - t)
+        captions = (
+            table.column(schema.CAPTION).to_pylist() if schema.CAPTION in table.column_names else [None] * n
+        )
+        reasons: list[str | None] = [None] * n
+        recaptions: list[str | None] = [None] * n
+        flags: list[str | None] = [None] * n
+        scores: list[float | None] = [None] * n
+        for i, blob in enumerate(blobs):
+            if blob is None:
+                reasons[i] = schema.reason(NAME, MISSING)
+        todo = [i for i in range(n) if reasons[i] is None]
+        prompts = [self.vlm.prompt(captions[i]) for i in todo]
+        rules = c.cleaning()
+        tokens = images_done = 0
+        decode_s = generate_s = 0.0
+        for batch in self.vlm.plan_batches(prompts, c.batch_size):
+            t = time.perf_counter()
+            rows, images, batch_prompts = [], [], []
+            for j in batch:
+                i = todo[j]
+                try:
+                    images.append(decode_image(blobs[i], self.min_side, c.fast_decode, c.max_pixels))
+                except Exception as e:  # noqa: BLE001 - any decoder failure is this row's, not the batch's
+                    log.debug("row %d: undecodable image: %s", i, e)
+                    reasons[i] = schema.reason(NAME, UNDECODABLE)
+                    continue
+                rows.append(i)
+                batch_prompts.append(prompts[j])
+            decode_s += time.perf_counter() - t
+            t = time.perf_counter()
+            generations = self.vlm.generate(images, batch_prompts)
+            generate_s += time.perf_counter() - t
+            echoes = self.vlm.echoes([captions[i] for i in rows])
+            for i, gen in zip(rows, generations, strict=True):
+                tokens += gen.num_tokens
+                images_done += 1
+                result = clean(_strip_wordpiece(gen.text), rules, echoes, finished=gen.finished)
+                self._record(i, result, reasons, recaptions, flags)
+            if self.scorer is not None:
+                t = time.perf_counter()
+                keep = [i for i in rows if recaptions[i] is not None]
+                if keep:
+                    got = self.scorer([blobs[i] for i in keep], [recaptions[i] for i in keep])
+                    for i, s in zip(keep, got, strict=True):
+                        scores[i] = s
+                ctx.add_time("clip", time.perf_counter() - t)
+            del images
+        ctx.add_time("decode", decode_s)
+        ctx.add_time("generate", generate_s)
+        ctx.stats[NAME] = {
+            "images": images_done,
+            "generated_tokens": tokens,
+            "engine": self.vlm.engine,
+            "images_per_s": images_done / generate_s if generate_s else None,
+            "tokens_per_s": tokens / generate_s if generate_s else None,
+        }
+        out = schema.with_column(table, schema.RECAPTION, recaptions)
+        if c.on_bad == "flag":
+            out = schema.with_column(out, schema.RECAPTION_FLAG, flags)
+        if self.scorer is not None:
+            out = schema.with_column(out, schema.RECAPTION_CLIP_SCORE, scores)
+        return schema.with_column(out, schema.DROP_REASON, reasons)
+
+    def _record(self, i: int, result: Cleaned, reasons: list, recaptions: list, flags: list) -> None:
+        if result.problem is None:
+            recaptions[i] = result.text
+        elif self.config.on_bad == "flag":
+            flags[i] = result.problem
+        else:
+            reasons[i] = schema.reason(NAME, result.problem)
+
+    def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
+        cols = [schema.UID, schema.CAPTION, schema.RECAPTION]
+        for reader in (output.iter_shards, output.iter_rejects):
+            for shard, t in reader():
+                hit = t.filter(pc.equal(t.column(schema.UID), uid))
+                if hit.num_rows:
+                    row = hit.to_pylist()[0]
+                    return {
+                        "shard": output.shard_name(shard),
+                        **{k: row.get(k) for k in (*cols, schema.RECAPTION_FLAG, schema.RECAPTION_CLIP_SCORE,
+                                                   schema.DROP_REASON) if k in row},
+                        "model": self.config.model,
+                    }
+        return None
+
+
+def _strip_wordpiece(text: str) -> str:
+    # A BLIP continuation can start mid-word after its prompt; WordPiece then decodes a bare "##".
+    return text[2:] if text.startswith("##") else text
+
+
+def _clip_scorer(config: RecaptionConfig):
+    """A callable (encoded images, texts) -> cosines, using the CLIP helper (curate.models.clip) with the
+    clip stage's own decoding and preprocessing, so ``recaption_clip_score`` is comparable with the
+    ``clip_score`` of the original caption when both use the same model."""
+    import numpy as np
+
+    from curate.models.clip import PilDecoder, load_clip
+
+    clip = load_clip(config.clip_model, config.clip_pretrained, device=config.device)
+    decoder = PilDecoder(clip.preprocess, threads=1, reference=clip.reference_transform)
+
+    def score(blobs: list[bytes], texts: list[str]) -> list[float | None]:
+        out: list[float | None] = [None] * len(blobs)
+        for s in range(0, len(blobs), config.clip_batch_size):
+            arrays = [decoder.decode(b) for b in blobs[s : s + config.clip_batch_size]]
+            rows = [s + k for k, a in enumerate(arrays) if a is not None]
+            if not rows:
+                continue
+            images = clip.encode_images(np.stack([a for a in arrays if a is not None]))
+            captions = clip.encode_texts([texts[i] for i in rows])
+            for i, cos in zip(rows, (images * captions).sum(axis=1), strict=True):
+                out[i] = float(cos)
+        return out
+
+    return score
