@@ -101,3 +101,16 @@ def test_hashes_from_pixels_shape_and_hamming_np():
     assert [int(x) for x in phash.hamming_np(hs, hs[0])] == [phash.hamming(int(h), int(hs[0])) for h in hs]
     with pytest.raises(ValueError):
         phash.hashes_from_pixels(np.zeros((2, 16, 16)))
+
+
+def test_transparent_background_hashes_visible_content():
+    # Two different shapes on transparent black: ignoring alpha would hash both as all-black.
+    a = Image.new("RGBA", (120, 120), (0, 0, 0, 0))
+    ImageDraw.Draw(a).ellipse((10, 10, 60, 60), fill=(200, 30, 30, 255))
+    b = Image.new("RGBA", (120, 120), (0, 0, 0, 0))
+    ImageDraw.Draw(b).rectangle((50, 60, 110, 110), fill=(30, 30, 200, 255))
+    ha, hb = phash.phash_pil(a), phash.phash_pil(b)
+    assert phash.hamming(ha, hb) > 12
+    buf = io.BytesIO()
+    a.save(buf, "PNG")
+    assert phash.phash_bytes([buf.getvalue()])[0] == ha

@@ -1,0 +1,429 @@
+"""All pairs of 64-bit hashes within a Hamming radius, and connected components of duplicate edges.
+
+Multi-index hashing by pigeonhole. Cut the 64 bits into ``B`` blocks. Two hashes within radius ``r``
+differ in at most ``r`` blocks, so at least ``B - r`` blocks are identical: every such pair shares the
+exact key made of some ``B - r``-subset of blocks. One "table" per subset (``C(B, B - r)`` tables);
+within a table, rows with the same key are candidates, verified by their full Hamming distance.
+
+``B = r + 1`` is the textbook scheme (r + 1 bands, any pair shares a band); it is what faiss's
+``IndexBinaryMultiHash`` does with ``nflip = 0``. At 10M hashes its bands (64 / (r + 1) ~ 10 bits)
+are far too short: every band bucket holds thousands of unrelated hashes and the candidate count
+explodes. Larger ``B`` (Manku, Jain & Das Sarma, WWW 2007) makes keys of ~21-32 bits at the price
+of more tables; ``choose_blocks`` picks ``B`` from a cost model (tables x sort + candidates x verify).
+
+A pair sharing several keys is reported by one table only: the first (lexicographic) subset of its
+identical blocks. That keeps the output exact and duplicate free, and lets tables be processed in
+any order or on any worker, which is what the distributed path does: rows are partitioned by
+(table, key) so that every group lives on exactly one worker (``partition_rows`` then
+``pairs_in_partition``). All paths return exactly the set of pairs within the radius (tests compare
+them with brute force), so clusters built from them are identical.
+
+Hashes are uint64 numpy arrays; row ids are int64 arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BITS = 64
+MAX_BLOCKS = 16
+
+# Cost model of the sort kernel on this kind of machine: ns per row per table (key, sort, scan) and
+# ns per candidate pair (gather, xor, popcount, canonical check). Only the ratio matters.
+_NS_PER_ROW_TABLE = 35.0
+_NS_PER_CANDIDATE = 150.0
+
+
+# -- layout ------------------------------------------------------------------------------------
+def block_layout(blocks: int) -> list[tuple[int, int]]:
+    """(shift, width) of each block; widths differ by at most one bit."""
+    widths = [BITS // blocks + (1 if i < BITS % blocks else 0) for i in range(blocks)]
+    out, shift = [], 0
+    for w in widths:
+        out.append((shift, w))
+        shift += w
+    return out
+
+
+def tables(blocks: int, radius: int) -> list[tuple[int, ...]]:
+    """The block subsets whose concatenation is a table key, in lexicographic order."""
+    return list(itertools.combinations(range(blocks), blocks - radius))
+
+
+def estimate_seconds(n: int, radius: int, blocks: int) -> float:
+    layout = block_layout(blocks)
+    cost = 0.0
+    for combo in tables(blocks, radius):
+        keybits = sum(layout[b][1] for b in combo)
+        candidates = n * (n - 1) / 2 / 2.0**keybits
+        cost += n * _NS_PER_ROW_TABLE + candidates * _NS_PER_CANDIDATE
+    return cost * 1e-9
+
+
+def choose_blocks(n: int, radius: int) -> int:
+    """Number of blocks minimising the estimated cost for ``n`` hashes (r + 1 for small n)."""
+    if not 0 <= radius < BITS // 2:
+        raise ValueError(f"radius must be in [0, {BITS // 2}), got {radius}")
+    best = min(
+        range(radius + 1, min(MAX_BLOCKS, BITS) + 1), key=lambda b: (estimate_seconds(n, radius, b), b)
+    )
+    return best
+
+
+def _canonical_lookup(blocks: int, radius: int) -> np.ndarray:
+    """For each mask of identical blocks, the index of the first table whose subset it contains."""
+    combos = tables(blocks, radius)
+    lookup = np.full(1 << blocks, -1, dtype=np.int32)
+    need = blocks - radius
+    for mask in range(1 << blocks):
+        eq = [b for b in range(blocks) if mask >> b & 1]
+        if len(eq) >= need:
+            lookup[mask] = combos.index(tuple(eq[:need]))
+    return lookup
+
+
+class Scheme:
+    """Blocks, tables and the precomputed bits of one (radius, blocks) choice."""
+
+    def __init__(self, radius: int, blocks: int):
+        if not radius < blocks <= MAX_BLOCKS:
+            raise ValueError(f"need radius < blocks <= {MAX_BLOCKS}, got radius={radius} blocks={blocks}")
+        self.radius = radius
+        self.blocks = blocks
+        self.layout = block_layout(blocks)
+        self.tables = tables(blocks, radius)
+        self.canonical = _canonical_lookup(blocks, radius)
+        self.keybits = [sum(self.layout[b][1] for b in c) for c in self.tables]
+
+    @classmethod
+    def for_size(cls, n: int, radius: int, blocks: int | None = None) -> Scheme:
+        return cls(radius, blocks or choose_blocks(n, radius))
+
+    def key(self, hashes: np.ndarray, t: int) -> np.ndarray:
+        """Key of table ``t``: its blocks' bits, concatenated (uint64)."""
+        key = np.zeros(len(hashes), dtype=np.uint64)
+        pos = 0
+        for b in self.tables[t]:
+            shift, width = self.layout[b]
+            part = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+            key |= part << np.uint64(pos)
+            pos += width
+        return key
+
+    def permuted(self, hashes: np.ndarray, t: int) -> np.ndarray:
+        """The hash with table ``t``'s key bits moved to the low end (same Hamming distances)."""
+        rest = [b for b in range(self.blocks) if b not in self.tables[t]]
+        out = self.key(hashes, t)
+        pos = self.keybits[t]
+        for b in rest:
+            shift, width = self.layout[b]
+            out |= ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)) << np.uint64(pos)
+            pos += width
+        return out
+
+    def first_table(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Index of the table that owns each pair (a[i], b[i]) (-1 if none: too far apart)."""
+        x = a ^ b
+        mask = np.zeros(len(x), dtype=np.int64)
+        for i, (shift, width) in enumerate(self.layout):
+            same = ((x >> np.uint64(shift)) & np.uint64((1 << width) - 1)) == 0
+            mask |= same.astype(np.int64) << i
+        return self.canonical[mask]
+
+
+# -- kernels -----------------------------------------------------------------------------------
+def popcount(x: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(x)
+
+
+def _equal_runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All (i, j), i < j, positions in a sorted array with equal keys. Work is O(n + pairs)."""
+    firsts, seconds = [], []
+    cand = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
+    d = 1
+    n = len(sorted_keys)
+    while cand.size:
+        firsts.append(cand)
+        seconds.append(cand + d)
+        d += 1
+        cand = cand[cand + d < n]
+        # sorted: k[i] == k[i + d] implies k[i] == k[i + d - 1], so candidates only shrink
+        cand = cand[sorted_keys[cand] == sorted_keys[cand + d]]
+    if not firsts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def _sort_order(keys: np.ndarray, keybits: int) -> np.ndarray:
+    """Positions of ``keys`` in key order; packs key and position into one uint64 when they fit,
+    because numpy sorts plain uint64 several times faster than it argsorts."""
+    n = len(keys)
+    posbits = max(1, int(n - 1).bit_length())
+    if keybits + posbits <= BITS:
+        packed = (keys << np.uint64(posbits)) | np.arange(n, dtype=np.uint64)
+        packed.sort()
+        return (packed & np.uint64((1 << posbits) - 1)).astype(np.int64)
+    return np.argsort(keys, kind="stable")
+
+
+def _table_pairs(
+    scheme: Scheme, hashes: np.ndarray, t: int, keys: np.ndarray | None = None, keybits: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (positions) within the radius that table ``t`` owns, among distinct ``hashes``."""
+    if keys is None:
+        keys = scheme.key(hashes, t)
+        keybits = scheme.keybits[t]
+    order = _sort_order(keys, keybits)
+    i, j = _equal_runs(keys[order])
+    if not i.size:
+        return i, j
+    a, b = order[i], order[j]
+    ha, hb = hashes[a], hashes[b]
+    ok = popcount(ha ^ hb) <= scheme.radius
+    a, b, ha, hb = a[ok], b[ok], ha[ok], hb[ok]
+    ok = scheme.first_table(ha, hb) == t
+    a, b = a[ok], b[ok]
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def _collapse(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct hashes, the index of each row's distinct hash, and the pairs among identical rows
+    (each row to the first row with its hash: same components, linear size)."""
+    uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    rows = np.arange(len(hashes))
+    rep = first[inverse]
+    dup = rows != rep
+    return uniq, first, rep[dup], rows[dup]
+
+
+def _expand(pairs_u: tuple[np.ndarray, np.ndarray], first: np.ndarray, same: tuple[np.ndarray, np.ndarray]):
+    a = np.concatenate([first[pairs_u[0]], same[0]]).astype(np.int64)
+    b = np.concatenate([first[pairs_u[1]], same[1]]).astype(np.int64)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    return lo, hi
+
+
+def near_pairs_sort(
+    hashes: np.ndarray, radius: int, blocks: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All row pairs (i < j) with Hamming distance <= radius, by sorting each table's keys.
+
+    Rows with identical hashes are linked to the first such row (not all pairwise), so the output
+    has the same connected components as the full pair set with linear size in a flat group.
+    """
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    uniq, first, sa, sb = _collapse(hashes)
+    pa_, pb_ = [], []
+    if radius > 0 and len(uniq) > 1:
+        scheme = Scheme.for_size(len(uniq), radius, blocks)
+        for t in range(len(scheme.tables)):
+            a, b = _table_pairs(scheme, uniq, t)
+            pa_.append(a)
+            pb_.append(b)
+    empty = np.empty(0, dtype=np.int64)
+    pu = (np.concatenate(pa_) if pa_ else empty, np.concatenate(pb_) if pb_ else empty)
+    return _expand(pu, first, (sa, sb))
+
+
+def near_pairs_faiss(
+    hashes: np.ndarray, radius: int, blocks: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Same result as ``near_pairs_sort``, with faiss binary hash indexes doing the search.
+
+    ``blocks == radius + 1`` with equal-width bands is one ``IndexBinaryMultiHash`` (nflip=0);
+    otherwise one ``IndexBinaryHash`` per table over codes permuted so the table's key comes first.
+    """
+    import faiss  # lazy: only this path needs it
+
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    uniq, first, sa, sb = _collapse(hashes)
+    pa_, pb_ = [], []
+    empty = np.empty(0, dtype=np.int64)
+    if radius > 0 and len(uniq) > 1:
+        scheme = Scheme.for_size(len(uniq), radius, blocks)
+        if scheme.blocks == radius + 1:
+            # r + 1 bands of b bits (leftover bits in no band: the pigeonhole still holds)
+            b = BITS // (radius + 1)
+            index = faiss.IndexBinaryMultiHash(BITS, radius + 1, b)
+            codes = uniq.view(np.uint8).reshape(-1, 8)
+            index.add(codes)
+            lims, _, labels = index.range_search(codes, radius + 1)  # faiss: distance < radius
+            q = np.repeat(np.arange(len(uniq)), np.diff(lims.astype(np.int64)))
+            keep = labels > q
+            pa_.append(q[keep])
+            pb_.append(labels[keep].astype(np.int64))
+        else:
+            for t in range(len(scheme.tables)):
+                codes = scheme.permuted(uniq, t).view(np.uint8).reshape(-1, 8)
+                index = faiss.IndexBinaryHash(BITS, scheme.keybits[t])
+                index.add(codes)
+                lims, _, labels = index.range_search(codes, radius + 1)  # faiss: distance < radius
+                del index
+                q = np.repeat(np.arange(len(uniq)), np.diff(lims.astype(np.int64)))
+                keep = labels > q
+                a, b = q[keep], labels[keep].astype(np.int64)
+                own = scheme.first_table(uniq[a], uniq[b]) == t
+                pa_.append(a[own])
+                pb_.append(b[own])
+    pu = (np.concatenate(pa_) if pa_ else empty, np.concatenate(pb_) if pb_ else empty)
+    return _expand(pu, first, (sa, sb))
+
+
+def near_pairs_bruteforce(
+    hashes: np.ndarray, radius: int, chunk: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair compared (O(n^2)): the reference the other paths are tested against."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    pa_, pb_ = [], []
+    for s in range(0, n, chunk):
+        block = hashes[s : s + chunk]
+        d = popcount(block[:, None] ^ hashes[None, :])
+        i, j = np.nonzero(d <= radius)
+        i = i + s
+        keep = j > i
+        pa_.append(i[keep])
+        pb_.append(j[keep])
+    empty = np.empty(0, dtype=np.int64)
+    return (
+        np.concatenate(pa_).astype(np.int64) if pa_ else empty,
+        np.concatenate(pb_).astype(np.int64) if pb_ else empty,
+    )
+
+
+# -- distributed: partition by (table, key) -----------------------------------------------------
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads keys evenly over partitions."""
+    x = x.copy()
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def partition_rows(
+    scheme: Scheme, ids: np.ndarray, hashes: np.ndarray, parts: int
+) -> list[dict[str, np.ndarray]]:
+    """Split rows into ``parts`` pieces so that each (table, key) group lands in exactly one piece.
+
+    Each piece holds columns ``table`` (uint8), ``id`` (int64), ``hash`` (uint64); a row appears once
+    per table. Written by each input shard's task, read back per partition by ``pairs_in_partition``.
+    """
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    ids = np.asarray(ids, dtype=np.int64)
+    out: list[dict[str, list[np.ndarray]]] = [{"table": [], "id": [], "hash": []} for _ in range(parts)]
+    if len(ids):
+        for t in range(len(scheme.tables)):
+            key = scheme.key(hashes, t)
+            p = (_mix(key ^ np.uint64(t * 0x9E3779B97F4A7C15 % (1 << 64))) % np.uint64(parts)).astype(
+                np.int64
+            )
+            order = np.argsort(p, kind="stable")
+            bounds = np.searchsorted(p[order], np.arange(parts + 1))
+            for q in range(parts):
+                sel = order[bounds[q] : bounds[q + 1]]
+                if sel.size:
+                    out[q]["table"].append(np.full(sel.size, t, dtype=np.uint8))
+                    out[q]["id"].append(ids[sel])
+                    out[q]["hash"].append(hashes[sel])
+    res = []
+    for piece in out:
+        res.append(
+            {
+                "table": np.concatenate(piece["table"]) if piece["table"] else np.empty(0, np.uint8),
+                "id": np.concatenate(piece["id"]) if piece["id"] else np.empty(0, np.int64),
+                "hash": np.concatenate(piece["hash"]) if piece["hash"] else np.empty(0, np.uint64),
+            }
+        )
+    return res
+
+
+def pairs_in_partition(
+    scheme: Scheme, pieces: Sequence[dict[str, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (row ids) within the radius among the rows of one partition (all its pieces)."""
+    table = np.concatenate([p["table"] for p in pieces]) if pieces else np.empty(0, np.uint8)
+    ids = np.concatenate([p["id"] for p in pieces]) if pieces else np.empty(0, np.int64)
+    hashes = np.concatenate([p["hash"] for p in pieces]) if pieces else np.empty(0, np.uint64)
+    pa_, pb_ = [], []
+    for t in np.unique(table):
+        sel = table == t
+        tid, th = ids[sel], hashes[sel]
+        # identical hashes: link to the smallest id (a star, as in the single-node path)
+        order = np.lexsort((tid, th))
+        tid, th = tid[order], th[order]
+        newh = np.ones(len(th), dtype=bool)
+        newh[1:] = th[1:] != th[:-1]
+        rep = tid[np.maximum.accumulate(np.where(newh, np.arange(len(th)), 0))]
+        # Identical hashes share every key, so table 0's partition holds each whole group: link
+        # them there only, once.
+        if t == 0:
+            pa_.append(rep[~newh])
+            pb_.append(tid[~newh])
+        uh, uid = th[newh], tid[newh]
+        a, b = _table_pairs(scheme, uh, int(t))
+        pa_.append(uid[a])
+        pb_.append(uid[b])
+    empty = np.empty(0, dtype=np.int64)
+    a = np.concatenate(pa_) if pa_ else empty
+    b = np.concatenate(pb_) if pb_ else empty
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+# -- exact keys and components -----------------------------------------------------------------
+def equal_key_pairs(
+    ids: np.ndarray, keys: np.ndarray, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with identical keys (rows of a 2-D uint64 array), each linked to the group's smallest id."""
+    ids = np.asarray(ids, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.uint64).reshape(len(ids), -1)
+    if valid is not None:
+        ids, keys = ids[valid], keys[valid]
+    if len(ids) < 2:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    order = np.lexsort((ids, *[keys[:, c] for c in range(keys.shape[1] - 1, -1, -1)]))
+    k, i = keys[order], ids[order]
+    new = np.ones(len(i), dtype=bool)
+    new[1:] = np.any(k[1:] != k[:-1], axis=1)
+    rep = i[np.maximum.accumulate(np.where(new, np.arange(len(i)), 0))]
+    return rep[~new], i[~new]
+
+
+def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of the graph with edges (a[i], b[i]) over arbitrary int64 ids.
+
+    Returns (nodes, label): every id that appears in an edge, and its component, labelled by the
+    smallest id in it (so labels do not depend on edge order or on which path found the edges).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    m = len(nodes)
+    if m == 0:
+        return nodes, nodes.copy()
+    ea, eb = inv[: len(a)], inv[len(a) :]
+    graph = coo_matrix((np.ones(len(ea), dtype=np.int8), (ea, eb)), shape=(m, m))
+    _, comp = connected_components(graph, directed=False)
+    # label each component by its smallest node id (nodes are sorted: first occurrence is min)
+    first = np.full(comp.max() + 1, m, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(m))
+    return nodes, nodes[first[comp]]
+
+
+def partitions_for(rows: int, tables_: int, rows_per_partition: int = 4_000_000) -> int:
+    """How many partitions keep each one near ``rows_per_partition`` row-table entries."""
+    return max(1, math.ceil(rows * tables_ / rows_per_partition))
