@@ -62,6 +62,7 @@ _CAPTION_SALT = b"curate-export-caption"
 # Tar bytes per sample besides the image: three 512-byte headers, padding, txt and json.
 _SAMPLE_OVERHEAD = 3 * (512 + 256) + 768
 _FEISTEL_ROUNDS = 6
+_READ_BATCH_BYTES = 64 * 1024 * 1024
 _EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
 # Columns the per-sample json leaves out: pointers describe this tar itself, the rest are internal.
 _JSON_SKIP = {*schema.POINTER_COLUMNS, schema.DROP_REASON, _OUT_SHARD, _OUT_INDEX}
@@ -351,10 +352,6 @@ class ExportStage(Stage):
         rec = self._plan_record(ctx.output)
         assert ctx.tar is not None and ctx.tar_url is not None
         n = table.num_rows
-        t = time.perf_counter()
-        images = read_images(table)
-        ctx.add_time("read_images", time.perf_counter() - t)
-
         cols = table.column_names
         uids = table.column(schema.UID).to_pylist()
         captions = table.column(schema.CAPTION).to_pylist() if schema.CAPTION in cols else [None] * n
@@ -376,11 +373,19 @@ class ExportStage(Stage):
         tars = table.column(schema.IMAGE_TAR).to_pylist() if schema.IMAGE_TAR in cols else [None] * n
         offsets = table.column(schema.IMAGE_OFFSET).to_pylist() if schema.IMAGE_OFFSET in cols else [None] * n
         lengths = table.column(schema.IMAGE_LENGTH).to_pylist() if schema.IMAGE_LENGTH in cols else [None] * n
+        planned_lengths = list(lengths)
         reasons: list[str | None] = [None] * n
         sources: list[str | None] = [None] * n
+        read_seconds, images, first = 0.0, [], 0
         t = time.perf_counter()
         for i in range(n):
-            data = images[i]
+            if i == first + len(images):
+                # Bytes are read a batch at a time, so a worker holds READ_BATCH_BYTES, not a shard.
+                r = time.perf_counter()
+                first, stop = i, _batch_end(planned_lengths, i, _READ_BATCH_BYTES)
+                images = read_images(table.slice(first, stop - first))
+                read_seconds += time.perf_counter() - r
+            data = images[i - first]
             if data is None:
                 reasons[i] = schema.reason(NAME, "unreadable")
                 continue
@@ -412,7 +417,8 @@ class ExportStage(Stage):
             where = ctx.tar.add(key, {ext: data, "txt": text.encode("utf-8"), "json": _json_bytes(row)})
             keys[i], sources[i] = key, source
             tars[i], (offsets[i], lengths[i]) = ctx.tar_url, where[ext]
-        ctx.add_time("write", time.perf_counter() - t)
+        ctx.add_time("read_images", read_seconds)
+        ctx.add_time("write", time.perf_counter() - t - read_seconds)
 
         table = table.drop_columns([_OUT_SHARD, _OUT_INDEX])
         table = schema.with_column(table, schema.KEY, keys)
@@ -482,6 +488,17 @@ def _read_shard_groups(pf: pq.ParquetFile, shard: int) -> pa.Table:
     col = md.schema.names.index(_OUT_SHARD)
     groups = [g for g in range(md.num_row_groups) if md.row_group(g).column(col).statistics.min == shard]
     return pf.read_row_groups(groups)
+
+
+def _batch_end(lengths: list[int | None], start: int, budget: int) -> int:
+    """End (exclusive) of the run of rows from ``start`` whose images fit in ``budget`` bytes (at least one)."""
+    total, end = 0, start
+    while end < len(lengths):
+        total += lengths[end] or 0
+        if total > budget and end > start:
+            break
+        end += 1
+    return end
 
 
 def _nested(t: pa.DataType) -> bool:

@@ -22,8 +22,10 @@ from curate.stages.export import split_shards
 
 REPO = Path(__file__).resolve().parents[2]
 # open_clip_torch[training] pins webdataset<=0.2.86: its trainer's group_by_keys_nothrow does not
-# skip the end-of-shard marker that webdataset 1.x yields (KeyError: 'fname'). The trainer therefore
-# runs with the webdataset its package declares, installed beside (not into) the project venv.
+# skip the end-of-shard marker ({}) that webdataset >= 0.2.96 yields (KeyError: 'fname';
+# mlfoundations/open_clip#935, webdataset/webdataset#384). The trainer therefore runs with the
+# webdataset its package declares, installed beside (not into) the project venv and put first on
+# PYTHONPATH for that subprocess only.
 OPEN_CLIP_WDS = "webdataset==0.2.86"
 OPEN_CLIP_WDS_DIR = REPO / "bench" / ".cache" / "open_clip_train-webdataset-0.2.86"
 

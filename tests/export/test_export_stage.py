@@ -306,3 +306,35 @@ def test_empty_input_gives_an_empty_complete_export(curated, tmp_path, ray_sessi
     out = Dataset(str(tmp_path / "out"))
     summary = run_stage("export", src.url, out.url, config={"val_fraction": 0.1, "val_min_count": 5})
     assert summary["kept"] == 0 and out.is_complete() and out.shard_ids() == []
+
+
+def _run_without_ray(src: Dataset, out: Dataset, config: dict) -> dict[int, bytes]:
+    """plan / load / process called directly (serial map, no Ray): Arrow in, tar bytes out."""
+    from curate.stage import PlanContext, ShardContext
+    from curate.stages.export import ExportStage
+    from curate.wds import TarWriter
+
+    stage = ExportStage(ExportConfig(**config))
+    plan_dir = out.path("_plan")
+    ids = stage.plan(PlanContext(input_path=src.url, input=src, output=out, plan_dir=plan_dir,
+                                 options=RunOptions(), map=lambda fn, items: [fn(i) for i in items]))
+    tars = {}
+    for n in ids:
+        buf = io.BytesIO()
+        ctx = ShardContext(shard=n, input_path=src.url, input=src, output=out, plan_dir=plan_dir,
+                           options=RunOptions(), tar=TarWriter(buf), tar_url=f"/nowhere/{n}.tar")
+        result = stage.process(stage.load(n, ctx), ctx)
+        assert result.num_rows == ctx.tar.__len__() and result.column(schema.DROP_REASON).null_count == result.num_rows
+        ctx.tar.close()
+        tars[n] = buf.getvalue()
+    return tars
+
+
+def test_batched_reads_write_the_same_tars(curated, tmp_path, monkeypatch):
+    import curate.stages.export as export
+
+    config = {"samples_per_shard": 30, "caption": "mix", "val_fraction": 0.1}
+    whole = _run_without_ray(curated, Dataset(str(tmp_path / "a")), config)
+    monkeypatch.setattr(export, "_READ_BATCH_BYTES", 1)  # every image read on its own
+    batched = _run_without_ray(curated, Dataset(str(tmp_path / "b")), config)
+    assert len(whole) >= 4 and whole == batched
