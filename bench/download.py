@@ -7,14 +7,16 @@ on 127.0.0.1, and both write WebDataset tars of 256 px images, resize mode ``bor
 (bench/.cache/img2dataset-venv, created here with ``pip install img2dataset==1.47.0``) under a memory
 cap (``prlimit --as``) and a wall-clock cap (``timeout``); a crash or a hang is reported as its result.
 
-Measured per tool, end to end as a user runs it (process start to exit, curate's embedded Ray start
-included): samples/s (input URLs / wall seconds), successes, and the peak resident memory of the
-whole process tree (sum of RSS, sampled every 0.1 s).
+Measured per tool: samples/s (input URLs / seconds) end to end (process start to exit) and over the
+tool's own run time, successes, CPU seconds per image and peak resident memory of the whole process
+tree (sums over /proc, sampled every 0.1 s). On a shared machine the CPU figure is the steadiest.
 
     .venv/bin/python bench/download.py [--n 2000] [--shard-size 500] [--time-limit 600]
 
-The last line is ``ratio: X.XX`` = curate samples/s / img2dataset samples/s (0 when img2dataset
-produced nothing).
+The last line is ``ratio: X.XX`` = curate samples/s / img2dataset samples/s over each tool's own run
+time ("job": curate's manifest seconds, which exclude the embedded Ray start; img2dataset's first
+shard start to last shard end); 0.00 when img2dataset produced nothing. The end-to-end wall ratio and
+the CPU seconds per image of both process trees are printed above it.
 """
 
 from __future__ import annotations
@@ -75,10 +77,11 @@ class Server:
         self.proc.wait(timeout=10)
 
 
-def tree_rss(root: int) -> int:
-    """Sum of RSS (bytes) of ``root`` and all its descendants, read from /proc (Linux)."""
+def tree_sample(root: int) -> tuple[int, dict[int, int]]:
+    """(sum of RSS in bytes, {pid: user+system CPU ticks}) over ``root`` and its descendants (/proc)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    info: dict[int, tuple[int, int]] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -87,21 +90,24 @@ def tree_rss(root: int) -> int:
                 stat = f.read()
             fields = stat[stat.rindex(")") + 2:].split()
             pid, ppid = int(d), int(fields[1])
-            rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            info[pid] = (int(fields[21]) * page, int(fields[11]) + int(fields[12]))
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0, [root]
+    rss, cpu, todo = 0, {}, [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        if pid in info:
+            rss += info[pid][0]
+            cpu[pid] = info[pid][1]
         todo.extend(children.get(pid, []))
-    return total
+    return rss, cpu
 
 
 def run_measured(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds, exit code, peak RSS of its whole process tree."""
+    """Run ``cmd``: wall seconds, exit code, peak RSS and CPU seconds of its whole process tree."""
     peak = 0
+    ticks: dict[int, int] = {}
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
@@ -111,7 +117,10 @@ def run_measured(cmd: list[str], log_path: Path, env: dict | None = None) -> dic
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, tree_rss(proc.pid))
+                rss, cpu = tree_sample(proc.pid)
+                peak = max(peak, rss)
+                for pid, t in cpu.items():
+                    ticks[pid] = max(ticks.get(pid, 0), t)
                 done.wait(0.1)
 
         t = threading.Thread(target=sample, daemon=True)
@@ -124,7 +133,8 @@ def run_measured(cmd: list[str], log_path: Path, env: dict | None = None) -> dic
             os.killpg(proc.pid, 9)
         except ProcessLookupError:
             pass
-    return {"rc": rc, "seconds": time.perf_counter() - start, "peak_rss_mb": peak / 2**20}
+    return {"rc": rc, "seconds": time.perf_counter() - start, "peak_rss_mb": peak / 2**20,
+            "cpu_seconds": sum(ticks.values()) / os.sysconf("SC_CLK_TCK")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = [f"shard_size={args.shard_size}", f"image.image_size={args.image_size}",
                 f"image.resize_mode={args.resize_mode}", "image.output_format=jpg", "image.encode_quality=95",
                 "fetch.allowed_networks=[127.0.0.1/32]", "fetch.connections=64", "fetch.per_host_connections=64",
-                "decode_threads=1"]
+                ]
         cmd = [str(ROOT / ".venv" / "bin" / "curate"), "download", "--input", str(url_list), "--output",
                str(cur_out)]
         for s in sets:
@@ -169,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         cur = run_measured(cmd, WORK / "curate.log", env)
         manifest = json.loads((cur_out / "_manifest.json").read_text()) if (cur_out / "_manifest.json").exists() else None
         cur["successes"] = manifest["totals"]["kept"] if manifest else 0
+        # The stage's own run time: plan, all shards, manifest; not Python or Ray start-up.
+        cur["job_seconds"] = manifest["seconds"] if manifest else None
         cur["result"] = "ok" if cur["rc"] == 0 and manifest else f"failed (rc {cur['rc']}, see {WORK / 'curate.log'})"
 
         # img2dataset: its own venv, capped.
@@ -182,9 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                "--encode_format", "jpg", "--encode_quality", "95",
                "--number_sample_per_shard", str(args.shard_size), "--distributor", "multiprocessing",
                "--enable_wandb", "False", "--retries", "0", "--timeout", "10"]
-        ref = run_measured(cmd, WORK / "img2dataset.log")
+        # no update check over the network from albumentations (there is no network here)
+        ref = run_measured(cmd, WORK / "img2dataset.log", {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
         stats = [json.loads(Path(p).read_text()) for p in glob.glob(str(i2d_out / "*_stats.json"))]
         ref["successes"] = sum(s.get("successes", 0) for s in stats)
+        # img2dataset's own run time: first shard start to last shard end, as its stats record them.
+        ref["job_seconds"] = (max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)) if stats else None
         if ref["rc"] in (124, 137):
             ref["result"] = f"hung: killed after {args.time_limit}s ({ref['successes']} successes in finished shards)"
         elif ref["rc"] != 0:
@@ -194,19 +209,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.close()
 
-    print(f"{'tool':<22}{'result':<10}{'seconds':>9}{'samples/s':>11}{'successes':>11}{'peak RSS MB':>13}")
-    rates = {}
+    print()
+    print(f"{'tool':<20}{'result':<8}{'wall s':>8}{'wall/s':>9}{'job s':>8}{'job/s':>9}{'CPU ms/img':>12}"
+          f"{'successes':>11}{'peak RSS MB':>13}")
+    rows = {}
     for name, r in (("curate download", cur), (f"img2dataset {I2D_VERSION}", ref)):
         ok = r["result"] == "ok"
-        rate = args.n / r["seconds"] if ok else 0.0
-        rates[name] = rate
-        print(f"{name:<22}{'ok' if ok else 'FAILED':<10}{r['seconds']:>9.1f}{rate:>11.1f}{r['successes']:>11d}"
-              f"{r['peak_rss_mb']:>13.0f}")
+        job = r.get("job_seconds")
+        rows[name] = {
+            "wall_rate": args.n / r["seconds"] if ok else 0.0,
+            "job_rate": args.n / job if ok and job else 0.0,
+            "cpu_ms": 1000 * r["cpu_seconds"] / args.n,
+        }
+        x = rows[name]
+        print(f"{name:<20}{'ok' if ok else 'FAILED':<8}{r['seconds']:>8.1f}{x['wall_rate']:>9.1f}"
+              f"{(job or 0):>8.1f}{x['job_rate']:>9.1f}{x['cpu_ms']:>12.1f}{r['successes']:>11d}{r['peak_rss_mb']:>13.0f}")
         if not ok:
             print(f"  {name}: {r['result']}")
-    c, b = rates["curate download"], rates[f"img2dataset {I2D_VERSION}"]
+    c, b = rows["curate download"], rows[f"img2dataset {I2D_VERSION}"]
+    print("wall: process start to exit (curate: Python + embedded Ray start included); job: the tool's own run time")
+    print("(curate: manifest seconds; img2dataset: first shard start to last shard end); CPU: user+system of the tree")
     print(f"success counts: curate {cur['successes']} / img2dataset {ref['successes']} of {args.n}")
-    print(f"ratio: {c / b:.2f}" if b > 0 else "ratio: 0.00")
+    if b["wall_rate"] > 0:
+        print(f"wall ratio: {c['wall_rate'] / b['wall_rate']:.2f}   CPU per image ratio (img2dataset / curate): "
+              f"{b['cpu_ms'] / max(c['cpu_ms'], 1e-9):.2f}")
+    print(f"ratio: {c['job_rate'] / b['job_rate']:.2f}" if b["job_rate"] > 0 else "ratio: 0.00")
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -177,7 +178,14 @@ def test_end_to_end_through_runner_then_retry_failed(tmp_path, server, ray_sessi
     # the 503 host recovers: --retry-failed fetches only that row again, into a new shard
     server.routes.healthy = True
     before = server.paths()
-    summary = run_stage("download", inp, out_url, config=cfg, options=RunOptions(retry_failed=True))
+    import yaml
+
+    from curate.cli import main
+
+    cfg_file = tmp_path / "download.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert main(["download", "--input", inp, "--output", out_url, "--config", str(cfg_file), "--retry-failed"]) == 0
+    summary = Dataset(out_url).manifest()["totals"]
     refetched = server.paths()[len(before):]
     assert refetched == ["/sometimes.jpg"]  # the 404 and the opt-out are not retried
     out = Dataset(out_url)
@@ -188,6 +196,11 @@ def test_end_to_end_through_runner_then_retry_failed(tmp_path, server, ray_sessi
     assert len(counts) == 8 and set(counts.values()) == {1}  # no uid both kept and rejected
     assert summary["rows_in"] == 8 and summary["kept"] == 5 and summary["dropped"] == 3
     assert out.stats(0)["retried_out"] == 1
+    why = DownloadStage(config(server)).explain(out, new.column(schema.UID)[0].as_py())
+    assert why["decision"] == "kept" and why["shard"] == "00002" and why[schema.STATUS] == "success"
+    gone = out.read_rejects(0).filter(pa.compute.equal(out.read_rejects(0).column(schema.URL), server.base_url + "/status/404"))
+    why = DownloadStage(config(server)).explain(out, gone.column(schema.UID)[0].as_py())
+    assert why["decision"] == "rejected" and why[schema.ERROR_MESSAGE].startswith("http: 404")
 
     # a second retry finds nothing to do and changes nothing
     summary2 = run_stage("download", inp, out_url, config=cfg, options=RunOptions(retry_failed=True))
