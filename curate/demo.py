@@ -10,8 +10,9 @@ stage reads (``url``, ``caption``).
 
     python -m curate.demo serve [--root DIR] [--port 8000] [--urls OUT.parquet]
     python -m curate.demo urls OUT.parquet --base-url http://127.0.0.1:8000 [--repeat N]
-    python -m curate.demo run --port 8765 --urls demo-output/urls.parquet -- curate run pipelines/demo.yaml
-        (serve while the command runs; exit with its status)
+    python -m curate.demo run [--pipeline pipelines/demo.yaml] [-- COMMAND ...]
+        serve on 127.0.0.1:8765 (a free port if taken), write demo-output/urls.parquet, then run the
+        demo pipeline in this process (or COMMAND); exit with its status. This is ``make demo``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from curate import schema
 
 log = logging.getLogger(__name__)
 
-CORPUS = Path(__file__).resolve().parent.parent / "demo" / "corpus"
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "demo" / "corpus"
+DEMO_PIPELINE = REPO / "pipelines" / "demo.yaml"
+DEMO_URLS = REPO / "demo-output" / "urls.parquet"
+# A fixed port keeps the demo's URL list identical from one `make demo` to the next.
+DEMO_PORT = 8765
 CAPTIONS_FILE = "captions.jsonl"
 
 # mimetypes differs between systems (webp is missing on some); the corpus needs exactly these.
@@ -123,6 +129,8 @@ class DemoServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> DemoServer:
+        if self._server is not None:
+            return self
         root = str(self.root)
 
         class Handler(_Handler):
@@ -179,10 +187,27 @@ def write_url_list(out_path: str | Path, base_url: str, repeat: int = 1, root: s
     table = pa.table({schema.URL: pa.array(u, pa.string()), schema.CAPTION: pa.array(c, pa.string())})
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        try:
+            if pq.read_table(out).equals(table):
+                return table.num_rows  # unchanged: leave the file (and its mtime) alone
+        except Exception:  # noqa: BLE001 - an unreadable old list is simply replaced
+            pass
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(out)
     return table.num_rows
+
+
+def _start(root: str, host: str, port: int) -> DemoServer:
+    """A started server on ``port``, or on a free port when that one is taken."""
+    try:
+        return DemoServer(root, host, port).start()
+    except OSError as e:
+        if port == 0:
+            raise
+        log.warning("port %d is taken (%s); serving on a free port instead", port, e)
+        return DemoServer(root, host, 0).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,21 +227,23 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="serve the corpus while a command runs; exit with its status")
     r.add_argument("--root", default=str(CORPUS))
     r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=0)
-    r.add_argument("--urls", help="write the URL list for this server here before the command starts")
+    r.add_argument("--port", type=int, default=DEMO_PORT, help="0: any free port")
+    r.add_argument("--urls", default=str(DEMO_URLS), help="where to write the URL list for this server")
     r.add_argument("--repeat", type=int, default=1)
-    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    r.add_argument("--pipeline", default=str(DEMO_PIPELINE), help="pipeline to run when no command is given")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...] instead of the pipeline")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "run":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        if not command:
-            ap.error("run: give the command after --")
-        with DemoServer(args.root, args.host, args.port) as srv:
-            if args.urls:
-                write_url_list(args.urls, srv.base_url, args.repeat, args.root)
-            print(f"serving {srv.root} at {srv.base_url}", flush=True)
-            return subprocess.call(command)
+        with _start(args.root, args.host, args.port) as srv:
+            n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
+            print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
+            if command:
+                return subprocess.call(command)
+            from curate.cli import main as curate_main
+
+            return curate_main(["run", args.pipeline])
     if args.cmd == "urls":
         n = write_url_list(args.out, args.base_url, args.repeat, args.root)
         print(f"wrote {n} urls to {args.out}")

@@ -186,14 +186,40 @@ def test_python_m_curate_demo_run_serves_while_a_command_runs(tmp_path):
         "sys.exit(0 if urllib.request.urlopen(u, timeout=10).status == 200 else 3)"
     )
     res = subprocess.run(
-        [sys.executable, "-m", "curate.demo", "run", "--urls", str(out), "--", sys.executable, "-c", script],
+        [
+            sys.executable,
+            "-m",
+            "curate.demo",
+            "run",
+            "--port",
+            "0",
+            "--urls",
+            str(out),
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert res.returncode == 0, res.stderr
     fail = subprocess.run(
-        [sys.executable, "-m", "curate.demo", "run", "--", sys.executable, "-c", "raise SystemExit(7)"],
+        [
+            sys.executable,
+            "-m",
+            "curate.demo",
+            "run",
+            "--port",
+            "0",
+            "--urls",
+            str(tmp_path / "u2.parquet"),
+            "--",
+            sys.executable,
+            "-c",
+            "raise SystemExit(7)",
+        ],
         capture_output=True,
         timeout=60,
     )

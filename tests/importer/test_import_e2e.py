@@ -206,3 +206,45 @@ def test_import_the_demo_corpus_as_webdataset(tmp_path):
     for e in entries:
         if e["kind"] == "duplicate":
             assert sha[f"{by_file[e['file']]:06d}"] == sha[f"{by_file[e['of']]:06d}"]
+
+
+def test_demo_run_downloads_the_corpus_and_import_adopts_the_download(ray_session, tmp_path):
+    """`python -m curate.demo run --pipeline P`: the corpus served on 127.0.0.1, downloaded by the
+    download stage, and the download's own tars + parquet adopted again by import."""
+    import yaml
+
+    from curate import demo
+
+    pipe = tmp_path / "p.yaml"
+    urls = tmp_path / "urls.parquet"
+    pipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "demo-test",
+                "output": str(tmp_path / "out"),
+                "input": str(urls),
+                "stages": [
+                    {
+                        "stage": "download",
+                        "config": {"shard_size": 200, "fetch": {"allowed_networks": ["127.0.0.1/32"]}},
+                    },
+                    {"stage": "import"},
+                ],
+            }
+        )
+    )
+    assert demo.main(["run", "--port", "0", "--urls", str(urls), "--pipeline", str(pipe)]) == 0
+    down = Dataset(str(tmp_path / "out" / "download"))
+    imp = Dataset(str(tmp_path / "out" / "import"))
+    assert down.is_complete() and imp.is_complete()
+    d_totals, i_totals = down.manifest()["totals"], imp.manifest()["totals"]
+    broken = sum(
+        1 for e in demo.read_entries() if e["kind"] in ("missing", "truncated", "html_as_image", "pixel_bomb")
+    )
+    assert d_totals["dropped"] == broken and d_totals["kept"] == len(demo.read_entries()) - broken
+    assert i_totals["rows_in"] == d_totals["kept"]  # a curate shard parquet lists its kept rows only
+    assert i_totals["kept"] == d_totals["kept"]
+    d = pa.concat_tables([t for _, t in down.iter_shards()], promote_options="default")
+    i = pa.concat_tables([t for _, t in imp.iter_shards()], promote_options="default")
+    assert sorted(d.column(schema.SHA256).to_pylist()) == sorted(i.column(schema.SHA256).to_pylist())
+    assert verify(imp)[0] == []
