@@ -17,7 +17,8 @@ and see extensions ``c.jpg``, ``c.txt``.
 Rejects (``drop_reason``): ``import:missing_caption``, ``import:missing_image`` (a key with no image
 member, or an img2dataset row that failed to download), ``import:undecodable``,
 ``import:too_many_pixels`` (declared size over ``max_pixels``: not decoded), ``import:duplicate_key``
-(a key seen again in the same tar with members it already has), ``import:duplicate_uid``.
+(a key seen again in the same tar with members it already has), ``import:duplicate_uid`` (an input
+uid seen before: in the same tar, or in an earlier tar's img2dataset parquet).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "import"
 PLAN_FILE = "import.json"
+EARLIER_UIDS_FILE = "import_earlier_uids.json"  # shard -> input uids an earlier tar already has
 MAX_EXAMPLES = 10  # names of odd keys kept in a shard's stats
 
 # Private columns between load and process; never written.
@@ -291,6 +293,16 @@ def _column(values: list[Any]) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in vals], pa.string())
 
 
+def _parquet_uids(url: str) -> list[str | None]:
+    """The input uid column of an img2dataset parquet (read alone), or [] when it has none."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        if schema.UID not in pf.schema_arrow.names:
+            return []
+        return [None if u is None else str(u) for u in pf.read(columns=[schema.UID]).column(0).to_pylist()]
+
+
 def _input_name(name: str) -> str | None:
     """Where an input field goes: its own name, ``original_sha256``, ``input_<name>`` when it would
     collide with a curate column, or None (not kept)."""
@@ -325,6 +337,26 @@ class ImportStage(Stage):
     def plan(self, ctx: PlanContext) -> list[int]:
         assert ctx.input_path is not None
         tars = list_tars(ctx.input_path)
+        # An input uid repeated in a later tar's parquet is rejected there (duplicates inside one
+        # tar are found by the shard itself). uids that exist only in webdataset .json members are
+        # checked within their tar only: finding them would mean reading every tar here.
+        with_parquet = [t for t in tars if t["parquet"]]
+        seen: set[str] = set()
+        earlier: dict[str, list[str]] = {}
+        for t, uids in zip(
+            with_parquet, ctx.map(_parquet_uids, [t["parquet"] for t in with_parquet]), strict=True
+        ):
+            mine = {u for u in uids if u is not None}
+            dup = sorted(mine & seen)
+            if dup:
+                earlier[str(t["shard"])] = dup
+            seen |= mine
+        if earlier:
+            log.warning(
+                "import: %d input uids repeat a uid of an earlier tar; rejected as import:duplicate_uid",
+                sum(map(len, earlier.values())),
+            )
+        ctx.output.write_json(earlier, PLAN_DIR, EARLIER_UIDS_FILE)
         ctx.output.write_json(tars, PLAN_DIR, PLAN_FILE)
         kinds = Counter("img2dataset" if t["parquet"] else "webdataset" for t in tars)
         log.info("import: %d tars under %s (%s)", len(tars), ctx.input_path, dict(kinds))
@@ -501,7 +533,9 @@ class ImportStage(Stage):
         uids: list[str | None] = list(get[schema.UID]) if schema.UID in get else json_uids
         for i, e in enumerate(json_cols.pop(schema.ERROR_MESSAGE, [None] * n)):
             errors[i] = errors[i] or e
-        seen_uids: set[str] = set()
+        seen_uids: set[str] = set(
+            (ctx.output.read_json(PLAN_DIR, EARLIER_UIDS_FILE) or {}).get(str(ctx.shard), [])
+        )
         rel = entry["rel"]
         for i in range(n):
             cap = captions[i]
@@ -512,8 +546,8 @@ class ImportStage(Stage):
                 uids[i] = uid_for(*parts, get[_OCC][i]) if get[_OCC][i] else uid_for(*parts)
             else:
                 uids[i] = str(uids[i])
-            if uids[i] in seen_uids:
-                reasons[i] = reasons[i] or "duplicate_uid"
+            if uids[i] in seen_uids and reasons[i] is None:
+                reasons[i], errors[i] = "duplicate_uid", "this uid appears earlier in the input"
             seen_uids.add(uids[i])
 
         out = table.drop_columns([c for c in _PRIVATE if c in cols])

@@ -385,3 +385,33 @@ def test_img2dataset_parquet_repeating_a_key(tmp_path, make_image):
     assert rej.column(schema.DROP_REASON).to_pylist() == ["import:duplicate_key"] * 2
     uids = rows(ds).column(schema.UID).to_pylist() + rej.column(schema.UID).to_pylist()
     assert len(set(uids)) == 3
+
+
+def test_input_uid_repeated_in_a_later_img2dataset_shard(tmp_path, make_image):
+    """DataComp-style inputs carry a uid column; a uid already adopted from an earlier tar is a reject."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    uids = {0: ["a" * 32, "b" * 32], 1: ["c" * 32, "a" * 32]}
+    for shard in (0, 1):
+        write_img2dataset_shard(
+            folder,
+            shard,
+            [
+                {
+                    "url": f"http://h/{shard}/{i}",
+                    "caption": f"c{shard}{i}",
+                    "image": make_image(shard * 10 + i),
+                }
+                for i in range(2)
+            ],
+        )
+        t = pq.read_table(folder / f"{shard:05d}.parquet")
+        pq.write_table(t.append_column("uid", pa.array(uids[shard])), folder / f"{shard:05d}.parquet")
+    ds = import_direct(folder, tmp_path / "out")
+    assert sorted(rows(ds).column(schema.UID).to_pylist()) == ["a" * 32, "b" * 32, "c" * 32]
+    rej = rejects(ds).to_pylist()
+    assert [(r[schema.UID], r[schema.CAPTION], r[schema.DROP_REASON]) for r in rej] == [
+        ("a" * 32, "c11", "import:duplicate_uid")
+    ]
