@@ -413,6 +413,8 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
         parquet_bytes = out.fs.size(out.shard_path(n, "parquet"))
         entry = {"shard": out.shard_name(n), "rows": s["rows_out"], "rejected": s["rejected"],
                  "parquet_bytes": parquet_bytes, "tar_bytes": s.get("tar_bytes", 0)}
+        if "split" in s:  # export's held-out split: readers find train and val shards here
+            entry["split"] = s["split"]
         shards.append(entry)
         totals["rows_in"] += s["rows_in"]
         totals["kept"] += s["rows_out"]
@@ -423,6 +425,12 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
         if stage_cls.writes_images:
             sizes[f"{out.shard_name(n)}.tar"] = s["rows_out"]
     totals["drops"] = dict(sorted(totals["drops"].items()))
+    splits: dict[str, dict[str, Any]] = {}
+    for e in shards:
+        if "split" in e:
+            sp = splits.setdefault(e["split"], {"shards": [], "rows": 0})
+            sp["shards"].append(e["shard"])
+            sp["rows"] += e["rows"]
     if stage_cls.writes_images:
         out.write_json(sizes, "shards", "sizes.json")
     manifest = {
@@ -439,6 +447,7 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
         "seconds": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "removals": (out.manifest() or {}).get("removals", []),
+        **({"splits": splits} if splits else {}),
     }
     out.write_json(manifest, "_manifest.json")
     out.refresh()
