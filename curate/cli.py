@@ -246,6 +246,92 @@ def verify_cmd(dataset: str) -> None:
     click.echo(f"ok: {ds.url}: {checked} rows checked")
 
 
+@cli.command("stage", hidden=True)
+@click.argument("name")
+@click.option("--input", "input_", metavar="IN")
+@click.option("--output", required=True, metavar="OUT")
+@click.option("--config", "config_file", metavar="FILE")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--overwrite", is_flag=True)
+def stage_cmd(name, input_, output, config_file, sets, overwrite) -> None:
+    """Run any stage, registered or ``module:Class`` (the entrypoint of a submitted job)."""
+    print_summary([_run_one(name, input_, output, config_file, sets, overwrite, False)])
+
+
+@cli.command("submit")
+@click.argument("stage")
+@click.option("--input", "input_", metavar="IN", help="Input dataset (or raw input for download/import).")
+@click.option("--output", required=True, metavar="OUT", help="Output dataset directory (any fsspec URL).")
+@click.option("--config", "config_file", metavar="FILE", help="YAML file with the stage's config.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key.")
+@click.option("--overwrite", is_flag=True, help="Replace an output made with another config or input.")
+@click.option("--address", envvar="RAY_ADDRESS", required=True, metavar="http://HEAD:8265",
+              help="The cluster's job API (dashboard) address.")
+def submit_cmd(stage, input_, output, config_file, sets, overwrite, address) -> None:
+    """Run one stage as a Ray job on a cluster and follow it."""
+    from curate import jobs
+    from curate.config import ConfigError, read_yaml
+
+    try:
+        config = read_yaml(config_file) if config_file else {}
+        summaries = jobs.run_pipeline(None, [(stage, input_, output, config, list(sets))], address,
+                                      overwrite=overwrite)
+    except ConfigError as e:
+        _fail_usage(str(e))
+    except jobs.JobFailed as e:
+        raise click.ClickException(str(e)) from None
+    print_summary(summaries)
+
+
+@cli.command("report")
+@click.argument("dataset")
+@click.option("--out", "out_file", metavar="FILE", help="HTML file to write (default: DATASET_report.html).")
+@click.option("--json", "json_file", metavar="FILE", help="Also write the report's numbers as JSON.")
+def report_cmd(dataset: str, out_file: str | None, json_file: str | None) -> None:
+    """One self-contained HTML page: funnel over the lineage, histograms, sample grids, throughput."""
+    from curate.dataset import Dataset
+    from curate.report import build_report, write_html
+
+    ds = Dataset(dataset)
+    if not ds.is_complete():
+        _fail_usage(f"dataset {dataset} is not a complete curate dataset (no _manifest.json)")
+    report = build_report(ds)
+    html_path = out_file or ds.root.rstrip("/") + "_report.html"
+    write_html(report, html_path)
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(report.data, f, indent=1, default=str)
+    click.echo(f"report: {html_path}" + (f"  json: {json_file}" if json_file else ""))
+
+
+@cli.command("remove")
+@click.argument("datasets", nargs=-1, required=True)
+@click.option("--uids", "uids_file", metavar="FILE", help="One uid per line.")
+@click.option("--urls", "urls_file", metavar="FILE", help="One URL per line.")
+@click.option("--domains", "domains_file", metavar="FILE", help="One domain per line (subdomains too).")
+@click.option("--sha256", "sha_file", metavar="FILE", help="One image sha256 per line.")
+@click.option("--reason", default="removal request", show_default=True, help="Recorded in each manifest.")
+@click.option("--by", "by", default=None, help="Who asked (recorded); default: $USER.")
+def remove_cmd(datasets, uids_file, urls_file, domains_file, sha_file, reason, by) -> None:
+    """Remove samples from every dataset given: tars, Parquet, rejects, plans, indexes, manifests."""
+    from curate.removal import RemovalError, Request, remove
+
+    given = [f for f in (uids_file, urls_file, domains_file, sha_file) if f]
+    if len(given) != 1:
+        _fail_usage("give exactly one of --uids, --urls, --domains, --sha256")
+    try:
+        request = Request.from_files(uids=uids_file, urls=urls_file, domains=domains_file, sha256=sha_file,
+                                     reason=reason, by=by)
+        results = remove(list(datasets), request)
+    except RemovalError as e:
+        _fail_usage(str(e))
+    for r in results:
+        click.echo(f"{r['dataset']}: removed {r['removed']} row(s)"
+                   + (f", {r['tar_rewritten']} tar(s) rewritten" if r.get("tar_rewritten") else "")
+                   + (f", {r['pointers_moved']} pointer(s) moved" if r.get("pointers_moved") else "")
+                   + (f"; NOTE {r['note']}" if r.get("note") else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code instead of exiting (tests call it directly)."""
     try:
