@@ -1,0 +1,670 @@
+"""dedup: global duplicate removal across all shards (exact, perceptual, caption), DESIGN §4.
+
+Plan (once, over the whole input):
+1. scan, one task per input shard: read only uid, sha256, phash, caption and the keep-score columns
+   (width, height, clip_score); hash the images that have no pHash yet from their bytes (undecodable
+   ones get none); write ``_plan/dedup/keys/NNNNN.parquet``: (row, uid, phash, 128-bit sha and caption
+   keys, pixels, clip score, MinHash signature when asked). Only these few numbers travel further.
+2. edges, per rule (``rules``: kinds joined by "+", e.g. ``near+caption``; a pair is a duplicate when
+   any rule holds): rows with equal exact keys; pHash pairs within ``radius`` (multi-index hashing,
+   ``curate.neardup``); near pairs within groups of equal exact keys; MinHash caption pairs.
+   ``engine``: ``sort`` (numpy, one process), ``faiss`` (faiss binary hash indexes, one process) or
+   ``distributed`` (every shard's rows partitioned by (table, key) / by exact key, one Ray task per
+   partition, so no process holds all hashes); they find the same pairs.
+3. clusters = connected components of all edges (labelled by their smallest global row id); in each
+   the kept member is the best by ``keep`` (resolution, clip_score or first seen, ties by position);
+   the others are rejected as ``dedup:<rule>`` with ``dup_of`` = the kept uid.
+   ``_plan/dedup/decisions/NNNNN.parquet`` (per input shard) and ``clusters.parquet`` (for explain).
+Every plan file is written atomically and is a pure function of the input and config, so a plan
+killed anywhere and rerun gives the same decisions.
+
+Apply (per shard): set ``phash`` on every row and ``drop_reason`` / ``dup_of`` on the rejected ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import posixpath
+import re
+import unicodedata
+import zlib
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from curate import neardup, phash, schema
+from curate.config import ConfigError
+from curate.dataset import PLAN_DIR, Dataset, read_images, sha256_hex, tmp_name, write_parquet
+from curate.stage import PlanContext, ShardContext, Stage, StageConfig
+
+log = logging.getLogger(__name__)
+
+NAME = "dedup"
+KINDS = ("exact", "near", "caption", "caption_near")
+UNDECODABLE = "undecodable"
+_SUB = "dedup"
+
+# plan columns (internal to the plan files)
+_ROW, _SHA_HI, _SHA_LO, _CAP_HI, _CAP_LO, _PIXELS, _SIG = (
+    "row",
+    "sha_hi",
+    "sha_lo",
+    "cap_hi",
+    "cap_lo",
+    "pixels",
+    "minhash",
+)
+_GID, _KIND, _CLUSTER, _KEPT = "gid", "kind", "cluster", "kept"
+_MERSENNE = (1 << 61) - 1
+
+
+class DedupConfig(StageConfig):
+    # Each rule is a set of kinds that must all hold for a pair: exact (same sha256), near (pHash
+    # within radius), caption (same normalised caption), caption_near (MinHash Jaccard >= caption_jaccard).
+    rules: list[str] = ["exact", "near"]
+    # 6 of 64 bits: on real photos and clip art it catches ~all resizes, recompressions and brightness
+    # shifts and most text overlays, with few unrelated pairs; bench/near_dup.py measures the cost.
+    radius: int = Field(6, ge=0, le=20)
+    keep: Literal["resolution", "clip_score", "first"] = "resolution"
+    # drop: rows whose image does not decode are rejected as dedup:undecodable; keep: kept, null phash.
+    undecodable: Literal["drop", "keep"] = "drop"
+    engine: Literal["auto", "sort", "faiss", "distributed"] = "auto"
+    # auto: one process up to this many rows, distributed beyond
+    local_max_rows: int = Field(50_000_000, ge=1)
+    rows_per_partition: int = Field(4_000_000, ge=1000)
+    blocks: int | None = Field(None, ge=1, le=neardup.MAX_BLOCKS)  # None: chosen by cost model
+    caption_min_chars: int = Field(1, ge=1)  # shorter normalised captions never count as duplicates
+    caption_jaccard: float = Field(0.8, gt=0, le=1)
+    minhash_perms: int = Field(64, ge=8, le=512)
+    minhash_bands: int = Field(16, ge=1)
+    shingle_chars: int = Field(4, ge=1, le=16)
+    max_pixels: int = Field(phash.DEFAULT_MAX_PIXELS, ge=1)
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("rules must name at least one rule")
+        for rule in v:
+            parts = rule.split("+")
+            bad = [p for p in parts if p not in KINDS]
+            if bad or len(set(parts)) != len(parts):
+                raise ValueError(f"rule {rule!r}: kinds are {', '.join(KINDS)}, joined by '+', each once")
+            if "near" in parts and "caption_near" in parts:
+                raise ValueError(f"rule {rule!r}: near and caption_near cannot be combined")
+        return v
+
+
+# -- per-row keys ------------------------------------------------------------------------------
+_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalize_caption(text: str | None) -> str:
+    """Casefolded, NFKC, punctuation and runs of spaces collapsed: 'A  Cat!' == 'a cat'."""
+    if not text:
+        return ""
+    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def _key128(data: bytes) -> tuple[int, int]:
+    d = hashlib.blake2b(data, digest_size=16).digest()
+    return int.from_bytes(d[:8], "big"), int.from_bytes(d[8:], "big")
+
+
+def minhash(text: str, perms: int, shingle: int) -> list[int]:
+    """MinHash signature (perms values) of the character shingles of a normalised caption."""
+    grams = {text[i : i + shingle] for i in range(max(1, len(text) - shingle + 1))}
+    x = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
+    rng = np.random.default_rng(0x5EED)  # fixed: signatures must agree across workers and runs
+    a = rng.integers(1, 1 << 32, perms, dtype=np.uint64)
+    b = rng.integers(0, 1 << 32, perms, dtype=np.uint64)
+    # x, a, b < 2**32: a*x + b < 2**64, no overflow before the modulo
+    v = (a[None, :] * x[:, None] + b[None, :]) % np.uint64(_MERSENNE)
+    return v.min(axis=0).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScanJob:
+    input_url: str
+    output_url: str
+    shard: int
+    config: dict[str, Any]
+
+
+def _plan_path(ds: Dataset, *parts: str) -> str:
+    return ds.path(PLAN_DIR, _SUB, *parts)
+
+
+def _write_atomic(ds: Dataset, table: pa.Table, path: str) -> None:
+    ds.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = tmp_name(path)
+    write_parquet(table, tmp, ds.fs)
+    ds.rename(tmp, path)
+
+
+def _scan_shard(job: _ScanJob) -> dict[str, int]:
+    """Phase 1 on one input shard: the keys file (skipped when a previous attempt wrote it)."""
+    cfg = DedupConfig(**job.config)
+    inp, out = Dataset(job.input_url), Dataset(job.output_url)
+    path = _plan_path(out, "keys", f"{job.shard:08d}.parquet")
+    if out.fs.exists(path):
+        t = pq.read_table(path, columns=[schema.PHASH], filesystem=out.fs)
+        return {"shard": job.shard, "rows": t.num_rows, "undecodable": t.column(0).null_count, "hashed": 0}
+    kinds = {k for rule in cfg.rules for k in rule.split("+")}
+    cols = [
+        schema.UID,
+        schema.SHA256,
+        schema.PHASH,
+        schema.CAPTION,
+        schema.WIDTH,
+        schema.HEIGHT,
+        schema.CLIP_SCORE,
+    ]
+    t = inp.read_shard(job.shard, columns=cols)
+    n = t.num_rows
+    have = set(t.column_names)
+    hashes = t.column(schema.PHASH).to_pylist() if schema.PHASH in have else [None] * n
+    shas = t.column(schema.SHA256).to_pylist() if schema.SHA256 in have else [None] * n
+    missing = [i for i in range(n) if hashes[i] is None or ("exact" in kinds and shas[i] is None)]
+    if missing:
+        # only the rows without a hash are read back from their tars
+        ptr = inp.read_shard(job.shard, columns=list(schema.POINTER_COLUMNS)).take(missing)
+        blobs = read_images(ptr)
+        new = phash.phash_bytes([b for b in blobs], max_pixels=cfg.max_pixels)
+        for i, blob, h in zip(missing, blobs, new, strict=True):
+            if hashes[i] is None:
+                hashes[i] = h
+            if shas[i] is None and blob is not None and h is not None:
+                shas[i] = sha256_hex(blob)
+    sha_hi, sha_lo = [], []
+    for s in shas:
+        hi, lo = (int(s[:16], 16), int(s[16:32], 16)) if s else (None, None)
+        sha_hi.append(hi)
+        sha_lo.append(lo)
+    caps = t.column(schema.CAPTION).to_pylist() if schema.CAPTION in have else [None] * n
+    norm = [normalize_caption(c) for c in caps]
+    cap_keys = [_key128(c.encode()) if len(c) >= cfg.caption_min_chars else (None, None) for c in norm]
+    w = t.column(schema.WIDTH).to_pylist() if schema.WIDTH in have else [None] * n
+    h = t.column(schema.HEIGHT).to_pylist() if schema.HEIGHT in have else [None] * n
+    pixels = [(a or 0) * (b or 0) for a, b in zip(w, h, strict=True)]
+    clip = t.column(schema.CLIP_SCORE).to_pylist() if schema.CLIP_SCORE in have else [None] * n
+    arrays = {
+        _ROW: pa.array(range(n), pa.int32()),
+        schema.UID: t.column(schema.UID),
+        schema.PHASH: pa.array(hashes, pa.uint64()),
+        _SHA_HI: pa.array(sha_hi, pa.uint64()),
+        _SHA_LO: pa.array(sha_lo, pa.uint64()),
+        _CAP_HI: pa.array([k[0] for k in cap_keys], pa.uint64()),
+        _CAP_LO: pa.array([k[1] for k in cap_keys], pa.uint64()),
+        _PIXELS: pa.array(pixels, pa.int64()),
+        schema.CLIP_SCORE: pa.array(clip, pa.float32()),
+    }
+    if "caption_near" in kinds:
+        sigs = [
+            minhash(c, cfg.minhash_perms, cfg.shingle_chars) if len(c) >= cfg.caption_min_chars else None
+            for c in norm
+        ]
+        arrays[_SIG] = pa.array(sigs, pa.list_(pa.uint64(), cfg.minhash_perms))
+    keys = pa.table(arrays)
+    _write_atomic(out, keys, path)
+    return {
+        "shard": job.shard,
+        "rows": n,
+        "undecodable": keys.column(schema.PHASH).null_count,
+        "hashed": len(missing),
+    }
+
+
+# -- rules -------------------------------------------------------------------------------------
+def _u64(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    return np.asarray(col.fill_null(0).to_numpy(), dtype=np.uint64), valid
+
+
+def _mix2(parts: list[np.ndarray]) -> np.ndarray:
+    """Combine several uint64 key columns into two (a 128-bit key), order-sensitive."""
+    hi = np.full(len(parts[0]), 0x243F6A8885A308D3, dtype=np.uint64)
+    lo = np.full(len(parts[0]), 0x13198A2E03707344, dtype=np.uint64)
+    for i, p in enumerate(parts):
+        hi = neardup._mix(hi ^ p ^ np.uint64(i))
+        lo = neardup._mix(lo + p * np.uint64(0x9E3779B97F4A7C15) + np.uint64(i))
+    return np.stack([hi, lo], axis=1)
+
+
+def _rule_key(keys: pa.Table, kinds: list[str]) -> tuple[np.ndarray | None, np.ndarray]:
+    """The rule's exact key per row (N, 2) uint64 and its validity; None when it has no exact kind."""
+    n = keys.num_rows
+    valid = np.ones(n, dtype=bool)
+    parts: list[np.ndarray] = []
+    for k, cols in (("exact", (_SHA_HI, _SHA_LO)), ("caption", (_CAP_HI, _CAP_LO))):
+        if k in kinds:
+            for c in cols:
+                v, ok = _u64(keys.column(c))
+                parts.append(v)
+                valid &= ok
+    if not parts:
+        return None, valid
+    return _mix2(parts), valid
+
+
+def _near_in_groups(ids, key, hashes, radius) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs with equal exact key AND pHash within radius (rows already filtered to valid ones)."""
+    if len(ids) < 2:
+        e = np.empty(0, np.int64)
+        return e, e
+    order = np.lexsort((ids, key[:, 1], key[:, 0]))
+    k, i, h = key[order], ids[order], hashes[order]
+    new = np.ones(len(i), dtype=bool)
+    new[1:] = np.any(k[1:] != k[:-1], axis=1)
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, len(i)))
+    pa_, pb_ = [], []
+    for s, z in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+        a, b = neardup.near_pairs_sort(h[s : s + z], radius)
+        pa_.append(i[s : s + z][a])
+        pb_.append(i[s : s + z][b])
+    e = np.empty(0, np.int64)
+    return (np.concatenate(pa_) if pa_ else e), (np.concatenate(pb_) if pb_ else e)
+
+
+def _minhash_pairs(ids, sigs: np.ndarray, bands: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """LSH on MinHash bands, candidates verified by the signature agreement (Jaccard estimate)."""
+    e = np.empty(0, np.int64)
+    if len(ids) < 2:
+        return e, e
+    # identical signatures (the same normalised caption, mostly): a star to the first row
+    uniq, first, inverse = np.unique(sigs, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    rows = np.arange(len(ids))
+    same = rows != first[inverse]
+    per = uniq.shape[1] // bands
+    cand_a, cand_b = [e], [e]
+    for band in range(bands):
+        key = _mix2([uniq[:, band * per + j] for j in range(per)])[:, 0]
+        order = np.argsort(key, kind="stable")
+        i, j = neardup._equal_runs(key[order])  # every pair in a bucket, not a star: near != equal
+        cand_a.append(order[i])
+        cand_b.append(order[j])
+    a, b = np.concatenate(cand_a), np.concatenate(cand_b)
+    if len(a):
+        ab = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0)
+        ok = (uniq[ab[:, 0]] == uniq[ab[:, 1]]).mean(axis=1) >= threshold
+        a, b = first[ab[ok, 0]], first[ab[ok, 1]]
+    a = np.concatenate([a, first[inverse][same]])
+    b = np.concatenate([b, rows[same]])
+    return ids[a], ids[b]
+
+
+def _edges_local(
+    cfg: DedupConfig, keys: pa.Table, gids: np.ndarray, engine: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Edges of each rule, in one process (keys: all shards' plan rows, gids: their global ids)."""
+    h, hvalid = _u64(keys.column(schema.PHASH))
+    out = []
+    for rule in cfg.rules:
+        kinds = rule.split("+")
+        key, valid = _rule_key(keys, kinds)
+        if "near" in kinds:
+            valid &= hvalid
+            if key is None:
+                find = neardup.near_pairs_faiss if engine == "faiss" else neardup.near_pairs_sort
+                a, b = find(h[valid], cfg.radius, cfg.blocks)
+                ids = gids[valid]
+                out.append((ids[a], ids[b]))
+            else:
+                out.append(_near_in_groups(gids[valid], key[valid], h[valid], cfg.radius))
+        elif "caption_near" in kinds:
+            sig_col = keys.column(_SIG)
+            valid &= ~np.asarray(sig_col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            sigs = np.asarray(
+                sig_col.filter(pa.array(valid)).combine_chunks().flatten().to_numpy(), dtype=np.uint64
+            )
+            sigs = sigs.reshape(-1, cfg.minhash_perms)
+            a, b = _minhash_pairs(gids[valid], sigs, cfg.minhash_bands, cfg.caption_jaccard)
+            if key is not None:  # further required: equal exact keys
+                pos = {g: i for i, g in enumerate(gids.tolist())}
+                ia = np.array([pos[x] for x in a.tolist()], dtype=np.int64)
+                ib = np.array([pos[x] for x in b.tolist()], dtype=np.int64)
+                same = np.all(key[ia] == key[ib], axis=1) if len(ia) else np.zeros(0, bool)
+                a, b = a[same], b[same]
+            out.append((a, b))
+        else:
+            out.append(neardup.equal_key_pairs(gids, key, valid))
+    return out
+
+
+# -- distributed edges -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _PartJob:
+    output_url: str
+    shard: int
+    offset: int
+    parts: int
+    blocks: int
+    config: dict[str, Any]
+
+
+def _part_path(out: Dataset, rule: int, q: int, shard: int) -> str:
+    return _plan_path(out, "parts", f"r{rule}", f"p{q:05d}", f"{shard:08d}.npz")
+
+
+def _partition_shard(job: _PartJob) -> int:
+    """Distributed phase 2a: one input shard's rows, split into partitions per rule."""
+    cfg = DedupConfig(**job.config)
+    out = Dataset(job.output_url)
+    keys = pq.read_table(_plan_path(out, "keys", f"{job.shard:08d}.parquet"), filesystem=out.fs)
+    gids = job.offset + np.arange(keys.num_rows, dtype=np.int64)
+    h, hvalid = _u64(keys.column(schema.PHASH))
+    scheme = neardup.Scheme(cfg.radius, job.blocks) if cfg.radius > 0 else None
+    for r, rule in enumerate(cfg.rules):
+        kinds = rule.split("+")
+        key, valid = _rule_key(keys, kinds)
+        if "near" in kinds:
+            valid &= hvalid
+        if "near" in kinds and key is None:
+            if scheme is None:  # radius 0: identical hashes, an exact key
+                key = np.stack([h, h], axis=1)
+            else:
+                pieces = neardup.partition_rows(scheme, gids[valid], h[valid], job.parts)
+                for q, piece in enumerate(pieces):
+                    _save_npz(out, _part_path(out, r, q, job.shard), piece)
+                continue
+        p = (neardup._mix(key[:, 0] ^ key[:, 1]) % np.uint64(job.parts)).astype(np.int64)
+        for q in range(job.parts):
+            sel = valid & (p == q)
+            _save_npz(
+                out, _part_path(out, r, q, job.shard), {"id": gids[sel], "key": key[sel], "hash": h[sel]}
+            )
+    return job.shard
+
+
+def _save_npz(out: Dataset, path: str, arrays: dict[str, np.ndarray]) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    out.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = tmp_name(path)
+    with out.fs.open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    out.rename(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReduceJob:
+    output_url: str
+    rule: int
+    part: int
+    shards: tuple[int, ...]
+    blocks: int
+    config: dict[str, Any]
+
+
+def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
+    """Distributed phase 2b: the pairs of one rule inside one partition (all shards' pieces)."""
+    import io
+
+    cfg = DedupConfig(**job.config)
+    out = Dataset(job.output_url)
+    pieces = []
+    for s in job.shards:
+        with out.fs.open(_part_path(out, job.rule, job.part, s), "rb") as f:
+            z = np.load(io.BytesIO(f.read()))
+            pieces.append({k: z[k] for k in z.files})
+    kinds = cfg.rules[job.rule].split("+")
+    if "near" in kinds and "key" not in (pieces[0] if pieces else {"key": 1}):
+        a, b = neardup.pairs_in_partition(neardup.Scheme(cfg.radius, job.blocks), pieces)
+        return job.rule, a, b
+    ids = np.concatenate([p["id"] for p in pieces]).astype(np.int64)
+    key = np.concatenate([p["key"] for p in pieces]).reshape(-1, 2).astype(np.uint64)
+    h = np.concatenate([p["hash"] for p in pieces]).astype(np.uint64)
+    if "near" in kinds:
+        a, b = _near_in_groups(ids, key, h, cfg.radius)
+    else:
+        a, b = neardup.equal_key_pairs(ids, key)
+    return job.rule, a, b
+
+
+# -- keep policy, decisions --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _MembersJob:
+    output_url: str
+    shard: int
+    offset: int
+    rows: tuple[int, ...]
+
+
+def _members(job: _MembersJob) -> dict[str, np.ndarray | list]:
+    """uid, pHash and keep scores of the given rows of one shard (cluster members only)."""
+    out = Dataset(job.output_url)
+    t = pq.read_table(
+        _plan_path(out, "keys", f"{job.shard:08d}.parquet"),
+        columns=[schema.UID, schema.PHASH, _PIXELS, schema.CLIP_SCORE],
+        filesystem=out.fs,
+    ).take(pa.array(job.rows, pa.int64()))
+    clip = t.column(schema.CLIP_SCORE).to_numpy(zero_copy_only=False)
+    return {
+        "gid": job.offset + np.asarray(job.rows, dtype=np.int64),
+        "uid": t.column(schema.UID).to_pylist(),
+        "phash": t.column(schema.PHASH).to_pylist(),
+        "pixels": t.column(_PIXELS).to_numpy(),
+        "clip": np.nan_to_num(np.asarray(clip, dtype=np.float64), nan=-np.inf),
+    }
+
+
+class DedupStage(Stage):
+    name = NAME
+    Config = DedupConfig
+
+    # -- plan ----------------------------------------------------------------------------------
+    def plan(self, ctx: PlanContext) -> list[int] | None:
+        cfg: DedupConfig = self.config
+        assert ctx.input is not None
+        out = ctx.output
+        shards = ctx.input.shard_ids()
+        cfg_dict = cfg.model_dump(mode="json")
+        scans = ctx.map(_scan_shard, [_ScanJob(ctx.input.url, out.url, n, cfg_dict) for n in shards])
+        rows = {s["shard"]: s["rows"] for s in scans}
+        offsets, total = {}, 0
+        for n in shards:
+            offsets[n] = total
+            total += rows[n]
+        engine = cfg.engine
+        if engine == "auto":
+            engine = "sort" if total <= cfg.local_max_rows else "distributed"
+        if engine == "distributed" and any("caption_near" in r for r in cfg.rules):
+            raise ConfigError("dedup: caption_near rules run with engine sort or faiss, not distributed")
+        blocks = cfg.blocks or neardup.choose_blocks(max(total, 2), cfg.radius) if cfg.radius > 0 else 0
+        log.info(
+            "dedup plan: %d rows in %d shards, engine %s, radius %d", total, len(shards), engine, cfg.radius
+        )
+
+        undecodable = np.empty(0, np.int64)
+        if engine == "distributed":
+            tables_ = len(neardup.tables(blocks, cfg.radius)) if blocks else 1
+            parts = neardup.partitions_for(total, tables_, cfg.rows_per_partition)
+            ctx.map(
+                _partition_shard, [_PartJob(out.url, n, offsets[n], parts, blocks, cfg_dict) for n in shards]
+            )
+            jobs = [
+                _ReduceJob(out.url, r, q, tuple(shards), blocks, cfg_dict)
+                for r in range(len(cfg.rules))
+                for q in range(parts)
+            ]
+            res = ctx.map(_reduce_partition, jobs)
+            edges = [
+                (
+                    np.concatenate([a for rr, a, _ in res if rr == r] or [np.empty(0, np.int64)]),
+                    np.concatenate([b for rr, _, b in res if rr == r] or [np.empty(0, np.int64)]),
+                )
+                for r in range(len(cfg.rules))
+            ]
+            if cfg.undecodable == "drop":
+                und = []
+                for n in shards:
+                    t = pq.read_table(
+                        _plan_path(out, "keys", f"{n:08d}.parquet"), columns=[schema.PHASH], filesystem=out.fs
+                    )
+                    und.append(
+                        offsets[n] + np.flatnonzero(t.column(0).is_null().to_numpy(zero_copy_only=False))
+                    )
+                undecodable = np.concatenate(und) if und else undecodable
+        else:
+            tables = [
+                pq.read_table(_plan_path(out, "keys", f"{n:08d}.parquet"), filesystem=out.fs) for n in shards
+            ]
+            keys = pa.concat_tables(tables) if tables else None
+            gids = np.arange(total, dtype=np.int64)
+            edges = _edges_local(cfg, keys, gids, engine) if keys is not None and total else []
+            if cfg.undecodable == "drop" and keys is not None:
+                undecodable = np.flatnonzero(
+                    keys.column(schema.PHASH).is_null().to_numpy(zero_copy_only=False)
+                )
+        if cfg.undecodable == "drop" and len(undecodable):
+            und_set = undecodable
+            edges = [
+                (
+                    a[~np.isin(a, und_set) & ~np.isin(b, und_set)],
+                    b[~np.isin(a, und_set) & ~np.isin(b, und_set)],
+                )
+                for a, b in edges
+            ]
+        self._decide(ctx, cfg, shards, offsets, edges, undecodable)
+        return shards
+
+    def _decide(
+        self,
+        ctx: PlanContext,
+        cfg: DedupConfig,
+        shards: list[int],
+        offsets: dict[int, int],
+        edges: list[tuple[np.ndarray, np.ndarray]],
+        undecodable: np.ndarray,
+    ) -> None:
+        out = ctx.output
+        ea = np.concatenate([a for a, _ in edges]) if edges else np.empty(0, np.int64)
+        eb = np.concatenate([b for _, b in edges]) if edges else np.empty(0, np.int64)
+        rule_of = (
+            np.concatenate([np.full(len(a), r, np.int64) for r, (a, _) in enumerate(edges)]) if edges else ea
+        )
+        nodes, label = neardup.components(ea, eb)
+        # each node's kind: the first rule (in config order) among its edges
+        kind = np.full(len(nodes), len(cfg.rules), np.int64)
+        for side in (ea, eb):
+            np.minimum.at(kind, np.searchsorted(nodes, side), rule_of)
+        # fetch uid / phash / keep scores of the members, shard by shard
+        starts = np.array([offsets[n] for n in shards], dtype=np.int64)
+        which = np.searchsorted(starts, nodes, side="right") - 1 if len(shards) else np.empty(0, np.int64)
+        jobs = []
+        for j, n in enumerate(shards):
+            sel = nodes[which == j]
+            if len(sel):
+                jobs.append(_MembersJob(out.url, n, offsets[n], tuple((sel - offsets[n]).tolist())))
+        mem = ctx.map(_members, jobs) if jobs else []
+        uid = [u for m in mem for u in m["uid"]]
+        ph = [p for m in mem for p in m["phash"]]
+        pixels = np.concatenate([m["pixels"] for m in mem]) if mem else np.empty(0, np.int64)
+        clip = np.concatenate([m["clip"] for m in mem]) if mem else np.empty(0)
+        # jobs go shard by shard in offset order, so members come back in node (gid) order
+        if cfg.keep == "resolution":
+            order = np.lexsort((nodes, -clip, -pixels, label))
+        elif cfg.keep == "clip_score":
+            order = np.lexsort((nodes, -pixels, -clip, label))
+        else:
+            order = np.lexsort((nodes, label))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = label[order][1:] != label[order][:-1]
+        keeper_pos = np.empty(len(nodes), np.int64)
+        keeper_pos[order] = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
+        kept = keeper_pos == np.arange(len(nodes))
+        rules = [*cfg.rules, ""]
+        clusters = pa.table(
+            {
+                _GID: pa.array(nodes, pa.int64()),
+                schema.UID: pa.array(uid, pa.string()),
+                _CLUSTER: pa.array(label, pa.int64()),
+                _KEPT: pa.array(kept),
+                _KIND: pa.array([rules[k] for k in kind.tolist()], pa.string()),
+                schema.DUP_OF: pa.array(
+                    [None if kept[i] else uid[keeper_pos[i]] for i in range(len(nodes))], pa.string()
+                ),
+                schema.PHASH: pa.array(ph, pa.uint64()),
+                _PIXELS: pa.array(pixels, pa.int64()),
+            }
+        )
+        _write_atomic(out, clusters, _plan_path(out, "clusters.parquet"))
+        und_by_shard = np.searchsorted(starts, undecodable, side="right") - 1 if len(shards) else undecodable
+        for j, n in enumerate(shards):
+            sel = (which == j) & ~kept
+            rows = (nodes[sel] - offsets[n]).tolist()
+            dup = [uid[i] for i in keeper_pos[sel].tolist()]
+            kinds = [rules[k] for k in kind[sel].tolist()]
+            und = (undecodable[und_by_shard == j] - offsets[n]).tolist()
+            table = pa.table(
+                {
+                    _ROW: pa.array(rows + und, pa.int64()),
+                    schema.DUP_OF: pa.array(dup + [None] * len(und), pa.string()),
+                    _KIND: pa.array(kinds + [UNDECODABLE] * len(und), pa.string()),
+                }
+            )
+            _write_atomic(out, table, _plan_path(out, "decisions", f"{n:08d}.parquet"))
+
+    # -- apply ---------------------------------------------------------------------------------
+    def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
+        out = ctx.output
+        keys = pq.read_table(
+            _plan_path(out, "keys", f"{ctx.shard:08d}.parquet"),
+            columns=[schema.UID, schema.PHASH],
+            filesystem=out.fs,
+        )
+        if keys.num_rows != table.num_rows or not keys.column(schema.UID).equals(table.column(schema.UID)):
+            raise RuntimeError(
+                f"dedup: input shard {ctx.shard} changed since the plan; rerun with --overwrite"
+            )
+        dec = pq.read_table(_plan_path(out, "decisions", f"{ctx.shard:08d}.parquet"), filesystem=out.fs)
+        n = table.num_rows
+        reasons: list[str | None] = [None] * n
+        dup_of: list[str | None] = [None] * n
+        for row, d, k in zip(
+            dec.column(_ROW).to_pylist(),
+            dec.column(schema.DUP_OF).to_pylist(),
+            dec.column(_KIND).to_pylist(),
+            strict=True,
+        ):
+            reasons[row] = schema.reason(NAME, k)
+            dup_of[row] = d
+        ctx.stats["duplicates"] = sum(1 for d in dup_of if d is not None)
+        table = schema.with_column(table, schema.PHASH, keys.column(schema.PHASH))
+        table = schema.with_column(table, schema.DUP_OF, pa.array(dup_of, pa.string()))
+        return schema.with_column(table, schema.DROP_REASON, pa.array(reasons, pa.string()))
+
+    # -- explain -------------------------------------------------------------------------------
+    def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
+        path = _plan_path(output, "clusters.parquet")
+        if not output.fs.exists(path):
+            return None
+        t = pq.read_table(path, filesystem=output.fs)
+        hit = t.filter(pc.equal(t.column(schema.UID), uid))
+        if hit.num_rows == 0:
+            return {"duplicate_cluster": None, "note": "no duplicate of this sample was found"}
+        cluster = hit.column(_CLUSTER)[0].as_py()
+        members = t.filter(pc.equal(t.column(_CLUSTER), cluster))
+        rows = members.select([schema.UID, _KEPT, _KIND, schema.DUP_OF, schema.PHASH, _PIXELS]).to_pylist()
+        for r in rows:
+            r[schema.PHASH] = None if r[schema.PHASH] is None else phash.to_hex(r[schema.PHASH])
+            if r[schema.PHASH] is not None:
+                me = hit.column(schema.PHASH)[0].as_py()
+                r["hamming_to_this"] = None if me is None else phash.hamming(me, int(r[schema.PHASH], 16))
+        kept = [r[schema.UID] for r in rows if r[_KEPT]]
+        return {
+            "duplicate_cluster": cluster,
+            "size": len(rows),
+            "kept": kept[0] if kept else None,
+            "members": rows,
+        }
