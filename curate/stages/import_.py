@@ -123,13 +123,26 @@ class ImportConfig(StageConfig):
 def list_tars(input_url: str) -> list[dict[str, Any]]:
     """The input's tars in a fixed order, with their shard numbers and img2dataset parquet, if any."""
     fs, root = url_to_fs(input_url)
+    packed: list[str] = []
     if root.endswith(".tar") and fs.isfile(root):
         paths, base = [root], posixpath.dirname(root)
     else:
         base = root
-        paths = sorted(p for p in fs.find(root) if p.endswith(".tar"))
+        found = fs.find(root)
+        paths = sorted(p for p in found if p.endswith(".tar"))
+        # Byte offsets into a compressed stream cannot be pointed at: such tars are not adoptable.
+        packed = sorted(
+            p for p in found if p.endswith((".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz"))
+        )
+        if packed:
+            log.warning(
+                "import: %d compressed tars (e.g. %s) cannot be adopted in place; decompress them first",
+                len(packed),
+                packed[0],
+            )
     if not paths:
-        raise ConfigError(f"{STAGE}: no .tar files under {input_url}")
+        hint = "; compressed tars must be decompressed first" if packed else ""
+        raise ConfigError(f"{STAGE}: no .tar files under {input_url}{hint}")
     rels = [posixpath.relpath(p, base) for p in paths]
     stems = [posixpath.basename(r)[: -len(".tar")] for r in rels]
     # img2dataset-style NNNNN.tar keep their numbers, so shard 00003 is 00003.tar.

@@ -415,3 +415,12 @@ def test_input_uid_repeated_in_a_later_img2dataset_shard(tmp_path, make_image):
     assert [(r[schema.UID], r[schema.CAPTION], r[schema.DROP_REASON]) for r in rej] == [
         ("a" * 32, "c11", "import:duplicate_uid")
     ]
+
+
+def test_compressed_tars_are_named_not_adopted(tmp_path):
+    from curate.config import ConfigError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(ConfigError, match="compressed tars must be decompressed"):
+        import_direct(tmp_path / "in", tmp_path / "out")
