@@ -145,6 +145,43 @@ def build_blip(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, text
     return out
 
 
+def build_blip_base(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """``BlipForConditionalGeneration`` at the real BLIP-base size (ViT-B/16 at 384 px, BERT-base text
+    decoder, 30,524-token vocabulary), random weights: the benchmark's stand-in for
+    Salesforce/blip-image-captioning-base where nothing can be downloaded. The tokenizer is the
+    trained word-level one laid out on BERT's ids ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102,
+    [MASK]=103, [DEC]=30522) and filled with unused tokens up to the real vocabulary size."""
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    out = Path(out_dir)
+    trained = _train_wordpiece(caption_corpus(), vocab_size=400)
+    fixed = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, "[DEC]": 30522}
+    words = [t for t in sorted(trained, key=trained.get) if t not in fixed]
+    free = (i for i in range(30524) if i not in fixed.values())
+    vocab = dict(fixed)
+    for word in words:
+        vocab[word] = next(free)
+    for i in free:
+        vocab[f"[unused{i}]"] = i
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
+    config = BlipConfig()  # the defaults are BLIP-base
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 384, "width": 384}),
+                              tokenizer=tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 # LLaVA-1.5's chat template, cut to what a single-turn caption request needs.
 _LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -229,7 +266,7 @@ def build_llava(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, tex
     return out
 
 
-BUILDERS = {"blip": build_blip, "llava": build_llava}
+BUILDERS = {"blip": build_blip, "llava": build_llava, "blip-base": build_blip_base}
 
 
 def build(arch: str, out_dir: str | Path, **kwargs) -> Path:
@@ -239,7 +276,8 @@ def build(arch: str, out_dir: str | Path, **kwargs) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m curate.testing.tiny_vlms", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="writes OUT_DIR/<arch>/ for each architecture")
-    parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all")
+    parser.add_argument("--arch", choices=(*BUILDERS, "all"), default="all",
+                        help="all: the tiny ones (blip-base is real-size, ~900 MB)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
