@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from curate import schema
 from curate.config import ConfigError
@@ -109,14 +109,20 @@ _ORDER = (
 
 class ImportConfig(StageConfig):
     # Image member extensions, in order of preference when a sample has several.
-    image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-    caption_exts: tuple[str, ...] = ("txt",)
+    image_exts: tuple[str, ...] = Field(("jpg", "jpeg", "png", "webp"), min_length=1)
+    caption_exts: tuple[str, ...] = Field(("txt",), min_length=1)
     compute_phash: bool = True
     # Declared width x height above this is rejected from the header, never decoded (pixel bombs).
     max_pixels: int = Field(100_000_000, ge=1)
     # A key whose members are not contiguous (other samples in between) is adopted (its members are
     # found by offset; counted in the shard's stats) or refused (the shard fails naming tar and key).
     noncontiguous: Literal["adopt", "refuse"] = "adopt"
+
+    @field_validator("image_exts", "caption_exts")
+    @classmethod
+    def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # member extensions are compared lower-cased (KEY.JPG is a jpg)
+        return tuple(e.lower().lstrip(".") for e in v)
 
 
 # -- plan --------------------------------------------------------------------------------------
