@@ -24,6 +24,7 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
+ORIGINAL_SHA256 = "original_sha256"  # import: the input's own sha256 (img2dataset: of the downloaded bytes)
 IMAGE_TAR = "image_tar"
 IMAGE_OFFSET = "image_offset"
 IMAGE_LENGTH = "image_length"
@@ -72,6 +73,7 @@ TYPES: dict[str, pa.DataType] = {
     ORIGINAL_HEIGHT: pa.int32(),
     SHA256: pa.string(),
     IMAGE_TAR: pa.dictionary(pa.int32(), pa.string()),
+    ORIGINAL_SHA256: pa.string(),
     IMAGE_OFFSET: pa.int64(),
     IMAGE_LENGTH: pa.int64(),
     IMAGE_FORMAT: pa.string(),
