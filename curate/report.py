@@ -1,0 +1,442 @@
+"""``curate report DATASET``: one self-contained HTML page (and its JSON twin) about a curated dataset.
+
+The page follows the lineage back from DATASET (each manifest names its input; we follow it while
+that input is a complete curate dataset) and shows:
+
+- the funnel: rows in, kept and dropped by reason for every stage, from the manifests (exact);
+- histograms of clip_score, recaption_clip_score, width/height, aspect ratio, caption length and
+  language, each taken from the latest dataset of the lineage that has the column, kept rows
+  against that stage's rejects;
+- example grids: kept samples, and rejected samples per reason with the image behind their pointer;
+- example duplicate clusters (a representative and the rejects whose ``dup_of`` names it);
+- per-stage throughput (rows in per second of the stage's wall time, and per shard-second).
+
+Everything is inline: plots are base64 PNGs drawn with matplotlib's Agg backend, thumbnails are
+base64 JPEGs. No script, no stylesheet or font from the network: it opens from a file anywhere.
+Histograms read only their columns, and at most ``max_rows`` rows per dataset (whole shards in
+order; the page says when it sampled). Funnel and throughput numbers never sample.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import schema
+from curate.dataset import Dataset, read_images
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 200_000
+EXAMPLES = 12
+REJECT_EXAMPLES = 6
+DUP_CLUSTERS = 4
+THUMB = 112
+_COLORS = {"kept": "#2b7bba", "rejected": "#d9534f"}
+
+
+@dataclasses.dataclass
+class Report:
+    data: dict[str, Any]  # the JSON twin: numbers and ids, no images
+    plots: dict[str, str]  # name -> base64 PNG
+    grids: list[dict[str, Any]]  # title, dataset, items [{thumb (base64 jpeg), caption, uid, note}]
+    clusters: list[dict[str, Any]]
+
+
+# -- lineage and funnel -------------------------------------------------------------------------
+def lineage(ds: Dataset) -> list[Dataset]:
+    """The datasets that led to ``ds``, oldest first, as far back as they exist and are complete."""
+    chain = [ds]
+    seen = {ds.url}
+    while True:
+        url = (chain[-1].manifest().get("input") or {}).get("url")
+        if not url or url in seen:
+            break
+        try:
+            parent = Dataset(url)
+            if not parent.is_complete():
+                break
+        except (OSError, ValueError):
+            break
+        chain.append(parent)
+        seen.add(parent.url)
+    return chain[::-1]
+
+
+def funnel(chain: list[Dataset]) -> list[dict[str, Any]]:
+    rows = []
+    for ds in chain:
+        m = ds.manifest()
+        t = m["totals"]
+        seconds = float(m.get("seconds") or 0.0)
+        shard_seconds = float(t.get("shard_seconds") or 0.0)
+        rows.append({
+            "stage": m["stage"],
+            "dataset": ds.url,
+            "shards": len(m["shards"]),
+            "rows_in": t["rows_in"],
+            "kept": t["kept"],
+            "dropped": t["dropped"],
+            "drops": dict(t["drops"]),
+            "seconds": seconds,
+            "rows_per_second": t["rows_in"] / seconds if seconds > 0 else None,
+            "rows_per_shard_second": t["rows_in"] / shard_seconds if shard_seconds > 0 else None,
+            "removals": sum(r.get("count", 0) for r in m.get("removals", [])),
+            "created": m.get("created"),
+        })
+    return rows
+
+
+# -- column data --------------------------------------------------------------------------------
+def _read(ds: Dataset, columns: list[str], rejects: bool, max_rows: int) -> tuple[pa.Table | None, bool]:
+    """Up to ``max_rows`` rows of ``columns`` (whole shards, in order); and whether it stopped early."""
+    parts, n = [], 0
+    ids = ds.shard_ids()
+    for i, shard in enumerate(ids):
+        if rejects and not ds.fs.exists(ds.shard_path(shard, "rejects.parquet")):
+            continue
+        t = ds.read_rejects(shard, columns) if rejects else ds.read_shard(shard, columns)
+        if not set(columns) <= set(t.column_names):
+            return None, False
+        parts.append(t.select(columns))
+        n += t.num_rows
+        if n >= max_rows:
+            return pa.concat_tables(parts), i + 1 < len(ids)
+    return (pa.concat_tables(parts) if parts else None), False
+
+
+def _has(ds: Dataset, column: str) -> bool:
+    sch = ds.schema()
+    return sch is not None and column in sch.names
+
+
+def _latest_with(chain: list[Dataset], column: str) -> Dataset | None:
+    return next((ds for ds in reversed(chain) if _has(ds, column)), None)
+
+
+HISTOGRAMS: list[tuple[str, str, list[str]]] = [
+    # (name, title, columns it needs)
+    ("clip_score", "CLIP score (image vs caption)", [schema.CLIP_SCORE]),
+    ("recaption_clip_score", "CLIP score of the recaption", [schema.RECAPTION_CLIP_SCORE]),
+    ("width", "width (px)", [schema.WIDTH]),
+    ("height", "height (px)", [schema.HEIGHT]),
+    ("aspect_ratio", "aspect ratio (width / height)", [schema.WIDTH, schema.HEIGHT]),
+    ("caption_length", "caption length (characters)", [schema.CAPTION]),
+]
+
+
+def _values(name: str, table: pa.Table) -> list[float]:
+    if name == "aspect_ratio":
+        w = pc.cast(table.column(schema.WIDTH), pa.float64())
+        h = pc.cast(table.column(schema.HEIGHT), pa.float64())
+        ok = pc.and_(pc.is_valid(w), pc.greater(pc.fill_null(h, 0.0), 0.0))
+        return pc.divide(w.filter(ok), h.filter(ok)).to_pylist()
+    if name == "caption_length":
+        return [float(x) for x in pc.utf8_length(table.column(schema.CAPTION)).to_pylist() if x is not None]
+    return [float(x) for x in table.column(0).to_pylist() if x is not None]
+
+
+def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -> dict[str, Any]:
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for name, title, cols in HISTOGRAMS:
+        ds = _latest_with(chain, cols[0])
+        if ds is None or not all(_has(ds, c) for c in cols):
+            continue
+        kept, k_sampled = _read(ds, cols, False, max_rows)
+        rej, r_sampled = _read(ds, cols, True, max_rows)
+        series = {"kept": _values(name, kept) if kept is not None else [],
+                  "rejected": _values(name, rej) if rej is not None else []}
+        allv = series["kept"] + series["rejected"]
+        if not allv:
+            continue
+        lo, hi = min(allv), max(allv)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        out[name] = {
+            "title": title, "dataset": ds.url, "stage": ds.manifest()["stage"], "edges": edges.tolist(),
+            "counts": {k: np.histogram(v, edges)[0].tolist() for k, v in series.items()},
+            "n": {k: len(v) for k, v in series.items()},
+            "mean": {k: float(np.mean(v)) if v else None for k, v in series.items()},
+            "sampled": k_sampled or r_sampled,
+        }
+    ds = _latest_with(chain, schema.LANGUAGE)
+    if ds is not None:
+        kept, k_sampled = _read(ds, [schema.LANGUAGE], False, max_rows)
+        rej, r_sampled = _read(ds, [schema.LANGUAGE], True, max_rows)
+        counts = {k: dict(Counter(str(x) for x in t.column(0).to_pylist()).most_common(15)) if t is not None else {}
+                  for k, t in (("kept", kept), ("rejected", rej))}
+        out["language"] = {"title": "language", "dataset": ds.url, "stage": ds.manifest()["stage"],
+                           "categories": counts, "sampled": k_sampled or r_sampled}
+    return out
+
+
+# -- examples -----------------------------------------------------------------------------------
+def _thumb(data: bytes | None) -> str | None:
+    if not data:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (THUMB * 2, THUMB * 2))
+            im = im.convert("RGB")
+            im.thumbnail((THUMB, THUMB))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+    except Exception:  # noqa: BLE001 - a broken image is shown as missing, not fatal to the page
+        return None
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _items(table: pa.Table, note_col: str | None = None) -> list[dict[str, Any]]:
+    blobs = read_images(table)
+    cols = table.column_names
+    out = []
+    for i, row in enumerate(table.select([c for c in cols if c not in (
+            schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING)]).to_pylist()):
+        note = []
+        if note_col and row.get(note_col):
+            note.append(str(row[note_col]))
+        for c in (schema.CLIP_SCORE, schema.WIDTH):
+            if row.get(c) is not None:
+                note.append(f"{c} {row[c]:.3f}" if isinstance(row[c], float) else f"{row[schema.WIDTH]}×{row.get(schema.HEIGHT)}")
+        out.append({"uid": row.get(schema.UID), "caption": row.get(schema.CAPTION) or "",
+                    "recaption": row.get(schema.RECAPTION), "note": "  ".join(note),
+                    "thumb": _thumb(blobs[i])})
+    return out
+
+
+def _first_rows(ds: Dataset, rejects: bool, limit: int, reason: str | None = None) -> pa.Table | None:
+    parts, n = [], 0
+    for shard in ds.shard_ids():
+        if rejects:
+            if not ds.fs.exists(ds.shard_path(shard, "rejects.parquet")):
+                continue
+            t = ds.read_rejects(shard)
+            if reason is not None:
+                t = t.filter(pc.equal(t.column(schema.DROP_REASON), reason))
+        else:
+            t = ds.read_shard(shard)
+        if t.num_rows:
+            parts.append(t.slice(0, limit - n))
+            n += parts[-1].num_rows
+        if n >= limit:
+            break
+    return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+
+def grids(chain: list[Dataset]) -> list[dict[str, Any]]:
+    out = []
+    final = chain[-1]
+    kept = _first_rows(final, False, EXAMPLES)
+    if kept is not None:
+        out.append({"title": f"kept by {final.manifest()['stage']} (first {kept.num_rows})",
+                    "dataset": final.url, "reason": None, "items": _items(kept)})
+    for ds in chain:
+        for reason in ds.manifest()["totals"]["drops"]:
+            rows = _first_rows(ds, True, REJECT_EXAMPLES, reason)
+            if rows is None:
+                continue
+            out.append({"title": f"rejected: {reason}", "dataset": ds.url, "reason": reason,
+                        "items": _items(rows, schema.ERROR_MESSAGE)})
+    return out
+
+
+def dup_clusters(chain: list[Dataset], limit: int = DUP_CLUSTERS) -> list[dict[str, Any]]:
+    """Largest clusters of the latest dataset whose rejects carry ``dup_of``."""
+    for ds in reversed(chain):
+        rej, _ = _read(ds, [schema.UID, schema.DUP_OF], True, MAX_ROWS)
+        if rej is None or rej.num_rows == 0:
+            continue
+        groups: dict[str, list[str]] = {}
+        for uid, rep in zip(rej.column(0).to_pylist(), rej.column(1).to_pylist(), strict=True):
+            if rep:
+                groups.setdefault(rep, []).append(uid)
+        if not groups:
+            continue
+        top = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:limit]
+        wanted = {u for rep, members in top for u in [rep, *members[:5]]}
+        found: dict[str, pa.Table] = {}
+        for it in (ds.iter_shards(), ds.iter_rejects()):
+            for _, t in it:
+                hit = t.filter(pc.is_in(t.column(schema.UID), pa.array(sorted(wanted))))
+                for i in range(hit.num_rows):
+                    found[hit.column(schema.UID)[i].as_py()] = hit.slice(i, 1)
+        out = []
+        for rep, members in top:
+            rows = [found[u] for u in [rep, *members[:5]] if u in found]
+            items = _items(pa.concat_tables(rows, promote_options="permissive")) if rows else []
+            for item in items:
+                item["note"] = "kept (representative)" if item["uid"] == rep else "duplicate"
+            out.append({"representative": rep, "size": 1 + len(members), "dataset": ds.url, "items": items})
+        return out
+    return []
+
+
+# -- plots --------------------------------------------------------------------------------------
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(data: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = {}
+    fun = data["funnel"]
+    if fun:
+        fig, ax = plt.subplots(figsize=(8, 0.6 + 0.55 * len(fun)))
+        labels = [f"{i + 1}. {f['stage'].rsplit(':', 1)[-1]}" for i, f in enumerate(fun)][::-1]
+        y = np.arange(len(fun))
+        kept = [f["kept"] for f in fun][::-1]
+        ax.barh(y, kept, color=_COLORS["kept"], label="kept")
+        left = np.array(kept, dtype=float)
+        reasons = sorted({r for f in fun for r in f["drops"]})
+        cmap = plt.get_cmap("tab20")
+        for j, reason in enumerate(reasons):
+            vals = np.array([f["drops"].get(reason, 0) for f in fun][::-1], dtype=float)
+            ax.barh(y, vals, left=left, color=cmap(j % 20), label=reason)
+            left += vals
+        ax.set_yticks(y, labels)
+        ax.set_xlabel("rows")
+        ax.set_title("funnel: rows in per stage = kept + dropped by reason")
+        ax.legend(fontsize=7, loc="lower right")
+        out["funnel"] = _png(fig)
+        thr = [(f["stage"].rsplit(":", 1)[-1], f["rows_per_second"] or 0.0) for f in fun]
+        fig, ax = plt.subplots(figsize=(8, 0.6 + 0.45 * len(thr)))
+        ax.barh(np.arange(len(thr))[::-1], [t for _, t in thr], color="#5c946e")
+        ax.set_yticks(np.arange(len(thr))[::-1], [s for s, _ in thr])
+        ax.set_xlabel("rows in per second (stage wall time)")
+        ax.set_title("throughput per stage")
+        out["throughput"] = _png(fig)
+    for name, h in data["histograms"].items():
+        fig, ax = plt.subplots(figsize=(4.2, 2.8))
+        if name == "language":
+            cats = sorted(set(h["categories"]["kept"]) | set(h["categories"]["rejected"]),
+                          key=lambda c: -h["categories"]["kept"].get(c, 0))[:15]
+            x = np.arange(len(cats))
+            ax.bar(x - 0.2, [h["categories"]["kept"].get(c, 0) for c in cats], 0.4, color=_COLORS["kept"], label="kept")
+            ax.bar(x + 0.2, [h["categories"]["rejected"].get(c, 0) for c in cats], 0.4, color=_COLORS["rejected"],
+                   label="rejected")
+            ax.set_xticks(x, cats, rotation=45, fontsize=7)
+        else:
+            edges = np.array(h["edges"])
+            for k in ("kept", "rejected"):
+                if h["n"][k]:
+                    ax.stairs(h["counts"][k], edges, fill=True, alpha=0.55, color=_COLORS[k],
+                              label=f"{k} (n={h['n'][k]})")
+        ax.set_title(f"{h['title']} — {h['stage'].rsplit(':', 1)[-1]}", fontsize=9)
+        ax.legend(fontsize=7)
+        out[name] = _png(fig)
+    return out
+
+
+# -- the page -----------------------------------------------------------------------------------
+def build_report(ds: Dataset, max_rows: int = MAX_ROWS) -> Report:
+    chain = lineage(ds)
+    data: dict[str, Any] = {
+        "dataset": ds.url,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "lineage": [d.url for d in chain],
+        "funnel": funnel(chain),
+        "histograms": histograms(chain, max_rows),
+    }
+    g = grids(chain)
+    clusters = dup_clusters(chain)
+    data["examples"] = [{"title": x["title"], "dataset": x["dataset"], "reason": x["reason"],
+                         "uids": [i["uid"] for i in x["items"]]} for x in g]
+    data["duplicate_clusters"] = [{"representative": c["representative"], "size": c["size"],
+                                   "dataset": c["dataset"], "uids": [i["uid"] for i in c["items"]]}
+                                  for c in clusters]
+    return Report(data=data, plots=plots(data), grids=g, clusters=clusters)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
+td:first-child,th:first-child{text-align:left} .muted{color:#777;font-size:12px}
+.plots img{margin:4px;border:1px solid #eee} .grid{display:flex;flex-wrap:wrap;gap:8px}
+.card{width:128px;font-size:11px;border:1px solid #e3e3e3;padding:4px;border-radius:4px;overflow:hidden}
+.card img,.card .noimg{width:112px;height:112px;object-fit:contain;display:block;margin:auto;background:#f6f6f6}
+.card .noimg{line-height:112px;text-align:center;color:#aaa} .cap{max-height:4.2em;overflow:hidden}
+.drop{color:#b52b27}
+"""
+
+
+def render_html(report: Report) -> str:
+    d = report.data
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>curate report: {e(d['dataset'])}</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>curate report</h1><div class='muted'>{e(d['dataset'])} — generated {e(d['generated'])}</div>",
+             "<h2>Funnel</h2>"]
+    if "funnel" in report.plots:
+        parts.append(f"<div class='plots'><img alt='funnel' src='data:image/png;base64,{report.plots['funnel']}'></div>")
+    parts.append("<table><tr><th>#</th><th>stage</th><th>shards</th><th>rows in</th><th>kept</th><th>dropped</th>"
+                 "<th>drops by reason</th><th>seconds</th><th>rows/s</th><th>rows/shard-s</th></tr>")
+    for i, f in enumerate(d["funnel"]):
+        drops = "<br>".join(f"<span class='drop'>{e(k)}</span> {v}" for k, v in f["drops"].items()) or "-"
+        rps = f"{f['rows_per_second']:.1f}" if f["rows_per_second"] else "-"
+        rpss = f"{f['rows_per_shard_second']:.1f}" if f["rows_per_shard_second"] else "-"
+        removed = f"<br><span class='muted'>{f['removals']} removed on request</span>" if f["removals"] else ""
+        parts.append(f"<tr><td>{i + 1}</td><td title='{e(f['dataset'])}'>{e(f['stage'])}{removed}</td>"
+                     f"<td>{f['shards']}</td><td>{f['rows_in']}</td><td>{f['kept']}</td><td>{f['dropped']}</td>"
+                     f"<td>{drops}</td><td>{f['seconds']:.1f}</td><td>{rps}</td><td>{rpss}</td></tr>")
+    parts.append("</table>")
+    hist = [k for k in d["histograms"] if k in report.plots]
+    if hist:
+        parts.append("<h2>Distributions</h2><div class='plots'>")
+        for k in hist:
+            sampled = " (sampled)" if d["histograms"][k].get("sampled") else ""
+            parts.append(f"<img alt='{e(k)}{sampled}' src='data:image/png;base64,{report.plots[k]}'>")
+        parts.append("</div>")
+    if "throughput" in report.plots:
+        parts.append("<h2>Throughput</h2><div class='plots'>"
+                     f"<img alt='throughput' src='data:image/png;base64,{report.plots['throughput']}'></div>")
+    for g in report.grids:
+        parts.append(f"<h2>{e(g['title'])}</h2><div class='muted'>{e(g['dataset'])}</div>")
+        parts.append(_grid_html(g["items"]))
+    if report.clusters:
+        parts.append("<h2>Duplicate clusters</h2>")
+        for c in report.clusters:
+            parts.append(f"<div class='muted'>cluster of {c['size']}: representative {e(c['representative'])}</div>")
+            parts.append(_grid_html(c["items"]))
+    parts.append("<h2>Lineage</h2><ol>" + "".join(f"<li>{e(u)}</li>" for u in d["lineage"]) + "</ol>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _grid_html(items: list[dict[str, Any]]) -> str:
+    e = html.escape
+    cards = []
+    for it in items:
+        img = (f"<img alt='' src='data:image/jpeg;base64,{it['thumb']}'>" if it["thumb"]
+               else "<div class='noimg'>no image</div>")
+        re_cap = f"<div class='cap muted'>↻ {e(it['recaption'])}</div>" if it.get("recaption") else ""
+        cards.append(f"<div class='card' title='{e(it['uid'] or '')}'>{img}<div class='cap'>{e(it['caption'])}</div>"
+                     f"{re_cap}<div class='muted'>{e(it['note'])}</div></div>")
+    return "<div class='grid'>" + "".join(cards) + "</div>"
+
+
+def write_html(report: Report, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_html(report))
