@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 # they exist; pyproject.toml only gives ranges. Override for another platform, e.g.
 #   make test TORCH="torch torchvision --index-url <your index>"
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,bench
+# open_clip's own trainer needs webdataset<=0.2.86 (newer releases break it); the peer-compatibility
+# test runs it with this copy on PYTHONPATH, so the project venv keeps the current webdataset.
+OPEN_CLIP_WDS := bench/.cache/open_clip_train-webdataset-0.2.86
 
 .PHONY: setup test demo lint clean-demo
 
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --no-deps --target $(OPEN_CLIP_WDS) webdataset==0.2.86
 	touch $(STAMP)
 
 setup: $(STAMP)
