@@ -37,6 +37,8 @@ _ROLE = re.compile(r"^\s*(?:assistant|answer|caption|description|output|gpt)\s*:
 # Leftover special tokens when a processor decodes with skip_special_tokens but the model has
 # unregistered ones (<|im_end|>, </s>, [SEP], <end_of_utterance>, <image>).
 _SPECIAL = re.compile(r"<\|?/?[A-Za-z_]{1,24}\|?>|\[(?:SEP|CLS|PAD|UNK|MASK|DEC)\]")
+# Control characters and U+FFFD: what byte-level BPE decodes from an invalid UTF-8 byte sequence.
+_JUNK = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
 _WORD_CORE = re.compile(r"[\W_]+")
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
@@ -166,7 +168,7 @@ def clean(
     """Clean one generated caption. ``echoes``: prompt strings the model may repeat back.
     ``finished``: False when generation stopped at the token limit, so the last sentence may be cut
     mid-way and is dropped when an earlier complete sentence exists."""
-    text = _SPECIAL.sub(" ", text or "")
+    text = _JUNK.sub("", _SPECIAL.sub(" ", text or ""))
     text = " ".join(text.split())
     text = _ROLE.sub("", text)
     text = strip_echo(text, echoes)

@@ -2,13 +2,15 @@
 
 Tests, the benchmark and the demo need a captioning model, and this machine cannot download one. So
 we build the real classes (``BlipForConditionalGeneration``; ``LlavaForConditionalGeneration`` with a
-CLIP vision tower and a Llama decoder) at toy sizes with random weights, train a small tokenizer with
+CLIP vision tower and a Llama decoder; ``Qwen2VLForConditionalGeneration`` with its dynamic-resolution
+vision tower) at toy sizes with random weights, train a small tokenizer with
 the ``tokenizers`` library on a caption word list, and ``save_pretrained`` model + processor into a
 directory. That directory loads through exactly the same ``AutoProcessor`` /
 ``AutoModelForImageTextToText.from_pretrained`` path as a hub model. The captions are gibberish; the
 mechanics (batching, padding, prompts, decoding, cleaning, resume) are real.
 
-Run ``python -m curate.testing.tiny_vlms OUT_DIR [--arch blip|llava|all]``: writes OUT_DIR/<arch>/.
+Run ``python -m curate.testing.tiny_vlms OUT_DIR [--arch blip|llava|qwen2_vl|blip-base|all]``: writes
+OUT_DIR/<arch>/ (``all``: the three tiny ones; ``blip-base`` is the real-size BLIP-base, ~900 MB).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ARCHES = ("blip", "llava")
+ARCHES = ("blip", "llava", "qwen2_vl")
 
 # Vocabulary for the tokenizer: words that show up in alt-text and clip-art captions. A tokenizer
 # trained on sentences made of them gives whole-word tokens, so decoded gibberish is readable words.
@@ -266,7 +268,83 @@ def build_llava(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, tex
     return out
 
 
-BUILDERS = {"blip": build_blip, "llava": build_llava, "blip-base": build_blip_base}
+# Qwen2-VL's chat template, cut to single-turn user messages with images and text.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_vl(out_dir: str | Path, *, seed: int = 0, texts: Iterable[str] = ()) -> Path:
+    """A tiny ``Qwen2VLForConditionalGeneration``: dynamic-resolution ViT (the number of image tokens
+    depends on the image's size and aspect, so batches really are ragged) and a Qwen2 decoder with
+    multimodal rotary positions; byte-level BPE tokenizer like the real one."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        Qwen2Tokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(caption_corpus(texts), trainer=trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=bpe["vocab"], merges=merges, model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
+    ids = tokenizer.get_vocab()
+    patch, merge, temporal = 8, 2, 2
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=patch,
+                           spatial_merge_size=merge, temporal_patch_size=temporal, initializer_range=0.2),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+            # head_dim 16 -> 8 rotary frequencies split over (time, height, width)
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            initializer_range=0.2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    sizes = dict(patch_size=patch, merge_size=merge, temporal_patch_size=temporal)
+    processor = Qwen2VLProcessor(
+        # 16-px grid cells between 32x32 and 64x64 pixels: 4 to 16 image tokens per image
+        image_processor=Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=64 * 64, **sizes),
+        video_processor=Qwen2VLVideoProcessor(**sizes),
+        tokenizer=tokenizer,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+BUILDERS = {"blip": build_blip, "llava": build_llava, "qwen2_vl": build_qwen2_vl, "blip-base": build_blip_base}
 
 
 def build(arch: str, out_dir: str | Path, **kwargs) -> Path:

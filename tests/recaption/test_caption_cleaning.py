@@ -47,6 +47,8 @@ def test_prompt_echo_and_role_markers_are_stripped():
 def test_special_tokens_leaking_through_decode_are_removed():
     assert clean("a dog on grass</s><pad><pad>").text == "a dog on grass"
     assert clean("<|im_end|>a dog on grass [SEP]").text == "a dog on grass"
+    # byte-level BPE decoding broken UTF-8: control characters and U+FFFD
+    assert clean("a d\x00og on\ufffd gr\x17ass").text == "a dog on grass"
 
 
 def test_repetitions_are_collapsed():

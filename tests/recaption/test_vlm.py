@@ -1,9 +1,10 @@
-"""The VLM wrapper on tiny random BLIP and LLaVA models loaded from disk like hub checkpoints.
+"""The VLM wrapper on tiny random BLIP, LLaVA and Qwen2-VL models loaded from disk like hub checkpoints.
 
 Batching must not change a row's output: every row generated alone (batch of 1) and in a batch of 8
 with prompts of different lengths gives the same greedy caption in fp32, and the per-step logits
 agree within LOGIT_TOL. Prompt lengths differ because the instruction embeds each row's caption, so
-the LLaVA batch really is padded (left) and BLIP's really is grouped by length.
+the LLaVA batch really is padded (left) and BLIP's really is grouped by length; Qwen2-VL adds a
+different number of image tokens per image (dynamic resolution) and multimodal rotary positions.
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ def _assert_same(single, batched):
         assert torch.allclose(a.logits, b.logits, atol=LOGIT_TOL, rtol=0), (a.logits - b.logits).abs().max()
 
 
-@pytest.mark.parametrize("arch", ["blip", "llava"])
+@pytest.mark.parametrize("arch", ["blip", "llava", "qwen2_vl"])
 def test_loads_through_auto_classes_with_family_defaults(tiny_vlms, arch):
     vlm = _load(tiny_vlms[arch])
     assert type(vlm.model).__name__ == {"blip": "BlipForConditionalGeneration",
-                                        "llava": "LlavaForConditionalGeneration"}[arch]
+                                        "llava": "LlavaForConditionalGeneration",
+                                        "qwen2_vl": "Qwen2VLForConditionalGeneration"}[arch]
     assert vlm.family is family_for(vlm.model.config.model_type)
     assert vlm.dtype == torch.float32 and vlm.device == "cpu" and vlm.engine == "transformers"
     prompt = vlm.prompt("ignored without {caption}")
@@ -69,11 +71,15 @@ def test_loads_through_auto_classes_with_family_defaults(tiny_vlms, arch):
         # chat template of the checkpoint, image placeholder included; left padding for decoder-only
         assert prompt == "USER: <image>\nDescribe this image in one sentence. ASSISTANT:"
         assert vlm.tokenizer.padding_side == "left"
+    elif arch == "qwen2_vl":
+        assert prompt == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                          "Describe this image in one sentence.<|im_end|>\n<|im_start|>assistant\n")
+        assert vlm.tokenizer.padding_side == "left"
     else:
         assert prompt == "a picture of"
 
 
-@pytest.mark.parametrize("arch", ["blip", "llava"])
+@pytest.mark.parametrize("arch", ["blip", "llava", "qwen2_vl"])
 def test_batch_of_one_equals_batch_of_eight(tiny_vlms, arch):
     vlm = _load(tiny_vlms[arch], instruction="Write a short caption. Old caption: {caption}.")
     images = _images(8)
@@ -86,7 +92,11 @@ def test_batch_of_one_equals_batch_of_eight(tiny_vlms, arch):
     assert all(g.num_tokens > 0 for g in single)
     batches = vlm.plan_batches(prompts, 8)
     assert sorted(i for b in batches for i in b) == list(range(8))
-    if arch == "llava":
+    if arch == "qwen2_vl":
+        ids = vlm.processor(images=images, text=prompts, return_tensors="pt", padding=True)["input_ids"]
+        image_tokens = (ids == vlm.model.config.image_token_id).sum(dim=1).tolist()
+        assert len(set(image_tokens)) > 1  # ragged: image token counts differ between rows
+    if arch != "blip":
         assert len(batches) == 1  # padded together
     else:
         # BLIP never pads: every batch holds one prompt length
