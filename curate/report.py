@@ -130,6 +130,8 @@ HISTOGRAMS: list[tuple[str, str, list[str]]] = [
     ("width", "width (px)", [schema.WIDTH]),
     ("height", "height (px)", [schema.HEIGHT]),
     ("aspect_ratio", "aspect ratio (width / height)", [schema.WIDTH, schema.HEIGHT]),
+    ("original_width", "original width before resizing (px)", [schema.ORIGINAL_WIDTH]),
+    ("original_height", "original height before resizing (px)", [schema.ORIGINAL_HEIGHT]),
     ("caption_length", "caption length (characters)", [schema.CAPTION]),
 ]
 
@@ -161,7 +163,10 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
         if not allv:
             continue
         lo, hi = min(allv), max(allv)
-        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        if hi > lo:
+            edges = np.linspace(lo, hi, bins + 1)
+        else:  # one value: one visible bar centred on it
+            edges = np.array([lo - 0.5, lo + 0.5]) if lo >= 1 else np.array([lo - 0.05, lo + 0.05])
         out[name] = {
             "title": title, "dataset": ds.url, "stage": ds.manifest()["stage"], "edges": edges.tolist(),
             "counts": {k: np.histogram(v, edges)[0].tolist() for k, v in series.items()},

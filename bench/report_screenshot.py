@@ -1,0 +1,118 @@
+"""Render the demo report in headless Chromium and save a screenshot: the page must open from a file
+with no network and show the funnel and the plots.
+
+    .venv/bin/python bench/report_screenshot.py [--dataset DATASET] [--out bench/out/report.png]
+
+DATASET defaults to the last output of pipelines/demo.yaml (``make demo``) when it is complete;
+otherwise a small demo lineage is built first: the bundled corpus served on 127.0.0.1, ``download``
+(real images, real broken entries), then ``export``. Chromium comes from Debian (``apt-get install
+chromium``) and is installed here when missing; the test suite never needs it. The browser runs with
+networking off where it can be (no background, sync or component traffic, fresh profile), so a page
+that needed the network would show holes.
+
+This is a check, not a benchmark: it prints what it rendered, then ``ratio: 1.00`` when the
+screenshot was written and the page had no external references (``ratio: 0.00`` otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+OUT = REPO / "bench" / "out"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    print("installing Debian's chromium (apt-get) ...", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], check=True,
+                   env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    found = shutil.which("chromium")
+    if not found:
+        raise SystemExit("chromium did not install")
+    return found
+
+
+def demo_dataset(work: Path) -> str:
+    """The demo pipeline's final output if complete, else a small download -> export lineage."""
+    import yaml
+
+    from curate.dataset import Dataset
+
+    demo = REPO / "pipelines" / "demo.yaml"
+    if demo.exists():
+        pipe = yaml.safe_load(demo.read_text())
+        last = pipe["stages"][-1]
+        out = Path(pipe["output"]) / (last.get("name") or last["stage"])
+        out = out if out.is_absolute() else REPO / out
+        if Dataset(str(out)).is_complete():
+            return str(out)
+    from curate.demo import CORPUS, DemoServer, write_url_list
+    from curate.runner import run_stage
+
+    down, exp = work / "download", work / "export"
+    if not Dataset(str(exp)).is_complete():
+        with DemoServer(CORPUS) as server:
+            urls = work / "urls.parquet"
+            write_url_list(urls, server.base_url)
+            run_stage("download", str(urls), str(down), config={
+                "shard_size": 100, "fetch": {"allowed_networks": ["127.0.0.1/32"]}})
+        run_stage("export", str(down), str(exp), config={"samples_per_shard": 100})
+    return str(exp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset")
+    ap.add_argument("--out", default=str(OUT / "report.png"))
+    ap.add_argument("--height", type=int, default=3000)
+    args = ap.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = OUT / "report-demo"
+    work.mkdir(exist_ok=True)
+    dataset = args.dataset or demo_dataset(work)
+
+    from curate.dataset import Dataset
+    from curate.report import build_report, write_html
+
+    report = build_report(Dataset(dataset))
+    page = OUT / "report.html"
+    write_html(report, str(page))
+    text = page.read_text()
+    external = re.findall(r"""(?:src|href)=['"](?!data:)[^'"]+""", text) + re.findall(r"url\(", text)
+    print(f"dataset: {dataset}")
+    print(f"report: {page} ({page.stat().st_size / 1e6:.2f} MB), stages: "
+          + " -> ".join(f"{f['stage']} ({f['rows_in']} in, {f['kept']} kept)" for f in report.data["funnel"]))
+    print(f"plots: {', '.join(report.plots)}; grids: {len(report.grids)}; duplicate clusters: {len(report.clusters)}")
+    print(f"external references in the page: {len(external)}")
+
+    browser = chromium()
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        cmd = [browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size=1280,{args.height}",
+               f"--screenshot={args.out}", page.as_uri()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    shot = Path(args.out)
+    ok = proc.returncode == 0 and shot.exists() and shot.stat().st_size > 10_000
+    print(f"browser: {browser}; exit {proc.returncode}; screenshot: {shot} "
+          f"({shot.stat().st_size if shot.exists() else 0} bytes)")
+    if not ok:
+        print(proc.stderr[-2000:])
+    print(f"ratio: {1.0 if ok and not external else 0.0:.2f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
