@@ -110,6 +110,12 @@ def build_model(recipe: Recipe, cfg: dict, device: torch.device) -> torch.nn.Mod
             raise FileNotFoundError(f"pretrained weights not found: {path}")
     model = open_clip.create_model(m.name, pretrained=m.pretrained, pretrained_image_path=m.pretrained_image,
                                    device=device, output_dict=True, **kwargs)
+    decoder = getattr(model, "text_decoder", None)
+    if decoder is not None and not m.pretrained:
+        # open_clip's CoCa never initialises its decoder's output projection (its init_parameters is
+        # never called, and fails when called): from scratch it would keep whatever bytes torch.empty
+        # found, NaN included. Use the std that init_parameters intends.
+        torch.nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
     if recipe.model.lock_image:
         model.lock_image_tower(unlocked_groups=recipe.model.lock_image_unlocked_groups, freeze_bn_stats=True)
     if recipe.model.grad_checkpointing:
@@ -255,12 +261,14 @@ def train_step(model, loss_fn, micro: list[tuple[torch.Tensor, torch.Tensor]], a
     # Pass 2: recompute one micro-batch at a time with gradients, loss over the whole batch. The sum
     # over j of these gradients is the gradient of the full-batch loss. DDP syncs on the last one only.
     for j, (images, texts) in enumerate(micro):
-        sync = j == len(micro) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
+        last = j == len(micro) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast():
                 out = model(images, texts)
                 inputs = {k: torch.cat(v[:j] + [out[k]] + v[j + 1 :]) for k, v in cached.items()}
-                inputs.update({k: v for k, v in out.items() if k not in cached})
+                # The temperature enters every pass's loss; let only the last pass carry its gradient, or
+                # it would be counted once per micro-batch.
+                inputs.update({k: v if last else v.detach() for k, v in out.items() if k not in cached})
                 losses = loss_fn(**inputs, output_dict=True)
                 total = sum(losses.values())
             total.backward()

@@ -27,6 +27,14 @@ PAIRS = [(c, s) for c in COLORS for s in SHAPES]
 TINY = ["model.tiny=true", "data.workers=1", "train.log_every=1"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # ~8 test runs share 2 cores; more intra-op threads only make a tiny model slower.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _image(rng: np.random.Generator, color: str, shape: str, size: int = 64) -> bytes:
     noise = rng.integers(60, 140, (size, size, 3), dtype=np.uint8)
     img = Image.fromarray(noise)

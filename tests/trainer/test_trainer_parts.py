@@ -1,0 +1,216 @@
+"""The trainer's parts on their own: schedule, recipes, tokenizers, loaders, gradient accumulation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COLORS, SHAPES
+
+from trainer import data as D
+from trainer.config import DataConfig, load_recipe
+from trainer.schedule import warmup_cosine
+from trainer.train import Dist, Tokenizer, build_model, main, make_loss, model_config, train_step
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "trainer" / "recipes").glob("*.yaml"))
+CAPTIONS = [f"a {c} {s} on a grey background" for c in COLORS for s in SHAPES]
+
+
+# ---------------------------------------------------------------- schedule and recipes
+
+
+def test_warmup_then_cosine_to_final_lr():
+    lr = [warmup_cosine(s, base_lr=1.0, warmup_steps=10, total_steps=110, final_lr=0.1) for s in range(111)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warmup
+    assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55)  # cosine midpoint
+    assert lr[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lr[10:-1], lr[11:], strict=True))
+
+
+def test_set_overrides_and_validation():
+    r = load_recipe(RECIPES[0], ["train.global_batch=32", "train.accum=4", "data.scale=[0.5, 1.0]"])
+    assert r.train.global_batch == 32 and r.data.scale == (0.5, 1.0)
+    assert r.micro_batch(world_size=2) == 4
+    with pytest.raises(ValueError, match="not divisible"):
+        r.micro_batch(world_size=3)
+    with pytest.raises(ValueError):
+        load_recipe(RECIPES[0], ["optim.lrr=1"])  # typo: unknown key
+    with pytest.raises(ValueError):
+        load_recipe(RECIPES[0], ["data.scale=[0.9, 0.2]"])
+
+
+def test_bad_recipe_is_one_clear_error_before_work(tmp_path, caplog):
+    assert main(["--data", str(tmp_path), "--set", "train.stepz=3"]) == 2
+    assert "stepz" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> str:
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("spm")
+    text = folder / "captions.txt"
+    text.write_text("\n".join(CAPTIONS * 4))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "sp"), vocab_size=32, hard_vocab_limit=False,
+                                   model_type="unigram", pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                                   minloglevel=2)
+    return str(folder / "sp.model")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory) -> str:
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = HFTok(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(CAPTIONS, trainers.BpeTrainer(vocab_size=80, special_tokens=["<pad>", "<unk>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    folder = tmp_path_factory.mktemp("hf-tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return str(folder)
+
+
+def _tiny_sets(recipe: Path, spm_model: str) -> list[str]:
+    sets = ["model.tiny=true", "train.global_batch=8", "train.accum=1"]
+    if load_recipe(recipe).tokenizer.kind == "sentencepiece":
+        sets.append(f"tokenizer.name={spm_model}")
+    return sets
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_parses_and_builds_at_tiny_size(recipe, spm_model):
+    r = load_recipe(recipe, _tiny_sets(recipe, spm_model))
+    full = load_recipe(recipe)
+    assert full.train.global_batch >= 2048 and full.train.precision == "bf16"
+    tok = Tokenizer(r.tokenizer)
+    cfg = model_config(r, tok.info)
+    model = build_model(r, cfg, torch.device("cpu"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # CoCa's decoder projection included
+    assert cfg["text_cfg"]["context_length"] == full.tokenizer.context_length  # the recipe's length, kept
+    assert cfg["text_cfg"]["vocab_size"] == full.tokenizer.vocab_size
+    assert type(model).__name__ == ("CoCa" if "coca" in full.model.name else "CLIP")
+    if full.model.lock_image:
+        assert not any(p.requires_grad for p in model.visual.parameters())
+        assert any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("visual."))
+    if full.model.grad_checkpointing:
+        assert model.visual.transformer.grad_checkpointing
+    texts = tok(CAPTIONS[:2])
+    assert texts.shape == (2, full.tokenizer.context_length)
+    out = model(torch.randn(2, 3, 32, 32), texts)
+    assert out["image_features"].shape == out["text_features"].shape == (2, cfg["embed_dim"])
+
+
+def test_sentencepiece_and_hf_tokenizers_end_every_caption_with_eos(spm_model, hf_tokenizer):
+    for kind, name in (("sentencepiece", spm_model), ("hf", hf_tokenizer)):
+        r = load_recipe(None, [f"tokenizer.kind={kind}", f"tokenizer.name={name}", "tokenizer.context_length=8",
+                               "tokenizer.vocab_size=128"])
+        tok = Tokenizer(r.tokenizer)
+        ids = tok(["a red circle", "a purple triangle " * 10])
+        assert ids.shape == (2, 8)
+        short_len = int((ids[0] != tok.pad_id).sum())
+        assert ids[0, short_len - 1] == tok.eos_id and (ids[0, short_len:] == tok.pad_id).all()
+        assert ids[1, -1] == tok.eos_id  # truncated, eos kept
+        # the text tower pools at that eos token
+        cfg = model_config(load_recipe(None, ["model.tiny=true", *[f"tokenizer.{k}={v}" for k, v in
+                                                                     r.tokenizer.model_dump().items()]]), tok.info)
+        assert cfg["text_cfg"]["pool_type"] == "eos" and cfg["text_cfg"]["eos_id"] == tok.eos_id
+
+
+def test_unknown_tokenizer_vocab_larger_than_model_is_refused(hf_tokenizer):
+    r = load_recipe(None, ["tokenizer.kind=hf", f"tokenizer.name={hf_tokenizer}", "tokenizer.vocab_size=10"])
+    with pytest.raises(ValueError, match="tokens"):
+        Tokenizer(r.tokenizer)
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "coca_ViT-B-32"])
+def test_accumulating_k_micro_batches_equals_one_big_batch(name):
+    torch.manual_seed(0)
+    r = load_recipe(None, ["model.tiny=true", f"model.name={name}", "tokenizer.context_length=12",
+                           f"loss.caption_weight={0.5 if 'coca' in name else 0}"])
+    tok = Tokenizer(r.tokenizer)
+    model = build_model(r, model_config(r, tok.info), torch.device("cpu"))
+    loss_fn = make_loss(r, Dist(), "coca" in name, tok.pad_id)
+    images, texts = torch.randn(8, 3, 32, 32), tok(CAPTIONS[:8])
+
+    whole = train_step(model, loss_fn, [(images, texts)], contextlib.nullcontext)
+    g_whole = _grads(model)
+    model.zero_grad(set_to_none=True)
+    micro = [(images[i : i + 2], texts[i : i + 2]) for i in range(0, 8, 2)]
+    accum = train_step(model, loss_fn, micro, contextlib.nullcontext)
+    g_accum = _grads(model)
+
+    assert accum["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert g_whole.keys() == g_accum.keys() and len(g_whole) > 10
+    for k in g_whole:
+        torch.testing.assert_close(g_accum[k], g_whole[k], rtol=1e-4, atol=1e-6, msg=k)
+
+    # Control: naive accumulation (mean of per-micro-batch losses) is a different objective, which
+    # this test would catch if the feature cache were dropped.
+    model.zero_grad(set_to_none=True)
+    naive = sum(train_step(model, loss_fn, [m], contextlib.nullcontext)["loss"] for m in micro) / 4
+    assert abs(naive - whole["loss"]) > 1e-3
+
+
+# ---------------------------------------------------------------- loaders
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_dali_and_dataloader_yield_the_same_keys_per_epoch(dataset, world):
+    shards = D.find_shards(dataset["train"])
+    cfg = DataConfig(flip=True, workers=1, shuffle_buffer=16)
+    union: set[str] = set()
+    for rank in range(world):
+        epochs = {}
+        for kind in ("dali", "torch"):
+            loader = D.make_loader(kind, shards, cfg, image_size=32, batch_size=5, rank=rank, world=world, seed=1)
+            n, keys = loader.epoch_size, []
+            while len(keys) < 2 * n:  # batch 5 does not divide the epoch: batches straddle epochs
+                batch = loader.next()
+                assert batch.images.shape == (5, 3, 32, 32) and len(batch.captions) == 5
+                keys += batch.keys
+            epochs[kind] = [sorted(keys[:n]), sorted(keys[n : 2 * n])]
+            assert len(set(keys[:n])) == n and keys[:n] != keys[n : 2 * n]  # every sample once, reshuffled
+        assert epochs["dali"] == epochs["torch"], f"rank {rank} of {world}"
+        union |= set(epochs["dali"][0])
+    assert union == set(dataset["train_keys"])
+
+
+def test_dali_and_torchvision_preprocess_alike(dataset):
+    # Deterministic path (resize shorter side + centre crop): the two implementations agree closely.
+    shards = D.find_shards(dataset["val"])
+    cfg = DataConfig(workers=1)
+    dali = D.DaliLoader(shards, cfg, image_size=32, batch_size=24, train=False).next()
+    torch_batch = next(D.eval_batches(dataset["val"], cfg, image_size=32, batch_size=24, limit=24))
+    assert dali.keys == torch_batch.keys and dali.captions == torch_batch.captions
+    diff = (dali.images - torch_batch.images).abs().mean().item()
+    assert diff < 0.1, diff
+    # captions pair with keys the same way in both
+    assert dali.captions[0].startswith("a ")
+
+
+def test_find_val_from_manifest(dataset, tmp_path):
+    import json
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(dataset["train"], root)
+    assert D.find_val(root, None) is None
+    manifest = json.loads((root / "_manifest.json").read_text())
+    (root / "_manifest.json").write_text(json.dumps({**manifest, "val": dataset["val"]}))
+    assert D.find_val(root, None) == dataset["val"]
+    assert D.find_val(root, "/explicit") == "/explicit"
+    assert math.isclose(len(D.index_samples(D.find_shards(dataset["val"]))), 24)
