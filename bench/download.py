@@ -140,30 +140,39 @@ def run_measured(cmd: list[str], log_path: Path, env: dict | None = None) -> dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="URLs in the list (>= 2000 for the report)")
+    ap.add_argument("--data", choices=("photos", "demo"), default="photos",
+                    help="photos: bench/assets real JPEG photos; demo: the demo corpus repeated")
     ap.add_argument("--shard-size", type=int, default=500)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--resize-mode", default="border")
     ap.add_argument("--time-limit", type=int, default=600, help="seconds before img2dataset counts as hung")
-    ap.add_argument("--mem-limit-gb", type=float, default=12.0, help="prlimit --as for img2dataset processes")
+    ap.add_argument("--mem-limit-gb", type=float, default=6.0, help="prlimit --as for img2dataset processes")
     ap.add_argument("--processes", type=int, default=2, help="img2dataset processes_count (cores here)")
     ap.add_argument("--threads", type=int, default=32, help="img2dataset thread_count per process")
     args = ap.parse_args(argv)
 
-    from assets import photos
-
-    photo_paths = photos(min(args.n, 2000), max_side=800)
-    folder = photo_paths[0].parent
     i2d = ensure_img2dataset()
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    server = Server(folder)
-    try:
+    url_list = WORK / "urls.parquet"
+    if args.data == "photos":
+        from assets import photos
+
+        photo_paths = photos(min(args.n, 2000), max_side=800)
+        server = Server(photo_paths[0].parent)
         urls = [f"{server.base_url}/{photo_paths[i % len(photo_paths)].name}"
                 + (f"?copy={i // len(photo_paths)}" if i >= len(photo_paths) else "") for i in range(args.n)]
-        captions = [f"photo {i}" for i in range(args.n)]
-        url_list = WORK / "urls.parquet"
-        pq.write_table(pa.table({"url": urls, "caption": captions}), url_list)
-        print(f"{args.n} URLs of {len(photo_paths)} distinct real photos, served from {server.base_url}", flush=True)
+        pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(args.n)]}), url_list)
+        what = f"{len(photo_paths)} distinct real photos (800 px JPEG)"
+    else:
+        from curate.demo import CORPUS, read_entries, write_url_list
+
+        server = Server(CORPUS)
+        per_copy = len(read_entries(CORPUS))
+        args.n = write_url_list(url_list, server.base_url, repeat=-(-args.n // per_copy))
+        what = f"the demo corpus ({per_copy} clip-art entries incl. broken ones) repeated under distinct URLs"
+    try:
+        print(f"{args.n} URLs: {what}, served from {server.base_url}", flush=True)
 
         # curate: same geometry and format; one host, so the per-host limit is the connection count.
         cur_out = WORK / "curate-out"

@@ -105,6 +105,7 @@ class FetchError(Exception):
     def __init__(self, kind: str, message: str, retry_after: float | None = None):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+        self.detail = message
         self.retry_after = retry_after
 
     @property
@@ -441,13 +442,43 @@ class FetchResult:
     final_url: str | None = None
     attempts: int = 0
     seconds: float = 0.0
+    # A successful fetch keeps its body slot (see Fetcher) until the caller is done with the body.
+    release: Any = dataclasses.field(default=lambda: None, repr=False)
+
+
+class _Slot:
+    """One body slot of a Fetcher's budget, taken at most once; give() is idempotent."""
+
+    __slots__ = ("budget", "held")
+
+    def __init__(self, budget: asyncio.Semaphore | None):
+        self.budget = budget
+        self.held = False
+
+    async def take(self) -> None:
+        if self.budget is not None and not self.held:
+            await self.budget.acquire()
+            self.held = True
+
+    def give(self) -> None:
+        if self.held:
+            self.held = False
+            self.budget.release()
 
 
 class Fetcher:
-    """One per shard task and event loop: ``async with Fetcher(cfg) as f: r = await f.fetch(url)``."""
+    """One per shard task and event loop: ``async with Fetcher(cfg) as f: r = await f.fetch(url)``.
 
-    def __init__(self, cfg: FetchConfig):
+    ``budget`` bounds the response bodies alive at once: a slot is taken when a request is about to
+    go out (after the host's queue, politeness delay and Retry-After wait, so a backed-off host does
+    not hold slots other hosts could use) and kept by a successful result until the caller calls
+    ``result.release()``. Slots are never held while waiting for a host, so there is no deadlock
+    between host limits and the budget.
+    """
+
+    def __init__(self, cfg: FetchConfig, budget: asyncio.Semaphore | None = None):
         self.cfg = cfg
+        self.budget = budget
         self.policy = UrlPolicy(cfg)
         self._hosts: dict[str, _Host] = {}
         self._robots: dict[str, asyncio.Task] = {}
@@ -490,6 +521,7 @@ class Fetcher:
         """Fetch one URL; never raises for per-URL problems (they are in ``error``)."""
         t0 = time.monotonic()
         res = FetchResult(url=url)
+        slot = _Slot(self.budget)
         try:
             u = self.policy.check(url)
             if self.cfg.respect_robots_txt:
@@ -499,14 +531,16 @@ class Fetcher:
                 attempt += 1
                 res.attempts = attempt
                 try:
-                    res.data, res.final_url, res.http_status = await self._attempt(u, self.cfg.max_bytes)
+                    res.data, res.final_url, res.http_status = await self._attempt(u, self.cfg.max_bytes, slot)
+                    res.release = slot.give
                     break
                 except FetchError as e:
+                    slot.give()
                     if not e.transient or attempt > self.cfg.retries:
                         raise
                     if e.retry_after is not None:
                         if e.retry_after > self.cfg.max_retry_after_s:
-                            raise FetchError(e.kind, f"{e} (Retry-After {e.retry_after:.0f}s too long)") from None
+                            raise FetchError(e.kind, f"{e.detail} (Retry-After {e.retry_after:.0f}s too long)") from None
                         host = self._host(u.host or "")
                         host.blocked_until = max(host.blocked_until, time.monotonic() + e.retry_after)
                     else:
@@ -517,34 +551,48 @@ class Fetcher:
         except Exception as e:  # noqa: BLE001 - a per-URL failure is data
             log.debug("unexpected fetch error for %s", url, exc_info=True)
             res.error = f"network: {type(e).__name__}: {e}"
+        finally:
+            if res.data is None:
+                slot.give()
         res.seconds = time.monotonic() - t0
         return res
 
-    async def _attempt(self, u, max_bytes: int) -> tuple[bytes, str, int]:
-        """One attempt with its redirect chain under one deadline."""
+    async def _attempt(self, u, max_bytes: int, slot: _Slot | None = None) -> tuple[bytes, str, int]:
+        """One attempt with its redirect chain under one deadline.
+
+        The deadline starts when the first request may go out, not while the URL waits for its host's
+        connection slot, politeness delay or Retry-After: a host with thousands of queued URLs must
+        not time them out before they were even sent.
+        """
         try:
-            async with asyncio.timeout(self.cfg.timeout_s):
-                return await self._follow(u, max_bytes)
+            return await self._follow(u, max_bytes, slot or _Slot(None))
         except TimeoutError:
             raise FetchError("timeout", f"no complete response within {self.cfg.timeout_s:g}s") from None
 
-    async def _follow(self, u, max_bytes: int) -> tuple[bytes, str, int]:
+    async def _follow(self, u, max_bytes: int, slot: _Slot) -> tuple[bytes, str, int]:
         import aiohttp
 
         hops = 0
+        deadline = None
+        loop = asyncio.get_running_loop()
         while True:
+            slot.give()  # never wait for a host while holding a body slot
             host = self._host(u.host or "")
             async with host.sem:
-                loop = asyncio.get_running_loop()
                 while True:
                     wait = max(host.blocked_until, host.next_start) - loop.time()
+                    if deadline is not None and loop.time() + max(wait, 0) >= deadline:
+                        raise TimeoutError
                     if wait <= 0:
                         break
                     await asyncio.sleep(wait)
+                await slot.take()
                 host.next_start = loop.time() + self.cfg.host_delay_s
+                if deadline is None:
+                    deadline = loop.time() + self.cfg.timeout_s
                 try:
                     self.requests += 1
-                    async with self.session.get(u, allow_redirects=False) as resp:
+                    async with asyncio.timeout_at(deadline), self.session.get(u, allow_redirects=False) as resp:
                         if resp.status in REDIRECT_CODES:
                             loc = resp.headers.get("Location")
                             if not loc:
@@ -576,7 +624,7 @@ class Fetcher:
                         return b"".join(chunks), str(resp.url), resp.status
                 except AddressRefused as e:
                     raise FetchError("refused", str(e)) from None
-                except FetchError:
+                except (FetchError, TimeoutError):  # TimeoutError is an OSError: keep it out of "network"
                     raise
                 except aiohttp.ClientConnectorCertificateError as e:
                     raise FetchError("network", f"TLS certificate: {e}") from None

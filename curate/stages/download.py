@@ -288,7 +288,8 @@ class DownloadStage(Stage):
         budget = cfg.reorder_buffer_mb * 1024 * 1024
         state = {"head": 0, "buffered": 0}
         cond = asyncio.Condition()
-        inflight = asyncio.Semaphore(cfg.fetch.connections + 4 * cfg.decode_threads)
+        # Bodies alive at once: those downloading plus a short queue for the decode threads.
+        bodies = asyncio.Semaphore(cfg.fetch.connections + 4 * cfg.decode_threads)
 
         def cpu(data: bytes) -> tuple[Any, str | None, int | None, float]:
             p = process_image(data, cfg.image, keep_image=self._phash is not None)
@@ -334,35 +335,37 @@ class DownloadStage(Stage):
                 await cond.wait_for(lambda: state["buffered"] < budget or i == state["head"])
             r: dict[str, Any] = {schema.KEY: keys[i], schema.DROP_REASON: None}
             try:
-                async with inflight:
-                    if dup[i]:
+                if dup[i]:
+                    r[schema.STATUS] = schema.STATUS_FAILED_TO_DOWNLOAD
+                    r[schema.ERROR_MESSAGE] = "duplicate_uid: this uid appears earlier in the input"
+                    r[schema.DROP_REASON] = schema.reason(STAGE, "duplicate_uid")
+                else:
+                    f = await fetcher.fetch(urls[i] or "")
+                    timing["network"] += f.seconds
+                    if f.data is None:
                         r[schema.STATUS] = schema.STATUS_FAILED_TO_DOWNLOAD
-                        r[schema.ERROR_MESSAGE] = "duplicate_uid: this uid appears earlier in the input"
-                        r[schema.DROP_REASON] = schema.reason(STAGE, "duplicate_uid")
+                        r[schema.ERROR_MESSAGE] = f.error
                     else:
-                        f = await fetcher.fetch(urls[i] or "")
-                        timing["network"] += f.seconds
-                        if f.data is None:
-                            r[schema.STATUS] = schema.STATUS_FAILED_TO_DOWNLOAD
-                            r[schema.ERROR_MESSAGE] = f.error
-                        else:
+                        try:
                             p, sha, ph, t_ph = await loop.run_in_executor(pool, cpu, f.data)
-                            del f
-                            timing["decode"] += p.decode_seconds
-                            timing["resize"] += p.resize_seconds
-                            timing["phash"] += t_ph
-                            r[schema.STATUS] = p.status
-                            r[schema.ERROR_MESSAGE] = p.error
-                            if p.data is not None:
-                                r.update({
-                                    schema.WIDTH: p.width, schema.HEIGHT: p.height,
-                                    schema.ORIGINAL_WIDTH: p.original_width,
-                                    schema.ORIGINAL_HEIGHT: p.original_height,
-                                    schema.SHA256: sha, schema.IMAGE_FORMAT: p.ext, schema.PHASH: ph,
-                                    "_bytes": p.data,
-                                })
-                        if r[schema.STATUS] != schema.STATUS_SUCCESS:
-                            r[schema.DROP_REASON] = schema.reason(STAGE, r[schema.STATUS])
+                        finally:
+                            f.release()
+                        del f
+                        timing["decode"] += p.decode_seconds
+                        timing["resize"] += p.resize_seconds
+                        timing["phash"] += t_ph
+                        r[schema.STATUS] = p.status
+                        r[schema.ERROR_MESSAGE] = p.error
+                        if p.data is not None:
+                            r.update({
+                                schema.WIDTH: p.width, schema.HEIGHT: p.height,
+                                schema.ORIGINAL_WIDTH: p.original_width,
+                                schema.ORIGINAL_HEIGHT: p.original_height,
+                                schema.SHA256: sha, schema.IMAGE_FORMAT: p.ext, schema.PHASH: ph,
+                                "_bytes": p.data,
+                            })
+                    if r[schema.STATUS] != schema.STATUS_SUCCESS:
+                        r[schema.DROP_REASON] = schema.reason(STAGE, r[schema.STATUS])
             except Exception as e:  # noqa: BLE001 - one row's bug must not lose the shard's other rows
                 log.exception("download of row %d failed unexpectedly", i)
                 r[schema.STATUS] = schema.STATUS_FAILED_TO_DOWNLOAD
@@ -376,7 +379,7 @@ class DownloadStage(Stage):
                 cond.notify_all()
 
         try:
-            async with Fetcher(cfg.fetch) as fetcher:
+            async with Fetcher(cfg.fetch, bodies) as fetcher:
                 await asyncio.gather(*(one(i, fetcher) for i in range(n_rows)))
         finally:
             pool.shutdown(wait=True)

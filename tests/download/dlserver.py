@@ -124,6 +124,9 @@ class Server:
                             r.retry_after_left[path] = 0
                             return self.send(429, b"slow down", headers=[("Retry-After", path.rsplit("/", 1)[1])])
                         return self.send(200, r.images["/img/b.png"][0], "image/png")
+                    if path.startswith("/delay/"):  # answers after N ms
+                        time.sleep(int(path.split("/")[2]) / 1000)
+                        return self.send(200, r.images["/img/c.webp"][0], "image/webp")
                     if path == "/sometimes.jpg":
                         if not r.healthy:
                             return self.send(503, b"down")

@@ -188,6 +188,37 @@ def test_slow_drip_hits_deadline(server):
     assert r.seconds < 10
 
 
+def test_deadline_starts_when_the_request_goes_out_not_in_the_host_queue(server):
+    urls = [f"{server.base_url}/delay/300?i={i}" for i in range(8)]  # 8 x 0.3 s through one slot
+    results, _ = fetch_all(urls, **{**LOCAL, "timeout_s": 1.0, "retries": 0, "per_host_connections": 1})
+    assert [r.error for r in results] == [None] * 8
+    assert server.paths().count("/delay/300") == 8
+
+
+def test_body_budget_bounds_bodies_alive(server):
+    async def go():
+        budget = asyncio.Semaphore(2)
+        async with Fetcher(FetchConfig(**LOCAL), budget=budget) as f:
+            tasks = [asyncio.ensure_future(f.fetch(f"{server.base_url}/img/b.png?i={i}")) for i in range(6)]
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            while len(done) < 2:
+                more, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                done |= more
+            await asyncio.sleep(0.5)
+            sent_while_held = len(server.paths())
+            for t in done:
+                t.result().release()  # the caller is done with these bodies
+            for t in asyncio.as_completed(list(pending)):
+                (await t).release()
+            results = [t.result() for t in tasks]
+            return sent_while_held, results, budget
+
+    sent_while_held, results, budget = asyncio.run(go())
+    assert sent_while_held == 2  # nobody else got a slot while two bodies were alive
+    assert all(r.data is not None for r in results)
+    assert budget._value == 2  # every slot given back
+
+
 def test_byte_cap_on_endless_and_declared_huge_bodies_memory_bounded(server):
     tracemalloc.start()
     try:
