@@ -177,7 +177,31 @@ def test_through_the_runner(ray_session, tiny_vlms, tmp_path):
         assert (recap is None) != (flag is None)
     stats = ds.stats(0)
     assert stats["recaption"]["images"] == 5 and stats["recaption"]["engine"] == "transformers"
+    # curate inspect --uid explains a kept row and a rejected one
+    stage = RecaptionStage(RecaptionConfig(**config))
+    first = kept.slice(0, 1).to_pylist()[0]
+    info = stage.explain(ds, first[schema.UID])
+    assert info["recaption"] == first[schema.RECAPTION] and info["caption"] == first[schema.CAPTION]
+    bad = ds.read_rejects(1).column(schema.UID)[0].as_py()
+    assert stage.explain(ds, bad)["drop_reason"] == "recaption:undecodable"
+    assert stage.explain(ds, "0" * 32) is None
     # the pointers still lead to the source's bytes
     source = pa.concat_tables([t for _, t in src.iter_shards()])
     by_uid = dict(zip(source.column(schema.UID).to_pylist(), read_images(source), strict=True))
     assert read_images(kept) == [by_uid[u] for u in kept.column(schema.UID).to_pylist()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["blip", "llava", "qwen2_vl"])
+def test_bf16_on_gpu(tiny_vlms, tmp_path, arch):
+    import torch
+
+    ds = write_source(tmp_path / "src", shards=1, rows=8, corrupt=frozenset({(0, 3)}))
+    stage = RecaptionStage(RecaptionConfig(model=tiny_vlms[arch], device="auto", engine="transformers",
+                                           max_new_tokens=8, on_bad="flag"))
+    stage.setup()
+    assert stage.vlm.device == "cuda" and stage.vlm.dtype == torch.bfloat16
+    assert next(stage.vlm.model.parameters()).dtype == torch.bfloat16
+    out = stage.process(ds.read_shard(0), _ctx(ds))
+    assert out.column(schema.DROP_REASON).to_pylist().count("recaption:undecodable") == 1
+    assert stage.vlm.generate([], []) == []
