@@ -1,8 +1,9 @@
 """Download benchmark: curate's download stage vs img2dataset 1.47.0 on the same URL list, same server.
 
-Both tools fetch the same >= 2,000 real JPEG photos (bench/assets.py; repeated under distinct URLs
-when more are asked for than exist) from the same local HTTP server, which runs in its own process
-on 127.0.0.1, and both write WebDataset tars of 256 px images, resize mode ``border``, JPEG quality
+Both tools fetch the same URL list from the same local HTTP server (curate.demo.DemoServer in its own
+process on 127.0.0.1): by default (``--data demo``) the demo corpus of real clip-art PNG/JPEG/WebP
+images, broken entries included, repeated under distinct URLs to >= 2,000 rows; with ``--data photos``
+2,000 real 800 px JPEG photos from bench/assets.py. Both and both write WebDataset tars of 256 px images, resize mode ``border``, JPEG quality
 95, shards of the same size. img2dataset runs from its own virtual environment
 (bench/.cache/img2dataset-venv, created here with ``pip install img2dataset==1.47.0``) under a memory
 cap (``prlimit --as``) and a wall-clock cap (``timeout``); a crash or a hang is reported as its result.
@@ -11,7 +12,7 @@ Measured per tool: samples/s (input URLs / seconds) end to end (process start to
 tool's own run time, successes, CPU seconds per image and peak resident memory of the whole process
 tree (sums over /proc, sampled every 0.1 s). On a shared machine the CPU figure is the steadiest.
 
-    .venv/bin/python bench/download.py [--n 2000] [--shard-size 500] [--time-limit 600]
+    .venv/bin/python bench/download.py [--data demo|photos] [--n 2000] [--shard-size 500] [--time-limit 600]
 
 The last line is ``ratio: X.XX`` = curate samples/s / img2dataset samples/s over each tool's own run
 time ("job": curate's manifest seconds, which exclude the embedded Ray start; img2dataset's first
@@ -140,7 +141,7 @@ def run_measured(cmd: list[str], log_path: Path, env: dict | None = None) -> dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="URLs in the list (>= 2000 for the report)")
-    ap.add_argument("--data", choices=("photos", "demo"), default="photos",
+    ap.add_argument("--data", choices=("photos", "demo"), default="demo",
                     help="photos: bench/assets real JPEG photos; demo: the demo corpus repeated")
     ap.add_argument("--shard-size", type=int, default=500)
     ap.add_argument("--image-size", type=int, default=256)

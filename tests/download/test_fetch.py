@@ -272,6 +272,32 @@ def test_dns_failure_classified():
     assert classify_gaierror(socket.gaierror(socket.EAI_AGAIN, "Temporary failure")).transient
 
 
+def test_transient_dns_failures_retried_and_resolver_concurrency_reduced(server, monkeypatch):
+    # The system resolver answers "try again" twice for this name, then 127.0.0.1.
+    real = socket.getaddrinfo
+    calls = []
+
+    def flaky(host, *a, **k):
+        if host == "flaky.test":
+            calls.append(host)
+            if len(calls) <= 2:
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            return real("127.0.0.1", *a, **k)
+        return real(host, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", flaky)
+
+    async def go():
+        async with Fetcher(FetchConfig(**{**LOCAL, "retries": 3, "dns_concurrency": 8})) as f:
+            r = await f.fetch(f"http://flaky.test:{server.port}/img/a.jpg")
+            return r, f.resolver.limit.limit, await f.fetch(f"http://flaky.test:{server.port}/img/b.png")
+
+    r, limit_after, again = asyncio.run(go())
+    assert r.data is not None and r.attempts == 3 and len(calls) == 3
+    assert limit_after == 8 // 2 // 2 + 1  # halved twice, then grew back by one on success
+    assert again.data is not None and len(calls) == 3  # cached: no new lookup
+
+
 def test_opt_out_and_retry_after_parsing():
     assert opted_out(["noai"], "curate", ["noai"]) == "noai"
     assert opted_out(["googlebot: noai"], "curate", ["noai"]) is None
