@@ -3,8 +3,8 @@
 Both tools fetch the same URL list from the same local HTTP server (curate.demo.DemoServer in its own
 process on 127.0.0.1): by default (``--data demo``) the demo corpus of real clip-art PNG/JPEG/WebP
 images, broken entries included, repeated under distinct URLs to >= 2,000 rows; with ``--data photos``
-2,000 real 800 px JPEG photos from bench/assets.py. Both and both write WebDataset tars of 256 px images, resize mode ``border``, JPEG quality
-95, shards of the same size. img2dataset runs from its own virtual environment
+2,000 real 800 px JPEG photos from bench/assets.py. Both write WebDataset tars of 256 px images,
+resize mode ``border``, JPEG quality 95, shards of the same size. img2dataset runs from its own virtual environment
 (bench/.cache/img2dataset-venv, created here with ``pip install img2dataset==1.47.0``) under a memory
 cap (``prlimit --as``) and a wall-clock cap (``timeout``); a crash or a hang is reported as its result.
 
