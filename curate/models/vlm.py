@@ -254,7 +254,8 @@ class VLM:
 
     def echoes(self, captions: Sequence[str | None] = ()) -> list[str]:
         """Strings a model may repeat back at the start of its answer (for caption cleaning)."""
-        out = [self.instruction.replace("{caption}", c or "") for c in set(captions)] or [self.instruction]
+        out = [self.instruction.replace("{caption}", c or "") for c in dict.fromkeys(captions)]
+        out = out or [self.instruction]
         return [e for e in out if e.strip()]
 
     def plan_batches(self, prompts: Sequence[str], batch_size: int) -> list[list[int]]:

@@ -1,17 +1,18 @@
 """recaption: a vision-language model writes a new caption for every image (DESIGN §4).
 
 Runs as an actor pool holding the model (``uses_model``); one call per shard, so a killed run redoes
-only the shards that were not committed. Per shard: the image bytes behind the rows' pointers are
-read once (one open per tar, offset order), rows are batched (:meth:`VLM.plan_batches`: padding-safe
-order), each batch is decoded just before it is generated for (so memory holds one batch of pixels),
-the output is cleaned (:mod:`curate.captions`) and written to ``recaption``; the original
-``caption`` is never touched. With ``clip_model`` set, ``recaption_clip_score`` is the CLIP cosine of
+only the shards that were not committed. Per shard, rows are batched (:meth:`VLM.plan_batches`:
+padding-safe order); per batch, the image bytes behind the rows' pointers are read (one open per tar,
+offset order, no re-download), decoded once, and generated for, so memory holds one batch of
+images whatever the shard size. The output is cleaned (:mod:`curate.captions`) and written to
+``recaption``; the original ``caption`` is never touched. With ``clip_model`` set, ``recaption_clip_score`` is the CLIP cosine of
 the image and the new caption, comparable with the ``clip_score`` of the original.
 
 Reasons: ``recaption:missing_image`` (pointer unreadable), ``recaption:undecodable`` (bytes that
 are not an image; the rest of the batch goes on), ``recaption:empty`` / ``recaption:degenerate``
-(nothing usable generated). With ``on_bad: flag`` the last two keep the row, leave ``recaption``
-null (export then uses the original caption) and say why in ``recaption_flag``.
+(nothing usable generated), ``recaption:out_of_memory`` (a single image that does not fit after a
+batch was split in halves on OOM). With ``on_bad: flag``, empty and degenerate outputs keep the row,
+leave ``recaption`` null (export then uses the original caption) and say why in ``recaption_flag``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ MISSING = "missing_image"
 UNDECODABLE = "undecodable"
 EMPTY = "empty"
 DEGENERATE = "degenerate"
+OUT_OF_MEMORY = "out_of_memory"
 
 
 class RecaptionConfig(StageConfig):
@@ -170,9 +172,6 @@ class RecaptionStage(Stage):
             self.setup()
         c = self.config
         n = table.num_rows
-        t = time.perf_counter()
-        blobs = read_images(table)
-        ctx.add_time("read", time.perf_counter() - t)
         captions = (
             table.column(schema.CAPTION).to_pylist() if schema.CAPTION in table.column_names else [None] * n
         )
@@ -180,19 +179,26 @@ class RecaptionStage(Stage):
         recaptions: list[str | None] = [None] * n
         flags: list[str | None] = [None] * n
         scores: list[float | None] = [None] * n
-        for i, blob in enumerate(blobs):
-            if blob is None:
-                reasons[i] = schema.reason(NAME, MISSING)
-        todo = [i for i in range(n) if reasons[i] is None]
-        prompts = [self.vlm.prompt(captions[i]) for i in todo]
+        # One prompt for all rows unless it embeds the row's caption (chat templates are not free).
+        if "{caption}" in self.vlm.instruction:
+            prompts = [self.vlm.prompt(cap) for cap in captions]
+        else:
+            prompts = [self.vlm.prompt()] * n
         rules = c.cleaning()
         tokens = images_done = 0
-        decode_s = generate_s = 0.0
+        read_s = decode_s = generate_s = 0.0
         for batch in self.vlm.plan_batches(prompts, c.batch_size):
+            # Bytes are read per batch (one open of the tar, offset order): memory holds one batch
+            # of encoded and decoded images, whatever the shard size.
             t = time.perf_counter()
-            rows, images, batch_prompts = [], [], []
-            for j in batch:
-                i = todo[j]
+            blobs = dict(zip(batch, read_images(table.take(batch)), strict=True))
+            read_s += time.perf_counter() - t
+            t = time.perf_counter()
+            rows, images = [], []
+            for i in batch:
+                if blobs[i] is None:
+                    reasons[i] = schema.reason(NAME, MISSING)
+                    continue
                 try:
                     images.append(decode_image(blobs[i], self.min_side, c.fast_decode, c.max_pixels))
                 except Exception as e:  # noqa: BLE001 - any decoder failure is this row's, not the batch's
@@ -200,13 +206,15 @@ class RecaptionStage(Stage):
                     reasons[i] = schema.reason(NAME, UNDECODABLE)
                     continue
                 rows.append(i)
-                batch_prompts.append(prompts[j])
             decode_s += time.perf_counter() - t
             t = time.perf_counter()
-            generations = self.vlm.generate(images, batch_prompts)
+            generations = self._generate(images, [prompts[i] for i in rows])
             generate_s += time.perf_counter() - t
             echoes = self.vlm.echoes([captions[i] for i in rows])
             for i, gen in zip(rows, generations, strict=True):
+                if gen is None:
+                    reasons[i] = schema.reason(NAME, OUT_OF_MEMORY)
+                    continue
                 tokens += gen.num_tokens
                 images_done += 1
                 result = clean(_strip_wordpiece(gen.text), rules, echoes, finished=gen.finished)
@@ -219,7 +227,8 @@ class RecaptionStage(Stage):
                     for i, s in zip(keep, got, strict=True):
                         scores[i] = s
                 ctx.add_time("clip", time.perf_counter() - t)
-            del images
+            del images, blobs
+        ctx.add_time("read", read_s)
         ctx.add_time("decode", decode_s)
         ctx.add_time("generate", generate_s)
         ctx.stats[NAME] = {
@@ -235,6 +244,23 @@ class RecaptionStage(Stage):
         if self.scorer is not None:
             out = schema.with_column(out, schema.RECAPTION_CLIP_SCORE, scores)
         return schema.with_column(out, schema.DROP_REASON, reasons)
+
+    def _generate(self, images: list, prompts: list[str]) -> list:
+        """Generate for a batch; on out-of-memory split it in halves and retry (a row's output does
+        not depend on its batch), down to single rows, which get None if they still do not fit."""
+        import torch
+
+        try:
+            return self.vlm.generate(images, prompts)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(images) <= 1:
+                log.warning("out of memory generating for a single image: %s", e)
+                return [None] * len(images)
+            half = len(images) // 2
+            log.warning("out of memory on a batch of %d; retrying in halves", len(images))
+            return self._generate(images[:half], prompts[:half]) + self._generate(images[half:], prompts[half:])
 
     def _record(self, i: int, result: Cleaned, reasons: list, recaptions: list, flags: list) -> None:
         if result.problem is None:

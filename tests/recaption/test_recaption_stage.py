@@ -91,6 +91,32 @@ def test_output_does_not_depend_on_batch_size(tiny_vlms, tmp_path):
     assert outs[0].equals(outs[1])
 
 
+def test_out_of_memory_splits_the_batch_and_isolates_the_row_that_never_fits(tiny_vlms, tmp_path, monkeypatch):
+    import torch
+
+    ds = write_source(tmp_path / "src", shards=1, rows=8)
+    table = ds.read_shard(0)
+    want = _stage(tiny_vlms["blip"], batch_size=8, on_bad="flag").process(table, _ctx(ds))
+    stage = _stage(tiny_vlms["blip"], batch_size=8, on_bad="flag")
+    real = stage.vlm.generate
+    calls = []
+    poison = (40, 41)  # row 5's image size (see recaption_data.sample_image)
+
+    def generate(images, prompts, **kw):  # fault injection: the device fits 2 images, never row 5's
+        calls.append(len(images))
+        if len(images) > 2 or any(im.size == poison for im in images):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(images, prompts, **kw)
+
+    monkeypatch.setattr(stage.vlm, "generate", generate)
+    got = stage.process(table, _ctx(ds))
+    assert calls[0] == 8 and max(calls[1:]) <= 4
+    reasons = got.column(schema.DROP_REASON).to_pylist()
+    assert reasons == [None] * 5 + ["recaption:out_of_memory"] + [None] * 2
+    for i in (0, 1, 2, 3, 4, 6, 7):  # the others: exactly what an unsplit batch gave
+        assert got.slice(i, 1).equals(want.slice(i, 1))
+
+
 def test_decode_mattes_transparency_on_white_and_rejects_bombs():
     from PIL import Image
 
