@@ -225,12 +225,20 @@ def wrap_parallel(model: torch.nn.Module, recipe: Recipe, dist: Dist) -> torch.n
     if dist.world == 1:
         return model
     if recipe.train.parallel == "fsdp":
+        # FSDP2: each transformer block is its own shard group, the rest goes with the root. Parameters
+        # become DTensors; optimiser, clipping and get_state_dict handle them. Works on CPU (gloo) too.
         from open_clip.transformer import ResidualAttentionBlock
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from torch.distributed.fsdp import fully_shard
 
-        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({ResidualAttentionBlock}), use_orig_params=True,
-                    device_id=dist.device if dist.device.type == "cuda" else None)
+        # 0-dim parameters (logit scale/bias) cannot be sharded: they stay replicated, and
+        # sync_replicated_grads averages their gradients by hand.
+        scalars = {p for p in model.parameters() if p.ndim == 0}
+        for module in model.modules():
+            if isinstance(module, ResidualAttentionBlock):
+                fully_shard(module)
+        model = fully_shard(model, ignored_params=scalars)
+        model._replicated_params = sorted(scalars, key=id)
+        return model
     ids = [dist.local_rank] if dist.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -262,7 +270,7 @@ def train_step(model, loss_fn, micro: list[tuple[torch.Tensor, torch.Tensor]], a
     # over j of these gradients is the gradient of the full-batch loss. DDP syncs on the last one only.
     for j, (images, texts) in enumerate(micro):
         last = j == len(micro) - 1
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        with _grad_sync(model, last):
             with autocast():
                 out = model(images, texts)
                 inputs = {k: torch.cat(v[:j] + [out[k]] + v[j + 1 :]) for k, v in cached.items()}
@@ -273,6 +281,41 @@ def train_step(model, loss_fn, micro: list[tuple[torch.Tensor, torch.Tensor]], a
                 total = sum(losses.values())
             total.backward()
     return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+
+
+@contextlib.contextmanager
+def _grad_sync(model, enabled: bool):
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP2) on all but the last micro-batch."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def sync_replicated_grads(model) -> None:
+    """Average the gradients of parameters FSDP2 leaves replicated (it does not reduce them)."""
+    params = [p for p in getattr(model, "_replicated_params", []) if p.grad is not None]
+    if not params or not torch.distributed.is_initialized():
+        return
+    flat = torch.stack([p.grad.reshape(()) for p in params])
+    torch.distributed.all_reduce(flat)  # SUM: gloo has no AVG
+    flat /= torch.distributed.get_world_size()
+    for p, g in zip(params, flat, strict=True):
+        p.grad.copy_(g)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2 parameter's) whole value; other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 # ---------------------------------------------------------------- eval
@@ -494,10 +537,10 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         losses = train_step(model, loss_fn, batches, autocast)
+        sync_replicated_grads(model)
         if o.clip_norm is not None:
-            clip = getattr(model, "clip_grad_norm_", None)  # FSDP shards need their own
-            norm = clip(o.clip_norm) if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
-            losses["grad_norm"] = float(norm)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+            losses["grad_norm"] = float(_full(norm))
         optimizer.step()
         with torch.no_grad():  # open_clip's clamp: a temperature below 1/100 destabilises training
             unwrap(model).logit_scale.clamp_(0, math.log(100))
@@ -506,7 +549,7 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
 
         if step % recipe.train.log_every == 0 or step == stop:
             elapsed = time.perf_counter() - t_log
-            last = {"step": step, "lr": lr, **losses, "logit_scale": unwrap(model).logit_scale.exp().item(),
+            last = {"step": step, "lr": lr, **losses, "logit_scale": _full(unwrap(model).logit_scale).exp().item(),
                     "samples_per_s": samples / elapsed, "data_wait_frac": wait / elapsed}
             emit(last)
             if dist.main:

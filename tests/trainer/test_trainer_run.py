@@ -111,17 +111,33 @@ def test_coca_trains_with_both_losses(dataset, tmp_path):
     assert type(model).__name__ == "CoCa"
 
 
-def test_torchrun_two_processes_gloo(dataset, tmp_path):
-    out = tmp_path / "ddp"
+def _torchrun(dataset, out: Path, *sets: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "trainer.train", "--data", dataset["train"], "--val-data", dataset["val"], "--output", str(out),
-           "--set", *TINY, "train.steps=4", "train.global_batch=8", "train.accum=2", "data.workers=0"]
+           "--set", *TINY, "train.steps=3", "train.global_batch=8", "train.accum=2", "data.workers=0",
+           "optim.clip_norm=1.0", *sets]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, evals = read_metrics(out)
-    assert [r["step"] for r in train] == [1, 2, 3, 4]  # rank 0 writes, once per step
-    assert all(math.isfinite(r["loss"]) for r in train) and evals
-    ckpt = torch.load(out / "checkpoints/step_00000004.pt", map_location="cpu", weights_only=False)
-    assert ckpt["world"] == 2 and len(ckpt["loaders"]) == 2
-    assert ckpt["loaders"][0]["dali"] != ckpt["loaders"][1]["dali"]  # each rank has its own position
+
+
+def test_torchrun_two_processes_gloo_ddp_and_fsdp_agree(dataset, tmp_path):
+    _torchrun(dataset, tmp_path / "ddp", "train.parallel=ddp")
+    _torchrun(dataset, tmp_path / "fsdp", "train.parallel=fsdp")
+    runs = {}
+    for kind in ("ddp", "fsdp"):
+        out = tmp_path / kind
+        train, evals = read_metrics(out)
+        assert [r["step"] for r in train] == [1, 2, 3]  # rank 0 writes, once per step
+        assert all(math.isfinite(r["loss"]) for r in train) and evals
+        ckpt = torch.load(out / "checkpoints/step_00000003.pt", map_location="cpu", weights_only=False)
+        assert ckpt["world"] == 2 and len(ckpt["loaders"]) == 2
+        assert ckpt["loaders"][0]["dali"] != ckpt["loaders"][1]["dali"]  # each rank has its own position
+        runs[kind] = (train, ckpt["model"])
+    # Same data split, same global-batch loss: sharding the parameters must not change the math.
+    for a, b in zip(runs["ddp"][0], runs["fsdp"][0], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wd, wf = runs["ddp"][1], runs["fsdp"][1]
+    assert wd.keys() == wf.keys()
+    assert all(torch.allclose(wd[k], wf[k], atol=1e-5) for k in wd)
