@@ -34,9 +34,9 @@ def _jpeg(img: Image.Image, quality=90) -> bytes:
 
 
 def test_matches_imagehash_on_small_images():
-    # Below 256 px no reduction happens, so our pixels are imagehash's pixels: same bits.
+    # Below 2 x REDUCE_TO px no reduction happens, so our pixels are imagehash's pixels: same bits.
     for seed in range(20):
-        img = _photo(seed, (200, 150))
+        img = _photo(seed, (120, 100))
         assert phash.to_hex(phash.phash_pil(img)) == str(imagehash.phash(img))
 
 
@@ -83,9 +83,9 @@ def test_batch_equals_single_and_bad_input_is_none():
 
 def test_pixel_cap():
     blob = _jpeg(_photo(3, (800, 600)))
-    # JPEG is decoded at 1/4 scale here (200x150 = 30,000 px): the cap applies to that.
-    assert phash.phash_bytes([blob], max_pixels=20_000) == [None]
-    assert phash.phash_bytes([blob], max_pixels=40_000)[0] is not None
+    # JPEG is decoded at 1/8 scale here (100x75 = 7,500 px): the cap applies to that.
+    assert phash.phash_bytes([blob], max_pixels=7_000) == [None]
+    assert phash.phash_bytes([blob], max_pixels=8_000)[0] is not None
 
 
 def test_flat_image_is_deterministic():
