@@ -22,6 +22,7 @@ import json
 import logging
 import posixpath
 import time
+import uuid
 from collections import Counter
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ STAGE = "download"
 PLAN_SUBDIR = "download"
 STATE_FILE = "download.json"
 DUP_COL = "__curate_duplicate_uid"  # plan-only marker, never written to the output
+RETRY_COL = "__curate_retry_of"  # plan-only: the committed shard whose failed row this is
 STATUS_DICT_CAP = 100
 
 
@@ -160,19 +162,26 @@ class DownloadStage(Stage):
         out.rename(path + ".tmp", path)
 
     def _plan_retry(self, ctx: PlanContext, state: dict[str, Any]) -> dict[str, Any]:
-        """Move transient failures of committed shards into new shards (see module docstring).
+        """Copy transient failures of committed shards into new input shards.
 
-        Order makes it crash-safe: new input shards, then the state file naming them (commit), then
-        the old rejects rewritten without the moved uids. A rerun re-applies the last round's rewrite
-        (idempotent: it removes uids that are already gone) before starting a new one.
+        The old shard's rejects still hold those rows until the new shard that re-fetches them is
+        processed: its task removes them from the old rejects (and recounts the old stats) just
+        before it commits. All failed rows of one old shard go to the same new shard, so no two
+        tasks ever rewrite the same rejects file, and a crash at any point leaves every uid in
+        shards + rejects exactly once after the rerun (the rewrite is idempotent).
         """
         out = ctx.output
         rounds = state.setdefault("retry_rounds", [])
-        if rounds:
-            self._apply_round(out, rounds[-1])
-        committed = [n for n in out.shard_ids() if n in set(state["shards"])]
-        moved: list[pa.Table] = []
-        sources: list[int] = []
+        planned = set(state["shards"])
+        committed = [n for n in out.shard_ids() if n in planned]
+        # Rows already waiting in an uncommitted retry shard are not planned twice.
+        waiting: set[str] = set()
+        for rnd in rounds:
+            for n in rnd["shards"]:
+                if n not in committed:
+                    waiting.update(pq.read_table(_plan_file(out.path(PLAN_DIR), n), columns=[schema.UID],
+                                                 filesystem=out.fs).column(schema.UID).to_pylist())
+        groups: list[pa.Table] = []
         for n in committed:
             if not out.fs.exists(out.shard_path(n, "rejects.parquet")):
                 continue
@@ -180,47 +189,51 @@ class DownloadStage(Stage):
             if rej.num_rows == 0:
                 continue
             want = [r == schema.reason(STAGE, schema.STATUS_FAILED_TO_DOWNLOAD) and retryable_message(e)
-                    for r, e in zip(rej.column(schema.DROP_REASON).to_pylist(),
-                                    rej.column(schema.ERROR_MESSAGE).to_pylist(), strict=True)]
+                    and u not in waiting
+                    for r, e, u in zip(rej.column(schema.DROP_REASON).to_pylist(),
+                                       rej.column(schema.ERROR_MESSAGE).to_pylist(),
+                                       rej.column(schema.UID).to_pylist(), strict=True)]
             if not any(want):
                 continue
             input_cols = [c for c in pq.read_schema(_plan_file(out.path(PLAN_DIR), n), filesystem=out.fs).names
-                          if c != DUP_COL and c in rej.column_names]
-            moved.append(rej.filter(pa.array(want)).select(input_cols))
-            sources.append(n)
-        if not moved:
+                          if c not in (DUP_COL, RETRY_COL) and c in rej.column_names]
+            t = _plain(rej.filter(pa.array(want)).select(input_cols))
+            groups.append(t.append_column(RETRY_COL, pa.array([n] * t.num_rows, pa.int64())))
+        if not groups:
             log.info("retry-failed: no transient failures to retry")
             return state
-        table = pa.concat_tables([_plain(t) for t in moved], promote_options="permissive")
+        # Whole groups per new shard (a group is at most one old shard's rows, so it always fits).
+        packs: list[list[pa.Table]] = [[]]
+        for g in groups:
+            if packs[-1] and sum(t.num_rows for t in packs[-1]) + g.num_rows > self.config.shard_size:
+                packs.append([])
+            packs[-1].append(g)
         first = max(state["shards"]) + 1
         new_ids = []
-        for i, start in enumerate(range(0, table.num_rows, self.config.shard_size)):
-            self._write_plan_shard(out, first + i, table.slice(start, self.config.shard_size))
+        for i, pack in enumerate(packs):
+            self._write_plan_shard(out, first + i, pa.concat_tables(pack, promote_options="permissive"))
             new_ids.append(first + i)
-        rnd = {"round": len(rounds) + 1, "shards": new_ids, "sources": sources, "rows": table.num_rows}
-        rounds.append(rnd)
+        rows = sum(g.num_rows for g in groups)
+        rounds.append({"round": len(rounds) + 1, "shards": new_ids, "rows": rows})
         state["shards"] = list(state["shards"]) + new_ids
         out.write_json(state, PLAN_DIR, STATE_FILE)
-        self._apply_round(out, rnd)
-        log.info("retry-failed: %d rows from %d shards moved into new shards %s",
-                 table.num_rows, len(sources), new_ids)
+        log.info("retry-failed: %d rows of %d shards planned again in new shards %s", rows, len(groups), new_ids)
         return state
 
-    def _apply_round(self, out: Dataset, rnd: dict[str, Any]) -> None:
-        uids = pa.concat_arrays([
-            pq.read_table(_plan_file(out.path(PLAN_DIR), n), columns=[schema.UID], filesystem=out.fs)
-            .column(schema.UID).combine_chunks() for n in rnd["shards"]
-        ])
-        for n in rnd["sources"]:
-            rej = out.read_rejects(n)
-            gone = pc.is_in(rej.column(schema.UID), value_set=uids)
-            if not pc.any(gone).as_py():
-                continue
-            keep = rej.filter(pc.invert(gone))
-            path = out.shard_path(n, "rejects.parquet")
-            write_parquet(keep, path + ".tmp", out.fs)
-            out.rename(path + ".tmp", path)
-            self._restat(out, n, rej.num_rows - keep.num_rows)
+    def _take_over(self, out: Dataset, source: int, uids: list[str]) -> None:
+        """Remove ``uids`` (now re-fetched by another shard) from shard ``source``'s rejects."""
+        rej = out.read_rejects(source)
+        gone = pc.is_in(rej.column(schema.UID), value_set=pa.array(uids, pa.string()))
+        if not pc.any(gone).as_py():
+            return  # already done by an earlier attempt of this shard
+        keep = rej.filter(pc.invert(gone))
+        # A private temp name: a zombie attempt of this shard may be doing the same rewrite (same
+        # content), and two writers must never share one temp file.
+        path = out.shard_path(source, "rejects.parquet")
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        write_parquet(keep, tmp, out.fs)
+        out.rename(tmp, path)
+        self._restat(out, source, rej.num_rows - keep.num_rows)
 
     def _restat(self, out: Dataset, n: int, moved: int) -> None:
         """Recount a shard's stats from its files after rows left it for a retry shard."""
@@ -235,7 +248,11 @@ class DownloadStage(Stage):
         stats["rejected"] = rej.num_rows
         stats["drops"] = dict(sorted(Counter(rej.column(schema.DROP_REASON).to_pylist()).items()))
         stats["retried_out"] = stats.get("retried_out", 0) + moved
-        out.write_json(stats, "shards", f"{out.shard_name(n)}.stats.json")
+        path = out.shard_path(n, "stats.json")
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with out.fs.open(tmp, "wb") as f:
+            f.write(json.dumps(stats, indent=1, sort_keys=True).encode() + b"\n")
+        out.rename(tmp, path)
 
     # -- one shard -------------------------------------------------------------------------------
     def load(self, shard: int, ctx: ShardContext) -> pa.Table:
@@ -250,6 +267,10 @@ class DownloadStage(Stage):
             table = table.drop_columns([DUP_COL])
         else:
             dup = [False] * table.num_rows
+        retry_of = None
+        if RETRY_COL in table.column_names:
+            retry_of = table.column(RETRY_COL).to_pylist()
+            table = table.drop_columns([RETRY_COL])
         results, timing, requests = asyncio.run(self._download(table, dup, ctx))
         for k, v in timing.items():
             ctx.add_time(k, v)
@@ -267,6 +288,11 @@ class DownloadStage(Stage):
         ctx.stats.update(shard_stats(cols[schema.STATUS], cols[schema.ERROR_MESSAGE]))
         ctx.stats["duration"] = time.perf_counter() - t0
         ctx.stats["requests"] = requests
+        if retry_of is not None:
+            # Last, after every fetch: the old shard gives these rows up only once they are in hand.
+            uids = table.column(schema.UID).to_pylist()
+            for source in sorted(set(retry_of)):
+                self._take_over(ctx.output, source, [u for u, s in zip(uids, retry_of, strict=True) if s == source])
         return out
 
     async def _download(self, table: pa.Table, dup: list[bool], ctx: ShardContext):

@@ -16,7 +16,7 @@ from PIL import Image
 from curate import schema
 from curate.dataset import PLAN_DIR, Dataset, read_images
 from curate.stage import PlanContext, RunOptions, ShardContext
-from curate.stages.download import DownloadConfig, DownloadStage
+from curate.stages.download import RETRY_COL, DownloadConfig, DownloadStage
 from curate.wds import TarWriter, iter_tar
 
 pytestmark = pytest.mark.timeout(180)
@@ -205,3 +205,36 @@ def test_end_to_end_through_runner_then_retry_failed(tmp_path, server, ray_sessi
     # a second retry finds nothing to do and changes nothing
     summary2 = run_stage("download", inp, out_url, config=cfg, options=RunOptions(retry_failed=True))
     assert summary2["kept"] == 5 and Dataset(out_url).shard_ids() == [0, 1, 2]
+
+
+def test_retry_failed_is_crash_safe_without_ray(tmp_path, server):
+    """A rerun planned but not yet processed loses nothing and duplicates nothing; the old shard
+    gives its failed row up only when the new shard has re-fetched it."""
+    from curate.runner import ShardEnv, execute_shard
+
+    paths = ["/img/a.jpg", "/sometimes.jpg", "/img/b.png", "/status/404"]
+    inp = url_list(tmp_path, server, paths)
+    out = Dataset(str(tmp_path / "out"))
+    stage = DownloadStage(config(server, shard_size=2, fetch={"retries": 0}))
+    env = ShardEnv("download", inp, out.url, 5, RunOptions())
+    assert stage.plan(plan_ctx(inp, out)) == [0, 1]
+    for n in (0, 1):
+        execute_shard(stage, n, env)
+    assert set(every_uid(out).values()) == {1} and len(every_uid(out)) == 4
+
+    server.routes.healthy = True
+    assert stage.plan(plan_ctx(inp, out, retry=True)) == [0, 1, 2]
+    # planned, not processed (a crash here): the row is still rejected in shard 0, only there
+    assert set(every_uid(out).values()) == {1} and len(every_uid(out)) == 4
+    # a rerun with --retry-failed before shard 2 ran plans nothing new
+    assert stage.plan(plan_ctx(inp, out, retry=True)) == [0, 1, 2]
+    execute_shard(stage, 2, env)
+    counts = every_uid(out)
+    assert set(counts.values()) == {1} and len(counts) == 4
+    assert out.read_shard(2).column(schema.URL).to_pylist() == [server.base_url + "/sometimes.jpg"]
+    assert out.read_rejects(0).num_rows == 0 and out.stats(0)["rows_in"] == 1
+    assert RETRY_COL not in out.read_shard(2).column_names
+    # the rewrite is idempotent: doing it again (a zombie attempt) changes nothing
+    before = out.read_rejects(0)
+    stage._take_over(out, 0, out.read_shard(2).column(schema.UID).to_pylist())
+    assert out.read_rejects(0).equals(before)
