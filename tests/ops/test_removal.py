@@ -156,3 +156,36 @@ def test_remove_by_url_and_domain_resolves_across_datasets(ray_session, tmp_path
     assert r[0]["removed"] == 1 and r[0]["tar_rewritten"] == 1
     assert verify(Dataset(str(src))) == ([], 7)
     assert hashlib.sha256(Path(src, "shards", "00000.tar").read_bytes()).hexdigest()  # untouched shard exists
+
+
+def test_interrupted_removal_rerun_finishes_the_job(ray_session, tmp_path, monkeypatch):
+    """Killed after the tars were rewritten but before the downstream dataset was: the same command
+    again removes the rest and moves the stale pointers (the journal names the rewritten tars)."""
+    from curate import removal
+
+    src, down = tmp_path / "src", tmp_path / "pass"
+    run_stage(SYNTH, str(tmp_path), str(src), config={"shards": 2, "rows_per_shard": 6})
+    run_stage(PASS, str(src), str(down), config={"drop_every": 0})
+    before = _rows(Dataset(str(down)))
+    victim = Dataset(str(src)).read_shard(0).column(schema.UID)[1].as_py()
+    real = removal._remove_from
+
+    def crash_on_downstream(ds, *args, **kwargs):
+        if ds.root == str(down):
+            raise KeyboardInterrupt("killed")
+        return real(ds, *args, **kwargs)
+
+    monkeypatch.setattr(removal, "_remove_from", crash_on_downstream)
+    request = Request(uids=frozenset({victim}))
+    with pytest.raises(KeyboardInterrupt):
+        remove([str(src), str(down)], request)
+    assert verify(Dataset(str(down)))[0]  # stale pointers: verify sees it
+    assert Dataset(str(src)).exists("_plan", "removal-pending.json")
+
+    monkeypatch.setattr(removal, "_remove_from", real)
+    remove([str(src), str(down)], request)
+    after = _rows(Dataset(str(down)))
+    assert after.keys() == before.keys() - {victim}
+    assert all(after[u] == before[u] for u in after)
+    assert verify(Dataset(str(down))) == ([], 11) and verify(Dataset(str(src))) == ([], 11)
+    assert not Dataset(str(src)).exists("_plan", "removal-pending.json")
