@@ -1,16 +1,16 @@
 """Tiny randomly initialised vision-language models of real architectures, built offline.
 
 Tests, the benchmark and the demo need a captioning model, and this machine cannot download one. So
-we build the real classes (``BlipForConditionalGeneration``; ``LlavaForConditionalGeneration`` with a
-CLIP vision tower and a Llama decoder; ``Qwen2VLForConditionalGeneration`` with its dynamic-resolution
-vision tower) at toy sizes with random weights, train a small tokenizer with
-the ``tokenizers`` library on a caption word list, and ``save_pretrained`` model + processor into a
+we build the real classes (``BlipForConditionalGeneration``; ``Blip2ForConditionalGeneration`` with a
+Q-Former and an OPT decoder; ``LlavaForConditionalGeneration`` with a CLIP vision tower and a Llama
+decoder; ``Qwen2VLForConditionalGeneration`` with its dynamic-resolution vision tower) at toy sizes
+with random weights, train a small tokenizer with the ``tokenizers`` library on a caption word list, and ``save_pretrained`` model + processor into a
 directory. That directory loads through exactly the same ``AutoProcessor`` /
 ``AutoModelForImageTextToText.from_pretrained`` path as a hub model. The captions are gibberish; the
 mechanics (batching, padding, prompts, decoding, cleaning, resume) are real.
 
-Run ``python -m curate.testing.tiny_vlms OUT_DIR [--arch blip|llava|qwen2_vl|blip-base|all]``: writes
-OUT_DIR/<arch>/ (``all``: the three tiny ones; ``blip-base`` is the real-size BLIP-base, ~900 MB).
+Run ``python -m curate.testing.tiny_vlms OUT_DIR [--arch blip|blip2|llava|qwen2_vl|blip-base|all]``:
+writes OUT_DIR/<arch>/ (``all``: the four tiny ones; ``blip-base`` is the real-size BLIP-base, ~900 MB).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ARCHES = ("blip", "llava", "qwen2_vl")
+ARCHES = ("blip", "blip2", "llava", "qwen2_vl")
 
 # Vocabulary for the tokenizer: words that show up in alt-text and clip-art captions. A tokenizer
 # trained on sentences made of them gives whole-word tokens, so decoded gibberish is readable words.
@@ -184,6 +184,63 @@ def build_blip_base(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def _train_byte_bpe(texts: Sequence[str], vocab_size: int, special: Sequence[str]) -> tuple[dict[str, int], list]:
+    """Byte-level BPE (GPT-2 / OPT / Qwen style): any text tokenizes, nothing is unknown."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    return bpe["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+
+
+def build_blip2(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, texts: Iterable[str] = ()) -> Path:
+    """A tiny ``Blip2ForConditionalGeneration``: ViT -> Q-Former (4 query tokens) -> OPT decoder. The
+    processor puts the query tokens before the (left-padded) text, so padding sits mid-sequence."""
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        GPT2Tokenizer,
+    )
+
+    out = Path(out_dir)
+    vocab, merges = _train_byte_bpe(caption_corpus(texts), 500, ["<pad>", "</s>", "<unk>"])
+    # OPT's tokenizer: GPT-2 BPE with </s> as BOS and EOS
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                              unk_token="<unk>", add_bos_token=True, model_max_length=256)
+    queries = 4
+    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+                               tokenizer=tokenizer, num_query_tokens=queries)  # adds the <image> token
+    hidden = 32
+    config = Blip2Config(
+        vision_config=dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8, initializer_range=0.2),
+        qformer_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, encoder_hidden_size=hidden, cross_attention_frequency=1,
+                            initializer_range=0.2),
+        text_config=dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=hidden, ffn_dim=64,
+                         num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=hidden,
+                         max_position_embeddings=256, bos_token_id=vocab["</s>"], eos_token_id=vocab["</s>"],
+                         pad_token_id=vocab["<pad>"], init_std=0.2),
+        num_query_tokens=queries,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 # LLaVA-1.5's chat template, cut to what a single-turn caption request needs.
 _LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -283,10 +340,7 @@ def build_qwen2_vl(out_dir: str | Path, *, seed: int = 0, texts: Iterable[str] =
     """A tiny ``Qwen2VLForConditionalGeneration``: dynamic-resolution ViT (the number of image tokens
     depends on the image's size and aspect, so batches really are ragged) and a Qwen2 decoder with
     multimodal rotary positions; byte-level BPE tokenizer like the real one."""
-    import json
-
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (
         Qwen2Tokenizer,
         Qwen2VLConfig,
@@ -299,14 +353,8 @@ def build_qwen2_vl(out_dir: str | Path, *, seed: int = 0, texts: Iterable[str] =
     out = Path(out_dir)
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(caption_corpus(texts), trainer=trainer)
-    bpe = json.loads(tok.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=bpe["vocab"], merges=merges, model_max_length=512)
+    vocab, merges = _train_byte_bpe(caption_corpus(texts), 500, special)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=512)
     tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
     ids = tokenizer.get_vocab()
     patch, merge, temporal = 8, 2, 2
@@ -344,7 +392,13 @@ def build_qwen2_vl(out_dir: str | Path, *, seed: int = 0, texts: Iterable[str] =
     return out
 
 
-BUILDERS = {"blip": build_blip, "llava": build_llava, "qwen2_vl": build_qwen2_vl, "blip-base": build_blip_base}
+BUILDERS = {
+    "blip": build_blip,
+    "blip2": build_blip2,
+    "llava": build_llava,
+    "qwen2_vl": build_qwen2_vl,
+    "blip-base": build_blip_base,
+}
 
 
 def build(arch: str, out_dir: str | Path, **kwargs) -> Path:
