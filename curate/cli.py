@@ -296,7 +296,9 @@ def report_cmd(dataset: str, out_file: str | None, json_file: str | None) -> Non
     if not ds.is_complete():
         _fail_usage(f"dataset {dataset} is not a complete curate dataset (no _manifest.json)")
     report = build_report(ds)
-    html_path = out_file or ds.root.rstrip("/") + "_report.html"
+    local = "://" not in ds.url
+    html_path = out_file or (ds.root.rstrip("/") + "_report.html" if local
+                             else ds.root.rstrip("/").rsplit("/", 1)[-1] + "_report.html")
     write_html(report, html_path)
     if json_file:
         with open(json_file, "w") as f:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 LOG_TAIL_LINES = 40
+MAX_POLL_MISSES = 30
 ACTIVE = ("PENDING", "RUNNING")
 
 Step = tuple[str, str | None, str, dict[str, Any], Sequence[str]]
@@ -150,9 +151,21 @@ def follow(client, job_id: str, stream: TextIO) -> str:
     interrupted client re-attach later (the job itself keeps running on the cluster).
     """
     shown = 0
+    misses = 0
     while True:
-        status = str(client.get_job_status(job_id))
-        text = client.get_job_logs(job_id)
+        try:
+            status = str(client.get_job_status(job_id))
+            text = client.get_job_logs(job_id)
+            misses = 0
+        except (ConnectionError, RuntimeError, OSError) as e:
+            # The head's HTTP API can blip (restart, overload); the job itself goes on. Give up
+            # only after a sustained outage, naming the job so the user can re-attach.
+            misses += 1
+            if misses > MAX_POLL_MISSES:
+                raise JobFailed(f"lost contact with the job API while following {job_id}: {e}; "
+                                "run the same command again to re-attach", job_id) from None
+            time.sleep(POLL_SECONDS * misses)
+            continue
         if len(text) > shown:
             for line in text[shown:].splitlines():
                 stream.write(f"[{job_id}] {line}\n")

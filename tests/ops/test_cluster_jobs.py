@@ -184,7 +184,11 @@ def test_stopped_job_resubmitted_loses_and_duplicates_nothing(cluster, ray_sessi
     committed = {p.name: p.read_bytes() for p in stats.glob("*.stats.json")}
     assert not partial.is_complete() and 2 <= len(committed) < 6
 
-    proc = cluster.curate("run", pipe, "--address", cluster.address)
+    # resubmit the one stage with `curate submit`: same stage, config, input and output, so the same
+    # job prefix, next attempt number
+    proc = cluster.curate("submit", PASS, "--input", src, "--output", str(out / "slow"),
+                          "--set", "drop_every=3", "--set", "sleep_per_shard=2.5",
+                          "--set", "resources.concurrency=1", "--address", cluster.address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     attempts = sorted((j["id"], j["status"]) for j in cluster.jobs()
                       if j["metadata"].get("curate_output") == str(out / "slow"))
