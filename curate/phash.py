@@ -120,15 +120,20 @@ def phash_pil(img: Image.Image) -> int:
     return int(hashes_from_pixels(_small_gray(img)[None])[0])
 
 
+def draft(img: Image.Image) -> None:
+    """Before ``load()``: let a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain, straight to
+    grayscale, exactly as ``phash_bytes`` does. A stage that decodes only to validate and hash (import)
+    calls this so its ``phash_pil`` of the result equals ``phash_bytes`` of the same bytes."""
+    if img.format == "JPEG":
+        img.draft("L", (REDUCE_TO, REDUCE_TO))
+
+
 def _decode_small(blob: bytes, max_pixels: int) -> np.ndarray:
     with warnings.catch_warnings():
         # Our own pixel cap below decides; Pillow's bomb warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(blob))
-        if img.format == "JPEG":
-            # Decode at 1/2, 1/4 or 1/8 scale in the DCT domain, straight to grayscale; after it
-            # _small_gray's reduction factor is 1.
-            img.draft("L", (REDUCE_TO, REDUCE_TO))
+        draft(img)
         w, h = img.size
         if w * h > max_pixels:
             raise ValueError(f"{w}x{h} exceeds {max_pixels} pixels")

@@ -114,3 +114,12 @@ def test_transparent_background_hashes_visible_content():
     buf = io.BytesIO()
     a.save(buf, "PNG")
     assert phash.phash_bytes([buf.getvalue()])[0] == ha
+
+
+def test_draft_then_pil_equals_bytes_path():
+    blob = _jpeg(_photo(4, (800, 600)))
+    img = Image.open(io.BytesIO(blob))
+    phash.draft(img)
+    img.load()
+    assert img.size == (100, 75)  # 1/8 scale, grayscale
+    assert phash.phash_pil(img) == phash.phash_bytes([blob])[0]
