@@ -82,22 +82,23 @@ def _wait_metric(ports, metric, stage, want, timeout=40.0) -> float:
 
 def test_pipeline_one_job_per_stage_equals_embedded(cluster, ray_session, tmp_path):
     stages = [
-        {"stage": SYNTH, "name": "synth", "config": {"shards": 3, "rows_per_shard": 6}},
-        {"stage": PASS, "name": "pass", "config": {"drop_every": 3}},
-        {"stage": "export", "config": {"samples_per_shard": 5, "seed": 1}},
+        {"stage": SYNTH, "name": "synth", "config": {"shards": 3, "rows_per_shard": 12}},
+        # a real stage: captions "synthetic picture S I" longer than 21 characters (I >= 10) go
+        {"stage": "filter", "config": {"caption_max_chars": 21}},
+        {"stage": "export", "config": {"samples_per_shard": 7, "seed": 1}},
     ]
     cl_out, emb_out = tmp_path / "cluster", tmp_path / "embedded"
     cl_pipe = _pipeline(tmp_path / "cl.yaml", cl_out, str(tmp_path), stages)
     emb_pipe = _pipeline(tmp_path / "emb.yaml", emb_out, str(tmp_path), stages)
-    in_before = _scrape(cluster.metrics_ports, "curate_rows_in", PASS)
-    dropped_before = _scrape(cluster.metrics_ports, "curate_rows_dropped", PASS)
+    in_before = _scrape(cluster.metrics_ports, "curate_rows_in", "filter")
+    dropped_before = _scrape(cluster.metrics_ports, "curate_rows_dropped", "filter")
 
     proc = cluster.curate("run", cl_pipe, "--address", cluster.address)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert main(["run", emb_pipe]) == 0  # embedded mode, in this process
 
     jobs = {j["metadata"]["curate_output"]: j for j in cluster.jobs() if j["metadata"].get("curate_output")}
-    for step in ("synth", "pass", "export"):
+    for step in ("synth", "filter", "export"):
         out = str(cl_out / step)
         job = jobs[out]  # each stage ran as its own job, and it succeeded
         assert job["status"] == "SUCCEEDED" and job["id"].endswith("-1")
@@ -114,10 +115,11 @@ def test_pipeline_one_job_per_stage_equals_embedded(cluster, ray_session, tmp_pa
     assert len(cluster.jobs()) == n_jobs
 
     # The runner's counters reached the cluster's Prometheus endpoints (scraped over 127.0.0.1).
-    totals = Dataset(str(cl_out / "pass")).manifest()["totals"]
-    assert _wait_metric(cluster.metrics_ports, "curate_rows_in", PASS, in_before + totals["rows_in"]) \
+    totals = Dataset(str(cl_out / "filter")).manifest()["totals"]
+    assert totals["dropped"] == 6 and totals["kept"] == 30
+    assert _wait_metric(cluster.metrics_ports, "curate_rows_in", "filter", in_before + totals["rows_in"]) \
         == in_before + totals["rows_in"]
-    assert _wait_metric(cluster.metrics_ports, "curate_rows_dropped", PASS,
+    assert _wait_metric(cluster.metrics_ports, "curate_rows_dropped", "filter",
                         dropped_before + totals["dropped"]) == dropped_before + totals["dropped"]
 
 
