@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from curate.models.vlm import VLM, GenerationSettings  # noqa: E402
-from curate.stages.recaption import _input_side, decode_image  # noqa: E402
+from curate.stages.recaption import decode_image, input_side  # noqa: E402
 from curate.testing.tiny_vlms import build  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def load_images(n: int) -> tuple[list[bytes], str]:
 
 
 def run(vlm: VLM, blobs: list[bytes], batch_size: int) -> dict:
-    side = _input_side(vlm.processor)
+    side = input_side(vlm.processor, vlm.family.name)
     prompts = [vlm.prompt()] * len(blobs)
     tokens = 0
     start = time.perf_counter()

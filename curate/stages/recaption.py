@@ -125,18 +125,24 @@ def decode_image(data: bytes, min_side: int, fast: bool, max_pixels: int) -> Ima
         return img.convert("RGB")
 
 
-def _input_side(processor: Any) -> int:
-    """The side the model's image processor resizes to (draft decoding must not go below it)."""
+def input_side(processor: Any, family: str = "") -> int:
+    """The side the model's image processor resizes to, so draft decoding never goes below it."""
     ip = getattr(processor, "image_processor", None)
-    sides = []
-    for attr in ("crop_size", "size"):
-        size = getattr(ip, attr, None)
-        if isinstance(size, dict):
-            sides += [v for k, v in size.items() if k in ("height", "width", "shortest_edge") and v]
-        elif isinstance(size, int):
-            sides.append(size)
-    # Dynamic-resolution processors (Qwen-VL, Idefics) use the image at up to its own size:
-    # keep a generous side so their tiling sees detail.
+
+    def get(size: Any, key: str) -> Any:  # transformers 5 SizeDict or a plain dict
+        return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+    size = getattr(ip, "size", None)
+    if family == "qwen_vl":
+        # dynamic resolution: shortest/longest_edge are pixel budgets; a square of the largest
+        # budget is at least what the processor keeps
+        budget = get(size, "longest_edge") or get(size, "max_pixels") or getattr(ip, "max_pixels", None)
+        return int(budget**0.5) + 1 if budget else 1024
+    sides = [
+        v for s in (getattr(ip, "crop_size", None), size) if s is not None
+        for v in (get(s, k) for k in ("height", "width", "shortest_edge", "longest_edge")) if isinstance(v, int)
+    ]
+    # Unknown layout: keep a generous side so tiling processors still see detail.
     return max(sides) if sides else 1024
 
 
@@ -163,7 +169,7 @@ class RecaptionStage(Stage):
             c.model, revision=c.revision, family=c.family, instruction=c.prompt, template=c.template,
             device=c.device, dtype=c.dtype, engine=c.engine, settings=settings,
         ).load()
-        self.min_side = _input_side(self.vlm.processor)
+        self.min_side = input_side(self.vlm.processor, self.vlm.family.name)
         if c.clip_model is not None:
             self.scorer = _clip_scorer(c)
 

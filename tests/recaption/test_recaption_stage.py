@@ -51,6 +51,8 @@ def test_every_row_gets_a_caption_or_a_reason_and_corrupt_images_do_not_stop_the
     offsets[5] = 10**9
     table = schema.with_column(table, schema.IMAGE_OFFSET, offsets)
     stage = _stage(tiny_vlms[arch], batch_size=4, on_bad="reject", repetition_penalty=1.3, no_repeat_ngram_size=2)
+    # JPEGs are draft-decoded down to (not below) the model's input side
+    assert stage.min_side == {"blip": 32, "blip2": 32, "llava": 32, "qwen2_vl": 65}[arch]
     ctx = _ctx(ds)
     out = stage.process(table, ctx)
     _check_every_row_accounted(table, out)
