@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,11 +57,29 @@ class Batch:
 # ---------------------------------------------------------------- finding the shards
 
 
-def find_shards(path: str | Path) -> list[tuple[str, str | None]]:
-    """(tar, idx or None) for every shard of a dataset directory or of its ``shards/`` folder.
+def _split_shards(root: Path, folder: Path) -> dict[str, set[int]] | None:
+    """Shard numbers per split as export records them (manifest ``splits``, else each shard's stats
+    file), or None for a dataset without splits."""
+    manifest = root / "_manifest.json"
+    if manifest.is_file():
+        splits = json.loads(manifest.read_text()).get("splits")
+        if splits:
+            return {name: {int(n) for n in info["shards"]} for name, info in splits.items()}
+    found: dict[str, set[int]] = {}
+    for stats in folder.glob("*.stats.json"):
+        split = json.loads(stats.read_text()).get("split")
+        if split:
+            found.setdefault(split, set()).add(int(stats.name.split(".", 1)[0]))
+    return found or None
+
+
+def find_shards(path: str | Path, split: str | None = "train") -> list[tuple[str, str | None]]:
+    """(tar, idx or None) for every shard of one split of a dataset directory (or its ``shards/``).
 
     The shard list comes from ``sizes.json`` (what export writes, as open_clip reads it); without one,
-    every ``*.tar`` in the folder. Only local paths: DALI's reader opens files itself.
+    every ``*.tar`` in the folder. An export with a held-out split records which shards are ``train``
+    and which ``val``; a dataset without splits is all ``train`` (``split=None``: every shard). Only
+    local paths: DALI's reader opens files itself.
     """
     root = Path(path)
     folder = root / "shards" if (root / "shards").is_dir() else root
@@ -71,8 +88,17 @@ def find_shards(path: str | Path) -> list[tuple[str, str | None]]:
         names = sorted(json.loads(sizes.read_text()))
     else:
         names = sorted(p.name for p in folder.glob("*.tar"))
+    if split is not None:
+        splits = _split_shards(root, folder)
+        if splits is None:
+            names = names if split == "train" else []
+        else:
+            wanted = splits.get(split, set())
+            names = [n for n in names if int(n.split(".", 1)[0]) in wanted]
     if not names:
-        raise FileNotFoundError(f"no shards under {folder} (no sizes.json and no *.tar)")
+        if split not in (None, "train"):
+            return []
+        raise FileNotFoundError(f"no {split or ''} shards under {folder} (no sizes.json entries and no *.tar)")
     out = []
     for name in names:
         tar = folder / name
@@ -83,29 +109,19 @@ def find_shards(path: str | Path) -> list[tuple[str, str | None]]:
     return out
 
 
-def find_val(data: str | Path, val: str | Path | None) -> str | None:
-    """The held-out split to evaluate on: ``val`` if given, else what the export recorded.
+def find_val(data: str | Path, val: str | Path | None) -> list[tuple[str, str | None]] | None:
+    """The held-out shards to evaluate on, or None (eval is then skipped).
 
-    Export writes its validation split as a sibling dataset; the manifest names it (``val`` or
-    ``validation`` key, relative to the dataset or absolute), and a ``val/`` folder inside the dataset
-    is accepted as well. None when there is none (eval is then skipped).
+    ``val`` given: that dataset's ``val`` split if it records one, else all its shards. Otherwise the
+    training dataset's own ``val`` split (export's held-out shards), or a ``val/`` dataset inside it.
     """
     if val:
-        return str(val)
-    root = Path(data)
-    manifest = root / "_manifest.json"
-    if manifest.is_file():
-        info = json.loads(manifest.read_text())
-        for where in (info, info.get("config") or {}, info.get("extra") or {}):
-            for key in ("val", "validation", "val_dataset", "val_path"):
-                value = where.get(key) if isinstance(where, dict) else None
-                if isinstance(value, str) and value:
-                    cand = Path(value) if os.path.isabs(value) else root / value
-                    if cand.exists():
-                        return str(cand)
-    for name in ("val", "validation"):
-        if (root / name).is_dir():
-            return str(root / name)
+        return find_shards(val, "val") or find_shards(val, None)
+    held_out = find_shards(data, "val")
+    if held_out:
+        return held_out
+    if (Path(data) / "val").is_dir():
+        return find_shards(Path(data) / "val", None)
     return None
 
 
@@ -444,11 +460,12 @@ def make_loader(kind: str, shards, cfg: DataConfig, *, state: dict | None = None
     return TorchLoader(shards, cfg, checkpoint=(state or {}).get("torch"), **kwargs)
 
 
-def eval_batches(val: str, cfg: DataConfig, *, image_size: int, batch_size: int, limit: int) -> Iterator[Batch]:
+def eval_batches(val: list[tuple[str, str | None]], cfg: DataConfig, *, image_size: int, batch_size: int,
+                 limit: int) -> Iterator[Batch]:
     """The first ``limit`` held-out samples, centre-cropped, in stored order (same on every rank)."""
     import torch
 
-    samples = index_samples(find_shards(val))[:limit]
+    samples = index_samples(val)[:limit]
     dataset = _TarDataset(samples, torch_transform(cfg, image_size, train=False))
     batches = [[(i, 0) for i in range(lo, min(lo + batch_size, len(samples)))]
                for lo in range(0, len(samples), batch_size)]

@@ -485,7 +485,7 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
         batch_size=micro, rank=dist.rank, world=dist.world, seed=recipe.train.seed,
         device_id=dist.local_rank if dist.device.type == "cuda" else None,
     )
-    val = datamod.find_val(data, val)
+    val_shards = datamod.find_val(data, val)
     cuda = dist.device.type == "cuda"
     use_bf16 = cuda and recipe.train.precision == "bf16"
 
@@ -493,9 +493,9 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     def run_eval() -> dict | None:
-        if val is None:
+        if val_shards is None:
             return None
-        batches = datamod.eval_batches(val, recipe.data, image_size=image_size, batch_size=max(micro, 64),
+        batches = datamod.eval_batches(val_shards, recipe.data, image_size=image_size, batch_size=max(micro, 64),
                                        limit=recipe.data.val_max)
         return evaluate(model, tokenizer, batches, dist.device, autocast)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import pytest
@@ -194,7 +193,7 @@ def test_dali_and_torchvision_preprocess_alike(dataset):
     shards = D.find_shards(dataset["val"])
     cfg = DataConfig(workers=1)
     dali = D.DaliLoader(shards, cfg, image_size=32, batch_size=24, train=False).next()
-    torch_batch = next(D.eval_batches(dataset["val"], cfg, image_size=32, batch_size=24, limit=24))
+    torch_batch = next(D.eval_batches(shards, cfg, image_size=32, batch_size=24, limit=24))
     assert dali.keys == torch_batch.keys and dali.captions == torch_batch.captions
     diff = (dali.images - torch_batch.images).abs().mean().item()
     assert diff < 0.1, diff
@@ -202,15 +201,19 @@ def test_dali_and_torchvision_preprocess_alike(dataset):
     assert dali.captions[0].startswith("a ")
 
 
-def test_find_val_from_manifest(dataset, tmp_path):
+def test_splits_recorded_by_export_pick_train_and_val_shards(dataset, tmp_path):
     import json
     import shutil
 
     root = tmp_path / "ds"
     shutil.copytree(dataset["train"], root)
-    assert D.find_val(root, None) is None
+    all_tars = [t for t, _ in D.find_shards(root, None)]
+    assert [t for t, _ in D.find_shards(root)] == all_tars and D.find_val(root, None) is None
+    # export's manifest: train shards first, held-out shards after them
     manifest = json.loads((root / "_manifest.json").read_text())
-    (root / "_manifest.json").write_text(json.dumps({**manifest, "val": dataset["val"]}))
-    assert D.find_val(root, None) == dataset["val"]
-    assert D.find_val(root, "/explicit") == "/explicit"
-    assert math.isclose(len(D.index_samples(D.find_shards(dataset["val"]))), 24)
+    manifest["splits"] = {"train": {"shards": [0, 1, 2], "rows": 72}, "val": {"shards": [3], "rows": 24}}
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    assert [t for t, _ in D.find_shards(root)] == all_tars[:3]
+    assert [t for t, _ in D.find_val(root, None)] == all_tars[3:]
+    # an explicit --val-data wins; a dataset without splits is evaluated whole
+    assert len(D.index_samples(D.find_val(root, dataset["val"]))) == 24
