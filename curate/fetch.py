@@ -449,11 +449,12 @@ class FetchResult:
 class _Slot:
     """One body slot of a Fetcher's budget, taken at most once; give() is idempotent."""
 
-    __slots__ = ("budget", "held")
+    __slots__ = ("budget", "held", "sent_at")
 
     def __init__(self, budget: asyncio.Semaphore | None):
         self.budget = budget
         self.held = False
+        self.sent_at: float | None = None  # when the first request went out (queueing excluded)
 
     async def take(self) -> None:
         if self.budget is not None and not self.held:
@@ -554,7 +555,8 @@ class Fetcher:
         finally:
             if res.data is None:
                 slot.give()
-        res.seconds = time.monotonic() - t0
+        # Time on the wire (from the first request out), not time spent queueing for a host or a slot.
+        res.seconds = time.monotonic() - (slot.sent_at if slot.sent_at is not None else t0)
         return res
 
     async def _attempt(self, u, max_bytes: int, slot: _Slot | None = None) -> tuple[bytes, str, int]:
@@ -590,6 +592,8 @@ class Fetcher:
                 host.next_start = loop.time() + self.cfg.host_delay_s
                 if deadline is None:
                     deadline = loop.time() + self.cfg.timeout_s
+                if slot.sent_at is None:
+                    slot.sent_at = loop.time()
                 try:
                     self.requests += 1
                     async with asyncio.timeout_at(deadline), self.session.get(u, allow_redirects=False) as resp:
