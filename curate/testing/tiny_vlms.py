@@ -3,14 +3,16 @@
 Tests, the benchmark and the demo need a captioning model, and this machine cannot download one. So
 we build the real classes (``BlipForConditionalGeneration``; ``Blip2ForConditionalGeneration`` with a
 Q-Former and an OPT decoder; ``LlavaForConditionalGeneration`` with a CLIP vision tower and a Llama
-decoder; ``Qwen2VLForConditionalGeneration`` with its dynamic-resolution vision tower) at toy sizes
-with random weights, train a small tokenizer with the ``tokenizers`` library on a caption word list, and ``save_pretrained`` model + processor into a
-directory. That directory loads through exactly the same ``AutoProcessor`` /
+decoder; ``Qwen2VLForConditionalGeneration`` with its dynamic-resolution vision tower;
+``Idefics3ForConditionalGeneration``, the SmolVLM architecture) at toy sizes with random weights,
+train a small tokenizer with the ``tokenizers`` library on a caption word list, and
+``save_pretrained`` model + processor into a directory. That directory loads through exactly the same ``AutoProcessor`` /
 ``AutoModelForImageTextToText.from_pretrained`` path as a hub model. The captions are gibberish; the
 mechanics (batching, padding, prompts, decoding, cleaning, resume) are real.
 
-Run ``python -m curate.testing.tiny_vlms OUT_DIR [--arch blip|blip2|llava|qwen2_vl|blip-base|all]``:
-writes OUT_DIR/<arch>/ (``all``: the four tiny ones; ``blip-base`` is the real-size BLIP-base, ~900 MB).
+Run ``python -m curate.testing.tiny_vlms OUT_DIR [--arch NAME|all]``: writes
+OUT_DIR/<arch>/ for blip, blip2, llava, qwen2_vl, idefics3 (``all``: these tiny ones) or blip-base (the
+real-size BLIP-base, ~900 MB).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ARCHES = ("blip", "blip2", "llava", "qwen2_vl")
+ARCHES = ("blip", "blip2", "llava", "qwen2_vl", "idefics3")
 
 # Vocabulary for the tokenizer: words that show up in alt-text and clip-art captions. A tokenizer
 # trained on sentences made of them gives whole-word tokens, so decoded gibberish is readable words.
@@ -392,11 +394,72 @@ def build_qwen2_vl(out_dir: str | Path, *, seed: int = 0, texts: Iterable[str] =
     return out
 
 
+# SmolVLM / Idefics3 chat layout: "User:<image>...<end_of_utterance>\nAssistant:".
+_IDEFICS_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_idefics3(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, texts: Iterable[str] = ()) -> Path:
+    """A tiny ``Idefics3ForConditionalGeneration`` (the SmolVLM architecture): SigLIP-style vision
+    encoder, pixel-shuffle connector (scale 2: 16 patches -> 4 image tokens), Llama decoder; images go
+    to the processor as one list per prompt, wrapped in <fake_token_around_image><global-img>."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        LlamaTokenizer,
+    )
+
+    out = Path(out_dir)
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
+               "<global-img>"]
+    vocab, merges = _train_bpe(caption_corpus(texts), vocab_size=400, special=special)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, model_max_length=256, add_bos_token=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": special[4:]})
+    patch, scale = 8, 2
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(size={"longest_edge": image_size},
+                                               max_image_size={"longest_edge": image_size},
+                                               do_image_splitting=False),
+        tokenizer=tokenizer,
+        image_seq_len=(image_size // patch) ** 2 // scale**2,
+        chat_template=_IDEFICS_CHAT_TEMPLATE,
+    )
+    ids = tokenizer.get_vocab()
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch, initializer_range=0.2),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=256, bos_token_id=ids["<s>"],
+                         eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<pad>"], initializer_range=0.2),
+        image_token_id=ids["<image>"],
+        scale_factor=scale,
+        pad_token_id=ids["<pad>"],
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
+    model.generation_config.pad_token_id = ids["<pad>"]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 BUILDERS = {
     "blip": build_blip,
     "blip2": build_blip2,
     "llava": build_llava,
     "qwen2_vl": build_qwen2_vl,
+    "idefics3": build_idefics3,
     "blip-base": build_blip_base,
 }
 

@@ -42,7 +42,7 @@ def _check_every_row_accounted(table: pa.Table, out: pa.Table) -> None:
         assert recap is None or recap.strip() == recap and len(recap.split()) >= 2
 
 
-@pytest.mark.parametrize("arch", ["blip", "blip2", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["blip", "blip2", "llava", "qwen2_vl", "idefics3"])
 def test_every_row_gets_a_caption_or_a_reason_and_corrupt_images_do_not_stop_the_batch(tiny_vlms, tmp_path, arch):
     ds = write_source(tmp_path / "src", shards=1, rows=10, corrupt=frozenset({(0, 2), (0, 7)}))
     table = ds.read_shard(0)
@@ -52,7 +52,7 @@ def test_every_row_gets_a_caption_or_a_reason_and_corrupt_images_do_not_stop_the
     table = schema.with_column(table, schema.IMAGE_OFFSET, offsets)
     stage = _stage(tiny_vlms[arch], batch_size=4, on_bad="reject", repetition_penalty=1.3, no_repeat_ngram_size=2)
     # JPEGs are draft-decoded down to (not below) the model's input side
-    assert stage.min_side == {"blip": 32, "blip2": 32, "llava": 32, "qwen2_vl": 65}[arch]
+    assert stage.min_side == {"blip": 32, "blip2": 32, "llava": 32, "qwen2_vl": 65, "idefics3": 32}[arch]
     ctx = _ctx(ds)
     out = stage.process(table, ctx)
     _check_every_row_accounted(table, out)
@@ -220,7 +220,7 @@ def test_through_the_runner(ray_session, tiny_vlms, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["blip", "blip2", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["blip", "blip2", "llava", "qwen2_vl", "idefics3"])
 def test_bf16_on_gpu(tiny_vlms, tmp_path, arch):
     import torch
 

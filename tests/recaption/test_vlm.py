@@ -1,4 +1,4 @@
-"""The VLM wrapper on tiny random BLIP, BLIP-2, LLaVA and Qwen2-VL models loaded from disk like hub checkpoints.
+"""The VLM wrapper on tiny random BLIP, BLIP-2, LLaVA, Qwen2-VL and Idefics3 (SmolVLM) models loaded from disk like hub checkpoints.
 
 Batching must not change a row's output: every row generated alone (batch of 1) and in a batch of 8
 with prompts of different lengths gives the same greedy caption in fp32, and the per-step logits
@@ -59,13 +59,14 @@ def _assert_same(single, batched):
         assert torch.allclose(a.logits, b.logits, atol=LOGIT_TOL, rtol=0), (a.logits - b.logits).abs().max()
 
 
-@pytest.mark.parametrize("arch", ["blip", "blip2", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["blip", "blip2", "llava", "qwen2_vl", "idefics3"])
 def test_loads_through_auto_classes_with_family_defaults(tiny_vlms, arch):
     vlm = _load(tiny_vlms[arch])
     assert type(vlm.model).__name__ == {"blip": "BlipForConditionalGeneration",
                                         "llava": "LlavaForConditionalGeneration",
                                         "qwen2_vl": "Qwen2VLForConditionalGeneration",
-                                        "blip2": "Blip2ForConditionalGeneration"}[arch]
+                                        "blip2": "Blip2ForConditionalGeneration",
+                                        "idefics3": "Idefics3ForConditionalGeneration"}[arch]
     assert vlm.family is family_for(vlm.model.config.model_type)
     assert vlm.dtype == torch.float32 and vlm.device == "cpu" and vlm.engine == "transformers"
     prompt = vlm.prompt("ignored without {caption}")
@@ -77,13 +78,16 @@ def test_loads_through_auto_classes_with_family_defaults(tiny_vlms, arch):
         assert prompt == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
                           "Describe this image in one sentence.<|im_end|>\n<|im_start|>assistant\n")
         assert vlm.tokenizer.padding_side == "left"
+    elif arch == "idefics3":
+        assert prompt == "User:<image>Describe this image in one sentence.<end_of_utterance>\nAssistant:"
+        assert vlm.family.nested_images and vlm.tokenizer.padding_side == "left"
     elif arch == "blip2":
         assert prompt == "" and vlm.tokenizer.padding_side == "left"  # unconditional captioning
     else:
         assert prompt == "a picture of"
 
 
-@pytest.mark.parametrize("arch", ["blip", "blip2", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["blip", "blip2", "llava", "qwen2_vl", "idefics3"])
 def test_batch_of_one_equals_batch_of_eight(tiny_vlms, arch):
     vlm = _load(tiny_vlms[arch], instruction="Write a short caption. Old caption: {caption}.")
     images = _images(8)
