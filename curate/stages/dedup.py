@@ -498,6 +498,10 @@ class DedupStage(Stage):
                 for q in range(parts)
             ]
             res = ctx.map(_reduce_partition, jobs)
+            # the shuffle files are rows x tables: intermediate only, removed once reduced
+            parts_dir = _plan_path(out, "parts")
+            if out.fs.exists(parts_dir):
+                out.fs.rm(parts_dir, recursive=True)
             edges = [
                 (
                     np.concatenate([a for rr, a, _ in res if rr == r] or [np.empty(0, np.int64)]),

@@ -111,3 +111,13 @@ def test_cli_explain(ray_session, source, tmp_path, capsys):
     detail = info["stage_detail"]
     assert detail["kept"] == dec[uid][2]
     assert uid in {m[schema.UID] for m in detail["members"]}
+
+
+def test_object_storage_distributed(ray_session, s3_bucket, tmp_path):
+    samples = build_corpus(n_originals=8, edited=3, copies=2)
+    src = write_dataset(f"s3://{s3_bucket}/src", samples, shards=3, empty_shard=False)
+    local = write_dataset(tmp_path / "src", samples, shards=3, empty_shard=False)
+    run_stage("dedup", src.url, f"s3://{s3_bucket}/out", config={"engine": "distributed"})
+    run_stage("dedup", local.url, str(tmp_path / "out"), config={"engine": "sort"})
+    assert _decisions(f"s3://{s3_bucket}/out") == _decisions(tmp_path / "out")
+    assert sum(1 for v in _decisions(tmp_path / "out").values() if v[2]) >= 8
