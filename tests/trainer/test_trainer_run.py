@@ -55,6 +55,15 @@ def test_tiny_clip_learns_and_beats_chance_on_held_out(dataset, tmp_path):
     tok = open_clip.get_tokenizer(f"local-dir:{out / 'model'}")
     assert tok(["a red circle"]).shape == (1, 77)
 
+    # ... and the clip stage's loader scores with it: same text embeddings as the trained model.
+    from curate.models.clip import load_clip
+
+    scorer = load_clip(str(out / "model"), device="cpu")
+    captions = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        mine = torch.nn.functional.normalize(by_dir.encode_text(tok(captions)), dim=-1)
+    assert torch.allclose(torch.from_numpy(scorer.encode_texts(captions)), mine, atol=1e-5)
+
 
 def _losses(output: Path) -> dict[int, float]:
     train, _ = read_metrics(output)
