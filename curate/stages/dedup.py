@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from curate import neardup, phash, schema
 from curate.config import ConfigError
@@ -85,6 +85,14 @@ class DedupConfig(StageConfig):
     minhash_bands: int = Field(16, ge=1)
     shingle_chars: int = Field(4, ge=1, le=16)
     max_pixels: int = Field(phash.DEFAULT_MAX_PIXELS, ge=1)
+
+    @model_validator(mode="after")
+    def _blocks(self) -> DedupConfig:
+        if self.blocks is not None and self.radius > 0 and self.blocks <= self.radius:
+            raise ValueError(f"blocks ({self.blocks}) must be > radius ({self.radius}): pigeonhole needs it")
+        if self.minhash_bands > self.minhash_perms:
+            raise ValueError("minhash_bands must be <= minhash_perms")
+        return self
 
     @field_validator("rules")
     @classmethod

@@ -196,3 +196,5 @@ def test_config_errors():
         DedupConfig(rules=[])
     with pytest.raises(ValueError):
         DedupConfig(radius=40)
+    with pytest.raises(ValueError):
+        DedupConfig(radius=6, blocks=6)
