@@ -23,7 +23,7 @@ import warnings
 from typing import Literal
 
 from PIL import Image, ImageOps
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from curate.stage import Frozen
 
@@ -67,17 +67,30 @@ class ImageConfig(Frozen):
     downscale_interpolation: Interpolation = "area"
     upscale_interpolation: Interpolation = "lanczos"
     output_format: OutputFormat = "jpg"
-    # jpg/webp: quality 0-100; png: zlib compression level 0-9 (as img2dataset).
-    encode_quality: int = Field(95, ge=0, le=100)
+    # jpg/webp: quality 0-100 (default 95); png: zlib compression level 0-9 (default 3), as img2dataset.
+    encode_quality: int | None = Field(None, ge=0, le=100)
     # Re-encode even when the pixels are unchanged and the source is jpg/png/webp.
     reencode: bool = False
     min_image_size: int = Field(0, ge=0)
-    max_image_area: float = Field(float("inf"), gt=0)
-    max_aspect_ratio: float = Field(float("inf"), gt=0)
+    # None: no limit (img2dataset's inf; None keeps the resolved config plain JSON).
+    max_image_area: float | None = Field(None, gt=0)
+    max_aspect_ratio: float | None = Field(None, gt=0)
     # Decompression-bomb guard, checked from the header before decoding: pixels of one frame, and
     # pixels summed over all frames of an animated / multi-frame file.
     max_pixels: int = Field(100_000_000, ge=1)
     max_total_pixels: int = Field(400_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _png_level(self) -> ImageConfig:
+        if self.output_format == "png" and self.encode_quality is not None and self.encode_quality > 9:
+            raise ValueError(f"encode_quality for png is a compression level 0-9, got {self.encode_quality}")
+        return self
+
+    @property
+    def quality(self) -> int:
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return 3 if self.output_format == "png" else 95
 
 
 @dataclasses.dataclass
@@ -190,9 +203,9 @@ def process_image(data: bytes, cfg: ImageConfig, keep_image: bool = False) -> Pr
             ow, oh = oh, ow
         if min(ow, oh) < cfg.min_image_size:
             raise ImageRejected("failed_to_resize", "image too small")
-        if ow * oh > cfg.max_image_area:
+        if cfg.max_image_area is not None and ow * oh > cfg.max_image_area:
             raise ImageRejected("failed_to_resize", "image area too large")
-        if max(ow, oh) / min(ow, oh) > cfg.max_aspect_ratio:
+        if cfg.max_aspect_ratio is not None and max(ow, oh) / min(ow, oh) > cfg.max_aspect_ratio:
             raise ImageRejected("failed_to_resize", "aspect ratio too large")
         target = target_size(ow, oh, cfg)
         if fmt == "JPEG" and target is not None and target[0] < ow and target[1] < oh:
@@ -238,7 +251,7 @@ def process_image(data: bytes, cfg: ImageConfig, keep_image: bool = False) -> Pr
                     canvas.paste(out_img, ((size - w) // 2, (size - h) // 2))
                     out_img = canvas
             ext = cfg.output_format
-            out_bytes = encode(out_img, ext, cfg.encode_quality)
+            out_bytes = encode(out_img, ext, cfg.quality)
         t2 = time.perf_counter()
         w, h = out_img.size
         return Processed(
@@ -258,7 +271,7 @@ def encode(img: Image.Image, ext: str, quality: int) -> bytes:
     if ext == "jpg":
         img.save(buf, "JPEG", quality=quality)
     elif ext == "png":
-        img.save(buf, "PNG", compress_level=min(quality, 9))
+        img.save(buf, "PNG", compress_level=quality)
     else:
         img.save(buf, "WEBP", quality=quality)
     return buf.getvalue()

@@ -127,3 +127,11 @@ def test_target_size_matches_img2dataset_rules():
     assert target_size(640, 480, ImageConfig(resize_mode="no")) is None
     assert target_size(100, 80, ImageConfig(resize_mode="border", image_size=256, resize_only_if_bigger=True)) is None
     assert target_size(300, 80, ImageConfig(resize_mode="border", image_size=256, resize_only_if_bigger=True)) == (256, 68)
+
+
+def test_png_quality_is_a_compression_level():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="compression level 0-9"):
+        ImageConfig(output_format="png", encode_quality=95)
+    assert ImageConfig(output_format="png").quality == 3 and ImageConfig().quality == 95
