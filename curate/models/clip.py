@@ -11,11 +11,12 @@ The tokenizer and the preprocessing (size, mean/std, interpolation, resize mode)
 Preprocessing matches open_clip's eval transform (``Resize(shortest side, interpolation)`` ->
 ``CenterCrop`` -> ``convert("RGB")`` -> ``ToTensor`` -> ``Normalize``), done faster:
   - ``PilDecoder`` (CPU): the same Pillow operations in the same order and with torchvision's size and
-    crop arithmetic, so PNG/WebP pixels are identical to open_clip's; JPEGs use ``Image.draft`` to
-    decode at 1/2, 1/4 or 1/8 scale in the DCT domain (never below the target size), which is where
-    CPU decode time goes and the only source of difference. Images decode on a thread pool (Pillow
-    releases the GIL) while the model runs on the previous batch; normalisation happens in torch on the
-    model's device on uint8 tensors.
+    crop arithmetic. Two shortcuts, the only sources of difference: RGB/L images resample only the
+    center crop's region (``resize(box=...)``, same pixels up to rounding, ~40% less resize work;
+    palette and alpha images take open_clip's exact path), and JPEGs use ``Image.draft`` to decode at
+    1/2, 1/4 or 1/8 scale in the DCT domain, never below ``draft`` x the input size (2x by default).
+    Images decode on a thread pool (Pillow releases the GIL) while the model runs on the previous
+    batch; normalisation happens in torch on the model's device on uint8 tensors.
   - ``DaliDecoder``: NVIDIA DALI ``decoders.image`` (``device="mixed"`` on GPU: nvJPEG / nvImageCodec,
     jpg/png/webp; ``"cpu"`` otherwise), ``resize(resize_shorter, cubic, antialias)`` and
     ``crop_mirror_normalize`` on the same device. DALI fails a whole batch on one corrupt image, so a
@@ -221,12 +222,22 @@ class PilDecoder:
                 img.draft("RGB" if img.mode == "RGB" else None, req)
             img.load()
             w, h = _resized_size(img.width, img.height, self.pre)
-            # Same order as open_clip: resize in the image's own mode, crop, then convert to RGB.
-            if (w, h) != img.size:
-                img = img.resize((w, h), self._resample)
-            if (w, h) != (tw, th):
-                top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
-                img = img.crop((left, top, left + tw, top + th))
+            top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+            # Same order as open_clip: resize in the image's own mode, crop, then convert to RGB. The
+            # resize computes only the crop's pixels (``box``: the crop's source region; the filter
+            # still reads the pixels around it), which is the same image up to rounding at a fraction
+            # of the cost.
+            if (w, h) != img.size and img.mode in ("RGB", "L"):
+                sx, sy = img.width / w, img.height / h
+                box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+                img = img.resize((tw, th), self._resample, box=box)
+            else:
+                # palette / alpha modes: resampled in full, as open_clip does (box sampling would move
+                # nearest-neighbour picks and alpha edges)
+                if (w, h) != img.size:
+                    img = img.resize((w, h), self._resample)
+                if (w, h) != (tw, th):
+                    img = img.crop((left, top, left + tw, top + th))
             arr = np.asarray(img.convert("RGB"))
             return arr if arr.shape == (th, tw, 3) else None
         except Exception as e:  # noqa: BLE001 - any decode failure is per-row data, not a crash

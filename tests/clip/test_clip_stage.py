@@ -47,7 +47,7 @@ def test_scores_embeddings_and_undecodable_on_a_table(tiny_clip, rows, tmp_path)
     assert scores.type == pa.float32() and scores[4].as_py() is None
     got = np.array([s if s is not None else np.nan for s in scores.to_pylist()], np.float32)
     ok = np.arange(12) != 4
-    assert np.abs(got[ok] - ref[ok]).max() < 1e-5
+    assert np.abs(got[ok] - ref[ok]).max() < 1e-3
     img = out.column(schema.IMAGE_EMBEDDING)
     assert img.type == schema.embedding_type(32) and img[4].as_py() is None
     txt = np.array(out.column(schema.TEXT_EMBEDDING).to_pylist(), np.float32)
@@ -137,7 +137,7 @@ def test_top_fraction_is_exact_across_shards_and_workers(tiny_clip, ray_session,
     ref_uids = inp.read_shard(0).column(schema.UID).to_pylist() + inp.read_shard(1).column(
         schema.UID).to_pylist() + inp.read_shard(2).column(schema.UID).to_pylist()
     ref = dict(zip(ref_uids, reference_scores(tiny_clip, ref_rows).tolist(), strict=True))
-    assert max(abs(score[u] - ref[u]) for u in score if score[u] is not None) < 1e-5
+    assert max(abs(score[u] - ref[u]) for u in score if score[u] is not None) < 1e-3
 
     scored = [u for u in score if score[u] is not None]
     assert len(scored) == 31 and len(score) == 32

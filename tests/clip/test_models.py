@@ -1,13 +1,17 @@
 """curate.models.clip: loading through the user's paths, and preprocessing that matches open_clip's.
 
-Measured tolerances (tiny ViT, 64 px input, demo corpus clip art + photos, max |score difference| against
-open_clip's own preprocess): Pillow full decode 1.2e-7 (same pixels), Pillow with JPEG draft at 2x the
-input size 2.0e-3 (JPEG rows only), DALI CPU 1.6e-2 (RGBA images: DALI drops alpha before resizing,
-Pillow after; JPEG rows 6e-3). The asserts below use those bounds with a little headroom.
+Measured tolerances (max |score difference| against open_clip's own preprocess on 300 demo-corpus clip-art
+images (jpg/png/webp) + 20 photos; tiny random ViT at 64 px / at 224 px input):
+  - Pillow, full decode: 2.4e-4 / 7.1e-5 (RGB/L images resample only the crop's region, equal up to
+    rounding; palette and alpha images take open_clip's exact operations: 1e-7);
+  - Pillow, JPEG draft at 2x the input size (the default): 2.0e-3 / 7.5e-4 (at 1x: 1.5e-2 / 1.4e-3);
+  - DALI CPU: 1.6e-2 (RGBA images: DALI drops alpha before resizing, Pillow after; JPEG rows 6e-3).
+The asserts below use those bounds with headroom.
 """
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -58,10 +62,15 @@ def test_loads_through_every_user_path(tiny_clip, tmp_path, rows):
 
 
 def test_pil_full_decode_equals_open_clip(tiny_clip, rows, reference):
+    from PIL import Image
+
     clip = load_clip(tiny_clip, device="cpu")
     ours, ok = _scores(clip, rows, PilDecoder(clip.preprocess, threads=2, draft=None))
     assert ok.all() and np.isfinite(reference).all()
-    assert np.abs(ours - reference).max() < 1e-5
+    diff = np.abs(ours - reference)
+    assert diff.max() < 1e-3
+    exact = np.array([Image.open(io.BytesIO(r[0])).mode not in ("RGB", "L") for r in rows])
+    assert exact.sum() >= 5 and diff[exact].max() < 1e-5  # palette / alpha: open_clip's very operations
 
 
 def test_pil_draft_within_tolerance(tiny_clip, rows, reference):
@@ -71,7 +80,7 @@ def test_pil_draft_within_tolerance(tiny_clip, rows, reference):
     assert ok.all()
     assert diff.max() < 5e-3
     jpeg = np.array([r[1] == "jpg" for r in rows])
-    assert diff[~jpeg].max() < 1e-5  # draft only touches JPEGs
+    assert diff[~jpeg].max() < 1e-3  # draft only touches JPEGs
     assert diff[jpeg].max() > 0  # ... and it does take the draft path for them
 
 
