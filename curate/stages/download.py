@@ -92,6 +92,12 @@ class DownloadStage(Stage):
         self._phash = None
 
     def setup(self) -> None:
+        import PIL
+
+        from curate.images import pillow_simd
+
+        # Resizing is a large share of the CPU per image; Pillow-SIMD (same API) does it 3-7x faster.
+        log.debug("images: %s %s", "Pillow-SIMD" if pillow_simd() else "Pillow", PIL.__version__)
         if self.config.compute_phash:
             try:
                 from curate.phash import phash_pil
@@ -288,6 +294,9 @@ class DownloadStage(Stage):
         ctx.stats.update(shard_stats(cols[schema.STATUS], cols[schema.ERROR_MESSAGE]))
         ctx.stats["duration"] = time.perf_counter() - t0
         ctx.stats["requests"] = requests
+        import PIL
+
+        ctx.stats["pillow"] = PIL.__version__  # ".postN": Pillow-SIMD
         if retry_of is not None:
             # Last, after every fetch: the old shard gives these rows up only once they are in hand.
             uids = table.column(schema.UID).to_pylist()
