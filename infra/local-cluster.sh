@@ -13,7 +13,9 @@
 # The job API of a `ray start --head` cluster answers only with token auth (Ray 2.60): the token is
 # generated into the state dir and handed to every process through RAY_AUTH_TOKEN_PATH, never
 # written to ~/.ray/auth_token. Every port is picked free by the OS (ephemeral range, 32768+), which
-# keeps them outside Ray's worker port range (10002-19999).
+# keeps them outside Ray's worker port range (10002-19999). The job API, dashboard and metrics are
+# used over 127.0.0.1; Ray itself maps a loopback --node-ip-address to the machine's own address for
+# node-to-node traffic (services.resolve_ip_for_localhost), so node IPs show that address.
 #
 # Environment: PYTHON (default: the repo's .venv/bin/python, else python3), HEAD_CPUS (1),
 # WORKER_CPUS (1), OBJECT_STORE_MB (256).
@@ -63,6 +65,15 @@ start_node() {  # start_node NAME ARGS...: one `ray start --block`, in its own s
   echo "$!" >>"$STATE/pids"
 }
 
+alive_nodes_are() {  # the job API's state endpoint counts exactly $1 live nodes (no driver needed)
+  "$PYTHON" -c "
+import json, sys, urllib.request
+req = urllib.request.Request('$RAY_ADDRESS_HTTP/api/v0/nodes?limit=1000',
+                             headers={'Authorization': 'Bearer ' + open('$RAY_AUTH_TOKEN_PATH').read()})
+nodes = json.load(urllib.request.urlopen(req, timeout=5))['data']['result']['result']
+sys.exit(0 if sum(n['state'] == 'ALIVE' for n in nodes) == $1 else 1)"
+}
+
 cmd_start() {
   local workers="${1:-1}"
   if [[ -f "$STATE/pids" ]]; then
@@ -74,6 +85,8 @@ cmd_start() {
   TMPD="$(mktemp -d /tmp/crc.XXXXXX)"
   echo "$TMPD" >"$STATE/tempdir"
   export RAY_AUTH_MODE=token
+  # Ray's default 30 s for a raylet to register is too short on a loaded 2-core machine.
+  export RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}"
   # Job entrypoints (`curate ...`) resolve through the PATH of the processes `ray start` spawns.
   PATH="$(dirname "$PYTHON"):$PATH"
   export PATH
@@ -86,6 +99,7 @@ cmd_start() {
     --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
     --ray-client-server-port="$client" --metrics-export-port="$metrics"
   local all_metrics="$metrics"
+  RAY_ADDRESS_HTTP="http://127.0.0.1:$dash"
 
   cat >"$STATE/env" <<EOF
 RAY_ADDRESS=http://127.0.0.1:$dash
@@ -95,7 +109,7 @@ RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH
 RAY_TEMP_DIR=$TMPD
 EOF
   # The dashboard is up when its job API answers an authenticated request.
-  if ! wait_for 90 "$PYTHON" -c "
+  if ! wait_for 150 "$PYTHON" -c "
 import urllib.request
 req = urllib.request.Request('http://127.0.0.1:$dash/api/version',
                              headers={'Authorization': 'Bearer ' + open('$RAY_AUTH_TOKEN_PATH').read()})
@@ -105,23 +119,21 @@ urllib.request.urlopen(req, timeout=2)"; then
     cmd_stop
     exit 1
   fi
+  # Workers one at a time, each waited for: on a small, busy machine several raylets registering at
+  # once overrun the GCS's start-up wait.
   for i in $(seq 1 "$workers"); do
     metrics="$(free_port)"
     all_metrics="$all_metrics,$metrics"
     start_node "worker$i" --address="127.0.0.1:$gcs" --num-cpus="$WORKER_CPUS" --num-gpus=0 \
       --metrics-export-port="$metrics"
+    if ! wait_for 150 alive_nodes_are $((i + 1)); then
+      echo "worker $i did not join; log: $STATE/worker$i.log" >&2
+      tail -5 "$STATE/worker$i.log" >&2
+      cmd_stop
+      exit 1
+    fi
   done
   echo "METRICS_PORTS=$all_metrics" >>"$STATE/env"
-  # Ready when every node is alive in the GCS.
-  if ! wait_for 90 env RAY_ADDRESS="127.0.0.1:$gcs" "$PYTHON" -c "
-import sys, ray
-ray.init(address='127.0.0.1:$gcs', logging_level='ERROR', log_to_driver=False)
-alive = [n for n in ray.nodes() if n['Alive']]
-sys.exit(0 if len(alive) == $((workers + 1)) else 1)"; then
-    echo "workers did not join; logs: $STATE/worker*.log" >&2
-    cmd_stop
-    exit 1
-  fi
   cat "$STATE/env"
 }
 
