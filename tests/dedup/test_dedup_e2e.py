@@ -17,7 +17,7 @@ from dedup_data import build_corpus, write_dataset
 from curate import schema
 from curate.cli import main
 from curate.dataset import Dataset
-from curate.runner import StageFailed, run_stage
+from curate.runner import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +59,6 @@ def test_global_across_shards_and_engines(ray_session, corpus, source, tmp_path)
     assert Dataset(str(tmp_path / "sort")).shard_ids() == source.shard_ids()
 
 
-# The dedup plan and apply handle an empty shard (test_dedup_stage runs one inline); through the
-# runner it currently fails in curate/runner.py::_record_metrics: Ray's Counter.inc(0) raises
-# "value must be >0" for a shard with rows_in == 0. Drop this marker once the runner guards it.
-@pytest.mark.xfail(strict=True, raises=StageFailed, reason="runner: Counter.inc(0) on an empty shard")
 def test_empty_shard_through_runner(ray_session, tmp_path):
     samples = build_corpus(n_originals=4, edited=1, copies=1)
     src = write_dataset(tmp_path / "src", samples, shards=2, empty_shard=True)
