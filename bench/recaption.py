@@ -11,7 +11,9 @@ images/s and generated tokens/s (tokens before the end token, summed over rows).
   ``max_new_tokens``: the figures are per generated token, which is what decides throughput.
 
 The last line is ``ratio: X.XX`` = best batched images/s / batch-size-1 images/s for the tiny BLIP on
-CPU (the GPU BLIP-base ratio is printed above it when measured).
+CPU (the GPU BLIP-base ratio is printed above it when measured). With ~70k-parameter models the CPU
+speed-up is mostly per-call overhead amortised over the batch (processor, ``generate``'s per-step
+Python loop), not arithmetic; the GPU BLIP-base sweep is the one that measures a real model.
 
 Run: ``.venv/bin/python bench/recaption.py [--images 64] [--threads 1]``
 """
