@@ -262,7 +262,8 @@ def _record_metrics(stage: str, stats: dict[str, Any]) -> None:
         _METRICS["dropped"] = RayCounter(
             "curate_rows_dropped", "rows dropped by a stage", tag_keys=("stage", "reason"))
         _METRICS["shards"] = RayCounter("curate_shards_committed", "shards committed", tag_keys=("stage",))
-    _METRICS["in"].inc(stats["rows_in"], {"stage": stage})
+    if stats["rows_in"]:  # Ray's Counter.inc refuses 0: empty shards are legitimate
+        _METRICS["in"].inc(stats["rows_in"], {"stage": stage})
     if stats["rows_out"]:
         _METRICS["kept"].inc(stats["rows_out"], {"stage": stage})
     for reason, count in stats["drops"].items():

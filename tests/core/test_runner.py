@@ -168,3 +168,14 @@ def test_s3_dataset_through_ray_workers(ray_session, s3_bucket):
     ds = Dataset(out)
     assert ds.is_complete() and ds.url.startswith("s3://")
     assert verify(ds)[0] == [] and verify(Dataset(src))[0] == []
+
+
+def test_empty_shards_flow_through_every_step(ray_session, tmp_path):
+    src = str(tmp_path / "src")
+    s = run_stage(SYNTH, str(tmp_path), src, config={"shards": 2, "rows_per_shard": 0})
+    assert (s["rows_in"], s["kept"]) == (0, 0)
+    out = str(tmp_path / "pt")
+    s = run_stage(PASS, src, out, config={"drop_every": 2})
+    ds = Dataset(out)
+    assert ds.is_complete() and ds.shard_ids() == [0, 1] and s["kept"] == 0
+    assert verify(ds) == ([], 0)
