@@ -271,6 +271,7 @@ def _remove_from(ds: Dataset, doomed: set[str], request: Request, rewritten: set
         removed_rej += n_r
 
     plan_rows = _clean_plan(ds, doomed_arr)
+    _clean_npy_embeddings(ds, doomed_arr)
     leftovers = _plan_text_mentions(ds, doomed)
     _rewrite_manifest(ds, manifest, request, removed_kept, removed_rej, drops_removed, tars_done,
                       sorted(elsewhere), plan_rows, leftovers, new_fp)
@@ -502,6 +503,49 @@ def _write_like(out: pa.Table, original: pa.Table, group_sizes: list[int], doome
                 part = part.filter(pc.invert(pc.fill_null(pc.is_in(part.column(schema.UID), doomed), False)))
             part = _clear_dup_of(part, doomed)
             w.write_table(part.cast(out.schema), row_group_size=max(1, part.num_rows))
+
+
+def _clean_npy_embeddings(ds: Dataset, doomed: pa.Array) -> int:
+    """clip's clip-retrieval-style export (``embeddings/{img_emb,text_emb}/*.npy`` row-aligned with
+    ``embeddings/metadata/*.parquet``): drop the removed rows from all three, renamed together."""
+    import io
+
+    import numpy as np
+
+    meta_dir = ds.path("embeddings", "metadata")
+    try:
+        metas = sorted(p for p in ds.fs.ls(meta_dir, detail=False) if p.endswith(".parquet"))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for meta in metas:
+        table = pq.read_table(meta, filesystem=ds.fs)
+        if schema.UID not in table.column_names:
+            continue
+        hit = pc.fill_null(pc.is_in(table.column(schema.UID), doomed), False)
+        if not pc.any(hit).as_py():
+            continue
+        keep = pc.invert(hit)
+        name = posixpath.basename(meta)[len("metadata_"):-len(".parquet")]
+        staged = [(_stage_parquet(ds, table.filter(keep), meta), meta)]
+        for folder in ("img_emb", "text_emb"):
+            path = ds.path("embeddings", folder, f"{folder}_{name}.npy")
+            if not ds.fs.exists(path):
+                continue
+            with ds.fs.open(path, "rb") as f:
+                arr = np.load(io.BytesIO(f.read()))
+            if len(arr) != table.num_rows:
+                raise RemovalError(f"{path} has {len(arr)} rows but its metadata has {table.num_rows}")
+            buf = io.BytesIO()
+            np.save(buf, arr[keep.to_numpy(zero_copy_only=False)])
+            tmp = tmp_name(path)
+            with ds.fs.open(tmp, "wb") as f:
+                f.write(buf.getvalue())
+            staged.append((tmp, path))
+        for tmp, final in staged:
+            ds.rename(tmp, final)
+        removed += int(pc.sum(hit).as_py())
+    return removed
 
 
 def _plan_text_mentions(ds: Dataset, doomed: set[str]) -> list[str]:

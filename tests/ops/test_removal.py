@@ -189,3 +189,38 @@ def test_interrupted_removal_rerun_finishes_the_job(ray_session, tmp_path, monke
     assert all(after[u] == before[u] for u in after)
     assert verify(Dataset(str(down))) == ([], 11) and verify(Dataset(str(src))) == ([], 11)
     assert not Dataset(str(src)).exists("_plan", "removal-pending.json")
+
+
+def test_clip_retrieval_style_embedding_files_lose_the_rows(ray_session, tmp_path):
+    """clip's export_npy layout (embeddings/{img_emb,text_emb}/*.npy row-aligned with
+    embeddings/metadata/*.parquet): removed rows leave all three, the others keep their vectors."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    run_stage(SYNTH, str(tmp_path), str(src), config={"shards": 2, "rows_per_shard": 5})
+    ds = Dataset(str(src))
+    vectors = {}
+    for n in ds.shard_ids():
+        t = ds.read_shard(n)
+        name = ds.shard_name(n)
+        uids = t.column(schema.UID).to_pylist()
+        for folder, seed in (("img_emb", 1), ("text_emb", 2)):
+            arr = np.random.default_rng(seed + n).standard_normal((len(uids), 8)).astype(np.float16)
+            (src / "embeddings" / folder).mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            (src / "embeddings" / folder / f"{folder}_{name}.npy").write_bytes(buf.getvalue())
+            vectors.update({(folder, u): arr[i].tobytes() for i, u in enumerate(uids)})
+        (src / "embeddings" / "metadata").mkdir(parents=True, exist_ok=True)
+        pq.write_table(t.select([schema.UID, schema.KEY]), src / "embeddings" / "metadata" / f"metadata_{name}.parquet")
+    victim = ds.read_shard(1).column(schema.UID)[3].as_py()
+    remove([ds.url], Request(uids=frozenset({victim})))
+    meta = pq.read_table(src / "embeddings" / "metadata" / "metadata_00001.parquet")
+    uids = meta.column(schema.UID).to_pylist()
+    assert victim not in uids and len(uids) == 4
+    for folder in ("img_emb", "text_emb"):
+        arr = np.load(src / "embeddings" / folder / f"{folder}_00001.npy")
+        assert [arr[i].tobytes() for i in range(len(uids))] == [vectors[(folder, u)] for u in uids]
