@@ -14,7 +14,11 @@
      every pointer into a tar rewritten by this or an earlier interrupted call is recomputed from
      that tar's members by key: downstream datasets given in the same call follow the new offsets;
    - ``dup_of`` values naming a removed uid are cleared, in rejects and in Parquet tables under
-     ``_plan/`` (dedup decisions), whose rows for removed uids are dropped.
+     ``_plan/`` (dedup decisions), whose rows for removed uids are dropped. Near-duplicates of a
+     removed sample stay rejected (only exact copies share its sha256: ask by ``--sha256`` to
+     remove those too);
+   - clip's clip-retrieval-style files (``embeddings/*/*.npy`` + ``embeddings/metadata``) lose the
+     removed rows; embedding columns go with their rows.
 3. ``sizes.json``, then the manifest: row counts, totals, and a removal record
    ``{time, count, by, reason, ...}``. Downstream manifests given in the same call record their
    input's new manifest fingerprint, so rerunning the pipeline still skips them.
