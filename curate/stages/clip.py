@@ -170,7 +170,10 @@ class ClipStage(Stage):
         shards = ctx.input.shard_ids()
         cfg_json = self.config.model_dump_json()
         t = time.perf_counter()
-        ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards])
+        # ctx.map tasks get CPUs only (the runner's map has no GPU option yet): on a GPU cluster this
+        # scoring pass runs on CPU workers; the apply that follows needs no model at all.
+        ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards],
+                num_cpus=self.config.resources.num_cpus)
         t_score = time.perf_counter() - t
         files = [ctx.output.url_of(*_score_file(ctx.input, n)) for n in shards]
         threshold = top_threshold(files, self.config.top_fraction, ctx.map)
