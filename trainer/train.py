@@ -521,9 +521,10 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
     last: dict = {}
     last_eval: dict | None = None
     model.train()
-    log.info("training %s from step %d to %d: global batch %d = %d micro x %d accum x %d ranks, %s loader",
-             recipe.name, step, stop, recipe.train.global_batch, micro, recipe.train.accum, dist.world,
-             recipe.data.loader)
+    if dist.main:
+        log.info("training %s from step %d to %d: global batch %d = %d micro x %d accum x %d ranks, %s loader",
+                 recipe.name, step, stop, recipe.train.global_batch, micro, recipe.train.accum, dist.world,
+                 recipe.data.loader)
     t_log, wait, samples = time.perf_counter(), 0.0, 0
     while step < stop:
         batches = []
