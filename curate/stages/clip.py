@@ -251,6 +251,23 @@ class ClipStage(Stage):
         pq.write_table(kept.select(meta_cols), buf, compression="zstd")
         ctx.output.write_bytes(buf.getvalue(), "embeddings", "metadata", f"metadata_{name}.parquet")
 
+    def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
+        cfg = self.config
+        info: dict[str, Any] = {
+            "model": cfg.model, "pretrained": cfg.pretrained, "min_score": cfg.min_score,
+            "concepts": list(cfg.concepts), "concept_threshold": cfg.concept_threshold,
+            "concept_action": cfg.concept_action,
+        }
+        if cfg.top_fraction is not None:
+            th = output.read_json(PLAN_DIR, PLAN_SUBDIR, "threshold.json") or {}
+            info["top_fraction"] = {
+                "fraction": cfg.top_fraction, "keep": th.get("keep"), "of_scored": th.get("scored"),
+                "threshold_score": th.get("score"),
+                "note": "kept iff score > threshold_score, or == it and uid <= tie_break_uid",
+                "tie_break_uid": th.get("uid"),
+            }
+        return info
+
     @staticmethod
     def _dim(table: pa.Table, col: str) -> int:
         return table.schema.field(col).type.list_size

@@ -125,6 +125,21 @@ class SemDedupStage(Stage):
         return schema.with_column(table, schema.DROP_REASON, pa.array(reasons, pa.string()))
 
 
+    def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
+        summary = output.read_json(PLAN_DIR, SUB, "summary.json")
+        if summary is None:
+            return None
+        as_dup, represents = None, []
+        for g in range(int(summary.get("groups", 0))):
+            t = pq.read_table(output.path(PLAN_DIR, SUB, "drops", f"{g:05d}.parquet"), filesystem=output.fs,
+                              columns=[schema.UID, schema.DUP_OF, "similarity"])
+            for r in t.filter(pc.equal(t.column(schema.UID), uid)).to_pylist():
+                as_dup = r
+            represents += t.filter(pc.equal(t.column(schema.DUP_OF), uid)).to_pylist()
+        return {"threshold": self.config.threshold, "keep": self.config.keep, "clusters": summary["clusters"],
+                "duplicate_of": as_dup, "represents": represents}
+
+
 # -- k-means --------------------------------------------------------------------------------------------
 def kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     """Spherical k-means centroids (float32 [k', d], k' <= k) with faiss, on GPU when faiss sees one."""
@@ -209,7 +224,7 @@ def _dedup_group(job: _Job) -> int:
         t = pq.read_table(ds.path(PLAN_DIR, SUB, "assign", f"{n:05d}.parquet"), filesystem=ds.fs)
         parts.append(t.filter(pa.array(t.column("cluster").to_numpy() % job.groups == job.group)))
     t = pa.concat_tables(parts) if parts else pa.table({})
-    drops = {"shard": [], "row": [], schema.DUP_OF: [], "similarity": []}
+    drops: dict[str, list] = {"shard": [], "row": [], schema.UID: [], schema.DUP_OF: [], "similarity": []}
     if t.num_rows:
         cluster = t.column("cluster").to_numpy()
         shard = t.column("shard").to_numpy()
@@ -231,11 +246,13 @@ def _dedup_group(job: _Job) -> int:
             for i, j, sim in _cluster_dups(emb[members], cfg.threshold):
                 drops["shard"].append(int(shard[members[i]]))
                 drops["row"].append(int(row[members[i]]))
+                drops[schema.UID].append(uids[members[i]])
                 drops[schema.DUP_OF].append(uids[members[j]])
                 drops["similarity"].append(float(sim))
     out = pa.table({
         "shard": pa.array(drops["shard"], pa.int32()),
         "row": pa.array(drops["row"], pa.int32()),
+        schema.UID: pa.array(drops[schema.UID], pa.string()),
         schema.DUP_OF: pa.array(drops[schema.DUP_OF], pa.string()),
         "similarity": pa.array(drops["similarity"], pa.float32()),
     })

@@ -151,6 +151,8 @@ def test_top_fraction_is_exact_across_shards_and_workers(tiny_clip, ray_session,
     assert sorted(drops) == ["clip:below_top_fraction"] * (31 - k) + ["clip:undecodable"]
     threshold = out.read_json("_plan", "clip", "threshold.json")
     assert threshold["keep"] == k and threshold["scored"] == 31
+    why = ClipStage(ClipConfig.model_validate(cfg)).explain(out, order[k])["top_fraction"]
+    assert why["keep"] == k and why["threshold_score"] == pytest.approx(score[order[k - 1]])
 
     # Resume after a kill that left one shard uncommitted and no manifest: the rerun applies the
     # recorded plan (no rescoring) and gives the same kept set.

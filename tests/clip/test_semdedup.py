@@ -16,6 +16,7 @@ from PIL import Image
 from curate import schema
 from curate.dataset import Dataset, uid_for
 from curate.runner import run_stage
+from curate.stages.semdedup import SemDedupConfig, SemDedupStage
 
 
 def _write_embeddings(root, shards: list[dict]) -> Dataset:
@@ -84,6 +85,9 @@ def test_planted_duplicates_found_across_shards(ray_session, tmp_path):
     kept = pa.concat_tables([t for _, t in out.iter_shards()])
     assert kept.column(schema.DUP_OF).null_count == kept.num_rows  # kept rows name no representative
     assert uid[2 * per_shard + 30] in kept.column(schema.UID).to_pylist()  # no embedding: passes
+    stage = SemDedupStage(SemDedupConfig(threshold=0.95, n_clusters=4, groups=3))
+    assert stage.explain(out, uid[0])["duplicate_of"][schema.DUP_OF] == uid[45]
+    assert {r[schema.UID] for r in stage.explain(out, uid[45])["represents"]} == {uid[0], uid[90]}
 
     # keep: first -> the earliest member of each group is the representative
     run_stage("semdedup", inp.url, str(tmp_path / "first"),
