@@ -497,7 +497,7 @@ class Fetcher:
             limit_per_host=0,  # per-host limits are ours (they also cover Retry-After waits)
             resolver=self.resolver,
             use_dns_cache=False,  # every connection goes through the guarded resolver (it caches)
-            ssl=None if self.cfg.verify_tls else False,
+            ssl=self.cfg.verify_tls,  # False: accept any certificate (never the default)
         )
         self.session = aiohttp.ClientSession(
             connector=connector,

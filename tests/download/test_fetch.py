@@ -265,6 +265,21 @@ def test_robots_txt_when_enabled(server):
     assert "/private/secret.jpg" not in server.paths()
 
 
+def test_https_verifies_certificates_unless_told_not_to(tmp_path):
+    from dlserver import Server
+
+    tls = Server(tls_dir=tmp_path)
+    try:
+        url = tls.base_url + "/img/a.jpg"
+        (r,), _ = fetch_all([url], **LOCAL)
+        assert r.data is None and kind(r) == "network" and "certificate" in r.error.lower()
+        (r,), _ = fetch_all([url], verify_tls=False, **LOCAL)
+        assert r.data == tls.routes.images["/img/a.jpg"][0]
+        assert r.final_url.startswith("https://")
+    finally:
+        tls.close()
+
+
 def test_dns_failure_classified():
     (r,), f = fetch_all(["http://no-such-host.invalid/x.jpg"], timeout_s=5, retries=0)
     assert kind(r) in ("dns", "dns_transient")
