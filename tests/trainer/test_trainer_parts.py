@@ -217,3 +217,19 @@ def test_splits_recorded_by_export_pick_train_and_val_shards(dataset, tmp_path):
     assert [t for t, _ in D.find_val(root, None)] == all_tars[3:]
     # an explicit --val-data wins; a dataset without splits is evaluated whole
     assert len(D.index_samples(D.find_val(root, dataset["val"]))) == 24
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    r = load_recipe(None, ["model.tiny=true", "tokenizer.context_length=12"])
+    tok = Tokenizer(r.tokenizer)
+    images, texts = torch.randn(4, 3, 32, 32), tok(CAPTIONS[:4])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(r, model_config(r, tok.info), torch.device("cpu"))
+        model.set_grad_checkpointing(checkpointing)
+        train_step(model, make_loss(r, Dist(), False, tok.pad_id), [(images, texts)], contextlib.nullcontext)
+        grads.append(_grads(model))
+    assert model.visual.transformer.grad_checkpointing
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)

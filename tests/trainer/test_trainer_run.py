@@ -150,3 +150,22 @@ def test_torchrun_two_processes_gloo_ddp_and_fsdp_agree(dataset, tmp_path):
     wd, wf = runs["ddp"][1], runs["fsdp"][1]
     assert wd.keys() == wf.keys()
     assert all(torch.allclose(wd[k], wf[k], atol=1e-5) for k in wd)
+
+
+def test_locked_image_tower_stays_frozen_while_text_trains(dataset, tmp_path):
+    out = tmp_path / "lit"
+    recipe = REPO / "trainer/recipes/lit_frozen_bigg14.yaml"
+    sets = [*TINY, "tokenizer.context_length=16", "train.steps=3", "train.global_batch=8", "optim.lr=1e-2"]
+    assert main(["--data", dataset["train"], "--output", str(out), "--recipe", str(recipe), "--set", *sets]) == 0
+    from trainer.config import load_recipe
+    from trainer.train import Tokenizer, build_model, model_config
+
+    r = load_recipe(recipe, sets)
+    torch.manual_seed(r.train.seed)  # train() seeds the same way before building the model
+    init = build_model(r, model_config(r, Tokenizer(r.tokenizer).info), torch.device("cpu")).state_dict()
+    trained = torch.load(out / "checkpoints/step_00000003.pt", map_location="cpu", weights_only=False)["model"]
+    visual = [k for k in init if k.startswith("visual.")]
+    text = [k for k in init if k.startswith(("transformer.", "token_embedding", "text_projection"))]
+    assert visual and text
+    assert all(torch.equal(init[k], trained[k]) for k in visual)
+    assert any(not torch.equal(init[k], trained[k]) for k in text)
