@@ -314,7 +314,8 @@ class DownloadStage(Stage):
         captions = table.column(schema.CAPTION).to_pylist()
         rows = table.to_pylist()
         digits = ctx.output.shard_digits
-        index_digits = max(4, len(str(max(n_rows - 1, 0))))
+        # Same width in every shard (the last one is shorter): wide enough for the shard size.
+        index_digits = max(4, len(str(max(cfg.shard_size, n_rows) - 1)))
         keys = [make_key(ctx.shard, i, digits, index_digits) for i in range(n_rows)]
         results: list[dict[str, Any] | None] = [None] * n_rows
         timing = {"network": 0.0, "decode": 0.0, "resize": 0.0, "phash": 0.0, "write": 0.0}
