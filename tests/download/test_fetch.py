@@ -156,7 +156,7 @@ def test_transient_5xx_retried_with_backoff(server):
 
 def test_429_retry_after_backs_off_that_host_only(server):
     other = f"http://localhost:{server.port}"
-    urls = [server.base_url + "/ratelimited/2"] + [f"{other}/img/a.jpg?i={i}" for i in range(5)]
+    urls = [server.base_url + "/ratelimited/3"] + [f"{other}/img/a.jpg?i={i}" for i in range(5)]
 
     async def go():
         async with Fetcher(FetchConfig(allow_private_networks=True, timeout_s=5, retries=1,
@@ -170,8 +170,8 @@ def test_429_retry_after_backs_off_that_host_only(server):
     assert results[0].data is not None and results[0].attempts == 2
     assert all(r.data is not None for r in results[1:])
     log = server.log
-    t_429, t_retry = [t for t, p in log if p == "/ratelimited/2"]
-    assert t_retry - t_429 >= 1.9  # Retry-After honoured (2 s)
+    t_429, t_retry = [t for t, p in log if p == "/ratelimited/3"]
+    assert t_retry - t_429 >= 2.9  # Retry-After honoured (3 s)
     others = [t for t, p in log if p == "/img/a.jpg"]
     assert len(others) == 5 and max(others) < t_retry  # the other host went on meanwhile
 
@@ -185,7 +185,7 @@ def test_retry_after_too_long_fails_without_waiting(server):
 def test_slow_drip_hits_deadline(server):
     (r,), _ = fetch_all([server.base_url + "/slow.jpg"], **{**LOCAL, "timeout_s": 1.0, "retries": 0})
     assert kind(r) == "timeout"
-    assert r.seconds < 10
+    assert r.seconds < 30  # the 1 MB drip would take 58 hours
 
 
 def test_deadline_starts_when_the_request_goes_out_not_in_the_host_queue(server):
