@@ -26,6 +26,7 @@ Run: ``.venv/bin/python bench/clip.py [--images 400] [--batch 64] [--repeats 2]`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     files = load_photos(args.images)
     captions = [f"a photo number {i} of a landscape" for i in range(len(files))]
     sides = [Image.open(f).size for f in files[:50]]
-    print(f"images: {len(files)} real JPEG photos, e.g. {sides[:3]}; torch threads {torch.get_num_threads()}")
+    print(f"images: {len(files)} real JPEG photos, e.g. {sides[:3]}; torch threads {torch.get_num_threads()}; "
+          f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model_dir = str(write_tiny_clip(tmp / "model", image_size=224, patch_size=32))
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({best_base:.2f} s)")
         print(f"ours (clip stage scoring path: pointers, Pillow draft, {stage.decoder.threads} decode threads, "
               f"overlapped): {n / best_ours:.1f} img/s ({best_ours:.2f} s)")
-        print(f"max |score difference| ours vs baseline: {diff:.2e}")
+        print(f"max |score difference| ours vs baseline: {diff:.2e}; load average after: {os.getloadavg()[0]:.1f}")
         if torch.cuda.is_available():
             gpu_section(files, captions, args.batch, tmp)
         print(f"ratio: {best_base / best_ours:.2f}")
