@@ -5,8 +5,8 @@ that input is a complete curate dataset) and shows:
 
 - the funnel: rows in, kept and dropped by reason for every stage, from the manifests (exact);
 - histograms of clip_score, recaption_clip_score, width/height, aspect ratio, caption length and
-  language, each taken from the latest dataset of the lineage that has the column, kept rows
-  against that stage's rejects;
+  language: the kept rows of the latest dataset of the lineage that has the column, against the
+  rejects of every stage whose rejected rows carry it;
 - example grids: kept samples, and rejected samples per reason with the image behind their pointer;
 - example duplicate clusters (a representative and the rejects whose ``dup_of`` names it);
 - per-stage throughput (rows in per second of the stage's wall time, and per shard-second).
@@ -136,6 +136,19 @@ HISTOGRAMS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+def _rejected(chain: list[Dataset], cols: list[str], max_rows: int) -> tuple[pa.Table | None, bool, list[str]]:
+    """Rejects of every stage of the lineage whose rejected rows carry ``cols``: the distribution of
+    what the pipeline dropped, against what the final dataset kept."""
+    parts, sampled, stages = [], False, []
+    for ds in chain:
+        t, s = _read(ds, cols, True, max_rows)
+        if t is not None and t.num_rows:
+            parts.append(t)
+            sampled |= s
+            stages.append(ds.manifest()["stage"])
+    return (pa.concat_tables(parts) if parts else None), sampled, stages
+
+
 def _values(name: str, table: pa.Table) -> list[float]:
     if name == "aspect_ratio":
         w = pc.cast(table.column(schema.WIDTH), pa.float64())
@@ -156,7 +169,7 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
         if ds is None or not all(_has(ds, c) for c in cols):
             continue
         kept, k_sampled = _read(ds, cols, False, max_rows)
-        rej, r_sampled = _read(ds, cols, True, max_rows)
+        rej, r_sampled, rej_stages = _rejected(chain, cols, max_rows)
         series = {"kept": _values(name, kept) if kept is not None else [],
                   "rejected": _values(name, rej) if rej is not None else []}
         allv = series["kept"] + series["rejected"]
@@ -169,6 +182,7 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
             edges = np.array([lo - 0.5, lo + 0.5]) if lo >= 1 else np.array([lo - 0.05, lo + 0.05])
         out[name] = {
             "title": title, "dataset": ds.url, "stage": ds.manifest()["stage"], "edges": edges.tolist(),
+            "rejected_by": rej_stages,
             "counts": {k: np.histogram(v, edges)[0].tolist() for k, v in series.items()},
             "n": {k: len(v) for k, v in series.items()},
             "mean": {k: float(np.mean(v)) if v else None for k, v in series.items()},
@@ -177,11 +191,11 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
     ds = _latest_with(chain, schema.LANGUAGE)
     if ds is not None:
         kept, k_sampled = _read(ds, [schema.LANGUAGE], False, max_rows)
-        rej, r_sampled = _read(ds, [schema.LANGUAGE], True, max_rows)
+        rej, r_sampled, rej_stages = _rejected(chain, [schema.LANGUAGE], max_rows)
         counts = {k: dict(Counter(str(x) for x in t.column(0).to_pylist()).most_common(15)) if t is not None else {}
                   for k, t in (("kept", kept), ("rejected", rej))}
         out["language"] = {"title": "language", "dataset": ds.url, "stage": ds.manifest()["stage"],
-                           "categories": counts, "sampled": k_sampled or r_sampled}
+                           "categories": counts, "rejected_by": rej_stages, "sampled": k_sampled or r_sampled}
     return out
 
 

@@ -72,11 +72,12 @@ def test_report_numbers_equal_the_manifests(lineage):
         assert f["shards"] == len(m["shards"])
         assert f["rows_per_second"] == pytest.approx(m["totals"]["rows_in"] / m["seconds"])
     assert d["funnel"][1]["drops"]["passthrough:divisible"] > 0
-    # histograms come from the latest dataset with the column: kept rows vs its rejects
+    # histograms: kept rows of the latest dataset with the column vs every stage's rejects carrying it
     width = d["histograms"]["width"]
     final = chain[-1].manifest()["totals"]
     assert width["dataset"] == chain[-1].url
-    assert width["n"] == {"kept": final["kept"], "rejected": final["dropped"]}
+    assert width["n"] == {"kept": final["kept"], "rejected": sum(ds.manifest()["totals"]["dropped"] for ds in chain)}
+    assert width["rejected_by"] == [PASS, "dedup"]
     assert sum(width["counts"]["kept"]) == final["kept"]
     caps = [c for _, t in chain[-1].iter_shards([schema.CAPTION]) for c in t.column(0).to_pylist()]
     assert d["histograms"]["caption_length"]["mean"]["kept"] == pytest.approx(sum(map(len, caps)) / len(caps))
