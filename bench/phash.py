@@ -154,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ra, oa = np.array(ref, dtype=np.uint64), np.array(ours, dtype=np.uint64)
     iu = np.triu_indices(len(ra), 1)
     pr = phash.hamming_np(ra[:, None], ra[None, :])[iu] <= RADIUS
-    po = phash.hamming_np(oa[:, None], oa[None, :])[iu] <= RADIUS
+    do = phash.hamming_np(oa[:, None], oa[None, :])[iu]
+    po = do <= RADIUS
     print(
-        f"all {len(pr)} photo pairs within radius {RADIUS}: imagehash {pr.sum()}, ours {po.sum()}, both {(pr & po).sum()}"
+        f"all {len(pr):,} photo pairs within radius {RADIUS}: imagehash {pr.sum()}, ours {po.sum()}, both "
+        f"{(pr & po).sum()}; of imagehash's, ours finds {(pr & po).sum() / max(1, pr.sum()):.1%} within "
+        f"{RADIUS}, {(pr & (do <= RADIUS + 2)).sum() / max(1, pr.sum()):.1%} within {RADIUS + 2}"
     )
 
     # marginal cost where the image is decoded anyway (download / import)
