@@ -196,7 +196,7 @@ def test_dali_and_torchvision_preprocess_alike(dataset):
     torch_batch = next(D.eval_batches(shards, cfg, image_size=32, batch_size=24, limit=24))
     assert dali.keys == torch_batch.keys and dali.captions == torch_batch.captions
     diff = (dali.images - torch_batch.images).abs().mean().item()
-    assert diff < 0.1, diff
+    assert diff < 0.02, diff  # measured 0.003; a wrong mean/std or channel order is >= 0.1
     # captions pair with keys the same way in both
     assert dali.captions[0].startswith("a ")
 
