@@ -26,6 +26,13 @@ the uids tied at the threshold): memory stays at two 65,536-bin histograms plus 
 whatever N is, and every pass is a parallel map over shards. The per-shard apply then only reads the
 cached scores; no model is loaded. Without ``top_fraction`` there is no plan and shards are scored in
 the actor pool directly.
+
+Score once, filter cheaply: when the input rows already carry ``clip_score`` from this same model (the
+nearest clip stage up the input chain, read from the manifests, used the same ``model`` and
+``pretrained``) and no concept filter asks for new work, the plan skips the scoring pass and selects
+over the input's own ``clip_score`` column. So a GPU cluster scores in the actor pool (``clip`` without
+``top_fraction``) and a second ``clip`` step with ``top_fraction`` (and any ``min_score``) only reads
+Parquet.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from curate import schema
-from curate.dataset import PLAN_DIR, Dataset, read_images, url_to_fs
+from curate.dataset import PLAN_DIR, Dataset, read_images, to_url, url_to_fs
 from curate.stage import PlanContext, Resources, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -168,6 +175,14 @@ class ClipStage(Stage):
             return None
         assert ctx.input is not None
         shards = ctx.input.shard_ids()
+        if self.scores_in_input(ctx.input):
+            files = [to_url(ctx.input.fs, ctx.input.shard_path(n, "parquet")) for n in shards]
+            threshold = top_threshold(files, self.config.top_fraction, ctx.map)
+            threshold["source"] = "input"
+            ctx.output.write_json(threshold, PLAN_DIR, PLAN_SUBDIR, "threshold.json")
+            log.info("clip top_fraction %s over the input's own scores: keep %d of %d", self.config.top_fraction,
+                     threshold["keep"], threshold["scored"])
+            return shards
         cfg_json = self.config.model_dump_json()
         t = time.perf_counter()
         # ctx.map tasks get CPUs only (the runner's map has no GPU option yet): on a GPU cluster this
@@ -178,6 +193,7 @@ class ClipStage(Stage):
         files = [ctx.output.url_of(*_score_file(ctx.input, n)) for n in shards]
         threshold = top_threshold(files, self.config.top_fraction, ctx.map)
         threshold["score_seconds"] = t_score
+        threshold["source"] = "plan"
         ctx.output.write_json(threshold, PLAN_DIR, PLAN_SUBDIR, "threshold.json")
         log.info("clip top_fraction %s: keep %d of %d scored rows (threshold %s)", self.config.top_fraction,
                  threshold["keep"], threshold["scored"], threshold["score"])
@@ -190,15 +206,19 @@ class ClipStage(Stage):
             scored = self.score(table, ctx)
             threshold = None
         else:
-            assert ctx.input is not None
-            path = ctx.output.path(*_score_file(ctx.input, ctx.shard))
-            scored = pq.read_table(path, filesystem=ctx.output.fs)
-            if scored.column(schema.UID).to_pylist() != table.column(schema.UID).to_pylist():
-                raise RuntimeError(f"plan scores {path} do not match input shard {ctx.shard}; rerun with --overwrite")
-            scored = scored.drop_columns([schema.UID])
             threshold = ctx.output.read_json(PLAN_DIR, PLAN_SUBDIR, "threshold.json")
             if threshold is None:
                 raise RuntimeError(f"{ctx.output.url}: clip threshold.json missing; rerun with --overwrite")
+            if threshold["source"] == "input":
+                scored = pa.table({})  # the input's own clip_score (and embeddings) stay as they are
+            else:
+                assert ctx.input is not None
+                path = ctx.output.path(*_score_file(ctx.input, ctx.shard))
+                scored = pq.read_table(path, filesystem=ctx.output.fs)
+                if scored.column(schema.UID).to_pylist() != table.column(schema.UID).to_pylist():
+                    raise RuntimeError(f"plan scores {path} do not match input shard {ctx.shard}; "
+                                       "rerun with --overwrite")
+                scored = scored.drop_columns([schema.UID])
 
         for name in scored.column_names:
             table = schema.with_column(table, name, scored.column(name), scored.schema.field(name).type)
@@ -215,6 +235,24 @@ class ClipStage(Stage):
             table = table.drop_columns([c for c in (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING)
                                         if c in table.column_names])
         return table
+
+    def scores_in_input(self, inp: Dataset) -> bool:
+        """Whether the input rows already hold what this run would compute (see module docstring)."""
+        cfg = self.config
+        names = (inp.schema() or pa.schema([])).names
+        if cfg.concepts or schema.CLIP_SCORE not in names:
+            return False
+        if (cfg.embeddings or cfg.export_npy) and not {schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING} <= set(names):
+            return False
+        manifest, hops = inp.manifest(), 0
+        while manifest is not None and manifest.get("stage") != NAME and hops < 64:
+            up = manifest.get("input")
+            up = up.get("url") if isinstance(up, dict) else up
+            manifest, hops = (Dataset(up).manifest() if up else None), hops + 1
+        if manifest is None or manifest.get("stage") != NAME:
+            return False
+        made = manifest.get("config") or {}
+        return (made.get("model"), made.get("pretrained")) == (cfg.model, cfg.pretrained)
 
     def _reasons(self, table: pa.Table, threshold: dict[str, Any] | None) -> list[str | None]:
         cfg = self.config

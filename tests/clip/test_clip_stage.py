@@ -164,6 +164,30 @@ def test_top_fraction_is_exact_across_shards_and_workers(tiny_clip, ray_session,
     assert again["kept"] == k and sorted(kept2) == sorted(kept)
 
 
+def test_top_fraction_reuses_scores_of_an_earlier_clip_step(tiny_clip, ray_session, tmp_path):
+    """Score once (actor pool), then a top-fraction step over those scores: no rescoring, exact selection."""
+    rows = corpus_images(20)
+    inp = write_dataset(tmp_path / "in", [rows[:7], rows[7:13], rows[13:]])
+    common = {"model": tiny_clip, "pretrained": None, "device": "cpu", "resources": {"num_cpus": 1}}
+    run_stage("clip", inp.url, str(tmp_path / "scored"), config={**common, "embeddings": True})
+    # an unrelated stage in between: the chain of manifests still leads to the clip step
+    run_stage("semdedup", str(tmp_path / "scored"), str(tmp_path / "mid"), config={"threshold": 1.0})
+    summary = run_stage("clip", str(tmp_path / "mid"), str(tmp_path / "top"),
+                        config={**common, "top_fraction": 0.25})
+    out = Dataset(str(tmp_path / "top"))
+    assert out.read_json("_plan", "clip", "threshold.json")["source"] == "input"
+    assert not out.fs.exists(out.path("_plan", "clip", "scores"))
+    scored = _all(Dataset(str(tmp_path / "scored")))
+    score = dict(zip(scored.column(schema.UID).to_pylist(), scored.column(schema.CLIP_SCORE).to_pylist(),
+                     strict=True))
+    order = sorted(score, key=lambda u: (-score[u], u))
+    kept = [u for _, t in out.iter_shards() for u in t.column(schema.UID).to_pylist()]
+    assert summary["kept"] == 5 and set(kept) == set(order[:5])
+    # another model's scores are not reused
+    other = ClipStage(ClipConfig(model=tiny_clip, pretrained="other.pt", top_fraction=0.25))
+    assert not other.scores_in_input(Dataset(str(tmp_path / "mid")))
+
+
 def test_runner_rejects_undecodable_and_exports_npy(tiny_clip, ray_session, tmp_path):
     rows = corpus_images(14)
     shards = [rows[:7], rows[7:]]
