@@ -601,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
         log.error("bad recipe: %s", e)
         return 2
+    try:  # fail before any model is built when the data is not there
+        datamod.find_shards(args.data)
+        if args.val_data:
+            datamod.find_val(args.data, args.val_data)
+    except (OSError, ValueError) as e:
+        log.error("bad data: %s", e)
+        return 2
     output = args.output or str(Path("runs") / recipe.name)
     result = train(recipe, data=args.data, output=output, val=args.val_data, resume=args.resume)
     if result["eval"] is not None and int(os.environ.get("RANK", "0")) == 0:

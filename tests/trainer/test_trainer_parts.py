@@ -42,9 +42,11 @@ def test_set_overrides_and_validation():
         load_recipe(RECIPES[0], ["data.scale=[0.9, 0.2]"])
 
 
-def test_bad_recipe_is_one_clear_error_before_work(tmp_path, caplog):
+def test_bad_recipe_or_data_is_one_clear_error_before_work(tmp_path, caplog):
     assert main(["--data", str(tmp_path), "--set", "train.stepz=3"]) == 2
     assert "stepz" in caplog.text
+    assert main(["--data", str(tmp_path / "missing")]) == 2
+    assert "no train shards" in caplog.text
 
 
 @pytest.fixture(scope="module")
