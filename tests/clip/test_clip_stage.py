@@ -164,50 +164,42 @@ def test_top_fraction_is_exact_across_shards_and_workers(tiny_clip, ray_session,
     assert again["kept"] == k and sorted(kept2) == sorted(kept)
 
 
-def test_top_fraction_reuses_scores_of_an_earlier_clip_step(tiny_clip, ray_session, tmp_path):
-    """Score once (actor pool), then a top-fraction step over those scores: no rescoring, exact selection."""
+def test_score_in_actor_pool_then_top_fraction_over_those_scores(tiny_clip, ray_session, tmp_path):
+    """Score once through the runner's actor pool (undecodable row, embeddings, npy export), then a
+    top-fraction step over those scores: no rescoring, exact selection."""
     rows = corpus_images(20)
-    inp = write_dataset(tmp_path / "in", [rows[:7], rows[7:13], rows[13:]])
+    inp = write_dataset(tmp_path / "in", [rows[:7], rows[7:13] + [(CORRUPT, "jpg", "broken")], rows[13:]])
     common = {"model": tiny_clip, "pretrained": None, "device": "cpu", "resources": {"num_cpus": 1}}
-    run_stage("clip", inp.url, str(tmp_path / "scored"), config={**common, "embeddings": True})
+    first = run_stage("clip", inp.url, str(tmp_path / "scored"),
+                      config={**common, "embeddings": True, "export_npy": True})
+    scored = Dataset(str(tmp_path / "scored"))
+    rejects = pa.concat_tables([t for _, t in scored.iter_rejects()])
+    assert rejects.column(schema.DROP_REASON).to_pylist() == ["clip:undecodable"]
+    assert first["rows_in"] == 21 and first["kept"] == 20
+    for n, t in scored.iter_shards():
+        name = scored.shard_name(n)
+        img = np.load(scored.path("embeddings", "img_emb", f"img_emb_{name}.npy"))
+        txt = np.load(scored.path("embeddings", "text_emb", f"text_emb_{name}.npy"))
+        meta = pa.parquet.read_table(scored.path("embeddings", "metadata", f"metadata_{name}.parquet"))
+        assert img.dtype == np.float16 and img.shape == (t.num_rows, 32) == txt.shape
+        assert meta.column(schema.UID).to_pylist() == t.column(schema.UID).to_pylist()
+        assert np.allclose((img.astype(np.float32) * txt).sum(1), t.column(schema.CLIP_SCORE).to_numpy(),
+                           atol=3e-3)
+        assert np.array_equal(np.array(t.column(schema.IMAGE_EMBEDDING).to_pylist(), np.float16), img)
+
     # an unrelated stage in between: the chain of manifests still leads to the clip step
-    run_stage("semdedup", str(tmp_path / "scored"), str(tmp_path / "mid"), config={"threshold": 1.0})
+    run_stage("semdedup", scored.url, str(tmp_path / "mid"), config={"threshold": 1.0})
     summary = run_stage("clip", str(tmp_path / "mid"), str(tmp_path / "top"),
                         config={**common, "top_fraction": 0.25})
     out = Dataset(str(tmp_path / "top"))
     assert out.read_json("_plan", "clip", "threshold.json")["source"] == "input"
     assert not out.fs.exists(out.path("_plan", "clip", "scores"))
-    scored = _all(Dataset(str(tmp_path / "scored")))
-    score = dict(zip(scored.column(schema.UID).to_pylist(), scored.column(schema.CLIP_SCORE).to_pylist(),
-                     strict=True))
+    mid = pa.concat_tables([t for _, t in Dataset(str(tmp_path / "mid")).iter_shards()])
+    score = dict(zip(mid.column(schema.UID).to_pylist(), mid.column(schema.CLIP_SCORE).to_pylist(), strict=True))
+    k = int(np.floor(0.25 * len(score) + 0.5))
     order = sorted(score, key=lambda u: (-score[u], u))
     kept = [u for _, t in out.iter_shards() for u in t.column(schema.UID).to_pylist()]
-    assert summary["kept"] == 5 and set(kept) == set(order[:5])
+    assert summary["kept"] == k == len(kept) and set(kept) == set(order[:k])
     # another model's scores are not reused
     other = ClipStage(ClipConfig(model=tiny_clip, pretrained="other.pt", top_fraction=0.25))
     assert not other.scores_in_input(Dataset(str(tmp_path / "mid")))
-
-
-def test_runner_rejects_undecodable_and_exports_npy(tiny_clip, ray_session, tmp_path):
-    rows = corpus_images(14)
-    shards = [rows[:7], rows[7:]]
-    shards[1][2] = (CORRUPT, "jpg", "broken")
-    inp = write_dataset(tmp_path / "in", shards)
-    cfg = {"model": tiny_clip, "pretrained": None, "device": "cpu", "min_score": -0.05, "export_npy": True,
-           "resources": {"num_cpus": 1}}
-    summary = run_stage("clip", inp.url, str(tmp_path / "out"), config=cfg)
-    out = Dataset(str(tmp_path / "out"))
-    rejects = pa.concat_tables([t for _, t in out.iter_rejects()])
-    reasons = rejects.column(schema.DROP_REASON).to_pylist()
-    assert reasons.count("clip:undecodable") == 1
-    assert summary["rows_in"] == 14 and summary["kept"] + len(reasons) == 14
-    assert schema.IMAGE_EMBEDDING not in out.schema().names  # not asked for in the Parquet
-    for n, t in out.iter_shards():
-        name = out.shard_name(n)
-        img = np.load(out.path("embeddings", "img_emb", f"img_emb_{name}.npy"))
-        txt = np.load(out.path("embeddings", "text_emb", f"text_emb_{name}.npy"))
-        meta = pa.parquet.read_table(out.path("embeddings", "metadata", f"metadata_{name}.parquet"))
-        assert img.dtype == np.float16 and img.shape == (t.num_rows, 32) == txt.shape
-        assert meta.column(schema.UID).to_pylist() == t.column(schema.UID).to_pylist()
-        assert np.allclose((img.astype(np.float32) * txt).sum(1), t.column(schema.CLIP_SCORE).to_numpy(),
-                           atol=3e-3)
