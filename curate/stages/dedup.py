@@ -39,7 +39,6 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from curate import neardup, phash, schema
-from curate.config import ConfigError
 from curate.dataset import PLAN_DIR, Dataset, read_images, sha256_hex, tmp_name, write_parquet
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 
@@ -281,32 +280,47 @@ def _near_in_groups(ids, key, hashes, radius) -> tuple[np.ndarray, np.ndarray]:
     return (np.concatenate(pa_) if pa_ else e), (np.concatenate(pb_) if pb_ else e)
 
 
-def _minhash_pairs(ids, sigs: np.ndarray, bands: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """LSH on MinHash bands, candidates verified by the signature agreement (Jaccard estimate)."""
+def _band_key(sigs: np.ndarray, band: int, per: int) -> np.ndarray:
+    return _mix2([sigs[:, band * per + j] for j in range(per)])[:, 0]
+
+
+def _minhash_band_pairs(
+    ids: np.ndarray, sigs: np.ndarray, rk: np.ndarray | None, band: int, per: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Caption pairs that share MinHash band ``band``'s bucket and agree on >= threshold of the
+    signature (the Jaccard estimate), and on the rule's exact key ``rk`` when it has one.
+
+    Rows identical in (signature, rk) are linked as a star in band 0 only (they share every bucket).
+    The union over all bands is the same whether bands run in one process or on many workers.
+    """
     e = np.empty(0, np.int64)
     if len(ids) < 2:
         return e, e
-    # identical signatures (the same normalised caption, mostly): a star to the first row
-    uniq, first, inverse = np.unique(sigs, axis=0, return_index=True, return_inverse=True)
+    perms = sigs.shape[1]
+    full = sigs if rk is None else np.concatenate([sigs, rk], axis=1)
+    uniq, first, inverse = np.unique(full, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
-    rows = np.arange(len(ids))
-    same = rows != first[inverse]
-    per = uniq.shape[1] // bands
-    cand_a, cand_b = [e], [e]
-    for band in range(bands):
-        key = _mix2([uniq[:, band * per + j] for j in range(per)])[:, 0]
-        order = np.argsort(key, kind="stable")
-        i, j = neardup._equal_runs(key[order])  # every pair in a bucket, not a star: near != equal
-        cand_a.append(order[i])
-        cand_b.append(order[j])
-    a, b = np.concatenate(cand_a), np.concatenate(cand_b)
-    if len(a):
-        ab = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0)
-        ok = (uniq[ab[:, 0]] == uniq[ab[:, 1]]).mean(axis=1) >= threshold
-        a, b = first[ab[ok, 0]], first[ab[ok, 1]]
-    a = np.concatenate([a, first[inverse][same]])
-    b = np.concatenate([b, rows[same]])
+    key = _band_key(uniq, band, per)
+    order = np.argsort(key, kind="stable")
+    i, j = neardup._equal_runs(key[order])  # every pair in a bucket, not a star: near != equal
+    a, b = order[i], order[j]
+    ok = (uniq[a, :perms] == uniq[b, :perms]).mean(axis=1) >= threshold
+    if rk is not None:
+        ok &= np.all(uniq[a, perms:] == uniq[b, perms:], axis=1)
+    a, b = first[a[ok]], first[b[ok]]
+    if band == 0:
+        rows = np.arange(len(ids))
+        same = rows != first[inverse]
+        a = np.concatenate([a, first[inverse][same]])
+        b = np.concatenate([b, rows[same]])
     return ids[a], ids[b]
+
+
+def _sigs(keys: pa.Table, valid: np.ndarray, perms: int) -> tuple[np.ndarray, np.ndarray]:
+    col = keys.column(_SIG)
+    valid = valid & ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    flat = col.filter(pa.array(valid)).combine_chunks().flatten().to_numpy()
+    return np.asarray(flat, dtype=np.uint64).reshape(-1, perms), valid
 
 
 def _edges_local(
@@ -328,20 +342,14 @@ def _edges_local(
             else:
                 out.append(_near_in_groups(gids[valid], key[valid], h[valid], cfg.radius))
         elif "caption_near" in kinds:
-            sig_col = keys.column(_SIG)
-            valid &= ~np.asarray(sig_col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-            sigs = np.asarray(
-                sig_col.filter(pa.array(valid)).combine_chunks().flatten().to_numpy(), dtype=np.uint64
-            )
-            sigs = sigs.reshape(-1, cfg.minhash_perms)
-            a, b = _minhash_pairs(gids[valid], sigs, cfg.minhash_bands, cfg.caption_jaccard)
-            if key is not None:  # further required: equal exact keys
-                pos = {g: i for i, g in enumerate(gids.tolist())}
-                ia = np.array([pos[x] for x in a.tolist()], dtype=np.int64)
-                ib = np.array([pos[x] for x in b.tolist()], dtype=np.int64)
-                same = np.all(key[ia] == key[ib], axis=1) if len(ia) else np.zeros(0, bool)
-                a, b = a[same], b[same]
-            out.append((a, b))
+            sigs, valid = _sigs(keys, valid, cfg.minhash_perms)
+            per = cfg.minhash_perms // cfg.minhash_bands
+            rk = key[valid] if key is not None else None
+            res = [
+                _minhash_band_pairs(gids[valid], sigs, rk, band, per, cfg.caption_jaccard)
+                for band in range(cfg.minhash_bands)
+            ]
+            out.append((np.concatenate([a for a, _ in res]), np.concatenate([b for _, b in res])))
         else:
             out.append(neardup.equal_key_pairs(gids, key, valid))
     return out
@@ -375,6 +383,28 @@ def _partition_shard(job: _PartJob) -> int:
         key, valid = _rule_key(keys, kinds)
         if "near" in kinds:
             valid &= hvalid
+        if "caption_near" in kinds:
+            sigs, valid = _sigs(keys, valid, cfg.minhash_perms)
+            per = cfg.minhash_perms // cfg.minhash_bands
+            ids = gids[valid]
+            rk = key[valid] if key is not None else np.zeros((len(ids), 2), np.uint64)
+            pieces: list[dict[str, list[np.ndarray]]] = [
+                {"band": [], "id": [], "sig": [], "rk": []} for _ in range(job.parts)
+            ]
+            for band in range(cfg.minhash_bands):
+                bk = _band_key(sigs, band, per) ^ np.uint64(band * 0x9E3779B97F4A7C15 % (1 << 64))
+                p = (neardup._mix(bk) % np.uint64(job.parts)).astype(np.int64)
+                for q in range(job.parts):
+                    sel = p == q
+                    pieces[q]["band"].append(np.full(int(sel.sum()), band, np.int16))
+                    pieces[q]["id"].append(ids[sel])
+                    pieces[q]["sig"].append(sigs[sel])
+                    pieces[q]["rk"].append(rk[sel])
+            for q, piece in enumerate(pieces):
+                arrays = {k: np.concatenate(v) for k, v in piece.items()}
+                arrays["has_rk"] = np.array(key is not None)
+                _save_npz(out, _part_path(out, r, q, job.shard), arrays)
+            continue
         if "near" in kinds and key is None:
             if scheme is None:  # radius 0: identical hashes, an exact key
                 key = np.stack([h, h], axis=1)
@@ -426,6 +456,28 @@ def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
             z = np.load(io.BytesIO(f.read()))
             pieces.append({k: z[k] for k in z.files})
     kinds = cfg.rules[job.rule].split("+")
+    if "caption_near" in kinds:
+        band = np.concatenate([p["band"] for p in pieces])
+        ids = np.concatenate([p["id"] for p in pieces]).astype(np.int64)
+        sigs = (
+            np.concatenate([p["sig"] for p in pieces]).reshape(len(ids), cfg.minhash_perms).astype(np.uint64)
+        )
+        rk = np.concatenate([p["rk"] for p in pieces]).reshape(len(ids), 2).astype(np.uint64)
+        has_rk = bool(pieces[0]["has_rk"]) if pieces else False
+        per = cfg.minhash_perms // cfg.minhash_bands
+        res = [
+            _minhash_band_pairs(
+                ids[band == b],
+                sigs[band == b],
+                rk[band == b] if has_rk else None,
+                int(b),
+                per,
+                cfg.caption_jaccard,
+            )
+            for b in np.unique(band)
+        ]
+        e = np.empty(0, np.int64)
+        return job.rule, np.concatenate([e, *(a for a, _ in res)]), np.concatenate([e, *(b for _, b in res)])
     if "near" in kinds and "key" not in (pieces[0] if pieces else {"key": 1}):
         a, b = neardup.pairs_in_partition(neardup.Scheme(cfg.radius, job.blocks), pieces)
         return job.rule, a, b
@@ -486,8 +538,6 @@ class DedupStage(Stage):
         engine = cfg.engine
         if engine == "auto":
             engine = "sort" if total <= cfg.local_max_rows else "distributed"
-        if engine == "distributed" and any("caption_near" in r for r in cfg.rules):
-            raise ConfigError("dedup: caption_near rules run with engine sort or faiss, not distributed")
         blocks = cfg.blocks or neardup.choose_blocks(max(total, 2), cfg.radius) if cfg.radius > 0 else 0
         log.info(
             "dedup plan: %d rows in %d shards, engine %s, radius %d", total, len(shards), engine, cfg.radius

@@ -153,7 +153,7 @@ def test_rules_combinations_and_keep_policy(corpus, dataset, tmp_path):
 def test_caption_near_minhash(tmp_path):
     from dedup_data import Sample
 
-    base = build_corpus(n_originals=6, edited=0, copies=0)[:6]
+    base = build_corpus(n_originals=8, edited=0, copies=0)[:8]
     caps = [
         "A red bicycle leaning against an old brick wall",
         "a red bicycle leaning against an old brick wall!",
@@ -161,18 +161,38 @@ def test_caption_near_minhash(tmp_path):
         "Sunset over the harbour",
         "a blue car",
         "a blue cat",
+        "Sunset over the harbour",
+        "sunset over the harbour.",
     ]
     samples = [
         Sample(s.data, s.ext, c, s.origin, "original", s.width, s.height)
         for s, c in zip(base, caps, strict=True)
     ]
-    ds = write_dataset(tmp_path / "src", samples, shards=2, empty_shard=False)
-    by = {
-        r["sample"]: r
-        for r in _rows(run_inline(ds, tmp_path / "o", rules=["caption_near"], caption_jaccard=0.7))
-    }
-    assert [by[k][schema.DROP_REASON] is not None for k in range(6)].count(True) == 2
-    assert by[3][schema.DROP_REASON] is None and by[4][schema.DROP_REASON] is None
+    samples.append(Sample(base[7].data, base[7].ext, "sunset over the harbour", "x", "copy", 1, 1))
+    ds = write_dataset(tmp_path / "src", samples, shards=3, empty_shard=False)
+    runs = {}
+    for engine in ("sort", "distributed"):
+        for rules in (["caption_near"], ["caption_near+exact"]):
+            rows = _rows(
+                run_inline(
+                    ds,
+                    tmp_path / f"{engine}{len(rules[0])}",
+                    rules=rules,
+                    caption_jaccard=0.7,
+                    engine=engine,
+                    rows_per_partition=1000,
+                )
+            )
+            runs[engine, rules[0]] = {r["sample"]: (r[schema.DROP_REASON], r[schema.DUP_OF]) for r in rows}
+    assert runs["sort", "caption_near"] == runs["distributed", "caption_near"]
+    assert runs["sort", "caption_near+exact"] == runs["distributed", "caption_near+exact"]
+    by = runs["sort", "caption_near"]
+    # near-identical bicycle captions: one cluster of 3; the three sunsets + the copy: one of 4
+    assert [by[k][0] is not None for k in range(9)].count(True) == 2 + 3
+    assert by[4][0] is None and by[5][0] is None  # "car" vs "cat": too far at 0.7
+    # with +exact only the byte-identical copy (same image, near caption) remains a duplicate
+    ex = runs["sort", "caption_near+exact"]
+    assert sorted(k for k, v in ex.items() if v[0]) in ([7], [8])
     assert normalize_caption("A  Cat!") == normalize_caption("a cat")
 
 
