@@ -22,7 +22,6 @@ import json
 import logging
 import posixpath
 import time
-import uuid
 from collections import Counter
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate import schema
-from curate.dataset import PLAN_DIR, Dataset, make_key, write_parquet
+from curate.dataset import PLAN_DIR, SHARDS, Dataset, make_key, tmp_name, write_parquet
 from curate.fetch import FetchConfig, retryable_message
 from curate.images import ImageConfig
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
@@ -164,8 +163,9 @@ class DownloadStage(Stage):
 
     def _write_plan_shard(self, out: Dataset, n: int, table: pa.Table) -> None:
         path = _plan_file(out.path(PLAN_DIR), n)
-        write_parquet(table, path + ".tmp", out.fs)
-        out.rename(path + ".tmp", path)
+        tmp = tmp_name(path)
+        write_parquet(table, tmp, out.fs)
+        out.rename(tmp, path)
 
     def _plan_retry(self, ctx: PlanContext, state: dict[str, Any]) -> dict[str, Any]:
         """Copy transient failures of committed shards into new input shards.
@@ -236,7 +236,7 @@ class DownloadStage(Stage):
         # A private temp name: a zombie attempt of this shard may be doing the same rewrite (same
         # content), and two writers must never share one temp file.
         path = out.shard_path(source, "rejects.parquet")
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        tmp = tmp_name(path)
         write_parquet(keep, tmp, out.fs)
         out.rename(tmp, path)
         self._restat(out, source, rej.num_rows - keep.num_rows)
@@ -254,11 +254,7 @@ class DownloadStage(Stage):
         stats["rejected"] = rej.num_rows
         stats["drops"] = dict(sorted(Counter(rej.column(schema.DROP_REASON).to_pylist()).items()))
         stats["retried_out"] = stats.get("retried_out", 0) + moved
-        path = out.shard_path(n, "stats.json")
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with out.fs.open(tmp, "wb") as f:
-            f.write(json.dumps(stats, indent=1, sort_keys=True).encode() + b"\n")
-        out.rename(tmp, path)
+        out.write_json(stats, SHARDS, f"{out.shard_name(n)}.stats.json")
 
     # -- one shard -------------------------------------------------------------------------------
     def load(self, shard: int, ctx: ShardContext) -> pa.Table:
