@@ -321,26 +321,55 @@ class DaliDecoder:
 
     def decode_batch(self, items: Sequence[bytes | None]) -> tuple[Any, np.ndarray]:
         """(float NCHW tensor of the decodable images or None, bool mask aligned with ``items``)."""
-        ok = np.array([bool(b) for b in items], dtype=bool)
-        good = [i for i, b in enumerate(items) if b]
+        # A header check (Pillow reads only the first bytes) turns away non-images before DALI sees them;
+        # what still fails inside DALI (truncated data) is found by bisecting the failed batch.
+        ok = np.array([_header_ok(b) for b in items], dtype=bool)
+        good = [i for i in range(len(items)) if ok[i]]
         if not good:
             return None, ok
         try:
             return self._run([items[i] for i in good]), ok
         except Exception as e:  # noqa: BLE001 - one bad image fails DALI's whole batch; find it below
             log.info("DALI batch failed (%s); isolating undecodable images", e)
-        self._pipe = None  # a pipeline that raised is not reused
-        survivors = []
-        for i in good:
-            try:
-                self._run([items[i]])
-                survivors.append(i)
-            except Exception:  # noqa: BLE001
-                ok[i] = False
-                self._pipe = None
+            self._pipe = None  # a pipeline that raised is not reused
+        bad = self._bisect([items[i] for i in good])
+        for j in bad:
+            ok[good[j]] = False
+        survivors = [i for i in range(len(items)) if ok[i]]
         if not survivors:
             return None, ok
         return self._run([items[i] for i in survivors]), ok
+
+    def _bisect(self, blobs: list[bytes]) -> set[int]:
+        """Positions of the blobs DALI cannot decode: O(bad * log n) pipeline runs."""
+        if len(blobs) == 1:
+            try:
+                self._run(blobs)
+                return set()
+            except Exception:  # noqa: BLE001
+                self._pipe = None
+                return {0}
+        half = len(blobs) // 2
+        bad = set()
+        for offset, part in ((0, blobs[:half]), (half, blobs[half:])):
+            try:
+                self._run(part)
+            except Exception:  # noqa: BLE001
+                self._pipe = None
+                bad |= {offset + j for j in self._bisect(part)}
+        return bad
+
+
+def _header_ok(data: bytes | None) -> bool:
+    from PIL import Image
+
+    if not data:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "JPEG2000")
+    except Exception:  # noqa: BLE001
+        return False
 
 
 # -- batched scoring ---------------------------------------------------------------------------------

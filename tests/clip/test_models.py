@@ -90,9 +90,10 @@ def test_corrupt_bytes_do_not_stop_the_batch(tiny_clip, rows, reference):
     bad[3] = (CORRUPT, "jpg", "x")
     bad[7] = (rows[7][0][: len(rows[7][0]) // 3], rows[7][1], rows[7][2])  # truncated
     bad[8] = (b"", "jpg", "empty")
+    bad[1] = (rows[1][0][: len(rows[1][0]) // 2], rows[1][1], rows[1][2])  # a second truncated one
     for dec in (PilDecoder(clip.preprocess, draft=None), DaliDecoder(clip.preprocess, device="cpu", batch_size=16)):
         scores, ok = _scores(clip, bad, dec, batch_size=16)
-        assert list(np.flatnonzero(~ok)) == [3, 7, 8]
+        assert list(np.flatnonzero(~ok)) == [1, 3, 7, 8]
         good = [i for i in range(10) if ok[i]]
         assert np.abs(scores[good] - reference[good]).max() < 2e-2
 
