@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -426,6 +427,14 @@ def _resume_key(recipe: Recipe) -> dict:
     return d
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after ``step`` (a run that died past its last checkpoint logs them again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def export_model(output: Path, model_sd: dict, cfg: dict, recipe: Recipe) -> Path:
     """Weights + config in the layout open_clip's ``local-dir:`` schema and ``pretrained=PATH`` read."""
     from safetensors.torch import save_file
@@ -478,6 +487,11 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
     if ckpt is not None:
         step, loader_state = load_checkpoint(ckpt, model, optimizer, recipe, dist)
         log.info("resumed from %s at step %d", ckpt, step)
+    if dist.main:
+        _truncate_metrics(out / "metrics.jsonl", step)
+        if resume == "never" and (out / "checkpoints").is_dir():
+            log.warning("--resume never: removing the previous run's checkpoints in %s", out / "checkpoints")
+            shutil.rmtree(out / "checkpoints")
 
     micro = recipe.micro_batch(dist.world)
     loader = datamod.make_loader(
