@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import Field, field_validator
 
-from curate import schema
+from curate import phash, schema
 from curate.config import ConfigError
 from curate.dataset import PLAN_DIR, Dataset, to_url, uid_for, url_to_fs
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
@@ -273,11 +273,10 @@ def _decode(data: bytes, cfg: ImportConfig, phash_pil) -> tuple[int, int, int | 
         if w * h > cfg.max_pixels:
             raise _Reject("too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
         try:
-            if img.format == "JPEG":
-                # Decode at 1/2..1/8 scale in the DCT domain: validates the whole entropy stream at
-                # a fraction of the cost, and is exactly the input phash_bytes hashes, so dedup's
-                # hashes of these bytes agree with ours.
-                img.draft("L", (128, 128))
+            # JPEGs decode at 1/2..1/8 scale in the DCT domain: that validates the whole entropy
+            # stream at a fraction of the cost, and is exactly the input phash_bytes hashes, so
+            # dedup's hashes of these bytes agree with ours bit for bit.
+            phash.draft(img)
             img.load()
         except Exception as e:  # noqa: BLE001 - truncated or corrupt data
             raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
