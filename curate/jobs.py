@@ -83,10 +83,10 @@ def run_pipeline(pipe: Any, steps: Sequence[Step], address: str, overwrite: bool
 
 
 def connect(address: str):
-    from ray.job_submission import JobSubmissionClient
+    from curate.runner import job_client
 
     try:
-        return JobSubmissionClient(address)
+        return job_client(address)
     except (ConnectionError, RuntimeError) as e:
         raise ConfigError(f"cannot reach the Ray job API at {address}: {str(e).splitlines()[0]}") from None
 

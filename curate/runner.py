@@ -235,6 +235,13 @@ def _run_shards(
         raise StageFailed(f"stage {name} failed on {len(errors)} shard(s); first: {errors[0]}")
 
 
+def job_client(address: str):
+    """A client of a cluster's Ray job API (``http://HEAD:8265``); curate.jobs drives it."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
 def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1) -> list[Any]:
     """Run ``fn`` over ``items`` as Ray tasks, results in order (for plan steps)."""
     import ray
@@ -344,10 +351,16 @@ def run_stage(
     """Run one stage to completion (or resume it); return the manifest's summary."""
     out = Dataset(output)
     stage_cls, cfg, record = prepare(stage, input, output, config, sets, config_file, check=False)
-    if options.overwrite and out.fs.exists(out.root):
+    try:
+        state = check_output(out, record)
+    except ConfigError:
+        # --overwrite replaces only an output made by another stage, config or input; an output of
+        # this very run is still skipped (complete) or resumed (unfinished).
+        if not options.overwrite:
+            raise
         _remove_tree(out)
         out.refresh()
-    state = check_output(out, record)
+        state = check_output(out, record)
     if state == "complete" and not options.retry_failed:
         log.info("%s: output %s is complete with the same config and input; skipping", stage, out.url)
         return {**out.manifest()["totals"], "skipped": True, "stage": stage, "output": out.url}
