@@ -38,6 +38,7 @@ DUP_OF = "dup_of"
 CLIP_SCORE = "clip_score"
 IMAGE_EMBEDDING = "image_embedding"
 TEXT_EMBEDDING = "text_embedding"
+CLIP_CONCEPT = "clip_concept"  # the concept prompt an image matched (concept filter)
 
 # filter
 LANGUAGE = "language"
@@ -80,6 +81,7 @@ TYPES: dict[str, pa.DataType] = {
     PHASH: pa.uint64(),
     DUP_OF: pa.string(),
     CLIP_SCORE: pa.float32(),
+    CLIP_CONCEPT: pa.string(),
     LANGUAGE: pa.string(),
     RECAPTION: pa.string(),
     RECAPTION_CLIP_SCORE: pa.float32(),
