@@ -188,6 +188,9 @@ def _run_shards(
     import ray
 
     res = config.resources
+    if stage_cls.uses_model and "num_gpus" not in res.model_fields_set and ray.cluster_resources().get("GPU"):
+        # A model stage on a cluster with GPUs gets one per actor unless its config says otherwise.
+        res = res.model_copy(update={"num_gpus": 1.0})
     slots = min(_slots(res), max(1, len(pending)))
     opts = _ray_options(res)
     todo = list(pending)
@@ -242,11 +245,12 @@ def job_client(address: str):
     return JobSubmissionClient(address)
 
 
-def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1) -> list[Any]:
+def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1,
+            num_gpus: float = 0) -> list[Any]:
     """Run ``fn`` over ``items`` as Ray tasks, results in order (for plan steps)."""
     import ray
 
-    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3)(fn)
     return ray.get([remote.remote(i) for i in items])
 
 

@@ -14,7 +14,7 @@ their raw input into deterministic input shards and ``load`` to read one back.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
@@ -66,7 +66,8 @@ class PlanContext:
     output: Dataset
     plan_dir: str
     options: RunOptions
-    map: Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]]
+    # map(fn, items, num_cpus=1, num_gpus=0) -> results in order
+    map: Callable[..., list[Any]]
 
 
 @dataclasses.dataclass

@@ -185,10 +185,11 @@ class ClipStage(Stage):
             return shards
         cfg_json = self.config.model_dump_json()
         t = time.perf_counter()
-        # ctx.map tasks get CPUs only (the runner's map has no GPU option yet): on a GPU cluster this
-        # scoring pass runs on CPU workers; the apply that follows needs no model at all.
+        # The scoring tasks ask for the stage's own resources (GPUs included); the apply that follows
+        # needs no model at all.
+        res = self.config.resources
         ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards],
-                num_cpus=self.config.resources.num_cpus)
+                num_cpus=res.num_cpus, num_gpus=res.num_gpus)
         t_score = time.perf_counter() - t
         files = [ctx.output.url_of(*_score_file(ctx.input, n)) for n in shards]
         threshold = top_threshold(files, self.config.top_fraction, ctx.map)
