@@ -1,7 +1,7 @@
 """Render the demo report in headless Chromium and save a screenshot: the page must open from a file
 with no network and show the funnel and the plots.
 
-    .venv/bin/python bench/report_screenshot.py [--dataset DATASET] [--out bench/out/report.png]
+    .venv/bin/python bench/checks/report_screenshot.py [--dataset DATASET] [--out bench/out/report.png]
 
 DATASET defaults to the last output of pipelines/demo.yaml (``make demo``) when it is complete;
 otherwise a small demo lineage is built first: the bundled corpus served on 127.0.0.1, ``download``
@@ -10,8 +10,8 @@ chromium``) and is installed here when missing; the test suite never needs it. T
 networking off where it can be (no background, sync or component traffic, fresh profile), so a page
 that needed the network would show holes.
 
-This is a check, not a benchmark: it prints what it rendered, then ``ratio: 1.00`` when the
-screenshot was written and the page had no external references (``ratio: 0.00`` otherwise).
+This is a check, not a benchmark (so it lives under bench/checks/): it prints what it rendered and
+exits non-zero unless the screenshot was written and the page had no external references.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 OUT = REPO / "bench" / "out"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({shot.stat().st_size if shot.exists() else 0} bytes)")
     if not ok:
         print(proc.stderr[-2000:])
-    print(f"ratio: {1.0 if ok and not external else 0.0:.2f}")
-    return 0 if ok else 1
+    print("check passed" if ok and not external else "check FAILED")
+    return 0 if ok and not external else 1
 
 
 if __name__ == "__main__":
