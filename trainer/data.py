@@ -23,6 +23,8 @@ import dataclasses
 import io
 import json
 import logging
+import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,7 +189,13 @@ def read_member(tar: str, where: tuple[int, int]) -> bytes:
 
 
 class DaliLoader:
-    """Infinite batches from a DALI pipeline over the shards; ``state()`` resumes it exactly."""
+    """Infinite batches from a DALI pipeline over the shards; ``state()`` resumes it exactly.
+
+    DALI cannot skip an image it fails to decode: the whole pipeline stops. So on such a failure this
+    loader drops that sample from a private copy of its tar's ``.idx``, logs the key, and rebuilds the
+    pipeline (the epoch restarts, reshuffled). The skipped keys are part of ``state()``, so a resumed run
+    rebuilds the same filtered indexes and continues exactly.
+    """
 
     def __init__(
         self,
@@ -202,34 +210,80 @@ class DaliLoader:
         device_id: int | None = None,
         train: bool = True,
         checkpoint: bytes | None = None,
+        skipped: list[str] | None = None,
     ):
-        self.cfg = cfg
-        self.device_id = device_id
-        self.batch_size = batch_size
-        self.pipe = _dali_pipeline(
-            shards, cfg, image_size=image_size, batch_size=batch_size, rank=rank, world=world,
-            seed=seed, device_id=device_id, train=train, checkpoint=checkpoint,
-        )
-        self.pipe.build()
+        self.cfg, self.device_id, self.batch_size = cfg, device_id, batch_size
+        self.shards = shards
+        self.skipped: list[str] = list(skipped or [])  # "tar::key" of samples that failed to decode
+        self._args = {"cfg": cfg, "image_size": image_size, "batch_size": batch_size, "rank": rank,
+                      "world": world, "device_id": device_id, "train": train}
+        self._seed = seed
+        self._idx_dir: str | None = None
+        self._build(checkpoint)
         # DALI reports the whole dataset; this rank reads its contiguous part of it.
         lo, hi = shard_range(self.pipe.epoch_size("reader"), rank, world)
         self.epoch_size = hi - lo
+
+    def _build(self, checkpoint: bytes | None) -> None:
+        shards = self._filtered_shards()
+        # Each rebuild after a skip starts a new shuffle, not a replay of the first batches.
+        seed = self._seed + 1_000_003 * len(self.skipped)
+        self.pipe = _dali_pipeline(shards, seed=seed, checkpoint=checkpoint, **self._args)
+        self.pipe.build()
+
+    def _filtered_shards(self) -> list[tuple[str, str | None]]:
+        if not self.skipped:
+            return self.shards
+        import tempfile
+
+        if self._idx_dir is None:
+            self._idx_dir = tempfile.mkdtemp(prefix="trainer-idx-")
+        out = []
+        for n, (tar, idx) in enumerate(self.shards):
+            drop = {entry.split("::", 1)[1] for entry in self.skipped if entry.split("::", 1)[0] == tar}
+            if drop and idx:
+                lines = Path(idx).read_text().splitlines()
+                kept = [line for line in lines[1:] if _key_of(line.split()[3]) not in drop]
+                idx = os.path.join(self._idx_dir, f"{n:06d}.idx")
+                Path(idx).write_text("\n".join([f"{lines[0].split()[0]} {len(kept)}", *kept]) + "\n")
+            out.append((tar, idx))
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next()
 
     def next(self) -> Batch:
-        images, texts, infos = self.pipe.run()
+        try:
+            images, texts, infos = self.pipe.run()
+        except RuntimeError as e:
+            bad = _undecodable(str(e))
+            tars = dict(self.shards)
+            if bad is None or bad[0] not in tars or tars[bad[0]] is None or "::".join(bad) in self.skipped:
+                raise
+            log.error("cannot decode sample %s in %s: skipping it and restarting the data pipeline", bad[1], bad[0])
+            self.skipped.append("::".join(bad))
+            del self.pipe
+            self._build(checkpoint=None)
+            return self.next()
         return Batch(images=_dali_to_torch(images, self.device_id), captions=_strings(texts),
                      keys=[_key_of(s) for s in _strings(infos)])
 
     def state(self) -> dict:
-        """DALI's checkpoint: reader position and every random operator's state, after the last batch."""
-        return {"dali": self.pipe.checkpoint()}
+        """DALI's checkpoint (reader position and every random operator's state) and the skipped samples."""
+        return {"dali": self.pipe.checkpoint(), "skipped": list(self.skipped)}
 
 
-def _dali_pipeline(shards, cfg: DataConfig, *, image_size, batch_size, rank, world, seed, device_id, train,
+_DECODE_ERROR = re.compile(r"Failed to decode sample #\d+ : (.+):\d+:([^\s:]+)")
+
+
+def _undecodable(message: str) -> tuple[str, str] | None:
+    """(tar, key) of the sample DALI names in a decode error, or None for any other error."""
+    m = _DECODE_ERROR.search(message)
+    return (m.group(1), m.group(2).rsplit("/", 1)[-1].split(".", 1)[0]) if m else None
+
+
+def _dali_pipeline(shards, *, cfg: DataConfig, image_size, batch_size, rank, world, seed, device_id, train,
                    checkpoint):
     from nvidia.dali import fn, pipeline_def, types
 
@@ -366,7 +420,10 @@ class _TarDataset:
         image_bytes = f.read(s.image[1])
         f.seek(s.text[0])
         caption = f.read(s.text[1]).decode("utf-8")
-        image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+        try:
+            image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+        except Exception as e:  # name the sample: the bare PIL error says nothing about where it came from
+            raise ValueError(f"{s.tar}: cannot decode the image of sample {s.key}: {e}") from e
         # Seeding per sample makes the augmentation independent of which worker runs it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -456,7 +513,8 @@ class TorchLoader:
 def make_loader(kind: str, shards, cfg: DataConfig, *, state: dict | None = None, **kwargs):
     """The loader the recipe names, resumed from ``state`` (what its ``state()`` returned) if given."""
     if kind == "dali":
-        return DaliLoader(shards, cfg, checkpoint=(state or {}).get("dali"), **kwargs)
+        state = state or {}
+        return DaliLoader(shards, cfg, checkpoint=state.get("dali"), skipped=state.get("skipped"), **kwargs)
     return TorchLoader(shards, cfg, checkpoint=(state or {}).get("torch"), **kwargs)
 
 

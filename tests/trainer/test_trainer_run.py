@@ -172,3 +172,37 @@ def test_locked_image_tower_stays_frozen_while_text_trains(dataset, tmp_path):
     assert visual and text
     assert all(torch.equal(init[k], trained[k]) for k in visual)
     assert any(not torch.equal(init[k], trained[k]) for k in text)
+
+
+def test_dali_skips_an_undecodable_image_and_still_resumes_exactly(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from curate.wds import TarWriter
+
+    shards = tmp_path / "data" / "shards"
+    shards.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(shards / "00000.tar", "wb") as f:
+        w = TarWriter(f)
+        for i in range(24):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+            data = buf.getvalue()[: len(buf.getvalue()) // 2] if i == 5 else buf.getvalue()  # 5: truncated
+            w.add(f"00000{i:04d}", {"jpg": data, "txt": f"caption {i}"})
+        w.close()
+    (shards / "00000.idx").write_text(w.index_text())
+    (shards / "sizes.json").write_text(json.dumps({"00000.tar": 24}))
+
+    sets = [*TINY, "train.steps=6", "train.global_batch=8", "data.shuffle_buffer=4"]
+    common = ["--data", str(tmp_path / "data")]
+    assert main([*common, "--output", str(tmp_path / "a"), "--set", *sets]) == 0
+    state = torch.load(tmp_path / "a/checkpoints/step_00000006.pt", map_location="cpu", weights_only=False)
+    assert state["loaders"][0]["skipped"] == [f"{shards / '00000.tar'}::000000005"]
+    assert main([*common, "--output", str(tmp_path / "b"), "--set", *sets, "train.stop_at=3"]) == 0
+    assert main([*common, "--output", str(tmp_path / "b"), "--set", *sets]) == 0
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 7))
+    assert all(abs(a[k] - b[k]) <= 1e-6 for k in a), (a, b)
