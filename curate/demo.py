@@ -11,8 +11,9 @@ stage reads (``url``, ``caption``).
     python -m curate.demo serve [--root DIR] [--port 8000] [--urls OUT.parquet]
     python -m curate.demo urls OUT.parquet --base-url http://127.0.0.1:8000 [--repeat N]
     python -m curate.demo run [--pipeline pipelines/demo.yaml] [-- COMMAND ...]
-        serve on 127.0.0.1:8765 (a free port if taken), write demo-output/urls.parquet, then run the
-        demo pipeline in this process (or COMMAND); exit with its status. This is ``make demo``.
+        ``make demo``: build the tiny demo models (once), serve on 127.0.0.1:8765 (a free port if
+        taken), write demo-output/urls.parquet, run the demo pipeline, train a tiny CLIP on its export
+        and write the report; print where everything is. With COMMAND: serve while it runs instead.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
+import sys
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,17 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "demo" / "corpus"
 DEMO_PIPELINE = REPO / "pipelines" / "demo.yaml"
-DEMO_URLS = REPO / "demo-output" / "urls.parquet"
+DEMO_OUT = REPO / "demo-output"
+DEMO_URLS = DEMO_OUT / "urls.parquet"
+DEMO_MODELS = DEMO_OUT / "models"
+DEMO_TRAIN_STEPS = 50
+# recipe (a) shrunk to a tiny model: a real run of the loop (DALI on CPU, accumulation, eval on the
+# export's held-out split, checkpoint) in about a minute on a laptop.
+DEMO_TRAIN_ARGS = [
+    "--recipe", str(REPO / "trainer" / "recipes" / "clip_vit_l14_336.yaml"),
+    "--set", "model.tiny=true", "train.global_batch=32", "train.accum=2", f"train.steps={DEMO_TRAIN_STEPS}",
+    "train.log_every=10", "optim.lr=1e-3", "optim.warmup_steps=5", "optim.weight_decay=0.1", "data.workers=1",
+]
 # A fixed port keeps the demo's URL list identical from one `make demo` to the next.
 DEMO_PORT = 8765
 CAPTIONS_FILE = "captions.jsonl"
@@ -199,6 +213,70 @@ def write_url_list(out_path: str | Path, base_url: str, repeat: int = 1, root: s
     return table.num_rows
 
 
+def ensure_models(models: Path = DEMO_MODELS) -> None:
+    """The demo's tiny random models (real architectures), built once; a killed build is redone."""
+    from curate.testing import tiny_models, tiny_vlms
+
+    for final, build in (
+        (models / "clip", lambda d: tiny_models.write_tiny_clip(d)),
+        (models / "vlm" / "blip", lambda d: tiny_vlms.build("blip", d)),
+    ):
+        if final.exists():
+            continue
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        tmp.rename(final)
+        print(f"built tiny demo model {final}", flush=True)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``make demo``: models, the pipeline over the served corpus, a short training run, the report."""
+    from curate.cli import main as curate_main
+    from curate.config import load_pipeline
+
+    started = time.time()
+    ensure_models()
+    with _start(args.root, args.host, args.port) as srv:
+        n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
+        print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
+        rc = curate_main(["run", args.pipeline])
+    if rc:
+        return rc
+    pipe = load_pipeline(args.pipeline)
+    export = Path(pipe.output) / pipe.stages[-1].dirname
+    train_out = DEMO_OUT / "train"
+    print(f"training a tiny CLIP on {export} (CPU, {DEMO_TRAIN_STEPS} steps) ...", flush=True)
+    rc = subprocess.call([sys.executable, "-m", "trainer.train", "--data", str(export),
+                          "--output", str(train_out), *DEMO_TRAIN_ARGS])
+    if rc:
+        print(f"training failed (exit {rc})", file=sys.stderr)
+        return rc
+    report = DEMO_OUT / "report.html"
+    rc = curate_main(["report", str(export), "--out", str(report), "--json", str(DEMO_OUT / "report.json")])
+    if rc:
+        return rc
+    metrics = _last_metrics(train_out / "metrics.jsonl")
+    print("\n".join([
+        "",
+        f"demo finished in {time.time() - started:.0f} s",
+        f"  datasets, one per stage:  {', '.join(str(Path(pipe.output) / s.dirname) for s in pipe.stages)}",
+        f"  training shards:          {export}/shards (tars + .idx + sizes.json)",
+        f"  trained model:            {train_out}/model  (metrics: {train_out}/metrics.jsonl{metrics})",
+        f"  report:                   {report}  (open it in any browser)",
+        "  inspect a dataset:        .venv/bin/curate inspect " + str(export),
+    ]), flush=True)
+    return 0
+
+
+def _last_metrics(path: Path) -> str:
+    """'; first loss A, last loss B' from a trainer metrics log, for the closing summary."""
+    if not path.exists():
+        return ""
+    losses = [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+    return f"; loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
+
+
 def _start(root: str, host: str, port: int) -> DemoServer:
     """A started server on ``port``, or on a free port when that one is taken."""
     try:
@@ -236,14 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "run":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        with _start(args.root, args.host, args.port) as srv:
-            n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
-            print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
-            if command:
+        if command:
+            with _start(args.root, args.host, args.port) as srv:
+                n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
+                print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
                 return subprocess.call(command)
-            from curate.cli import main as curate_main
-
-            return curate_main(["run", args.pipeline])
+        return run_demo(args)
     if args.cmd == "urls":
         n = write_url_list(args.out, args.base_url, args.repeat, args.root)
         print(f"wrote {n} urls to {args.out}")
