@@ -94,6 +94,10 @@ class _BoundedServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a client opening dozens of connections at once overflows
+    # it, the kernel drops the SYNs and the client's TCP retransmit timer (1 s, 2 s, 4 s, ...) stalls
+    # those connections for seconds. A real image host accepts far more.
+    request_queue_size = 1024
 
     def __init__(self, addr, handler, max_connections: int):
         self._slots = threading.BoundedSemaphore(max_connections)
