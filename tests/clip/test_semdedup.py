@@ -3,9 +3,9 @@ representative, everything else is kept; and end to end after the clip stage on 
 
 from __future__ import annotations
 
-import glob
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -103,11 +103,18 @@ def test_semdedup_without_embeddings_is_refused(ray_session, tmp_path):
         run_stage("semdedup", inp.url, str(tmp_path / "out"))
 
 
+# Real photographs that scikit-image ships inside its wheel (the `bench` extra, installed by make).
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
+                  "retina.jpg", "motorcycle_left.png", "ihc.png", "camera.png", "moon.png", "coins.png",
+                  "brick.png", "grass.png", "gravel.png", "cell.png")
+
+
 def _photos(n: int) -> list[tuple[bytes, str, str]]:
-    """Real photos (Debian wallpapers) re-encoded at 640 px; clip art is too uniform for a random model."""
-    files = sorted(glob.glob("/usr/share/backgrounds/*.jpg"))[:n]
-    if len(files) < n:
-        pytest.skip("needs the Debian wallpaper photos in /usr/share/backgrounds")
+    """Real photos re-encoded at 640 px (clip art is too uniform for a random model)."""
+    import skimage
+
+    data = Path(skimage.__file__).parent / "data"
+    files = [str(data / name) for name in SKIMAGE_PHOTOS[:n]]
     out = []
     for f in files:
         img = Image.open(f).convert("RGB")
