@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import glob
 import io
-import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from curate import schema
-from curate.dataset import Dataset, make_key, sha256_hex, uid_for
-from curate.wds import TarWriter
+from curate.dataset import Dataset, uid_for
+from curate.testing.datasets import IMAGE, write_image_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 CORRUPT = b"\xff\xd8\xff\xe0 truncated jpeg header, then nothing" * 3
@@ -50,49 +48,18 @@ def corpus_images(n: int) -> list[tuple[bytes, str, str]]:
 
 def write_dataset(root, shards: list[list[tuple[bytes, str, str]]], tag: str = "clip-test") -> Dataset:
     """A complete dataset owning its tars; ``shards[n]`` lists (image bytes, ext, caption) rows."""
-    ds = Dataset(str(root))
-    manifest_shards = []
+    out = []
     for n, rows in enumerate(shards):
-        tar_file = ds.open_tmp_tar(n, "t")
-        writer = TarWriter(tar_file)
         records = []
         for i, (data, ext, caption) in enumerate(rows):
-            key = make_key(n, i)
-            where = writer.add(key, {ext: data, "txt": caption.encode()})
             try:
                 w, h = Image.open(io.BytesIO(data)).size
             except Exception:  # noqa: BLE001 - corrupt on purpose
                 w = h = 0
-            records.append({
-                schema.UID: uid_for(tag, n, i),
-                schema.CAPTION: caption,
-                schema.KEY: key,
-                schema.WIDTH: w,
-                schema.HEIGHT: h,
-                schema.SHA256: sha256_hex(data),
-                schema.IMAGE_TAR: ds.tar_url(n),
-                schema.IMAGE_OFFSET: where[ext][0],
-                schema.IMAGE_LENGTH: where[ext][1],
-                schema.IMAGE_FORMAT: ext,
-            })
-        writer.close()
-        tar_file.close()
-        table = schema.conform(pa.Table.from_pylist(records))
-        rejects = table.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
-        ds.commit_shard(n, table, rejects, {"rows_in": len(rows), "rows_out": len(rows), "drops": {}},
-                        attempt="t", tar_written=True, idx_text=writer.index_text())
-        manifest_shards.append({"shard": ds.shard_name(n), "rows": len(rows)})
-    ds.write_json(
-        {
-            "schema_version": schema.SCHEMA_VERSION, "stage": "download", "config": {}, "input": None,
-            "run": {"stage": "download"}, "owns_images": True, "shard_digits": 5, "shards": manifest_shards,
-            "totals": {"kept": sum(len(r) for r in shards)},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-        "_manifest.json",
-    )
-    ds.refresh()
-    return ds
+            records.append({IMAGE: data, schema.IMAGE_FORMAT: ext, schema.UID: uid_for(tag, n, i),
+                            schema.CAPTION: caption, schema.WIDTH: w, schema.HEIGHT: h})
+        out.append(records)
+    return write_image_dataset(str(root), out)
 
 
 def reference_scores(model_dir: str, rows: list[tuple[bytes, str, str]]) -> np.ndarray:

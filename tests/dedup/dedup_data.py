@@ -12,16 +12,14 @@ from __future__ import annotations
 import io
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from curate import schema
-from curate.dataset import Dataset, make_key, new_attempt, sha256_hex, uid_for
-from curate.wds import TarWriter
+from curate.dataset import Dataset, uid_for
+from curate.testing.datasets import IMAGE, write_image_dataset
 
 CORPUS = Path(__file__).resolve().parents[2] / "demo" / "corpus"
 EDITS = ("resized", "jpeg_q30", "crop2", "bright", "text")
@@ -137,65 +135,15 @@ def write_dataset(
     per = [order[k::shards] for k in range(shards)]
     if empty_shard:
         per.insert(1, [])
-    ds = Dataset(str(root))
-    counts = {}
-    for n, idxs in enumerate(per):
-        attempt = new_attempt()
-        f = ds.open_tmp_tar(n, attempt)
-        writer = TarWriter(f)
-        records = []
-        for i, k in enumerate(idxs):
-            s = samples[k]
-            key = make_key(n, i)
-            where = writer.add(key, {s.ext: s.data, "txt": s.caption.encode(), "json": b"{}"})
-            records.append(
-                {
-                    schema.UID: uid_for("dedup-test", k),
-                    schema.URL: f"http://example.invalid/{k}.{s.ext}",
-                    schema.CAPTION: s.caption,
-                    schema.KEY: key,
-                    schema.STATUS: schema.STATUS_SUCCESS,
-                    schema.WIDTH: s.width,
-                    schema.HEIGHT: s.height,
-                    schema.SHA256: sha256_hex(s.data),
-                    schema.IMAGE_TAR: ds.tar_url(n),
-                    schema.IMAGE_OFFSET: where[s.ext][0],
-                    schema.IMAGE_LENGTH: where[s.ext][1],
-                    schema.IMAGE_FORMAT: s.ext,
-                    "sample": k,  # extra column, carried through; the tests' ground truth key
-                }
-            )
-        writer.close()
-        f.close()
-        if records:
-            table = schema.conform(pa.Table.from_pylist(records))
-        else:
-            table = pa.schema([schema.field(c) for c in (schema.UID, schema.CAPTION)]).empty_table()
-        rejects = table.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
-        ds.commit_shard(
-            n,
-            table,
-            rejects,
-            {"rows_in": len(records), "rows_out": len(records), "drops": {}},
-            attempt=attempt,
-            tar_written=True,
-            idx_text=writer.index_text(),
-        )
-        counts[n] = len(records)
-    ds.write_json(
-        {
-            "schema_version": schema.SCHEMA_VERSION,
-            "stage": "download",
-            "config": {},
-            "input": None,
-            "run": {"stage": "download"},
-            "owns_images": True,
-            "shard_digits": 5,
-            "shards": [{"shard": ds.shard_name(n), "rows": r} for n, r in counts.items()],
-            "totals": {"kept": sum(counts.values())},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-        "_manifest.json",
-    )
-    ds.refresh()
-    return ds
+    rows = [[{
+        IMAGE: samples[k].data,
+        schema.IMAGE_FORMAT: samples[k].ext,
+        schema.UID: uid_for("dedup-test", k),
+        schema.URL: f"http://example.invalid/{k}.{samples[k].ext}",
+        schema.CAPTION: samples[k].caption,
+        schema.STATUS: schema.STATUS_SUCCESS,
+        schema.WIDTH: samples[k].width,
+        schema.HEIGHT: samples[k].height,
+        "sample": k,  # extra column, carried through; the tests' ground truth key
+    } for k in idxs] for idxs in per]
+    return write_image_dataset(str(root), rows)

@@ -7,15 +7,13 @@ are JPEG, PNG and transparent PNG, with optional corrupt members.
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from curate import schema
-from curate.dataset import Dataset, make_key, new_attempt, sha256_hex, uid_for
-from curate.wds import TarWriter
+from curate.dataset import Dataset, uid_for
+from curate.testing.datasets import IMAGE, write_image_dataset
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 4
 
@@ -43,52 +41,19 @@ def sample_image(i: int) -> tuple[bytes, str]:
 def write_source(root, shards: int = 2, rows: int = 6, corrupt: frozenset[tuple[int, int]] = frozenset()) -> Dataset:
     """A committed, complete dataset that owns its tars. ``corrupt``: (shard, row) pairs whose image
     member holds bytes that are not an image."""
-    ds = Dataset(str(root))
-    counts = {}
+    out = []
     for n in range(shards):
-        attempt = new_attempt()
-        tar_file = ds.open_tmp_tar(n, attempt)
-        writer = TarWriter(tar_file)
         records = []
         for i in range(rows):
             data, ext = sample_image(n * rows + i)
             if (n, i) in corrupt:
                 data, ext = CORRUPT, "jpg"
-            key = make_key(n, i)
-            caption = f"original caption {n}-{i}: a small {'red' if i % 2 else 'blue'} house"
-            where = writer.add(key, {ext: data, "txt": caption.encode()})
             records.append({
-                schema.UID: uid_for("recaption-test", n, i),
-                schema.CAPTION: caption,
-                schema.KEY: key,
-                schema.SHA256: sha256_hex(data),
-                schema.IMAGE_TAR: ds.tar_url(n),
-                schema.IMAGE_OFFSET: where[ext][0],
-                schema.IMAGE_LENGTH: where[ext][1],
+                IMAGE: data,
                 schema.IMAGE_FORMAT: ext,
+                schema.UID: uid_for("recaption-test", n, i),
+                schema.CAPTION: f"original caption {n}-{i}: a small {'red' if i % 2 else 'blue'} house",
                 "extra": i,
             })
-        writer.close()
-        tar_file.close()
-        table = schema.conform(pa.Table.from_pylist(records))
-        rejects = table.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
-        ds.commit_shard(n, table, rejects, {"rows_in": rows, "rows_out": rows, "rejected": 0, "drops": {}},
-                        attempt=attempt, tar_written=True, idx_text=writer.index_text())
-        counts[n] = rows
-    ds.write_json(
-        {
-            "schema_version": schema.SCHEMA_VERSION,
-            "stage": "download",
-            "config": {},
-            "input": None,
-            "run": {"stage": "download"},
-            "owns_images": True,
-            "shard_digits": 5,
-            "shards": [{"shard": ds.shard_name(n), "rows": r} for n, r in counts.items()],
-            "totals": {"kept": sum(counts.values())},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-        "_manifest.json",
-    )
-    ds.refresh()
-    return ds
+        out.append(records)
+    return write_image_dataset(str(root), out)
