@@ -28,7 +28,7 @@ test: setup
 	$(PY) -m pytest -q -m "not gpu"
 
 demo: setup
-	$(PY) -m curate.demo run
+	$(PY) -m curate.demo all
 
 lint: setup
 	$(VENV)/bin/ruff check curate trainer tests bench

@@ -11,9 +11,11 @@ stage reads (``url``, ``caption``).
     python -m curate.demo serve [--root DIR] [--port 8000] [--urls OUT.parquet]
     python -m curate.demo urls OUT.parquet --base-url http://127.0.0.1:8000 [--repeat N]
     python -m curate.demo run [--pipeline pipelines/demo.yaml] [-- COMMAND ...]
-        ``make demo``: build the tiny demo models (once), serve on 127.0.0.1:8765 (a free port if
-        taken), write demo-output/urls.parquet, run the demo pipeline, train a tiny CLIP on its export
-        and write the report; print where everything is. With COMMAND: serve while it runs instead.
+        serve on 127.0.0.1:8765 (a free port if taken), write demo-output/urls.parquet, then run the
+        pipeline in this process (or COMMAND); exit with its status.
+    python -m curate.demo all
+        ``make demo``: build the tiny demo models (once), run the demo pipeline as ``run`` does, train a
+        tiny CLIP on its export and write the report; print where everything is.
 """
 
 from __future__ import annotations
@@ -314,15 +316,25 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--repeat", type=int, default=1)
     r.add_argument("--pipeline", default=str(DEMO_PIPELINE), help="pipeline to run when no command is given")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...] instead of the pipeline")
+    a = sub.add_parser("all", help="make demo: models, the demo pipeline, a short training run, the report")
+    for flag, default in (("--root", str(CORPUS)), ("--host", "127.0.0.1"), ("--urls", str(DEMO_URLS)),
+                          ("--pipeline", str(DEMO_PIPELINE))):
+        a.add_argument(flag, default=default)
+    a.add_argument("--port", type=int, default=DEMO_PORT)
+    a.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "run":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        if command:
-            with _start(args.root, args.host, args.port) as srv:
-                n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
-                print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
+        with _start(args.root, args.host, args.port) as srv:
+            n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
+            print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
+            if command:
                 return subprocess.call(command)
+            from curate.cli import main as curate_main
+
+            return curate_main(["run", args.pipeline])
+    if args.cmd == "all":
         return run_demo(args)
     if args.cmd == "urls":
         n = write_url_list(args.out, args.base_url, args.repeat, args.root)
