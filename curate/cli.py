@@ -181,17 +181,11 @@ def _pipeline_steps(pipe, sets: Sequence[str]):
 
 def _validate_steps(steps) -> None:
     """Every step's stage and config are checked before the first one runs."""
-    from curate.config import ConfigError, load_stage_config
+    from curate.config import ConfigError, stage_and_config
 
     for stage, _inp, _out, config, step_sets in steps:
         try:
-            cls = stages.get(stage)
-        except stages.UnknownStage as e:
-            _fail_usage(str(e))
-        except ImportError as e:
-            _fail_usage(f"stage {stage!r} is not available: {e}")
-        try:
-            load_stage_config(cls.Config, stage, None, config, step_sets)
+            stage_and_config(stage, None, config, step_sets)
         except ConfigError as e:
             _fail_usage(str(e))
 

@@ -109,6 +109,24 @@ def load_stage_config(
     return build(config_cls, data, f"{stage} config")
 
 
+def stage_and_config(
+    stage: str,
+    config_file: str | None = None,
+    inline: dict[str, Any] | None = None,
+    sets: Sequence[str] = (),
+) -> tuple[type, StageConfig]:
+    """The stage class for ``stage`` and its validated config; every problem is one ConfigError line."""
+    from curate import stages
+
+    try:
+        cls = stages.get(stage)
+    except stages.UnknownStage as e:
+        raise ConfigError(str(e)) from None
+    except ImportError as e:
+        raise ConfigError(f"stage {stage!r} is not available: {e}") from None
+    return cls, load_stage_config(cls.Config, stage, config_file, inline, sets)
+
+
 def resolved(config: StageConfig) -> dict[str, Any]:
     """The config as plain JSON data, every default filled in. Resources are left out: they change
     where work runs, not what it produces, so resume must not depend on them."""

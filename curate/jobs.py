@@ -239,15 +239,9 @@ def runtime_env() -> dict[str, Any]:
 
 
 def _stage_config(stage: str, config: dict[str, Any], sets: Sequence[str]):
-    from curate.config import load_stage_config
+    from curate.config import stage_and_config
 
-    try:
-        cls = stages.get(stage)
-    except stages.UnknownStage as e:
-        raise ConfigError(str(e)) from None
-    except ImportError as e:
-        raise ConfigError(f"stage {stage!r} is not available: {e}") from None
-    return load_stage_config(cls.Config, stage, None, config, sets)
+    return stage_and_config(stage, None, config, sets)[1]
 
 
 def _stage_data(config: dict[str, Any] | None, sets: Sequence[str]) -> dict[str, Any]:

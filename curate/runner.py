@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 import curate
 from curate import schema, stages
-from curate.config import ConfigError, fingerprint, load_stage_config, resolved
+from curate.config import ConfigError, fingerprint, resolved, stage_and_config
 from curate.dataset import PLAN_DIR, Dataset, DatasetError, digits_for, new_attempt
 from curate.stage import PlanContext, RunOptions, ShardContext, Stage, StageConfig
 from curate.wds import TarWriter
@@ -293,13 +293,7 @@ def prepare(
     check: bool = True,
 ) -> tuple[type[Stage], StageConfig, dict[str, Any]]:
     """Validate everything a run needs before any work: stage, config, input. Raises ConfigError."""
-    try:
-        stage_cls = stages.get(stage)
-    except stages.UnknownStage as e:
-        raise ConfigError(str(e)) from None
-    except ImportError as e:
-        raise ConfigError(f"stage {stage!r} is not available: {e}") from None
-    cfg = load_stage_config(stage_cls.Config, stage, config_file, config, sets)
+    stage_cls, cfg = stage_and_config(stage, config_file, config, sets)
     if input is None:
         raise ConfigError(f"{stage}: --input is required")
     if stage_cls.reads_dataset:
