@@ -2,8 +2,9 @@
 
 - ours: ``ClipStage.process`` on one shard in this process, exactly what an actor does per shard: read
   the bytes through the Parquet pointers (one open per tar), Pillow decode with JPEG draft at 2x the
-  model's input size on a thread pool, overlapped with the model on the previous batch, uint8 -> float
-  normalisation in torch, batched image and text encoding, the score column.
+  model's input size and torch's uint8 antialiased resize on a thread pool, overlapped with the model on
+  the previous batch, uint8 -> float normalisation in torch, batched image and text encoding, the score
+  column.
 - baseline: the straightforward loop a user would write: ``PIL.Image.open`` each file,
   open_clip's own ``preprocess``, stack a batch, ``encode_image`` / ``encode_text``, normalise, dot.
   One process, same batch size, same torch threads.
@@ -11,8 +12,8 @@
 Model: a tiny random open_clip ViT (``curate.testing.tiny_models``) at the real ViT-B/32 input
 (224 px, patch 32) with toy widths, so the decode/preprocess path, not the matmuls, decides. Images: real
 JPEG photos about 800 px (``bench/assets.py``). Both paths score the same rows; the max score difference
-between them is printed (draft decoding is the only source). Timings: best of ``--repeats`` runs each,
-interleaved, so background load hits both alike.
+between them is printed (the resize kernel's rounding and draft decoding are the sources). Timings: best
+of ``--repeats`` runs each, interleaved, so background load hits both alike.
 
 On a GPU machine (``torch.cuda.is_available()``) it also times ViT-B-32 at its real size (random
 weights): DALI mixed decode vs the PIL DataLoader-style loop, and reports images/s and GPU utilisation
@@ -197,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         diff = float(np.abs(our_scores - base_scores).max())
         print(f"baseline (PIL open + open_clip preprocess + batched model, 1 process): {n / best_base:.1f} img/s "
               f"({best_base:.2f} s)")
-        print(f"ours (clip stage scoring path: pointers, Pillow draft, {stage.decoder.threads} decode threads, "
-              f"overlapped): {n / best_ours:.1f} img/s ({best_ours:.2f} s)")
+        print(f"ours (clip stage scoring path: pointers, Pillow draft + torch uint8 resize, "
+              f"{stage.decoder.threads} decode threads, overlapped): {n / best_ours:.1f} img/s ({best_ours:.2f} s)")
         print(f"max |score difference| ours vs baseline: {diff:.2e}")
         print(f"ours with jpeg_draft={args.fast_draft} (DCT-domain decode down to {args.fast_draft}x the input "
               f"size): {n / best_fast:.1f} img/s "
