@@ -2,7 +2,8 @@
 
 Both tools fetch the same URL list from the same local HTTP server (curate.demo.DemoServer in its own
 process on 127.0.0.1): by default (``--data demo``) the demo corpus of real clip-art PNG/JPEG/WebP
-images, broken entries included, repeated under distinct URLs to >= 2,000 rows; with ``--data photos``
+images, broken entries included, repeated under distinct URLs to >= 2,000 rows (``--data demo-valid``:
+the same without the deliberately broken entries); with ``--data photos``
 2,000 real 800 px JPEG photos from bench/assets.py. Both write WebDataset tars of 256 px images,
 resize mode ``border``, JPEG quality 95, shards of the same size. img2dataset runs from its own virtual environment
 (bench/.cache/img2dataset-venv, created here with ``pip install img2dataset==1.47.0``) under a memory
@@ -72,6 +73,12 @@ class Server:
         self.port = int(self.proc.stdout.readline())
         self.base_url = f"http://127.0.0.1:{self.port}"
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU the server process has used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.terminate()
@@ -138,11 +145,65 @@ def run_measured(cmd: list[str], log_path: Path, env: dict | None = None) -> dic
             "cpu_seconds": sum(ticks.values()) / os.sysconf("SC_CLK_TCK")}
 
 
+# One thread, each tool's own image path on the distinct files of the list, in its own venv: CPU ms per
+# image for decode + resize + encode (curate: also the sha256 and pHash it stores).
+CODEC_CURATE = """
+import hashlib, json, sys, time
+from curate.images import ImageConfig, process_image
+from curate.phash import phash_pil
+blobs = [open(f, "rb").read() for f in json.load(open(sys.argv[1]))]
+cfg = ImageConfig(image_size=int(sys.argv[2]), resize_mode=sys.argv[3], output_format="jpg", encode_quality=95)
+best = 1e9
+for _ in range(2):
+    t = time.process_time()
+    for b in blobs:
+        p = process_image(b, cfg, keep_image=True)
+        if p.image is not None:
+            phash_pil(p.image)
+            hashlib.sha256(p.data).hexdigest()
+    best = min(best, time.process_time() - t)
+print(1000 * best / len(blobs))
+"""
+CODEC_IMG2DATASET = """
+import io, json, sys, time
+import cv2
+from img2dataset.resizer import ResizeMode, Resizer
+cv2.setNumThreads(1)
+blobs = [open(f, "rb").read() for f in json.load(open(sys.argv[1]))]
+r = Resizer(image_size=int(sys.argv[2]), resize_mode=ResizeMode[sys.argv[3]], resize_only_if_bigger=False,
+            encode_format="jpg", encode_quality=95)
+best = 1e9
+for _ in range(2):
+    t = time.process_time()
+    for b in blobs:
+        r(io.BytesIO(b))
+    best = min(best, time.process_time() - t)
+print(1000 * best / len(blobs))
+"""
+
+
+def codec_ms(python: Path, code: str, files: list[Path], args) -> float | None:
+    """CPU ms per image of a tool's image path (see CODEC_*), run from a neutral directory."""
+    listing = WORK / "codec-files.json"
+    listing.write_text(json.dumps([str(f) for f in files]))
+    script = WORK / "codec.py"
+    script.write_text(code)
+    r = subprocess.run([str(python), str(script), str(listing), str(args.image_size), args.resize_mode],
+                       capture_output=True, text=True, cwd=WORK, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1",
+                                                                     "PYTHONPATH": str(ROOT)})
+    try:
+        return float(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        print(f"codec timing failed for {python}: {r.stderr[-500:]}")
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="URLs in the list (>= 2000 for the report)")
-    ap.add_argument("--data", choices=("photos", "demo"), default="demo",
-                    help="photos: bench/assets real JPEG photos; demo: the demo corpus repeated")
+    ap.add_argument("--data", choices=("photos", "demo", "demo-valid"), default="demo",
+                    help="photos: bench/assets real JPEG photos; demo: the demo corpus repeated; demo-valid: "
+                         "the same without its deliberately broken entries (404, HTML, truncated, pixel bomb)")
     ap.add_argument("--shard-size", type=int, default=500)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--resize-mode", default="border")
@@ -165,13 +226,26 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"?copy={i // len(photo_paths)}" if i >= len(photo_paths) else "") for i in range(args.n)]
         pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(args.n)]}), url_list)
         what = f"{len(photo_paths)} distinct real photos (800 px JPEG)"
+        distinct = list(photo_paths)
     else:
         from curate.demo import CORPUS, read_entries, write_url_list
 
         server = Server(CORPUS)
-        per_copy = len(read_entries(CORPUS))
-        args.n = write_url_list(url_list, server.base_url, repeat=-(-args.n // per_copy))
-        what = f"the demo corpus ({per_copy} clip-art entries incl. broken ones) repeated under distinct URLs"
+        entries = read_entries(CORPUS)
+        distinct = [CORPUS / e["file"] for e in entries if e["kind"] in ("ok", "duplicate", "near_duplicate")]
+        if args.data == "demo-valid":
+            broken = {e["file"] for e in entries if e["kind"] not in ("ok", "duplicate", "near_duplicate")}
+            keep = len(entries) - len(broken)
+            write_url_list(url_list, server.base_url, repeat=-(-args.n // keep))
+            table = pq.read_table(url_list)
+            files = [u.split(server.base_url + "/", 1)[1].split("?", 1)[0] for u in table["url"].to_pylist()]
+            table = table.filter(pa.array([f not in broken for f in files]))
+            pq.write_table(table, url_list)
+            args.n = table.num_rows
+            what = f"the demo corpus' {keep} valid clip-art entries repeated under distinct URLs"
+        else:
+            args.n = write_url_list(url_list, server.base_url, repeat=-(-args.n // len(entries)))
+            what = f"the demo corpus ({len(entries)} clip-art entries incl. broken ones) repeated under distinct URLs"
     try:
         print(f"{args.n} URLs: {what}, served from {server.base_url}", flush=True)
 
@@ -186,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in sets:
             cmd += ["--set", s]
         env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+        s0 = server.cpu_seconds()
         cur = run_measured(cmd, WORK / "curate.log", env)
+        cur["server_cpu"] = server.cpu_seconds() - s0
         manifest = json.loads((cur_out / "_manifest.json").read_text()) if (cur_out / "_manifest.json").exists() else None
         cur["successes"] = manifest["totals"]["kept"] if manifest else 0
         # The stage's own run time: plan, all shards, manifest; not Python or Ray start-up.
@@ -205,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                "--number_sample_per_shard", str(args.shard_size), "--distributor", "multiprocessing",
                "--enable_wandb", "False", "--retries", "0", "--timeout", "10"]
         # no update check over the network from albumentations (there is no network here)
+        s0 = server.cpu_seconds()
         ref = run_measured(cmd, WORK / "img2dataset.log", {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+        ref["server_cpu"] = server.cpu_seconds() - s0
         stats = [json.loads(Path(p).read_text()) for p in glob.glob(str(i2d_out / "*_stats.json"))]
         ref["successes"] = sum(s.get("successes", 0) for s in stats)
         # img2dataset's own run time: first shard start to last shard end, as its stats record them.
@@ -218,10 +296,12 @@ def main(argv: list[str] | None = None) -> int:
             ref["result"] = "ok"
     finally:
         server.close()
+    codec = {"curate download": codec_ms(ROOT / ".venv" / "bin" / "python", CODEC_CURATE, distinct, args),
+             f"img2dataset {I2D_VERSION}": codec_ms(I2D_VENV / "bin" / "python", CODEC_IMG2DATASET, distinct, args)}
 
     print()
     print(f"{'tool':<20}{'result':<8}{'wall s':>8}{'wall/s':>9}{'job s':>8}{'job/s':>9}{'CPU ms/img':>12}"
-          f"{'successes':>11}{'peak RSS MB':>13}")
+          f"{'server ms/img':>15}{'codec ms/img':>14}{'successes':>11}{'peak RSS MB':>13}")
     rows = {}
     for name, r in (("curate download", cur), (f"img2dataset {I2D_VERSION}", ref)):
         ok = r["result"] == "ok"
@@ -232,14 +312,23 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_ms": 1000 * r["cpu_seconds"] / args.n,
         }
         x = rows[name]
+        c_ms = f"{codec[name]:.2f}" if codec[name] is not None else "-"
         print(f"{name:<20}{'ok' if ok else 'FAILED':<8}{r['seconds']:>8.1f}{x['wall_rate']:>9.1f}"
-              f"{(job or 0):>8.1f}{x['job_rate']:>9.1f}{x['cpu_ms']:>12.1f}{r['successes']:>11d}{r['peak_rss_mb']:>13.0f}")
+              f"{(job or 0):>8.1f}{x['job_rate']:>9.1f}{x['cpu_ms']:>12.1f}{1000 * r['server_cpu'] / args.n:>15.2f}"
+              f"{c_ms:>14}{r['successes']:>11d}{r['peak_rss_mb']:>13.0f}")
         if not ok:
             print(f"  {name}: {r['result']}")
     c, b = rows["curate download"], rows[f"img2dataset {I2D_VERSION}"]
     print("wall: process start to exit (curate: Python + embedded Ray start included); job: the tool's own run time")
     print("(curate: manifest seconds; img2dataset: first shard start to last shard end); CPU: user+system of the tree")
+    print("server: the HTTP server's CPU per URL during the tool's run (it shares the same cores); codec: one")
+    print("thread, the tool's own decode + resize + encode (curate: + sha256 + pHash) per distinct image")
     print(f"success counts: curate {cur['successes']} / img2dataset {ref['successes']} of {args.n}")
+    if b["job_rate"] > 0 and codec["curate download"] is not None:
+        budget = 1000 * (os.cpu_count() or 1) / (3 * b["job_rate"])
+        print(f"3x img2dataset's job rate = {3 * b['job_rate']:.0f} samples/s leaves {budget:.2f} ms of CPU per "
+              f"sample on {os.cpu_count()} cores for everything (server included); curate's codec work alone is "
+              f"{codec['curate download']:.2f} ms")
     if b["wall_rate"] > 0:
         print(f"wall ratio: {c['wall_rate'] / b['wall_rate']:.2f}   CPU per image ratio (img2dataset / curate): "
               f"{b['cpu_ms'] / max(c['cpu_ms'], 1e-9):.2f}")
