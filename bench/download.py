@@ -1,9 +1,9 @@
 """Download benchmark: curate's download stage vs img2dataset 1.47.0 on the same URL list, same server.
 
 Both tools fetch the same URL list from the same local HTTP server (curate.demo.DemoServer in its own
-process on 127.0.0.1): by default (``--data demo``) the demo corpus of real clip-art PNG/JPEG/WebP
-images, broken entries included, repeated under distinct URLs to >= 2,000 rows (``--data demo-valid``:
-the same without the deliberately broken entries); with ``--data photos``
+process on 127.0.0.1): by default (``--data demo-valid``) the demo corpus' valid real clip-art
+PNG/JPEG/WebP images repeated under distinct URLs to >= 2,000 rows; ``--data demo`` keeps the corpus'
+deliberately broken entries (404, HTML as JPEG, truncated, a pixel bomb); with ``--data photos``
 2,000 real 800 px JPEG photos from bench/assets.py. Both write WebDataset tars of 256 px images,
 resize mode ``border``, JPEG quality 95, shards of the same size. img2dataset runs from its own virtual environment
 (bench/.cache/img2dataset-venv, created here with ``pip install img2dataset==1.47.0``) under a memory
@@ -13,7 +13,7 @@ Measured per tool: samples/s (input URLs / seconds) end to end (process start to
 tool's own run time, successes, CPU seconds per image and peak resident memory of the whole process
 tree (sums over /proc, sampled every 0.1 s). On a shared machine the CPU figure is the steadiest.
 
-    .venv/bin/python bench/download.py [--data demo|photos] [--n 2000] [--shard-size 500] [--time-limit 600]
+    .venv/bin/python bench/download.py [--data demo-valid|demo|photos] [--n 2000] [--shard-size 500] [--time-limit 600]
 
 The last line is ``ratio: X.XX`` = curate samples/s / img2dataset samples/s over each tool's own run
 time ("job": curate's manifest seconds, which exclude the embedded Ray start; img2dataset's first
@@ -201,7 +201,7 @@ def codec_ms(python: Path, code: str, files: list[Path], args) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="URLs in the list (>= 2000 for the report)")
-    ap.add_argument("--data", choices=("photos", "demo", "demo-valid"), default="demo",
+    ap.add_argument("--data", choices=("photos", "demo", "demo-valid"), default="demo-valid",
                     help="photos: bench/assets real JPEG photos; demo: the demo corpus repeated; demo-valid: "
                          "the same without its deliberately broken entries (404, HTML, truncated, pixel bomb)")
     ap.add_argument("--shard-size", type=int, default=500)
