@@ -226,19 +226,15 @@ class PilDecoder:
             img.load()
             w, h = _resized_size(img.width, img.height, self.pre)
             top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
-            # Same order as open_clip: resize in the image's own mode, crop, then convert to RGB. The
-            # resize computes only the crop's pixels (``box``: the crop's source region; the filter
-            # still reads the pixels around it), which is the same image up to rounding at a fraction
-            # of the cost.
+            # Same order as open_clip: resize in the image's own mode, crop, then convert to RGB.
             if (w, h) != img.size and img.mode in ("RGB", "L"):
                 return self._resize_torch(img, w, h, top, left)
-            else:
-                # palette / alpha modes: resampled in full, as open_clip does (box sampling would move
-                # nearest-neighbour picks and alpha edges)
-                if (w, h) != img.size:
-                    img = img.resize((w, h), self._resample)
-                if (w, h) != (tw, th):
-                    img = img.crop((left, top, left + tw, top + th))
+            # palette / alpha modes (and images already at size): open_clip's very Pillow operations;
+            # a uint8 kernel would move palette picks and alpha edges
+            if (w, h) != img.size:
+                img = img.resize((w, h), self._resample)
+            if (w, h) != (tw, th):
+                img = img.crop((left, top, left + tw, top + th))
             arr = np.asarray(img.convert("RGB"))
             return arr if arr.shape == (th, tw, 3) else None
         except Exception as e:  # noqa: BLE001 - any decode failure is per-row data, not a crash

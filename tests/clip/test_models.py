@@ -73,6 +73,26 @@ def test_pil_full_decode_equals_open_clip(tiny_clip, rows, reference):
     assert exact.sum() >= 5 and diff[exact].max() < 1e-5  # palette / alpha: open_clip's very operations
 
 
+def test_pil_pixels_within_two_levels_of_open_clip(tiny_clip, rows):
+    """The decoder's uint8 pixels against open_clip's own transform (un-normalised): RGB/L images go
+    through torch's uint8 kernel (at most 2 of 255 apart), palette / alpha images are identical."""
+    from PIL import Image
+
+    clip = load_clip(tiny_clip, device="cpu")
+    dec = PilDecoder(clip.preprocess, threads=1, draft=None)
+    mean = np.array(clip.preprocess.mean, np.float32).reshape(3, 1, 1)
+    std = np.array(clip.preprocess.std, np.float32).reshape(3, 1, 1)
+    modes = set()
+    for data, _, _ in rows:
+        img = Image.open(io.BytesIO(data))
+        modes.add(img.mode)
+        ref = (clip.reference_transform(img).numpy() * std + mean) * 255.0
+        ours = dec.decode(data).transpose(2, 0, 1).astype(np.float32)
+        worst = np.abs(ours - np.round(ref)).max()
+        assert worst <= (2 if img.mode in ("RGB", "L") else 0.5), (img.mode, img.size, worst)
+    assert "RGB" in modes and modes - {"RGB", "L"}  # both paths were exercised
+
+
 def test_pil_draft_within_tolerance(tiny_clip, rows, reference):
     clip = load_clip(tiny_clip, device="cpu")
     ours, ok = _scores(clip, rows, PilDecoder(clip.preprocess, threads=2, draft=2.0))
