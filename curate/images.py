@@ -113,9 +113,10 @@ class Processed:
 class ImageRejected(Exception):
     """The bytes are an image we refuse to store; ``status`` is the img2dataset-style status."""
 
-    def __init__(self, status: str, message: str):
+    def __init__(self, status: str, message: str, why: str = "undecodable"):
         super().__init__(message)
         self.status = status
+        self.why = why  # "too_many_pixels" or "undecodable": the reason for callers without statuses
 
 
 def target_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int] | None:
@@ -140,19 +141,30 @@ def target_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int] | None:
     return (max(1, round(w * scale)), max(1, round(h * scale)))
 
 
-def probe(data: bytes, cfg: ImageConfig) -> Image.Image:
-    """Open (header only) and enforce the pixel limits; raises ImageRejected."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ImageRejected("failed_to_decode", f"decompression bomb: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any parser error means "not an image we can read"
-        raise ImageRejected("failed_to_decode", f"not a decodable image: {type(e).__name__}: {e}") from None
+def open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """Open an image's header (nothing decoded yet) and refuse more than ``max_pixels``; raises
+    ImageRejected. Pillow's own bomb warning is silenced: the limit here is the one that counts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise ImageRejected("failed_to_decode", f"decompression bomb: {e}", "too_many_pixels") from None
+        except Exception as e:  # noqa: BLE001 - any parser error means "not an image we can read"
+            raise ImageRejected("failed_to_decode", f"not a decodable image: {type(e).__name__}: {e}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageRejected("failed_to_decode", f"invalid size {w}x{h}")
-    if w * h > cfg.max_pixels:
-        raise ImageRejected("failed_to_decode", f"decompression bomb: {w}x{h} = {w * h} pixels > {cfg.max_pixels}")
+    if w * h > max_pixels:
+        raise ImageRejected("failed_to_decode", f"decompression bomb: {w}x{h} = {w * h} pixels > {max_pixels}",
+                            "too_many_pixels")
+    return img
+
+
+def probe(data: bytes, cfg: ImageConfig) -> Image.Image:
+    """Open (header only) and enforce the pixel and frame limits; raises ImageRejected."""
+    img = open_header(data, cfg.max_pixels)
+    w, h = img.size
     try:
         # Frame counts come from the container headers (GIF/TIFF/APNG/WebP), not from decoding.
         frames = int(getattr(img, "n_frames", 1) or 1)

@@ -24,25 +24,23 @@ uid seen before: in the same tar, or in an earlier tar's img2dataset parquet).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
 import re
 import tarfile
-import warnings
 from collections import Counter
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 from pydantic import Field, field_validator
 
 from curate import phash, schema
 from curate.config import ConfigError
 from curate.dataset import PLAN_DIR, Dataset, to_url, uid_for, url_to_fs
+from curate.images import ImageRejected, open_header
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 from curate.wds import IDX_VERSION, TarScan, iter_tar
 
@@ -259,28 +257,20 @@ def _idx_line(members: dict[str, tuple[int, int, str]]) -> str:
 # -- per row -----------------------------------------------------------------------------------
 def _decode(data: bytes, cfg: ImportConfig, phash_pil) -> tuple[int, int, int | None]:
     """(width, height, phash) of the image; raises _Reject when it is not usable."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:
-            raise _Reject("too_many_pixels", str(e)) from None
-        except Exception as e:  # noqa: BLE001 - any parser error: not an image we can read
-            raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise _Reject("undecodable", f"invalid size {w}x{h}")
-        if w * h > cfg.max_pixels:
-            raise _Reject("too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
-        try:
-            # JPEGs decode at 1/2..1/8 scale in the DCT domain: that validates the whole entropy
-            # stream at a fraction of the cost, and is exactly the input phash_bytes hashes, so
-            # dedup's hashes of these bytes agree with ours bit for bit.
-            phash.draft(img)
-            img.load()
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt data
-            raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
-        return w, h, (phash_pil(img) if phash_pil is not None else None)
+    try:
+        img = open_header(data, cfg.max_pixels)
+    except ImageRejected as e:
+        raise _Reject(e.why, str(e)) from None
+    w, h = img.size
+    try:
+        # JPEGs decode at 1/2..1/8 scale in the DCT domain: that validates the whole entropy
+        # stream at a fraction of the cost, and is exactly the input phash_bytes hashes, so
+        # dedup's hashes of these bytes agree with ours bit for bit.
+        phash.draft(img)
+        img.load()
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+        raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
+    return w, h, (phash_pil(img) if phash_pil is not None else None)
 
 
 class _Reject(Exception):
