@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from curate import schema, stages
 from curate.dataset import Dataset
 
-_HIDDEN = (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING)
+_HIDDEN = (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING, schema.COLOR_SIG)
 
 
 def describe(ds: Dataset, rows: int = 5) -> str:

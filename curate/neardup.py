@@ -194,14 +194,28 @@ def _table_pairs(
     return np.minimum(a, b), np.maximum(a, b)
 
 
-def _collapse(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct hashes, the index of each row's distinct hash, and the pairs among identical rows
-    (each row to the first row with its hash: same components, linear size)."""
-    uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+def _collapse(
+    hashes: np.ndarray, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct rows, the index of each row's distinct row, and the pairs among identical rows
+    (each row to the first row of its group: same components, linear size).
+
+    Rows are identical when their ``groups`` keys are equal (default: their hashes); a key may be
+    a 2-D array (rows of several uint64 words), e.g. the pHash with a colour signature, so that
+    rows with one pHash but other colours stay distinct and are compared like any near pair.
+    The distinct hashes returned may then repeat; the kernels handle equal hashes."""
+    key = hashes if groups is None else np.asarray(groups, dtype=np.uint64).reshape(len(hashes), -1)
+    if key.ndim == 2 and key.shape[1] == 1:
+        key = key[:, 0]
+    if key.ndim == 1:
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    else:
+        _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
     rows = np.arange(len(hashes))
     rep = first[inverse]
     dup = rows != rep
-    return uniq, first, rep[dup], rows[dup]
+    return hashes[first], first, rep[dup], rows[dup]
 
 
 def _expand(pairs_u: tuple[np.ndarray, np.ndarray], first: np.ndarray, same: tuple[np.ndarray, np.ndarray]):
@@ -212,15 +226,16 @@ def _expand(pairs_u: tuple[np.ndarray, np.ndarray], first: np.ndarray, same: tup
 
 
 def near_pairs_sort(
-    hashes: np.ndarray, radius: int, blocks: int | None = None
+    hashes: np.ndarray, radius: int, blocks: int | None = None, groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """All row pairs (i < j) with Hamming distance <= radius, by sorting each table's keys.
 
     Rows with identical hashes are linked to the first such row (not all pairwise), so the output
     has the same connected components as the full pair set with linear size in a flat group.
+    ``groups``: what makes rows identical (see ``_collapse``).
     """
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-    uniq, first, sa, sb = _collapse(hashes)
+    uniq, first, sa, sb = _collapse(hashes, groups)
     pa_, pb_ = [], []
     if radius > 0 and len(uniq) > 1:
         scheme = Scheme.for_size(len(uniq), radius, blocks)
@@ -234,7 +249,7 @@ def near_pairs_sort(
 
 
 def near_pairs_faiss(
-    hashes: np.ndarray, radius: int, blocks: int | None = None
+    hashes: np.ndarray, radius: int, blocks: int | None = None, groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Same result as ``near_pairs_sort``, with faiss binary hash indexes doing the search.
 
@@ -244,7 +259,7 @@ def near_pairs_faiss(
     import faiss  # lazy: only this path needs it
 
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-    uniq, first, sa, sb = _collapse(hashes)
+    uniq, first, sa, sb = _collapse(hashes, groups)
     pa_, pb_ = [], []
     empty = np.empty(0, dtype=np.int64)
     if radius > 0 and len(uniq) > 1:
@@ -312,16 +327,22 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def partition_rows(
-    scheme: Scheme, ids: np.ndarray, hashes: np.ndarray, parts: int
+    scheme: Scheme, ids: np.ndarray, hashes: np.ndarray, parts: int, groups: np.ndarray | None = None
 ) -> list[dict[str, np.ndarray]]:
     """Split rows into ``parts`` pieces so that each (table, key) group lands in exactly one piece.
 
-    Each piece holds columns ``table`` (uint8), ``id`` (int64), ``hash`` (uint64); a row appears once
-    per table. Written by each input shard's task, read back per partition by ``pairs_in_partition``.
+    Each piece holds columns ``table`` (uint8), ``id`` (int64), ``hash`` (uint64) and ``group``
+    (uint64 words, what makes rows identical: see ``_collapse``); a row appears once per table.
+    Written by each input shard's task, read back per partition by ``pairs_in_partition``.
     """
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
     ids = np.asarray(ids, dtype=np.int64)
-    out: list[dict[str, list[np.ndarray]]] = [{"table": [], "id": [], "hash": []} for _ in range(parts)]
+    groups = hashes[:, None] if groups is None else np.asarray(groups, np.uint64)
+    if groups.ndim == 1:
+        groups = groups[:, None]
+    width = groups.shape[1]
+    cols = ("table", "id", "hash", "group")
+    out: list[dict[str, list[np.ndarray]]] = [{c: [] for c in cols} for _ in range(parts)]
     if len(ids):
         for t in range(len(scheme.tables)):
             key = scheme.key(hashes, t)
@@ -336,41 +357,37 @@ def partition_rows(
                     out[q]["table"].append(np.full(sel.size, t, dtype=np.uint8))
                     out[q]["id"].append(ids[sel])
                     out[q]["hash"].append(hashes[sel])
-    res = []
-    for piece in out:
-        res.append(
-            {
-                "table": np.concatenate(piece["table"]) if piece["table"] else np.empty(0, np.uint8),
-                "id": np.concatenate(piece["id"]) if piece["id"] else np.empty(0, np.int64),
-                "hash": np.concatenate(piece["hash"]) if piece["hash"] else np.empty(0, np.uint64),
-            }
-        )
-    return res
+                    out[q]["group"].append(groups[sel])
+    empty = {"table": np.empty(0, np.uint8), "id": np.empty(0, np.int64), "hash": np.empty(0, np.uint64),
+             "group": np.empty((0, width), np.uint64)}
+    return [{c: np.concatenate(piece[c]) if piece[c] else empty[c] for c in cols} for piece in out]
 
 
 def pairs_in_partition(
     scheme: Scheme, pieces: Sequence[dict[str, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (row ids) within the radius among the rows of one partition (all its pieces)."""
-    table = np.concatenate([p["table"] for p in pieces]) if pieces else np.empty(0, np.uint8)
-    ids = np.concatenate([p["id"] for p in pieces]) if pieces else np.empty(0, np.int64)
-    hashes = np.concatenate([p["hash"] for p in pieces]) if pieces else np.empty(0, np.uint64)
+    def cat(c: str, dtype) -> np.ndarray:
+        return np.concatenate([p[c] for p in pieces]) if pieces else np.empty(0, dtype)
+
+    table, ids, hashes = cat("table", np.uint8), cat("id", np.int64), cat("hash", np.uint64)
+    groups = np.concatenate([p["group"] for p in pieces]) if pieces else np.empty((0, 1), np.uint64)
     pa_, pb_ = [], []
     for t in np.unique(table):
         sel = table == t
-        tid, th = ids[sel], hashes[sel]
-        # identical hashes: link to the smallest id (a star, as in the single-node path)
-        order = np.lexsort((tid, th))
-        tid, th = tid[order], th[order]
-        newh = np.ones(len(th), dtype=bool)
-        newh[1:] = th[1:] != th[:-1]
-        rep = tid[np.maximum.accumulate(np.where(newh, np.arange(len(th)), 0))]
-        # Identical hashes share every key, so table 0's partition holds each whole group: link
+        tid, th, tg = ids[sel], hashes[sel], groups[sel]
+        # identical rows: link to the smallest id (a star, as in the single-node path)
+        order = np.lexsort((tid, *[tg[:, c] for c in range(tg.shape[1] - 1, -1, -1)]))
+        tid, th, tg = tid[order], th[order], tg[order]
+        newg = np.ones(len(tid), dtype=bool)
+        newg[1:] = np.any(tg[1:] != tg[:-1], axis=1)
+        rep = tid[np.maximum.accumulate(np.where(newg, np.arange(len(tid)), 0))]
+        # Identical rows share every key, so table 0's partition holds each whole group: link
         # them there only, once.
         if t == 0:
-            pa_.append(rep[~newh])
-            pb_.append(tid[~newh])
-        uh, uid = th[newh], tid[newh]
+            pa_.append(rep[~newg])
+            pb_.append(tid[~newg])
+        uh, uid = th[newg], tid[newg]
         a, b = _table_pairs(scheme, uh, int(t))
         pa_.append(uid[a])
         pb_.append(uid[b])
@@ -427,3 +444,68 @@ def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def partitions_for(rows: int, tables_: int, rows_per_partition: int = 4_000_000) -> int:
     """How many partitions keep each one near ``rows_per_partition`` row-table entries."""
     return max(1, math.ceil(rows * tables_ / rows_per_partition))
+
+
+# -- clusters without chains -------------------------------------------------------------------
+def _csr(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and values of a compressed adjacency: values[off[k]:off[k+1]] belong to key k."""
+    order = np.argsort(keys, kind="stable")
+    off = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(off, keys + 1, 1)
+    return np.cumsum(off), values[order]
+
+
+def leader_clusters(
+    n: int, order: np.ndarray, rules: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Star ("leader") clustering of ``n`` nodes: no row is dropped for resembling a row that
+    resembles the kept one.
+
+    ``order``: all node positions, best first (the keep policy). ``rules``: per rule in config order,
+    ``(same_a, same_b, near_a, near_b)`` node positions. A same edge joins rows that are identical for
+    the rule (equal keys: an equivalence, so its connected components are classes of mutually
+    identical rows); a near edge joins two rows within the rule's threshold, and so every member of
+    one's class to every member of the other's.
+
+    Walking ``order``, the first unassigned node becomes a leader (kept) and takes every unassigned
+    node directly linked to it: its own classes and the classes one near edge away. Each taken node
+    is within the threshold of its leader, never of a neighbour only. A class is taken whole the
+    first time any leader reaches it, so the work is linear in nodes plus edges. Returns
+    ``(leader, rule)``: each node's leader (itself when it leads) and the index of the rule that
+    linked it (-1 for leaders).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    leader = np.full(n, -1, dtype=np.int64)
+    linked_by = np.full(n, -1, dtype=np.int64)
+    per_rule = []
+    for sa, sb, na, nb in rules:
+        sa, sb = np.asarray(sa, np.int64), np.asarray(sb, np.int64)
+        graph = coo_matrix((np.ones(len(sa), dtype=np.int8), (sa, sb)), shape=(n, n))
+        k, cls = connected_components(graph, directed=False)
+        mem_off, mem = _csr(cls, np.arange(n, dtype=np.int64), k)
+        ca, cb = cls[np.asarray(na, np.int64)], cls[np.asarray(nb, np.int64)]
+        keep = ca != cb
+        ca, cb = ca[keep], cb[keep]
+        adj_off, adj = _csr(np.concatenate([ca, cb]), np.concatenate([cb, ca]), k)
+        per_rule.append(
+            (cls.tolist(), mem_off.tolist(), mem.tolist(), adj_off.tolist(), adj.tolist(), [False] * k)
+        )
+    lead = leader.tolist()
+    by = linked_by.tolist()
+    for v in np.asarray(order, dtype=np.int64).tolist():
+        if lead[v] >= 0:
+            continue
+        lead[v] = v
+        for r, (cls, mem_off, mem, adj_off, adj, taken) in enumerate(per_rule):
+            c = cls[v]
+            for t in [c, *adj[adj_off[c] : adj_off[c + 1]]]:
+                if taken[t]:
+                    continue
+                taken[t] = True
+                for m in mem[mem_off[t] : mem_off[t + 1]]:
+                    if lead[m] < 0:
+                        lead[m] = v
+                        by[m] = r
+    return np.asarray(lead, dtype=np.int64), np.asarray(by, dtype=np.int64)

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def hashes_from_pixels(pixels: np.ndarray) -> np.ndarray:
 # Measured on 2,000 photos of ~800 px (bench/phash.py): 1.05 bits from imagehash on average, and
 # 98.5% of the edits imagehash finds within radius 6 found, at a fifth of its cost. A target of 128
 # halves the disagreement (0.53 bits) but decodes at 1/2 or 1/4 scale: ~35% slower.
-REDUCE_TO = 2 * IMG_SIZE
+REDUCE_TO = 4 * IMG_SIZE
 
 
 def _reduce_factor(w: int, h: int) -> int:
@@ -87,48 +87,118 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
-def _small_gray(img: Image.Image) -> np.ndarray:
-    alpha = _has_alpha(img)
-    if alpha:
+# Line art (a drawing on a white page) loses its thin strokes when it is rescaled and recompressed:
+# a 1 px line at 70% scale becomes a faint 0.7 px one and JPEG rings around it, so the 32x32 pixels
+# the DCT sees change and a plain pHash moves 12-30 bits. Such images are recognised by their page
+# (at least LINE_ART_WHITE of the reduced pixels near white) and their strokes are thickened by a
+# 3x3 minimum filter at the reduced size (64-127 px on the short side: ~1/40 of the image) before
+# the final resize, so every copy hashes the same thick strokes. Photos are never touched.
+# bench/decisions.py measures the effect on planted clip-art and photo edits.
+LINE_ART_WHITE = 0.5
+_WHITE_LEVEL = 235
+
+# The colour signature: the mean colour of each cell of a COLOR_GRID x COLOR_GRID grid, in CIELAB
+# (L*, a*+128, b*+128, one byte each), from the same reduced pixels as the hash. pHash sees
+# luminance structure only, so recoloured variants of one drawing (flags, icons, cards) collide;
+# their cell colours differ by tens of Delta-E while a resize or recompression moves them by a few.
+COLOR_GRID = 4
+COLOR_BYTES = COLOR_GRID * COLOR_GRID * 3
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """The image as a viewer sees it (transparency over white), RGB or L, box-reduced by the power
+    of two that keeps its short side >= REDUCE_TO."""
+    if _has_alpha(img):
         # Hash what a viewer sees: transparent pixels over white. imagehash drops alpha instead,
         # which hashes the (often black, arbitrary) colour under transparency: on the demo's
-        # clip art that made 21 of 300 unrelated images share the all-zero hash.
-        img = img.convert("RGBA")
+        # clip art that made 21 of 300 unrelated images share the all-zero hash. Composite before
+        # reducing: reduce() averages the colour under transparent pixels into visible ones, which
+        # made a PNG and its matted copy hash apart.
+        rgba = img.convert("RGBA")
+        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img.alpha_composite(rgba)
+        img = img.convert("RGB")
     elif img.mode not in ("L", "RGB"):
-        img = img.convert("L")  # reduce() does not take palette or 16-bit modes
+        img = img.convert("RGB")  # reduce() does not take palette, CMYK or 16-bit modes
     k = _reduce_factor(*img.size)
-    if k > 1:
-        img = img.reduce(k)
-    if alpha:
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        white.alpha_composite(img)
-        img = white
-    if img.mode != "L":
-        img = img.convert("L")
-    if img.size != (IMG_SIZE, IMG_SIZE):
-        img = img.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS)
-    return np.asarray(img, dtype=np.uint8)
+    return img.reduce(k) if k > 1 else img
+
+
+def _is_line_art(gray: np.ndarray) -> bool:
+    return gray.size > 0 and float(np.mean(gray >= _WHITE_LEVEL)) >= LINE_ART_WHITE
+
+
+def _hash_pixels(img: Image.Image) -> np.ndarray:
+    gray = img if img.mode == "L" else img.convert("L")
+    if _is_line_art(np.asarray(gray)):
+        # The strokes are thickened at one fixed scale (short side REDUCE_TO, area-averaged), so a
+        # drawing and its rescaled copy get the same stroke width relative to the picture.
+        w, h = gray.size
+        r = REDUCE_TO / min(w, h)
+        if r < 1:
+            gray = gray.resize((max(1, round(w * r)), max(1, round(h * r))), Image.Resampling.BOX)
+        gray = gray.filter(ImageFilter.MinFilter(3))
+    if gray.size != (IMG_SIZE, IMG_SIZE):
+        gray = gray.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB values in [0, 255], shape (..., 3) -> (..., 3) float64."""
+    c = rgb / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _color_signature(img: Image.Image) -> bytes:
+    rgb = img.convert("RGB") if img.mode != "RGB" else img
+    cells = np.asarray(rgb.resize((COLOR_GRID, COLOR_GRID), Image.Resampling.BOX), dtype=np.float64)
+    lab = _srgb_to_lab(cells).reshape(-1, 3)
+    q = np.empty_like(lab)
+    q[:, 0] = lab[:, 0] * 2.55  # L* 0..100 -> 0..255
+    q[:, 1:] = lab[:, 1:] + 128
+    return np.clip(np.round(q), 0, 255).astype(np.uint8).tobytes()
+
+
+def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean CIE76 Delta-E over the grid cells of colour signatures (rows of COLOR_BYTES uint8),
+    after removing the mean lightness difference: a brighter or darker copy (a global L* shift) is
+    the same picture, a recoloured one (a*, b* per cell) is not."""
+    x = np.asarray(a, dtype=np.float64).reshape(-1, COLOR_GRID * COLOR_GRID, 3)
+    y = np.asarray(b, dtype=np.float64).reshape(-1, COLOR_GRID * COLOR_GRID, 3)
+    d = x - y
+    d[..., 0] /= 2.55
+    d[..., 0] -= d[..., 0].mean(axis=1, keepdims=True)
+    return np.sqrt((d**2).sum(-1)).mean(-1)
+
+
+def signature_pil(img: Image.Image) -> tuple[int, bytes]:
+    """(pHash, colour signature) of an already decoded image (any mode), from one reduction.
+
+    This is the cheap path for stages that decode anyway (download, import): under a millisecond on
+    an 800 px RGB image, and the same hash (within ~1 bit) as ``signatures_bytes`` of its bytes.
+    """
+    small = _reduced(img)
+    return int(hashes_from_pixels(_hash_pixels(small)[None])[0]), _color_signature(small)
 
 
 def phash_pil(img: Image.Image) -> int:
-    """pHash of an already decoded image (any mode), as an int in [0, 2**64).
-
-    This is the cheap path for stages that decode anyway (download, import): ~0.7 ms on an 800 px
-    RGB image (~0.3 ms on a 256 px one), and the same hash (within ~1 bit) as ``phash_bytes`` of its
-    encoded bytes.
-    """
-    return int(hashes_from_pixels(_small_gray(img)[None])[0])
+    """pHash of an already decoded image (any mode), as an int in [0, 2**64)."""
+    return int(hashes_from_pixels(_hash_pixels(_reduced(img))[None])[0])
 
 
 def draft(img: Image.Image) -> None:
-    """Before ``load()``: let a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain, straight to
-    grayscale, exactly as ``phash_bytes`` does. A stage that decodes only to validate and hash (import)
-    calls this so its ``phash_pil`` of the result equals ``phash_bytes`` of the same bytes."""
+    """Before ``load()``: let a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain, exactly as
+    ``signatures_bytes`` does. A stage that decodes only to validate and hash (import) calls this so
+    its ``signature_pil`` of the result equals ``signatures_bytes`` of the same bytes."""
     if img.format == "JPEG":
-        img.draft("L", (REDUCE_TO, REDUCE_TO))
+        img.draft("RGB" if img.mode != "L" else "L", (REDUCE_TO, REDUCE_TO))
 
 
-def _decode_small(blob: bytes, max_pixels: int) -> np.ndarray:
+def _decode_small(blob: bytes, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         # Our own pixel cap below decides; Pillow's bomb warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -140,27 +210,35 @@ def _decode_small(blob: bytes, max_pixels: int) -> np.ndarray:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated GIF/WebP/APNG: hash the first frame, like imagehash does
         img.load()
-    return _small_gray(img)
+    return _reduced(img)
 
 
-def phash_bytes(blobs: Sequence[bytes | None], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[int | None]:
-    """pHashes of encoded images; None where a blob is None or does not decode."""
-    rows: list[np.ndarray] = []
+def signatures_bytes(
+    blobs: Sequence[bytes | None], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[tuple[int, bytes] | None]:
+    """(pHash, colour signature) of encoded images; None where a blob is None or does not decode."""
+    small: list[Image.Image] = []
     where: list[int] = []
-    out: list[int | None] = [None] * len(blobs)
+    out: list[tuple[int, bytes] | None] = [None] * len(blobs)
     for i, blob in enumerate(blobs):
         if blob is None:
             continue
         try:
-            rows.append(_decode_small(blob, max_pixels))
+            small.append(_decode_small(blob, max_pixels))
         except Exception as e:  # a per-row failure is data (undecodable), not a crash
             log.debug("phash: image %d does not decode: %s", i, e)
             continue
         where.append(i)
-    if rows:
-        for i, h in zip(where, hashes_from_pixels(np.stack(rows)).tolist(), strict=True):
-            out[i] = h
+    if small:
+        hashes = hashes_from_pixels(np.stack([_hash_pixels(s) for s in small])).tolist()
+        for i, s, h in zip(where, small, hashes, strict=True):
+            out[i] = (h, _color_signature(s))
     return out
+
+
+def phash_bytes(blobs: Sequence[bytes | None], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[int | None]:
+    """pHashes of encoded images; None where a blob is None or does not decode."""
+    return [None if s is None else s[0] for s in signatures_bytes(blobs, max_pixels)]
 
 
 def hamming(a: int, b: int) -> int:

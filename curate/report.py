@@ -222,7 +222,7 @@ def _items(table: pa.Table, note_col: str | None = None) -> list[dict[str, Any]]
     cols = table.column_names
     out = []
     for i, row in enumerate(table.select([c for c in cols if c not in (
-            schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING)]).to_pylist()):
+            schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING, schema.COLOR_SIG)]).to_pylist()):
         note = []
         if note_col and row.get(note_col):
             note.append(str(row[note_col]))

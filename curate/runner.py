@@ -301,6 +301,7 @@ def prepare(
         if not inp.is_complete():
             what = "does not exist" if not inp.fs.exists(inp.root) else "is not a complete curate dataset (no _manifest.json)"
             raise ConfigError(f"{stage}: input {input} {what}")
+        stage_cls(cfg).check_input(inp)
         input_id = {"url": inp.url, "manifest": fingerprint(inp.manifest())}
     else:
         from curate.dataset import url_to_fs

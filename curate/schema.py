@@ -32,6 +32,7 @@ IMAGE_FORMAT = "image_format"  # member extension: jpg, png, webp
 
 # dedup
 PHASH = "phash"
+COLOR_SIG = "color_sig"  # 4x4 grid of mean CIELAB colours, 48 bytes, from the same decode as the pHash
 DUP_OF = "dup_of"
 
 # clip
@@ -79,6 +80,7 @@ TYPES: dict[str, pa.DataType] = {
     IMAGE_LENGTH: pa.int64(),
     IMAGE_FORMAT: pa.string(),
     PHASH: pa.uint64(),
+    COLOR_SIG: pa.binary(48),
     DUP_OF: pa.string(),
     CLIP_SCORE: pa.float32(),
     CLIP_CONCEPT: pa.string(),

@@ -126,6 +126,10 @@ class Stage:
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         raise NotImplementedError
 
+    def check_input(self, input: Dataset) -> None:
+        """Cheap checks of the input dataset before any work starts (no Ray yet): raise
+        ``curate.config.ConfigError`` with one line naming the problem and its fix."""
+
     def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
         """Why a sample was kept or dropped, for ``curate inspect --uid`` (optional)."""
         return None

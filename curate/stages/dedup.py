@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from curate import neardup, phash, schema
+from curate.config import ConfigError
 from curate.dataset import PLAN_DIR, Dataset, read_images, sha256_hex, tmp_name, write_parquet
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 
@@ -60,6 +61,7 @@ _ROW, _SHA_HI, _SHA_LO, _CAP_HI, _CAP_LO, _PIXELS, _SIG = (
     "minhash",
 )
 _GID, _KIND, _CLUSTER, _KEPT = "gid", "kind", "cluster", "kept"
+_DISTANCE, _CONFIRM = "distance", "confirm"  # to the kept row: pHash bits; Delta-E or cosine
 _MERSENNE = (1 << 61) - 1
 
 
@@ -84,6 +86,17 @@ class DedupConfig(StageConfig):
     minhash_bands: int = Field(16, ge=1)
     shingle_chars: int = Field(4, ge=1, le=16)
     max_pixels: int = Field(phash.DEFAULT_MAX_PIXELS, ge=1)
+    # A pHash pair counts only when a second signal agrees: color (the colour signatures that
+    # download / import store beside the pHash, mean Delta-E <= color_threshold), clip (image
+    # embeddings written by `clip` with embeddings: true, cosine >= clip_threshold) or none.
+    confirm: Literal["color", "clip", "none"] = "color"
+    # Mean CIE76 Delta-E over the 4x4 grid. bench/decisions.py: planted resizes / recompressions /
+    # crops / overlaid text of real clip art and photos move it by at most ~5; recoloured variants
+    # of one drawing by tens.
+    color_threshold: float = Field(8.0, gt=0, le=100)
+    clip_threshold: float = Field(0.9, ge=-1, le=1)
+    # Compute missing colour signatures from the image bytes (datasets written before they existed).
+    rehash: bool = False
 
     @model_validator(mode="after")
     def _blocks(self) -> DedupConfig:
@@ -168,26 +181,36 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
         schema.UID,
         schema.SHA256,
         schema.PHASH,
+        schema.COLOR_SIG,
         schema.CAPTION,
         schema.WIDTH,
         schema.HEIGHT,
         schema.CLIP_SCORE,
     ]
-    t = inp.read_shard(job.shard, columns=cols)
+    have_cols = set(inp.schema().names)
+    t = inp.read_shard(job.shard, columns=[c for c in cols if c in have_cols])
     n = t.num_rows
     have = set(t.column_names)
     hashes = t.column(schema.PHASH).to_pylist() if schema.PHASH in have else [None] * n
+    colors = t.column(schema.COLOR_SIG).to_pylist() if schema.COLOR_SIG in have else [None] * n
     shas = t.column(schema.SHA256).to_pylist() if schema.SHA256 in have else [None] * n
-    missing = [i for i in range(n) if hashes[i] is None or ("exact" in kinds and shas[i] is None)]
+    need_color = cfg.confirm == "color" and cfg.rehash
+    missing = [
+        i
+        for i in range(n)
+        if hashes[i] is None
+        or ("exact" in kinds and shas[i] is None)
+        or (need_color and colors[i] is None)
+    ]
     if missing:
-        # only the rows without a hash are read back from their tars
+        # only the rows without a hash (or colour signature) are read back from their tars
         ptr = inp.read_shard(job.shard, columns=list(schema.POINTER_COLUMNS)).take(missing)
         blobs = read_images(ptr)
-        new = phash.phash_bytes([b for b in blobs], max_pixels=cfg.max_pixels)
-        for i, blob, h in zip(missing, blobs, new, strict=True):
-            if hashes[i] is None:
-                hashes[i] = h
-            if shas[i] is None and blob is not None and h is not None:
+        new = phash.signatures_bytes(blobs, max_pixels=cfg.max_pixels)
+        for i, blob, sig in zip(missing, blobs, new, strict=True):
+            if sig is not None and (hashes[i] is None or colors[i] is None):
+                hashes[i], colors[i] = sig
+            if shas[i] is None and blob is not None and sig is not None:
                 shas[i] = sha256_hex(blob)
     sha_hi, sha_lo = [], []
     for s in shas:
@@ -205,6 +228,7 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
         _ROW: pa.array(range(n), pa.int32()),
         schema.UID: t.column(schema.UID),
         schema.PHASH: pa.array(hashes, pa.uint64()),
+        schema.COLOR_SIG: pa.array(colors, schema.TYPES[schema.COLOR_SIG]),
         _SHA_HI: pa.array(sha_hi, pa.uint64()),
         _SHA_LO: pa.array(sha_lo, pa.uint64()),
         _CAP_HI: pa.array([k[0] for k in cap_keys], pa.uint64()),
@@ -234,6 +258,25 @@ def _u64(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(col.fill_null(0).to_numpy(), dtype=np.uint64), valid
 
 
+def _colors(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Colour signatures as (N, COLOR_BYTES) uint8 (zeros where null) and their validity."""
+    arr = col.combine_chunks()
+    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    arr = pc.fill_null(arr, pa.scalar(bytes(phash.COLOR_BYTES), arr.type))
+    data = np.frombuffer(arr.buffers()[1], dtype=np.uint8)
+    start = arr.offset * phash.COLOR_BYTES
+    return data[start : start + len(arr) * phash.COLOR_BYTES].reshape(-1, phash.COLOR_BYTES), valid
+
+
+def _near_groups(cfg: DedupConfig, keys: pa.Table, h: np.ndarray) -> np.ndarray | None:
+    """What makes two rows identical for a near rule: the pHash, and the colour signature when
+    colour confirms (rows with one pHash but other colours are then compared like any near pair)."""
+    if cfg.confirm != "color":
+        return None
+    c, _ = _colors(keys.column(schema.COLOR_SIG))
+    return np.column_stack([h, np.ascontiguousarray(c).view(np.uint64)])
+
+
 def _mix2(parts: list[np.ndarray]) -> np.ndarray:
     """Combine several uint64 key columns into two (a 128-bit key), order-sensitive."""
     hi = np.full(len(parts[0]), 0x243F6A8885A308D3, dtype=np.uint64)
@@ -260,20 +303,21 @@ def _rule_key(keys: pa.Table, kinds: list[str]) -> tuple[np.ndarray | None, np.n
     return _mix2(parts), valid
 
 
-def _near_in_groups(ids, key, hashes, radius) -> tuple[np.ndarray, np.ndarray]:
+def _near_in_groups(ids, key, hashes, radius, groups=None) -> tuple[np.ndarray, np.ndarray]:
     """Pairs with equal exact key AND pHash within radius (rows already filtered to valid ones)."""
     if len(ids) < 2:
         e = np.empty(0, np.int64)
         return e, e
     order = np.lexsort((ids, key[:, 1], key[:, 0]))
     k, i, h = key[order], ids[order], hashes[order]
+    g = None if groups is None else groups[order]
     new = np.ones(len(i), dtype=bool)
     new[1:] = np.any(k[1:] != k[:-1], axis=1)
     starts = np.flatnonzero(new)
     sizes = np.diff(np.append(starts, len(i)))
     pa_, pb_ = [], []
     for s, z in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
-        a, b = neardup.near_pairs_sort(h[s : s + z], radius)
+        a, b = neardup.near_pairs_sort(h[s : s + z], radius, groups=None if g is None else g[s : s + z])
         pa_.append(i[s : s + z][a])
         pb_.append(i[s : s + z][b])
     e = np.empty(0, np.int64)
@@ -328,19 +372,23 @@ def _edges_local(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Edges of each rule, in one process (keys: all shards' plan rows, gids: their global ids)."""
     h, hvalid = _u64(keys.column(schema.PHASH))
+    groups = _near_groups(cfg, keys, h)
     out = []
     for rule in cfg.rules:
         kinds = rule.split("+")
         key, valid = _rule_key(keys, kinds)
         if "near" in kinds:
             valid &= hvalid
-            if key is None:
+            g = None if groups is None else groups[valid]
+            if key is None and cfg.radius == 0 and g is not None:
+                out.append(neardup.equal_key_pairs(gids[valid], g))
+            elif key is None:
                 find = neardup.near_pairs_faiss if engine == "faiss" else neardup.near_pairs_sort
-                a, b = find(h[valid], cfg.radius, cfg.blocks)
+                a, b = find(h[valid], cfg.radius, cfg.blocks, g)
                 ids = gids[valid]
                 out.append((ids[a], ids[b]))
             else:
-                out.append(_near_in_groups(gids[valid], key[valid], h[valid], cfg.radius))
+                out.append(_near_in_groups(gids[valid], key[valid], h[valid], cfg.radius, g))
         elif "caption_near" in kinds:
             sigs, valid = _sigs(keys, valid, cfg.minhash_perms)
             per = cfg.minhash_perms // cfg.minhash_bands
@@ -377,6 +425,9 @@ def _partition_shard(job: _PartJob) -> int:
     keys = pq.read_table(_plan_path(out, "keys", f"{job.shard:08d}.parquet"), filesystem=out.fs)
     gids = job.offset + np.arange(keys.num_rows, dtype=np.int64)
     h, hvalid = _u64(keys.column(schema.PHASH))
+    groups = _near_groups(cfg, keys, h)
+    if groups is None:
+        groups = h[:, None]
     scheme = neardup.Scheme(cfg.radius, job.blocks) if cfg.radius > 0 else None
     for r, rule in enumerate(cfg.rules):
         kinds = rule.split("+")
@@ -406,10 +457,10 @@ def _partition_shard(job: _PartJob) -> int:
                 _save_npz(out, _part_path(out, r, q, job.shard), arrays)
             continue
         if "near" in kinds and key is None:
-            if scheme is None:  # radius 0: identical hashes, an exact key
-                key = np.stack([h, h], axis=1)
+            if scheme is None:  # radius 0: identical hashes (and colours), an exact key
+                key = _mix2(list(groups.T))
             else:
-                pieces = neardup.partition_rows(scheme, gids[valid], h[valid], job.parts)
+                pieces = neardup.partition_rows(scheme, gids[valid], h[valid], job.parts, groups[valid])
                 for q, piece in enumerate(pieces):
                     _save_npz(out, _part_path(out, r, q, job.shard), piece)
                 continue
@@ -417,7 +468,9 @@ def _partition_shard(job: _PartJob) -> int:
         for q in range(job.parts):
             sel = valid & (p == q)
             _save_npz(
-                out, _part_path(out, r, q, job.shard), {"id": gids[sel], "key": key[sel], "hash": h[sel]}
+                out,
+                _part_path(out, r, q, job.shard),
+                {"id": gids[sel], "key": key[sel], "hash": h[sel], "group": groups[sel]},
             )
     return job.shard
 
@@ -485,7 +538,8 @@ def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
     key = np.concatenate([p["key"] for p in pieces]).reshape(-1, 2).astype(np.uint64)
     h = np.concatenate([p["hash"] for p in pieces]).astype(np.uint64)
     if "near" in kinds:
-        a, b = _near_in_groups(ids, key, h, cfg.radius)
+        g = np.concatenate([p["group"] for p in pieces]).astype(np.uint64)
+        a, b = _near_in_groups(ids, key, h, cfg.radius, g)
     else:
         a, b = neardup.equal_key_pairs(ids, key)
     return job.rule, a, b
@@ -495,32 +549,82 @@ def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class _MembersJob:
     output_url: str
+    input_url: str
     shard: int
     offset: int
     rows: tuple[int, ...]
+    embeddings: bool = False
 
 
-def _members(job: _MembersJob) -> dict[str, np.ndarray | list]:
-    """uid, pHash and keep scores of the given rows of one shard (cluster members only)."""
+def _members(job: _MembersJob) -> dict[str, Any]:
+    """Everything the decision needs of the given rows of one shard (cluster candidates only): uid,
+    keep scores, the per-rule identity keys and the confirmation signals."""
     out = Dataset(job.output_url)
-    t = pq.read_table(
-        _plan_path(out, "keys", f"{job.shard:08d}.parquet"),
-        columns=[schema.UID, schema.PHASH, _PIXELS, schema.CLIP_SCORE],
-        filesystem=out.fs,
-    ).take(pa.array(job.rows, pa.int64()))
-    clip = t.column(schema.CLIP_SCORE).to_numpy(zero_copy_only=False)
-    return {
+    rows = pa.array(job.rows, pa.int64())
+    t = pq.read_table(_plan_path(out, "keys", f"{job.shard:08d}.parquet"), filesystem=out.fs).take(rows)
+    res: dict[str, Any] = {
         "gid": job.offset + np.asarray(job.rows, dtype=np.int64),
-        "uid": t.column(schema.UID).to_pylist(),
-        "phash": t.column(schema.PHASH).to_pylist(),
-        "pixels": t.column(_PIXELS).to_numpy(),
-        "clip": np.nan_to_num(np.asarray(clip, dtype=np.float64), nan=-np.inf),
+        "table": t.drop_columns([c for c in (_ROW,) if c in t.column_names]),
     }
+    if job.embeddings:
+        emb = Dataset(job.input_url).read_shard(job.shard, columns=[schema.IMAGE_EMBEDDING]).take(rows)
+        col = emb.column(0).combine_chunks()
+        dim = col.type.list_size
+        res["emb"] = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    return res
+
+
+def _identity(keys: pa.Table, kinds: list[str], color: bool) -> np.ndarray:
+    """Per row, the words that must be equal for two rows to be identical under a rule."""
+    parts: list[np.ndarray] = []
+    for kind, cols in (
+        ("exact", (_SHA_HI, _SHA_LO)),
+        ("caption", (_CAP_HI, _CAP_LO)),
+        ("near", (schema.PHASH,)),
+    ):
+        if kind in kinds:
+            parts += [_u64(keys.column(c))[0][:, None] for c in cols]
+    if "near" in kinds and color:
+        parts.append(np.ascontiguousarray(_colors(keys.column(schema.COLOR_SIG))[0]).view(np.uint64))
+    if "caption_near" in kinds:
+        col = keys.column(_SIG).combine_chunks()
+        parts.append(np.asarray(col.flatten().to_numpy(), dtype=np.uint64).reshape(keys.num_rows, -1))
+    return np.concatenate(parts, axis=1)
+
+
+def _confirms(cfg: DedupConfig) -> bool:
+    return cfg.confirm != "none" and any("near" in rule.split("+") for rule in cfg.rules)
+
+
+def missing_confirmation(cfg: DedupConfig, columns: list[str]) -> str | None:
+    """Why the input cannot confirm near pairs as configured (one line with the fix), or None."""
+    if not _confirms(cfg):
+        return None
+    # Without a stored pHash the scan hashes the bytes and gets both signals from that decode.
+    stored = schema.PHASH in columns
+    if cfg.confirm == "color" and stored and schema.COLOR_SIG not in columns and not cfg.rehash:
+        return (
+            f"dedup: the input has no {schema.COLOR_SIG} column (written before colour signatures "
+            "existed), so near duplicates cannot be confirmed; rerun import/download, or add "
+            "--set rehash=true to compute it from the image bytes, or --set confirm=none"
+        )
+    if cfg.confirm == "clip" and schema.IMAGE_EMBEDDING not in columns:
+        return (
+            f"dedup: confirm=clip needs the {schema.IMAGE_EMBEDDING} column; run `clip` with "
+            "--set embeddings=true first, or use --set confirm=color"
+        )
+    return None
 
 
 class DedupStage(Stage):
     name = NAME
     Config = DedupConfig
+
+    def check_input(self, input: Dataset) -> None:
+        schema_ = input.schema()
+        why = missing_confirmation(self.config, list(schema_.names) if schema_ is not None else [])
+        if why:
+            raise ConfigError(why)
 
     # -- plan ----------------------------------------------------------------------------------
     def plan(self, ctx: PlanContext) -> list[int] | None:
@@ -610,54 +714,93 @@ class DedupStage(Stage):
         undecodable: np.ndarray,
     ) -> None:
         out = ctx.output
-        ea = np.concatenate([a for a, _ in edges]) if edges else np.empty(0, np.int64)
-        eb = np.concatenate([b for _, b in edges]) if edges else np.empty(0, np.int64)
-        rule_of = (
-            np.concatenate([np.full(len(a), r, np.int64) for r, (a, _) in enumerate(edges)]) if edges else ea
-        )
-        nodes, label = neardup.components(ea, eb)
-        # each node's kind: the first rule (in config order) among its edges
-        kind = np.full(len(nodes), len(cfg.rules), np.int64)
-        for side in (ea, eb):
-            np.minimum.at(kind, np.searchsorted(nodes, side), rule_of)
-        # fetch uid / phash / keep scores of the members, shard by shard
+        empty = np.empty(0, np.int64)
+        nodes = np.unique(np.concatenate([empty, *(x for e in edges for x in e)]))
+        # fetch what the decision needs of every candidate, shard by shard in gid order
         starts = np.array([offsets[n] for n in shards], dtype=np.int64)
-        which = np.searchsorted(starts, nodes, side="right") - 1 if len(shards) else np.empty(0, np.int64)
+        which = np.searchsorted(starts, nodes, side="right") - 1 if len(shards) else empty
+        use_clip = cfg.confirm == "clip" and _confirms(cfg)
         jobs = []
         for j, n in enumerate(shards):
             sel = nodes[which == j]
             if len(sel):
-                jobs.append(_MembersJob(out.url, n, offsets[n], tuple((sel - offsets[n]).tolist())))
+                rows = tuple((sel - offsets[n]).tolist())
+                jobs.append(_MembersJob(out.url, ctx.input.url, n, offsets[n], rows, use_clip))
         mem = ctx.map(_members, jobs) if jobs else []
-        uid = [u for m in mem for u in m["uid"]]
-        ph = [p for m in mem for p in m["phash"]]
-        pixels = np.concatenate([m["pixels"] for m in mem]) if mem else np.empty(0, np.int64)
-        clip = np.concatenate([m["clip"] for m in mem]) if mem else np.empty(0)
-        # jobs go shard by shard in offset order, so members come back in node (gid) order
-        if cfg.keep == "resolution":
-            order = np.lexsort((nodes, -clip, -pixels, label))
-        elif cfg.keep == "clip_score":
-            order = np.lexsort((nodes, -pixels, -clip, label))
+        m = len(nodes)
+        if mem:
+            keys = pa.concat_tables([x["table"] for x in mem])
         else:
-            order = np.lexsort((nodes, label))
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = label[order][1:] != label[order][:-1]
-        keeper_pos = np.empty(len(nodes), np.int64)
-        keeper_pos[order] = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
-        kept = keeper_pos == np.arange(len(nodes))
+            keys = pa.table({schema.UID: pa.array([], pa.string())})
+        uid = keys.column(schema.UID).to_pylist()
+        ph = keys.column(schema.PHASH).to_numpy(zero_copy_only=False) if m else np.empty(0, np.uint64)
+        pixels = keys.column(_PIXELS).to_numpy() if m else empty
+        clip = keys.column(schema.CLIP_SCORE).to_numpy(zero_copy_only=False) if m else np.empty(0)
+        clip = np.nan_to_num(np.asarray(clip, dtype=np.float64), nan=-np.inf)
+        color, color_ok = _colors(keys.column(schema.COLOR_SIG)) if m else (np.empty((0, 48)), empty)
+        emb = np.concatenate([x["emb"] for x in mem]) if use_clip and mem else None
+
+        def confirmation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            """The second signal between node positions a and b (Delta-E, or cosine)."""
+            if use_clip:
+                return np.einsum("ij,ij->i", emb[a], emb[b])
+            d = phash.color_distance(color[a], color[b])
+            return np.where(color_ok[a] & color_ok[b], d, np.inf)
+
+        def confirmed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            if not _confirms(cfg):
+                return np.ones(len(a), dtype=bool)
+            c = confirmation(a, b)
+            return c >= cfg.clip_threshold if use_clip else c <= cfg.color_threshold
+
+        split = []
+        for rule, (ea, eb) in zip(cfg.rules, edges, strict=True):
+            kinds = rule.split("+")
+            a, b = np.searchsorted(nodes, ea), np.searchsorted(nodes, eb)
+            if m:
+                ident = _identity(keys, kinds, cfg.confirm == "color")
+                same = np.all(ident[a] == ident[b], axis=1)
+            else:
+                same = np.ones(0, dtype=bool)
+            near = ~same
+            if "near" in kinds:
+                near &= confirmed(a, b)
+            split.append((a[same], b[same], a[near], b[near]))
+        # keep policy: best first, ties by position (gid)
+        if cfg.keep == "resolution":
+            order = np.lexsort((nodes, -clip, -pixels))
+        elif cfg.keep == "clip_score":
+            order = np.lexsort((nodes, -pixels, -clip))
+        else:
+            order = np.argsort(nodes, kind="stable")
+        leader, by = neardup.leader_clusters(m, order, split)
+        pos = np.arange(m)
+        kept = leader == pos
+        in_cluster = ~kept | np.isin(pos, leader[~kept])
+        distance = np.full(m, -1, dtype=np.int64)
+        score = np.full(m, np.nan)
+        d = ~kept
+        distance[d] = phash.hamming_np(ph[d], ph[leader[d]]).astype(np.int64)
+        if _confirms(cfg) and d.any():
+            score[d] = confirmation(pos[d], leader[d])
         rules = [*cfg.rules, ""]
+        c = in_cluster
         clusters = pa.table(
             {
-                _GID: pa.array(nodes, pa.int64()),
-                schema.UID: pa.array(uid, pa.string()),
-                _CLUSTER: pa.array(label, pa.int64()),
-                _KEPT: pa.array(kept),
-                _KIND: pa.array([rules[k] for k in kind.tolist()], pa.string()),
+                _GID: pa.array(nodes[c], pa.int64()),
+                schema.UID: pa.array([u for u, x in zip(uid, c, strict=True) if x], pa.string()),
+                _CLUSTER: pa.array(nodes[leader[c]], pa.int64()),
+                _KEPT: pa.array(kept[c]),
+                _KIND: pa.array([rules[k] for k in by[c].tolist()], pa.string()),
                 schema.DUP_OF: pa.array(
-                    [None if kept[i] else uid[keeper_pos[i]] for i in range(len(nodes))], pa.string()
+                    [None if kept[i] else uid[leader[i]] for i in np.flatnonzero(c).tolist()], pa.string()
                 ),
-                schema.PHASH: pa.array(ph, pa.uint64()),
-                _PIXELS: pa.array(pixels, pa.int64()),
+                schema.PHASH: pa.array(ph[c], pa.uint64()),
+                _PIXELS: pa.array(pixels[c], pa.int64()),
+                _DISTANCE: pa.array(np.where(distance[c] >= 0, distance[c], None).tolist(), pa.int32()),
+                _CONFIRM: pa.array(
+                    [None if np.isnan(x) or np.isinf(x) else float(x) for x in score[c].tolist()], pa.float32()
+                ),
             }
         )
         _write_atomic(out, clusters, _plan_path(out, "clusters.parquet"))
@@ -665,8 +808,8 @@ class DedupStage(Stage):
         for j, n in enumerate(shards):
             sel = (which == j) & ~kept
             rows = (nodes[sel] - offsets[n]).tolist()
-            dup = [uid[i] for i in keeper_pos[sel].tolist()]
-            kinds = [rules[k] for k in kind[sel].tolist()]
+            dup = [uid[i] for i in leader[sel].tolist()]
+            kinds = [rules[k] for k in by[sel].tolist()]
             und = (undecodable[und_by_shard == j] - offsets[n]).tolist()
             table = pa.table(
                 {
@@ -682,7 +825,7 @@ class DedupStage(Stage):
         out = ctx.output
         keys = pq.read_table(
             _plan_path(out, "keys", f"{ctx.shard:08d}.parquet"),
-            columns=[schema.UID, schema.PHASH],
+            columns=[schema.UID, schema.PHASH, schema.COLOR_SIG],
             filesystem=out.fs,
         )
         if keys.num_rows != table.num_rows or not keys.column(schema.UID).equals(table.column(schema.UID)):
@@ -703,6 +846,7 @@ class DedupStage(Stage):
             dup_of[row] = d
         ctx.stats["duplicates"] = sum(1 for d in dup_of if d is not None)
         table = schema.with_column(table, schema.PHASH, keys.column(schema.PHASH))
+        table = schema.with_column(table, schema.COLOR_SIG, keys.column(schema.COLOR_SIG))
         table = schema.with_column(table, schema.DUP_OF, pa.array(dup_of, pa.string()))
         return schema.with_column(table, schema.DROP_REASON, pa.array(reasons, pa.string()))
 
@@ -717,7 +861,9 @@ class DedupStage(Stage):
             return {"duplicate_cluster": None, "note": "no duplicate of this sample was found"}
         cluster = hit.column(_CLUSTER)[0].as_py()
         members = t.filter(pc.equal(t.column(_CLUSTER), cluster))
-        rows = members.select([schema.UID, _KEPT, _KIND, schema.DUP_OF, schema.PHASH, _PIXELS]).to_pylist()
+        rows = members.select(
+            [schema.UID, _KEPT, _KIND, schema.DUP_OF, _DISTANCE, _CONFIRM, schema.PHASH, _PIXELS]
+        ).to_pylist()
         for r in rows:
             r[schema.PHASH] = None if r[schema.PHASH] is None else phash.to_hex(r[schema.PHASH])
             if r[schema.PHASH] is not None:
@@ -726,6 +872,16 @@ class DedupStage(Stage):
         kept = [r[schema.UID] for r in rows if r[_KEPT]]
         return {
             "duplicate_cluster": cluster,
+            "rule": (
+                f"a dropped member is within radius {self.config.radius} of the kept one"
+                + (
+                    f" and confirmed by {self.config.confirm}"
+                    if _confirms(self.config)
+                    else ""
+                )
+                + "; distance = pHash bits to the kept member, confirm = "
+                + ("colour Delta-E" if self.config.confirm == "color" else "CLIP cosine")
+            ),
             "size": len(rows),
             "kept": kept[0] if kept else None,
             "members": rows,

@@ -99,9 +99,9 @@ class DownloadStage(Stage):
         log.debug("images: %s %s", "Pillow-SIMD" if pillow_simd() else "Pillow", PIL.__version__)
         if self.config.compute_phash:
             try:
-                from curate.phash import phash_pil
+                from curate.phash import signature_pil
 
-                self._phash = phash_pil
+                self._phash = signature_pil
             except ImportError:
                 log.warning("curate.phash is not available; phash left empty")
 
@@ -280,7 +280,8 @@ class DownloadStage(Stage):
         cols: dict[str, list] = {c: [] for c in (
             schema.KEY, schema.STATUS, schema.ERROR_MESSAGE, schema.WIDTH, schema.HEIGHT,
             schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.SHA256, schema.IMAGE_TAR,
-            schema.IMAGE_OFFSET, schema.IMAGE_LENGTH, schema.IMAGE_FORMAT, schema.PHASH, schema.DROP_REASON)}
+            schema.IMAGE_OFFSET, schema.IMAGE_LENGTH, schema.IMAGE_FORMAT, schema.PHASH, schema.COLOR_SIG,
+            schema.DROP_REASON)}
         for r in results:
             for c in cols:
                 cols[c].append(r.get(c))
@@ -326,11 +327,11 @@ class DownloadStage(Stage):
         def cpu(data: bytes) -> tuple[Any, str | None, int | None, float]:
             p = process_image(data, cfg.image, keep_image=self._phash is not None)
             sha = hashlib.sha256(p.data).hexdigest() if p.data is not None else None
-            ph, t = None, 0.0
+            ph, t = (None, None), 0.0
             if p.image is not None:
                 t = time.perf_counter()
                 try:
-                    ph = self._phash(p.image)
+                    ph = self._phash(p.image)  # (pHash, colour signature) from this decode
                 except Exception:  # noqa: BLE001 - a hash failure must not lose the image
                     log.debug("phash failed", exc_info=True)
                 t = time.perf_counter() - t
@@ -393,7 +394,8 @@ class DownloadStage(Stage):
                                 schema.WIDTH: p.width, schema.HEIGHT: p.height,
                                 schema.ORIGINAL_WIDTH: p.original_width,
                                 schema.ORIGINAL_HEIGHT: p.original_height,
-                                schema.SHA256: sha, schema.IMAGE_FORMAT: p.ext, schema.PHASH: ph,
+                                schema.SHA256: sha, schema.IMAGE_FORMAT: p.ext,
+                                schema.PHASH: ph[0], schema.COLOR_SIG: ph[1],
                                 "_bytes": p.data,
                             })
                     if r[schema.STATUS] != schema.STATUS_SUCCESS:

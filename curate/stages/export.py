@@ -504,7 +504,7 @@ def _batch_end(lengths: list[int | None], start: int, budget: int) -> int:
 def _nested(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
             or pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_binary(t)
-            or pa.types.is_large_binary(t))
+            or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t))
 
 
 def _json_value(v: Any) -> Any:

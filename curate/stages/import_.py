@@ -70,6 +70,7 @@ _COMPUTED = {
     schema.IMAGE_LENGTH,
     schema.IMAGE_FORMAT,
     schema.PHASH,
+    schema.COLOR_SIG,
     schema.KEY,
     schema.DROP_REASON,
 }
@@ -97,6 +98,7 @@ _ORDER = (
     schema.SHA256,
     schema.ORIGINAL_SHA256,
     schema.PHASH,
+    schema.COLOR_SIG,
     schema.IMAGE_TAR,
     schema.IMAGE_OFFSET,
     schema.IMAGE_LENGTH,
@@ -255,8 +257,8 @@ def _idx_line(members: dict[str, tuple[int, int, str]]) -> str:
 
 
 # -- per row -----------------------------------------------------------------------------------
-def _decode(data: bytes, cfg: ImportConfig, phash_pil) -> tuple[int, int, int | None]:
-    """(width, height, phash) of the image; raises _Reject when it is not usable."""
+def _decode(data: bytes, cfg: ImportConfig, signature) -> tuple[int, int, tuple[int, bytes] | None]:
+    """(width, height, (pHash, colour signature)) of the image; raises _Reject when it is not usable."""
     try:
         img = open_header(data, cfg.max_pixels)
     except ImageRejected as e:
@@ -270,7 +272,7 @@ def _decode(data: bytes, cfg: ImportConfig, phash_pil) -> tuple[int, int, int | 
         img.load()
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data
         raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
-    return w, h, (phash_pil(img) if phash_pil is not None else None)
+    return w, h, (signature(img) if signature is not None else None)
 
 
 class _Reject(Exception):
@@ -337,9 +339,9 @@ class ImportStage(Stage):
 
     def setup(self) -> None:
         if self.config.compute_phash:
-            from curate.phash import phash_pil
+            from curate.phash import signature_pil
 
-            self._phash = phash_pil
+            self._phash = signature_pil
 
     # -- plan ------------------------------------------------------------------------------
     def plan(self, ctx: PlanContext) -> list[int]:
@@ -490,7 +492,7 @@ class ImportStage(Stage):
         width: list[int | None] = [None] * n
         height: list[int | None] = [None] * n
         sha: list[str | None] = [None] * n
-        phash: list[int | None] = [None] * n
+        sigs: list[tuple[int, bytes] | None] = [None] * n
         json_rows: list[dict[str, Any]] = [{} for _ in range(n)]
         bad_json = 0
 
@@ -524,7 +526,7 @@ class ImportStage(Stage):
                     continue
                 sha[i] = hashlib.sha256(data).hexdigest()
                 try:
-                    width[i], height[i], phash[i] = _decode(data, cfg, self._phash)
+                    width[i], height[i], sigs[i] = _decode(data, cfg, self._phash)
                 except _Reject as r:
                     reasons[i], errors[i] = r.why, str(r)
 
@@ -577,7 +579,8 @@ class ImportStage(Stage):
                 out = schema.with_column(out, orig, now)
         out = schema.with_column(out, schema.SHA256, sha)
         if cfg.compute_phash:
-            out = schema.with_column(out, schema.PHASH, phash)
+            out = schema.with_column(out, schema.PHASH, [None if x is None else x[0] for x in sigs])
+            out = schema.with_column(out, schema.COLOR_SIG, [None if x is None else x[1] for x in sigs])
         out = schema.with_column(out, schema.IMAGE_TAR, [entry["tar"]] * n, pa.string())
         out = schema.with_column(out, schema.ERROR_MESSAGE, errors)
         out = schema.with_column(

@@ -83,9 +83,9 @@ def test_batch_equals_single_and_bad_input_is_none():
 
 def test_pixel_cap():
     blob = _jpeg(_photo(3, (800, 600)))
-    # JPEG is decoded at 1/8 scale here (100x75 = 7,500 px): the cap applies to that.
-    assert phash.phash_bytes([blob], max_pixels=7_000) == [None]
-    assert phash.phash_bytes([blob], max_pixels=8_000)[0] is not None
+    # JPEG is decoded at 1/4 scale here (200x150 = 30,000 px): the cap applies to that.
+    assert phash.phash_bytes([blob], max_pixels=29_999) == [None]
+    assert phash.phash_bytes([blob], max_pixels=30_000)[0] is not None
 
 
 def test_flat_image_is_deterministic():
@@ -121,5 +121,5 @@ def test_draft_then_pil_equals_bytes_path():
     img = Image.open(io.BytesIO(blob))
     phash.draft(img)
     img.load()
-    assert img.size == (100, 75)  # 1/8 scale, grayscale
+    assert img.size == (200, 150)  # 1/4 scale: the short side stays >= REDUCE_TO
     assert phash.phash_pil(img) == phash.phash_bytes([blob])[0]
