@@ -1,0 +1,252 @@
+"""Which rows dedup drops: no chains, colour and CLIP confirmation, every engine the same.
+
+Rows carry stored pHashes and colour signatures (as download / import write them), so each test
+sets the exact distances it is about; images are tiny real PNGs only so the rows are real rows.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageDraw
+
+from curate import phash, schema
+from curate.dataset import Dataset
+from curate.stages.dedup import DedupConfig, missing_confirmation
+from curate.testing.datasets import IMAGE, write_image_dataset
+
+from test_dedup_stage import run_inline
+
+ENGINES = ("sort", "faiss", "distributed")
+GREY = bytes([200, 128, 128] * 16)  # a light grey in every cell of the colour grid
+
+
+def _png(seed: int, size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (seed % 256, 7, 7)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _flip(h: int, bits: range) -> int:
+    for b in bits:
+        h ^= 1 << b
+    return h
+
+
+def _row(i: int, h: int, size: int, color: bytes = GREY, **extra) -> dict:
+    return {schema.UID: f"{i:032x}", schema.CAPTION: f"row {i}", IMAGE: _png(i), schema.IMAGE_FORMAT: "png",
+            schema.WIDTH: size, schema.HEIGHT: size, schema.PHASH: h, schema.COLOR_SIG: color, **extra}
+
+
+def _decisions(tables: dict[int, pa.Table]) -> dict[str, tuple[str | None, str | None]]:
+    rows = [r for t in tables.values() for r in t.to_pylist()]
+    return {r[schema.UID]: (r[schema.DROP_REASON], r[schema.DUP_OF]) for r in rows}
+
+
+A, B, C = (f"{i:032x}" for i in range(3))
+H_A = 0x0123456789ABCDEF & ((1 << 63) - 1)
+H_B = _flip(H_A, range(0, 5))  # 5 bits from A
+H_C = _flip(H_B, range(10, 15))  # 5 bits from B, 10 from A
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    # A is the largest, so it is kept first; B is within 6 bits of A and of C; C is 10 bits from A.
+    return write_image_dataset(str(root), [[_row(0, H_A, 300)], [_row(1, H_B, 200), _row(2, H_C, 100)]])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_chain_keeps_both_ends(chain, tmp_path, engine):
+    got = _decisions(run_inline(chain, tmp_path / engine, engine=engine, rows_per_partition=1000))
+    assert got[A] == (None, None)
+    assert got[B] == ("dedup:near", A)
+    # connected components would drop C as a duplicate of A, 10 bits away
+    assert got[C] == (None, None)
+
+
+def test_middle_of_chain_kept_takes_both(chain, tmp_path):
+    # keep=first keeps the lowest position; make B first by giving it the best clip score instead
+    root = tmp_path / "in"
+    ds = write_image_dataset(str(root), [[_row(1, H_B, 100, **{schema.CLIP_SCORE: 0.9}),
+                                          _row(0, H_A, 100, **{schema.CLIP_SCORE: 0.1}),
+                                          _row(2, H_C, 100, **{schema.CLIP_SCORE: 0.2})]])
+    got = _decisions(run_inline(ds, tmp_path / "out", keep="clip_score"))
+    assert got[B] == (None, None)
+    assert got[A] == ("dedup:near", B) and got[C] == ("dedup:near", B)
+
+
+def test_drops_never_beyond_radius_in_a_dense_group(tmp_path):
+    # Hashes on a line, 3 bits apart: with radius 6, each kept row may only take rows <= 6 bits away.
+    rng = np.random.default_rng(0)
+    h = int(rng.integers(0, 2**62))
+    rows = []
+    for i in range(30):
+        rows.append(_row(i, h, 100 + i))
+        h = _flip(h, range(3 * i % 60, 3 * i % 60 + 3))
+    ds = write_image_dataset(str(tmp_path / "in"), [rows[:15], rows[15:]])
+    tables = run_inline(ds, tmp_path / "out")
+    out = [r for t in tables.values() for r in t.to_pylist()]
+    by_uid = {r[schema.UID]: r for r in out}
+    dropped = [r for r in out if r[schema.DROP_REASON]]
+    assert dropped
+    for r in dropped:
+        keeper = by_uid[r[schema.DUP_OF]]
+        assert keeper[schema.DROP_REASON] is None
+        assert phash.hamming(r[schema.PHASH], keeper[schema.PHASH]) <= 6
+    # and connected components would have made it one cluster of 30 with one kept row
+    assert sum(1 for r in out if r[schema.DROP_REASON] is None) > 1
+
+
+def _equal_luma_pair() -> tuple[bytes, bytes]:
+    """One drawing in red and in a green of the same luma: a recoloured variant that pHash (grey
+    levels only) cannot tell apart."""
+    imgs = []
+    for color in ((255, 0, 0), (0, 130, 0)):
+        im = Image.new("RGB", (256, 256), (255, 255, 255))
+        d = ImageDraw.Draw(im)
+        d.rectangle((20, 30, 150, 120), fill=color)
+        d.ellipse((120, 140, 230, 240), fill=color)
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        imgs.append(buf.getvalue())
+    return imgs[0], imgs[1]
+
+
+@pytest.fixture(scope="module")
+def recoloured(tmp_path_factory):
+    red, green = _equal_luma_pair()
+    rows = [{schema.UID: f"{i:032x}", schema.CAPTION: cap, IMAGE: data, schema.IMAGE_FORMAT: "png",
+             schema.WIDTH: 256, schema.HEIGHT: 256}
+            for i, (cap, data) in enumerate((("red shapes", red), ("green shapes", green)))]
+    # no stored pHash: dedup hashes the bytes and takes the colour signature from the same decode
+    return write_image_dataset(str(tmp_path_factory.mktemp("recolour")), [rows])
+
+
+def test_recoloured_pair_is_not_a_duplicate(recoloured, tmp_path):
+    red, green = _equal_luma_pair()
+    (hr, cr), (hg, cg) = phash.signatures_bytes([red, green])
+    assert phash.hamming(hr, hg) <= 2  # pHash alone calls them duplicates...
+    assert phash.color_distance(np.frombuffer(cr, np.uint8), np.frombuffer(cg, np.uint8))[0] > 8
+    got = _decisions(run_inline(recoloured, tmp_path / "color"))
+    assert all(reason is None for reason, _ in got.values())
+    # ...and without confirmation one of them is dropped: the rule, not the data, keeps them
+    got = _decisions(run_inline(recoloured, tmp_path / "none", confirm="none"))
+    assert sorted(reason or "" for reason, _ in got.values()) == ["", "dedup:near"]
+
+
+def test_color_threshold_boundary(tmp_path):
+    base = np.full((16, 3), (150, 128, 128), dtype=np.uint8)
+    shifted = base.copy()
+    shifted[:, 1] += 6  # a* + 6 in every cell: Delta-E exactly 6
+    assert phash.color_distance(base, shifted)[0] == pytest.approx(6.0)
+    ds = write_image_dataset(str(tmp_path / "in"), [[_row(0, H_A, 200, base.tobytes()),
+                                                     _row(1, H_A ^ 1, 100, shifted.tobytes())]])
+    assert _decisions(run_inline(ds, tmp_path / "at", color_threshold=6.0))[B][0] == "dedup:near"
+    assert _decisions(run_inline(ds, tmp_path / "below", color_threshold=5.99))[B][0] is None
+
+
+def test_brightness_shift_still_confirms():
+    base = np.full((16, 3), (150, 140, 120), dtype=np.uint8)
+    base[:8, 0] = 60
+    brighter = base.copy()
+    brighter[:, 0] += 30  # every cell 30/2.55 = 11.8 L* brighter
+    assert phash.color_distance(base, brighter)[0] < 0.5
+
+
+def test_identical_phash_other_colours_split_then_identical_rows_rejoin(tmp_path):
+    red = bytes([140, 200, 180] * 16)
+    blue = bytes([140, 150, 40] * 16)
+    # rows 0 and 1: same hash, other colours (not duplicates); rows 2, 3: exact twins of row 1
+    rows = [_row(0, H_A, 400, red), _row(1, H_A, 300, blue), _row(2, H_A, 200, blue), _row(3, H_A, 100, blue)]
+    ds = write_image_dataset(str(tmp_path / "in"), [rows[:2], rows[2:]])
+    outs = {e: _decisions(run_inline(ds, tmp_path / e, engine=e, rows_per_partition=1000)) for e in ENGINES}
+    assert outs["sort"] == outs["faiss"] == outs["distributed"]
+    got = outs["sort"]
+    assert got[A] == (None, None) and got[B] == (None, None)
+    assert got[f"{2:032x}"] == ("dedup:near", B) and got[f"{3:032x}"] == ("dedup:near", B)
+
+
+def _emb_row(i: int, h: int, size: int, vec: np.ndarray) -> dict:
+    v = (vec / np.linalg.norm(vec)).astype(np.float16)
+    return {**_row(i, h, size), schema.IMAGE_EMBEDDING: v.tolist()}
+
+
+def test_confirm_clip_uses_cosine(tmp_path):
+    e0 = np.array([1.0, 0.0, 0.0, 0.0])
+    close = np.array([1.0, 0.2, 0.0, 0.0])  # cosine 0.98
+    far = np.array([0.5, 0.0, 0.866, 0.0])  # cosine 0.5
+    ds = write_image_dataset(str(tmp_path / "in"), [[_emb_row(0, H_A, 300, e0), _emb_row(1, H_A ^ 1, 200, close),
+                                                     _emb_row(2, H_A ^ 2, 100, far)]])
+    t = ds.read_shard(0)
+    t = t.set_column(t.column_names.index(schema.IMAGE_EMBEDDING), schema.IMAGE_EMBEDDING,
+                     t.column(schema.IMAGE_EMBEDDING).cast(schema.embedding_type(4)))
+    ds2 = Dataset(str(tmp_path / "in"))
+    got = _decisions(run_inline(_with_table(ds2, t, tmp_path), tmp_path / "out", confirm="clip"))
+    assert got[B] == ("dedup:near", A)
+    assert got[C] == (None, None)
+
+
+def _with_table(ds: Dataset, table: pa.Table, tmp_path) -> Dataset:
+    from curate.testing.datasets import write_table_dataset
+
+    return write_table_dataset(str(tmp_path / "emb"), [table], stage="clip")
+
+
+def test_missing_color_column_is_named_with_the_fix():
+    cfg = DedupConfig()
+    why = missing_confirmation(cfg, [schema.UID, schema.PHASH])
+    assert why is not None and "rehash=true" in why and "rerun import/download" in why
+    assert missing_confirmation(cfg, [schema.UID, schema.PHASH, schema.COLOR_SIG]) is None
+    assert missing_confirmation(cfg, [schema.UID]) is None  # no stored hash: both come from the bytes
+    assert missing_confirmation(DedupConfig(rehash=True), [schema.UID, schema.PHASH]) is None
+    assert missing_confirmation(DedupConfig(confirm="none"), [schema.UID, schema.PHASH]) is None
+    assert missing_confirmation(DedupConfig(rules=["exact"]), [schema.UID, schema.PHASH]) is None
+    assert "embeddings=true" in missing_confirmation(DedupConfig(confirm="clip"), [schema.PHASH, schema.COLOR_SIG])
+
+
+@pytest.fixture(scope="module")
+def old_dataset(tmp_path_factory):
+    red, green = _equal_luma_pair()
+    rows = [{schema.UID: f"{i:032x}", schema.CAPTION: f"c{i}", IMAGE: data, schema.IMAGE_FORMAT: "png",
+             schema.WIDTH: 256, schema.HEIGHT: 256, schema.PHASH: phash.phash_bytes([data])[0] >> 1}
+            for i, data in enumerate((red, green))]
+    return write_image_dataset(str(tmp_path_factory.mktemp("old")), [rows])
+
+
+def test_cli_refuses_old_dataset_in_one_line_before_ray(old_dataset, tmp_path):
+    code = (
+        "import sys; from curate.cli import main; rc = main(sys.argv[1:]); "
+        "print('RAY', 'ray' in sys.modules and __import__('ray').is_initialized()); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, "dedup", "--input", old_dataset.url, "--output",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "no color_sig column" in err[0] and "rehash=true" in err[0], r.stderr
+    assert "RAY False" in r.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_rehash_computes_the_signature_and_confirms(old_dataset, tmp_path):
+    got = _decisions(run_inline(old_dataset, tmp_path / "out", rehash=True))
+    assert all(reason is None for reason, _ in got.values())  # red vs green: not duplicates
+    # stored hashes are kept where they exist: only the colour came from the bytes
+    t = run_inline(old_dataset, tmp_path / "out2", rehash=True)[0]
+    assert t.column(schema.COLOR_SIG).null_count == 0
+
+
+def test_explain_shows_distance_and_confirmation(chain, tmp_path):
+    from curate.stages.dedup import DedupStage
+
+    run_inline(chain, tmp_path / "out")
+    info = DedupStage(DedupConfig()).explain(Dataset(str(tmp_path / "out")), B)
+    members = {m[schema.UID]: m for m in info["members"]}
+    assert info["kept"] == A and info["size"] == 2  # C is not in A's cluster
+    assert members[B]["distance"] == 5 and members[B]["confirm"] == pytest.approx(0.0)
+    assert members[A]["distance"] is None
