@@ -272,34 +272,58 @@ def grids(chain: list[Dataset]) -> list[dict[str, Any]]:
 
 
 def dup_clusters(chain: list[Dataset], limit: int = DUP_CLUSTERS) -> list[dict[str, Any]]:
-    """Largest clusters of the latest dataset whose rejects carry ``dup_of``."""
-    for ds in reversed(chain):
-        rej, _ = _read(ds, [schema.UID, schema.DUP_OF], True, MAX_ROWS)
-        if rej is None or rej.num_rows == 0:
+    """The largest duplicate clusters of every dataset in the lineage whose rejects carry ``dup_of``
+    (dedup's exact / near / caption clusters, semdedup's), labelled by stage. Each member shows its
+    drop reason and, where the stage recorded them (dedup), its pHash distance to the kept row and
+    the confirmation score (colour Delta-E or CLIP cosine)."""
+    out = []
+    for ds in chain:
+        rej, _ = _read(ds, [schema.UID, schema.DUP_OF, schema.DROP_REASON], True, MAX_ROWS)
+        if rej is None or rej.num_rows == 0 or schema.DUP_OF not in rej.column_names:
             continue
-        groups: dict[str, list[str]] = {}
-        for uid, rep in zip(rej.column(0).to_pylist(), rej.column(1).to_pylist(), strict=True):
+        groups: dict[str, list[tuple[str, str]]] = {}
+        reasons = rej.column(schema.DROP_REASON).to_pylist()
+        for uid, rep, why in zip(rej.column(0).to_pylist(), rej.column(1).to_pylist(), reasons, strict=True):
             if rep:
-                groups.setdefault(rep, []).append(uid)
+                groups.setdefault(rep, []).append((uid, why))
         if not groups:
             continue
+        stage = ds.manifest()["stage"]
+        detail: dict[str, dict[str, Any]] = {}
+        if stage == "dedup":
+            from curate.stages.dedup import cluster_members
+
+            detail = cluster_members(ds)
         top = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:limit]
-        wanted = {u for rep, members in top for u in [rep, *members[:5]]}
+        wanted = {u for rep, members in top for u in [rep, *(m for m, _ in members[:5])]}
         found: dict[str, pa.Table] = {}
         for it in (ds.iter_shards(), ds.iter_rejects()):
             for _, t in it:
                 hit = t.filter(pc.is_in(t.column(schema.UID), pa.array(sorted(wanted))))
                 for i in range(hit.num_rows):
                     found[hit.column(schema.UID)[i].as_py()] = hit.slice(i, 1)
-        out = []
         for rep, members in top:
-            rows = [found[u] for u in [rep, *members[:5]] if u in found]
+            why = dict(members)
+            uids = [rep, *(m for m, _ in members[:5])]
+            rows = [found[u] for u in uids if u in found]
             items = _items(pa.concat_tables(rows, promote_options="permissive")) if rows else []
             for item in items:
-                item["note"] = "kept (representative)" if item["uid"] == rep else "duplicate"
-            out.append({"representative": rep, "size": 1 + len(members), "dataset": ds.url, "items": items})
-        return out
-    return []
+                item["note"] = _member_note(item["uid"] == rep, why.get(item["uid"]), detail.get(item["uid"]))
+            kinds = Counter(w for _, w in members)
+            out.append({"representative": rep, "size": 1 + len(members), "dataset": ds.url, "stage": stage,
+                        "reasons": dict(kinds), "items": items})
+    return out
+
+
+def _member_note(kept: bool, reason: str | None, detail: dict[str, Any] | None) -> str:
+    if kept:
+        return "kept"
+    parts = [reason or "duplicate"]
+    if detail and detail.get("distance") is not None:
+        parts.append(f"{detail['distance']} bits from the kept row")
+    if detail and detail.get("confirm") is not None:
+        parts.append(f"confirm {detail['confirm']:.3g}")
+    return ", ".join(parts)
 
 
 # -- plots --------------------------------------------------------------------------------------
@@ -383,7 +407,9 @@ def build_report(ds: Dataset, max_rows: int = MAX_ROWS) -> Report:
     data["examples"] = [{"title": x["title"], "dataset": x["dataset"], "reason": x["reason"],
                          "uids": [i["uid"] for i in x["items"]]} for x in g]
     data["duplicate_clusters"] = [{"representative": c["representative"], "size": c["size"],
-                                   "dataset": c["dataset"], "uids": [i["uid"] for i in c["items"]]}
+                                   "stage": c["stage"], "reasons": c["reasons"], "dataset": c["dataset"],
+                                   "uids": [i["uid"] for i in c["items"]],
+                                   "notes": [i["note"] for i in c["items"]]}
                                   for c in clusters]
     return Report(data=data, plots=plots(data), grids=g, clusters=clusters)
 
@@ -437,7 +463,9 @@ def render_html(report: Report) -> str:
     if report.clusters:
         parts.append("<h2>Duplicate clusters</h2>")
         for c in report.clusters:
-            parts.append(f"<div class='muted'>cluster of {c['size']}: representative {e(c['representative'])}</div>")
+            why = ", ".join(f"{e(k)} x{v}" for k, v in c["reasons"].items())
+            parts.append(f"<div class='muted'>{e(c['stage'])}: cluster of {c['size']} ({why}); "
+                         f"kept {e(c['representative'])}</div>")
             parts.append(_grid_html(c["items"]))
     parts.append("<h2>Lineage</h2><ol>" + "".join(f"<li>{e(u)}</li>" for u in d["lineage"]) + "</ol>")
     parts.append("</body></html>")

@@ -886,3 +886,13 @@ class DedupStage(Stage):
             "kept": kept[0] if kept else None,
             "members": rows,
         }
+
+
+def cluster_members(output: Dataset) -> dict[str, dict[str, Any]]:
+    """uid -> {kept, kind, distance, confirm} for every member of a duplicate cluster of a finished
+    dedup output (the report shows them); empty when the plan files are gone."""
+    path = _plan_path(output, "clusters.parquet")
+    if not output.fs.exists(path):
+        return {}
+    t = pq.read_table(path, columns=[schema.UID, _KEPT, _KIND, _DISTANCE, _CONFIRM], filesystem=output.fs)
+    return {r.pop(schema.UID): r for r in t.to_pylist()}

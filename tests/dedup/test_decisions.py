@@ -14,13 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
+from test_dedup_stage import run_inline
 
 from curate import phash, schema
 from curate.dataset import Dataset
 from curate.stages.dedup import DedupConfig, missing_confirmation
 from curate.testing.datasets import IMAGE, write_image_dataset
-
-from test_dedup_stage import run_inline
 
 ENGINES = ("sort", "faiss", "distributed")
 GREY = bytes([200, 128, 128] * 16)  # a light grey in every cell of the colour grid
@@ -250,3 +249,20 @@ def test_explain_shows_distance_and_confirmation(chain, tmp_path):
     assert info["kept"] == A and info["size"] == 2  # C is not in A's cluster
     assert members[B]["distance"] == 5 and members[B]["confirm"] == pytest.approx(0.0)
     assert members[A]["distance"] is None
+
+
+def test_report_and_inspect_show_dedup_clusters_with_distances(chain, tmp_path, ray_session):
+    from curate.inspect import find
+    from curate.report import build_report, render_html
+    from curate.runner import run_stage
+
+    out = str(tmp_path / "dedup")
+    run_stage("dedup", chain.url, out)
+    report = build_report(Dataset(out))
+    (cluster,) = [c for c in report.data["duplicate_clusters"] if c["stage"] == "dedup"]
+    assert cluster["representative"] == A and cluster["reasons"] == {"dedup:near": 1}
+    assert cluster["notes"] == ["kept", "dedup:near, 5 bits from the kept row, confirm 0"]
+    page = render_html(report)
+    assert "dedup: cluster of 2 (dedup:near x1)" in page and "5 bits from the kept row" in page
+    where, _, row = find(Dataset(out), B)
+    assert where == "rejects" and row[schema.DUP_OF] == A

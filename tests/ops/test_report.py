@@ -93,7 +93,8 @@ def test_report_numbers_equal_the_manifests(lineage):
     assert len(d["duplicate_clusters"]) == 3
     for c in rep.clusters:
         assert c["size"] == 3 and c["items"][0]["uid"] == c["representative"]
-        assert [i["note"] for i in c["items"]] == ["kept (representative)", "duplicate", "duplicate"]
+        assert [i["note"] for i in c["items"]] == ["kept", "dedup:phash", "dedup:phash"]
+        assert c["stage"] == "dedup" and c["reasons"] == {"dedup:phash": 2}
         assert all(i["thumb"] for i in c["items"])
 
 
