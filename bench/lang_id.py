@@ -154,9 +154,10 @@ def score(tsv: str | Path = TSV, rounds: int = 3) -> dict:
             dec = lang.decide(texts, found, t, need_short, SHORT_WORDS)
             sweep.append({"rule": name, "min_score": t, "min_score_short": need_short,
                           **_decisions(rows, [x in ("en", lang.UND) for x, _ in dec])})
-        dec = lang.decide(texts, low, cfg.language_min_score, t, SHORT_WORDS)
-        sweep.append({"rule": "short/long, lower-cased", "min_score": cfg.language_min_score, "min_score_short": t,
-                      **_decisions(rows, [x in ("en", lang.UND) for x, _ in dec])})
+        for name, found in (("short/long, lower-cased", low), ("short/long, as written", raw)):
+            dec = lang.decide(texts, found, cfg.language_min_score, t, SHORT_WORDS)
+            sweep.append({"rule": name, "min_score": cfg.language_min_score, "min_score_short": t,
+                          **_decisions(rows, [x in ("en", lang.UND) for x, _ in dec])})
 
     # baseline: lingua, all languages, as the filter used it before (None is dropped)
     ling = _lingua()
