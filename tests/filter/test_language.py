@@ -105,6 +105,17 @@ def test_short_captions_need_the_short_min_score(raw_model):
     assert _cols(t, schema.LANGUAGE, schema.DROP_REASON) == [["it"], ["filter:language"]]
 
 
+def test_unspaced_scripts_count_words_by_characters(raw_model):
+    # one whitespace token, but a Japanese sentence: it must meet the sentence minimum, not the
+    # short-caption one
+    text = "以下のパッケージは信頼できません:"
+    code, p = _prob(raw_model, text)
+    cfg = FilterConfig()
+    assert code == "ja" and cfg.language_min_score <= p < cfg.language_min_score_short
+    t = _process([text], languages=["en"])
+    assert _cols(t, schema.LANGUAGE, schema.DROP_REASON) == [["ja"], ["filter:language"]]
+
+
 def test_captions_without_letters_are_und():
     t = _process(["1989", "!!! ???", "", "a photo of a dog on the beach"], languages=["en"], language_keep_und=False)
     langs, scores, reasons = _cols(t, schema.LANGUAGE, schema.LANGUAGE_SCORE, schema.DROP_REASON)
