@@ -42,7 +42,9 @@ TEXT_EMBEDDING = "text_embedding"
 CLIP_CONCEPT = "clip_concept"  # the concept prompt an image matched (concept filter)
 
 # filter
-LANGUAGE = "language"
+LANGUAGE = "language"  # detected language (ISO 639-1 where one exists), or "und": not placed with confidence
+LANGUAGE_SCORE = "language_score"  # the detector's probability for that language
+LANGUAGE_DETECTOR = "language_detector"  # which detector: fasttext, lingua
 
 # recaption
 RECAPTION = "recaption"
@@ -85,6 +87,8 @@ TYPES: dict[str, pa.DataType] = {
     CLIP_SCORE: pa.float32(),
     CLIP_CONCEPT: pa.string(),
     LANGUAGE: pa.string(),
+    LANGUAGE_SCORE: pa.float32(),
+    LANGUAGE_DETECTOR: pa.string(),
     RECAPTION: pa.string(),
     RECAPTION_CLIP_SCORE: pa.float32(),
     RECAPTION_FLAG: pa.string(),

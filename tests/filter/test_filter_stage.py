@@ -87,7 +87,7 @@ def test_datacomp_basic_preset():
         {schema.WIDTH: 200, schema.HEIGHT: 600},  # ratio 3: kept (<= 3)
         {schema.WIDTH: 200, schema.HEIGHT: 601},  # ratio > 3
     ]
-    got = _run(rows, preset="datacomp_basic", language_candidates=["en", "de", "fr", "es"])
+    got = _run(rows, preset="datacomp_basic")  # fastText over all its languages, as DataComp
     assert got == [
         None,
         "filter:language",
@@ -117,6 +117,8 @@ def test_language_column_written():
     )
     assert t.column(schema.LANGUAGE).to_pylist() == ["fr", "de", "en"]
     assert t.column(schema.DROP_REASON).to_pylist() == [None, "filter:language", None]
+    assert t.column(schema.LANGUAGE_DETECTOR).to_pylist() == ["fasttext"] * 3
+    assert all(s >= FilterConfig().language_min_score for s in t.column(schema.LANGUAGE_SCORE).to_pylist())
 
 
 def test_blocklists_inline_and_files(tmp_path):
