@@ -357,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("\nlanguage ID: bench/lang_id.py not present")
         else:
-            lang_id.report()
+            print("\nlanguage ID (bench/lang_id.py: hand-labelled captions, ours vs lingua)")
+            for line in lang_id.lines(lang_id.score()):
+                print(line)
     print(f"ratio: {ours_c['f1'] / base_c['f1']:.2f}" if base_c["f1"] else "ratio: inf")
     return 0
 

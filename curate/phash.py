@@ -1,22 +1,28 @@
-"""64-bit DCT perceptual hash (pHash), computed as cheaply as the image allows.
+"""64-bit DCT perceptual hash (pHash) and a colour signature, computed as cheaply as the image allows.
 
-The definition is the standard one (``imagehash.phash``, after hackerfactor's "Looks Like It"):
-grayscale, resize to 32x32 with a Lanczos filter, 2-D DCT-II, keep the 8x8 lowest frequencies
-(DC included), bit = coefficient > median of those 64. Bits are packed row-major with the first
-coefficient in the most significant bit, so the int is ``int(str(imagehash.phash(img)), 16)`` for the
-same 32x32 pixels. Our pixels come from a cheaper reduction (below), which moves ~1 of 64 bits on
-average on photos; ``bench/phash.py`` measures the agreement. One deliberate difference: images
-with transparency are composited over white first (imagehash ignores alpha).
+The hash is the standard one (``imagehash.phash``, after hackerfactor's "Looks Like It"): grayscale,
+resize to 32x32 with a Lanczos filter, 2-D DCT-II, keep the 8x8 lowest frequencies (DC included), bit =
+coefficient > median of those 64. Bits are packed row-major with the first coefficient in the most
+significant bit, so the int is ``int(str(imagehash.phash(img)), 16)`` for the same 32x32 pixels. Our
+pixels come from a cheaper reduction (below); ``bench/phash.py`` measures the agreement. Deliberate
+differences: images with transparency are composited over white first (imagehash ignores alpha), and
+line art (a drawing on a white page) has its strokes thickened at one fixed scale before the final
+resize, so a rescaled, recompressed copy of a thin-line drawing hashes close to the original.
+
+Beside the hash, from the same reduced pixels: a colour signature (4x4 grid of CIELAB means, 48
+bytes). pHash sees luminance only; dedup uses the signature to confirm that a pHash pair is really the
+same picture and not a recoloured variant.
 
 Two entry points:
-- ``phash_pil``: the image is already decoded (download, import decode anyway); the marginal
-  cost is a box reduction, a grayscale conversion and a small resize.
-- ``phash_bytes``: only the encoded bytes exist (dedup of a dataset without a hash). JPEGs are
-  decoded by libjpeg at 1/2 to 1/8 scale in the DCT domain (``Image.draft``), straight to grayscale, so
-  the decoder skips the inverse DCT of most coefficients, the colour conversion and most of the
-  resize; the DCT of all images of a batch is two matrix multiplies over a stacked array.
+- ``signature_pil``: the image is already decoded (download, import decode anyway); the marginal
+  cost is a box reduction, a grayscale conversion and two small resizes.
+- ``signatures_bytes``: only the encoded bytes exist (dedup of a dataset without them). JPEGs are
+  decoded by libjpeg at 1/2 to 1/8 scale in the DCT domain (``Image.draft``), so the decoder skips
+  the inverse DCT of most coefficients and most of the resize; the DCT of all images of a batch is two
+  matrix multiplies over a stacked array.
 
-Hashes are Python ints in [0, 2**64) and are stored as ``uint64`` (``schema.PHASH``).
+Hashes are Python ints in [0, 2**64) and are stored as ``uint64`` (``schema.PHASH``); signatures as
+48-byte binaries (``schema.COLOR_SIG``).
 """
 
 from __future__ import annotations
@@ -69,9 +75,8 @@ def hashes_from_pixels(pixels: np.ndarray) -> np.ndarray:
 # Before the Lanczos resize, images are shrunk by a power-of-two factor (at most 8) that keeps the
 # shorter side >= REDUCE_TO: a box reduction for decoded images, libjpeg's DCT-domain scaling for
 # JPEG bytes (the same factors ``Image.draft`` picks), so both paths give (nearly) the same hash.
-# Measured on 2,000 photos of ~800 px (bench/phash.py): 1.05 bits from imagehash on average, and
-# 98.5% of the edits imagehash finds within radius 6 found, at a fifth of its cost. A target of 128
-# halves the disagreement (0.53 bits) but decodes at 1/2 or 1/4 scale: ~35% slower.
+# 128 rather than 64: line art needs the detail to thicken its strokes at one scale, and photos hash
+# closer to imagehash; it decodes 800 px JPEGs at 1/4 rather than 1/8 scale (bench/phash.py).
 REDUCE_TO = 4 * IMG_SIZE
 
 

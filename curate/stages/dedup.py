@@ -11,10 +11,16 @@ Plan (once, over the whole input):
    ``engine``: ``sort`` (numpy, one process), ``faiss`` (faiss binary hash indexes, one process) or
    ``distributed`` (every shard's rows partitioned by (table, key) / by exact key, one Ray task per
    partition, so no process holds all hashes); they find the same pairs.
-3. clusters = connected components of all edges (labelled by their smallest global row id); in each
-   the kept member is the best by ``keep`` (resolution, clip_score or first seen, ties by position);
-   the others are rejected as ``dedup:<rule>`` with ``dup_of`` = the kept uid.
-   ``_plan/dedup/decisions/NNNNN.parquet`` (per input shard) and ``clusters.parquet`` (for explain).
+3. confirmation: a pHash pair counts only when a second signal agrees (``confirm``): the colour
+   signatures stored beside the pHash (mean Delta-E <= ``color_threshold``) or the CLIP image
+   embeddings (cosine >= ``clip_threshold``); rows identical in pHash and colour need none.
+4. clusters without chains (``neardup.leader_clusters``): rows in keep-policy order (resolution,
+   clip_score or first seen, ties by position); the first row not yet taken is kept and takes every
+   row directly linked to it by a rule, so a dropped row is always within the rule's threshold of its
+   ``dup_of`` and never dropped for resembling a row that resembles the kept one. Dropped rows are
+   rejected as ``dedup:<rule that links them to the kept row>``.
+   ``_plan/dedup/decisions/NNNNN.parquet`` (per input shard) and ``clusters.parquet`` (each
+   member's kept row, pHash distance and confirmation score: explain and the report read it).
 Every plan file is written atomically and is a pure function of the input and config, so a plan
 killed anywhere and rerun gives the same decisions.
 
