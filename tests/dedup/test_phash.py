@@ -123,3 +123,19 @@ def test_draft_then_pil_equals_bytes_path():
     img.load()
     assert img.size == (200, 150)  # 1/4 scale: the short side stays >= REDUCE_TO
     assert phash.phash_pil(img) == phash.phash_bytes([blob])[0]
+
+
+def test_alpha_is_composited_over_white_not_dropped():
+    # The colour under fully transparent pixels is arbitrary (here noise): what a viewer sees is the
+    # drawing on white, and that is what both signals must describe.
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, (200, 200, 4), dtype=np.uint8)
+    noise[..., 3] = 0
+    hidden = Image.fromarray(noise, "RGBA")
+    ImageDraw.Draw(hidden).ellipse((30, 40, 170, 150), fill=(200, 30, 30, 255))
+    seen = Image.new("RGB", (200, 200), (255, 255, 255))
+    ImageDraw.Draw(seen).ellipse((30, 40, 170, 150), fill=(200, 30, 30))
+    assert phash.signature_pil(hidden) == phash.signature_pil(seen)
+    buf = io.BytesIO()
+    hidden.save(buf, "PNG")
+    assert phash.signatures_bytes([buf.getvalue()])[0] == phash.signature_pil(seen)
