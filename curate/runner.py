@@ -309,6 +309,8 @@ def prepare(
         if not fs.exists(path):
             raise ConfigError(f"{stage}: input {input} does not exist")
         input_id = {"url": input if "://" in input else os.path.abspath(input)}
+    # files the config names and models against the input: refused here, before anything is written
+    stage_cls(cfg).check(Dataset(input) if stage_cls.reads_dataset else None)
     record = {
         "stage": stage,
         "config": resolved(cfg),

@@ -113,6 +113,11 @@ class Stage:
     def setup(self) -> None:
         """Heavy, once per worker: import torch, load models, open indexes."""
 
+    def check(self, input: Dataset | None) -> None:
+        """Cheap checks against the input before any work starts or anything is written (files the
+        config names can be read, a model fits the input's embeddings). Raise
+        ``curate.config.ConfigError`` with one line saying what is wrong and how to fix it."""
+
     def plan(self, ctx: PlanContext) -> list[int] | None:
         """Global step before the per-shard apply. Return the shard numbers to apply, or None to
         apply once per committed shard of the input dataset."""
