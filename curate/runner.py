@@ -422,8 +422,11 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
     if missing:
         raise DatasetError(f"{out.url}: shards {missing[:5]} are not committed; cannot write the manifest")
     sizes = {}
+    altered: dict[str, Any] = {}
     for n in sorted(set(plan["shards"]) | set(out.shard_ids())):
         s = out.stats(n)
+        if s.get("altered"):  # a stage that changed bytes it copied (export's face blurring) says which rows
+            altered[out.shard_name(n)] = s["altered"]
         parquet_bytes = out.fs.size(out.shard_path(n, "parquet"))
         entry = {"shard": out.shard_name(n), "rows": s["rows_out"], "rejected": s["rejected"],
                  "parquet_bytes": parquet_bytes, "tar_bytes": s.get("tar_bytes", 0)}
@@ -462,10 +465,26 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "removals": (out.manifest() or {}).get("removals", []),
         **({"splits": splits} if splits else {}),
+        **({"altered": _altered(altered)} if altered else {}),
     }
     out.write_json(manifest, "_manifest.json")
     out.refresh()
     return manifest
+
+
+# Beyond this many altered rows the manifest lists counts per shard; the uids stay in each shard's
+# stats.json and in the stage's marker column, so the manifest stays small at any scale.
+MANIFEST_ALTERED_UIDS = 100_000
+
+
+def _altered(by_shard: dict[str, Any]) -> dict[str, Any]:
+    rows = sum(a["rows"] for a in by_shard.values())
+    first = next(iter(by_shard.values()))
+    out = {"why": first.get("why"), "column": first.get("column"), "rows": rows,
+           "shards": {k: a["rows"] for k, a in by_shard.items()}}
+    if rows <= MANIFEST_ALTERED_UIDS:
+        out["uids"] = sorted(u for a in by_shard.values() for u in a.get("uids", []))
+    return out
 
 
 def _remove_tree(out: Dataset) -> None:
