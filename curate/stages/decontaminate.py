@@ -16,8 +16,9 @@ Per row, in order: a pHash within ``radius`` bits of a reference image (a resize
 lightly edited copy) -> ``decontaminate:<set>``; else, when the corpus has ``image_embedding`` and
 the reference set has embeddings of the same width, a cosine >= ``clip_threshold`` ->
 ``decontaminate:<set>``. The matched item is in ``decontam_match`` (``set:item``) with the distance
-or cosine beside it. A row whose image cannot be hashed cannot be cleared and is dropped as
-``decontaminate:unchecked`` (``unchecked: keep`` keeps it).
+or cosine beside it. A row that neither check could look at (its image does not hash and it has no
+comparable embedding) cannot be cleared and is dropped as ``decontaminate:unchecked``
+(``unchecked: keep`` keeps it).
 """
 
 from __future__ import annotations
@@ -232,8 +233,9 @@ class DecontaminateStage(Stage):
     def plan(self, ctx: PlanContext) -> list[int] | None:
         t = time.perf_counter()
         table, summary = build_reference(list(self.config.reference))
-        if not any(s["hashed"] for s in summary.values()):
-            raise ConfigError("decontaminate: no reference image decodes; nothing to check against")
+        if not any(s["hashed"] or s["embeddings"] for s in summary.values()):
+            raise ConfigError("decontaminate: no reference image decodes and none has an embedding; "
+                              "nothing to check against")
         out = ctx.output
         out.fs.makedirs(out.path(PLAN_DIR, PLAN_SUBDIR), exist_ok=True)
         write_parquet(table, out.path(PLAN_DIR, PLAN_SUBDIR, REFERENCE_FILE), out.fs)
@@ -293,11 +295,13 @@ class DecontaminateStage(Stage):
         for i in np.flatnonzero(hit >= 0):
             j = int(ref["hashed"][hit[i]])
             reasons[i], match[i], distance[i] = schema.reason(NAME, ref["sets"][j]), ref["labels"][j], int(dist[i])
+        checked = have.copy()
         if ref["emb"] is not None and cfg.clip_threshold is not None and schema.IMAGE_EMBEDDING in table.column_names:
             from curate.stages.safety import _to_numpy
 
             x, ok = _to_numpy(table.column(schema.IMAGE_EMBEDDING))
             if x.shape[1] == ref["emb"].shape[1]:
+                checked |= ok
                 sims = x @ ref["emb"].T
                 best = sims.argmax(axis=1)
                 top = sims[np.arange(n), best]
@@ -309,7 +313,7 @@ class DecontaminateStage(Stage):
             else:
                 log.warning("decontaminate: corpus embeddings are %d-d, reference %d-d; cosine check skipped",
                             x.shape[1], ref["emb"].shape[1])
-        for i in np.flatnonzero(~have):
+        for i in np.flatnonzero(~checked):
             if reasons[i] is None and cfg.unchecked == "drop":
                 reasons[i] = UNCHECKED
         for r in reasons:
