@@ -92,8 +92,9 @@ class PiiRules(Frozen):
 
 class SafetyConfig(StageConfig):
     heads: list[HeadSpec] = []
-    # open_clip model that made (or will make) the embeddings the heads read; None: the model named
-    # by the nearest clip stage of the input's lineage. Needed when the input has no embeddings.
+    # open_clip model whose embeddings the heads read; None: the model of the nearest clip stage of the
+    # input's lineage (its stored embeddings). When it differs from that model (or the input has no
+    # embeddings), embeddings are computed with it.
     model: str | None = None
     pretrained: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -205,6 +206,7 @@ class SafetyStage(Stage):
         self._words: re.Pattern | None = None
         self._clip = None
         self._text = None
+        self._source: tuple[str | None, str | None, dict[str, int], bool] | None = None
 
     # -- before any work --------------------------------------------------------------------------
     def _embedding_source(self, inp: Dataset | None) -> tuple[str | None, str | None, dict[str, int], bool]:
@@ -217,10 +219,13 @@ class SafetyStage(Stage):
                 widths[kind] = names.field(col).type.list_size
         stored = bool(widths)
         model, pretrained = lineage_clip(inp) if (inp is not None and stored) else (None, None)
+        from curate.heads import model_key
+
+        if stored and cfg.model is not None and model is not None and (
+                model_key(cfg.model) != model_key(model) or (cfg.pretrained or None) != (pretrained or None)):
+            # the heads want another model's embeddings than the ones stored: embed again with it
+            stored = False
         if stored:
-            if cfg.model is not None and model is not None and cfg.model != model:
-                raise ConfigError(f"safety: model {cfg.model} but the input's embeddings come from {model} "
-                                  "(its clip stage); drop `model` or use a matching input")
             model, pretrained = model or cfg.model, pretrained or cfg.pretrained
             return model, pretrained, widths, True
         if cfg.model is None:
@@ -313,14 +318,16 @@ class SafetyStage(Stage):
         wanted = {h.meta.input for h in self.heads}
         cols = {"image": schema.IMAGE_EMBEDDING, "text": schema.TEXT_EMBEDDING}
         out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        if all(cols[k] in table.column_names for k in wanted):
+        if self._source is None:
+            self._source = self._embedding_source(ctx.input)
+        if self._source[3] and all(cols[k] in table.column_names for k in wanted):
             for k in wanted:
                 out[k] = _to_numpy(table.column(cols[k]))
             return out
         if self._clip is None:
             from curate.stages.clip import ClipConfig, ClipStage
 
-            model, pretrained, _, _ = self._embedding_source(ctx.input)
+            model, pretrained, _, _ = self._source
             self._clip = ClipStage(ClipConfig(model=model, pretrained=pretrained, device=self.config.device,
                                               batch_size=self.config.batch_size, embeddings=True,
                                               resources=self.config.resources))
