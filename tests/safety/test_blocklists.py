@@ -110,3 +110,13 @@ def test_unreadable_blocklist_stops_the_stage_before_any_work(tmp_path, capsys, 
     assert url in err
     assert ("entry 2" in err) if case == "bad_line" else ("does not run without it" in err)
     assert not out.exists()
+
+
+def test_filter_refuses_an_unreadable_sha256_list(tmp_path, capsys):
+    ds = image_dataset(tmp_path / "in", [(_jpeg(_photos()["coffee"]), "coffee")])
+    out = tmp_path / "out"
+    rc = main(["filter", "--input", ds.url, "--output", str(out),
+               "--set", f"sha256_blocklist_files=[{tmp_path / 'missing.txt'}]"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "missing.txt" in err
+    assert not out.exists()
