@@ -310,7 +310,10 @@ class SafetyStage(Stage):
         else:
             bad = [i for i in range(model.config.num_labels) if i != 0]
         multi = model.config.problem_type == "multi_label_classification"
-        self._text = (tok, model, torch.tensor(bad, device=device), multi, device)
+        # never past what the model can embed: a longer caption is truncated, not an error
+        limits = [tc.max_length, getattr(model.config, "max_position_embeddings", None), tok.model_max_length]
+        max_len = min(x for x in limits if isinstance(x, int) and 0 < x < 1_000_000)
+        self._text = (tok, model, torch.tensor(bad, device=device), multi, device, max_len)
 
     # -- scoring ----------------------------------------------------------------------------------
     def _embeddings(self, table: pa.Table, ctx: ShardContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -341,11 +344,11 @@ class SafetyStage(Stage):
     def _text_scores(self, captions: list[str]) -> np.ndarray:
         import torch
 
-        tok, model, bad, multi, device = self._text
+        tok, model, bad, multi, device, max_len = self._text
         tc = self.config.text_classifier
         out = []
         for i in range(0, len(captions), tc.batch_size):
-            enc = tok(captions[i:i + tc.batch_size], padding=True, truncation=True, max_length=tc.max_length,
+            enc = tok(captions[i:i + tc.batch_size], padding=True, truncation=True, max_length=max_len,
                       return_tensors="pt").to(device)
             with torch.inference_mode():
                 logits = model(**enc).logits.float()

@@ -117,8 +117,11 @@ def test_text_classifier_scores_like_transformers_pipeline(tmp_path, text_classi
 
     captions = [f"a photo of a {a} {b}" for a in ("red", "blue", "old", "small", "dark") for b in
                 ("dog", "cat", "house", "tree", "car", "boat")]
+    # longer than the model's 64 positions: truncated like the pipeline's tokenizer call does, not an error
+    captions.append(" ".join(["a red dog in a field"] * 30))
     oracle = pipeline("text-classification", model=text_classifier_dir, top_k=None, device="cpu")
-    want = np.array([next(d["score"] for d in res if d["label"] == "unsafe") for res in oracle(captions)])
+    want = np.array([next(d["score"] for d in res if d["label"] == "unsafe")
+                     for res in oracle(captions, truncation=True, max_length=64)])
     threshold = float(np.median(want))
     cfg = SafetyConfig(text_classifier={"model": text_classifier_dir, "unsafe_labels": ["unsafe"],
                                         "drop_above": threshold})
