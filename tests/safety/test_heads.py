@@ -101,6 +101,15 @@ def test_threshold_drops_exactly_the_rows_above_it(ray_session, tmp_path):
            for u, s in zip(t.column(schema.UID).to_pylist(), t.column(schema.PUNSAFE).to_pylist(), strict=True)}
     np.testing.assert_allclose([got[u] for u in uids], want, rtol=1e-4, atol=1e-5)
     assert all(pc.max(t.column(schema.PUNSAFE)).as_py() <= threshold for t in kept)
+    # the report's safety section: drops by rule, the head's scores over kept and dropped rows
+    from curate.report import build_report, render_html
+
+    report = build_report(out)
+    (sec,) = report.data["safety"]
+    assert sec["drops"] == {"safety:nsfw": len(above)}
+    h = sec["heads"]["nsfw"]
+    assert h["column"] == schema.PUNSAFE and h["rejected_n"] == len(above) and h["kept_max"] <= threshold
+    assert "Content safety" in render_html(report)
 
 
 def test_several_heads_user_head_and_text_input(tmp_path):
@@ -179,3 +188,25 @@ def test_heads_on_computed_embeddings_match_stored_ones(tmp_path, tiny_clip_dir)
     clip = ClipStage(ClipConfig(model=tiny_clip_dir, pretrained=None, embeddings=True))
     emb = np.array(clip.score(ds.read_shard(0)).column(schema.IMAGE_EMBEDDING).to_pylist(), np.float32)
     np.testing.assert_allclose(got, load_head(str(head)).score(emb), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_computed_embeddings_on_gpu_give_the_cpu_scores(tmp_path, tiny_clip_dir):
+    from safety_data import demo_images, image_dataset
+
+    from curate.stage import ShardContext
+    from curate.stages.safety import SafetyConfig, SafetyStage
+    from curate.testing.safety import tiny_clip_dim
+
+    ds = image_dataset(tmp_path / "img", [(b, c) for _, b, c, _ in demo_images()[:8]])
+    head = write_head(tmp_path / "h.safetensors", tiny_clip_dim(tiny_clip_dir), tiny_clip_dir, hidden=(8,))
+    got = {}
+    for device in ("cpu", "cuda"):
+        stage = SafetyStage(SafetyConfig(heads=[{"name": "nsfw", "path": str(head)}], model=tiny_clip_dir,
+                                         device=device))
+        stage.setup()
+        ctx = ShardContext(shard=0, input_path=ds.url, input=ds, output=Dataset(str(tmp_path / "o")), plan_dir="",
+                           options=None)
+        got[device] = stage.process(ds.read_shard(0), ctx).column(schema.PUNSAFE).to_numpy()
+    # GPU decodes with DALI and runs bf16: close to the CPU scores, not bit-equal
+    np.testing.assert_allclose(got["cuda"], got["cpu"], atol=0.05)

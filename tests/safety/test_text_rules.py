@@ -141,3 +141,13 @@ def test_text_classifier_with_an_unknown_label_is_refused(text_classifier_dir):
     stage = SafetyStage(SafetyConfig(text_classifier={"model": "/nonexistent/model"}))
     with pytest.raises(ConfigError, match="cannot be loaded"):
         stage.check(None)
+
+
+@pytest.mark.gpu
+def test_text_classifier_on_gpu_matches_cpu(tmp_path, text_classifier_dir):
+    captions = [f"a {c} dog on the grass" for c in ("red", "blue", "old", "small")]
+    scores = {}
+    for device in ("cpu", "cuda"):
+        cfg = SafetyConfig(device=device, text_classifier={"model": text_classifier_dir, "unsafe_labels": ["unsafe"]})
+        scores[device] = _run(cfg, captions, tmp_path).column(schema.TEXT_UNSAFE).to_numpy()
+    np.testing.assert_allclose(scores["cuda"], scores["cpu"], rtol=1e-3, atol=1e-4)
