@@ -139,7 +139,7 @@ def _read_raw(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
         with fsspec.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise HeadError(f"head file not found: {path}") from None
+        raise HeadError(f"head file not found: {path}; check the head's path (a converted curate-head/1 file)") from None
     except OSError as e:
         raise HeadError(f"head file {path} cannot be read: {e}") from None
     if path.endswith(".safetensors"):
