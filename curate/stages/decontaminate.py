@@ -263,9 +263,9 @@ class DecontaminateStage(Stage):
                 "emb": None,
             }
             if _EMB in t.column_names and t.column(_EMB).null_count < t.num_rows:
-                from curate.stages.safety import _to_numpy
+                from curate.stages.safety import embedding_matrix
 
-                x, ok = _to_numpy(t.column(_EMB))
+                x, ok = embedding_matrix(t.column(_EMB))
                 ref["emb"], ref["emb_rows"] = x[ok], np.flatnonzero(ok)
             self._ref = ref
         return self._ref
@@ -297,9 +297,9 @@ class DecontaminateStage(Stage):
             reasons[i], match[i], distance[i] = schema.reason(NAME, ref["sets"][j]), ref["labels"][j], int(dist[i])
         checked = have.copy()
         if ref["emb"] is not None and cfg.clip_threshold is not None and schema.IMAGE_EMBEDDING in table.column_names:
-            from curate.stages.safety import _to_numpy
+            from curate.stages.safety import embedding_matrix
 
-            x, ok = _to_numpy(table.column(schema.IMAGE_EMBEDDING))
+            x, ok = embedding_matrix(table.column(schema.IMAGE_EMBEDDING))
             if x.shape[1] == ref["emb"].shape[1]:
                 checked |= ok
                 sims = x @ ref["emb"].T

@@ -325,7 +325,7 @@ class SafetyStage(Stage):
             self._source = self._embedding_source(ctx.input)
         if self._source[3] and all(cols[k] in table.column_names for k in wanted):
             for k in wanted:
-                out[k] = _to_numpy(table.column(cols[k]))
+                out[k] = embedding_matrix(table.column(cols[k]))
             return out
         if self._clip is None:
             from curate.stages.clip import ClipConfig, ClipStage
@@ -338,7 +338,7 @@ class SafetyStage(Stage):
         scored = self._clip.score(table)
         ctx.add_time("embed", time.perf_counter() - t)
         for k in wanted:
-            out[k] = _to_numpy(scored.column(cols[k]))
+            out[k] = embedding_matrix(scored.column(cols[k]))
         return out
 
     def _text_scores(self, captions: list[str]) -> np.ndarray:
@@ -497,7 +497,7 @@ class SafetyStage(Stage):
         }
 
 
-def _to_numpy(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def embedding_matrix(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """float32 [N, D] (zeros where null) and the bool mask of rows that have an embedding."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     n, dim = len(arr), arr.type.list_size

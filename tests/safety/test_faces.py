@@ -97,3 +97,22 @@ def test_export_without_blur_leaves_face_columns_out(ray_session, tmp_path):
     assert main(["export", "--input", src.url, "--output", str(tmp_path / "out")]) == 0
     ds = Dataset(str(tmp_path / "out"))
     assert schema.FACE_COUNT not in ds.schema().names and "altered" not in ds.manifest()
+
+
+def test_an_image_that_cannot_be_checked_for_faces_is_not_published(ray_session, tmp_path):
+    from skimage import data
+
+    whole = encode(data.coffee(), "JPEG", quality=90)
+    truncated = whole[: len(whole) // 2]  # a JPEG header and half the scan: sniffed as jpg, does not decode
+    # image_dataset() opens every image, so this one is written by hand
+    from curate.dataset import uid_for
+    from curate.testing.datasets import IMAGE, write_image_dataset
+
+    rows = [{IMAGE: b, schema.IMAGE_FORMAT: "jpg", schema.UID: uid_for("faces", i), schema.CAPTION: c}
+            for i, (b, c) in enumerate([(whole, "coffee"), (truncated, "half")])]
+    src = write_image_dataset(str(tmp_path / "src"), [rows])
+    assert main(["export", "--input", src.url, "--output", str(tmp_path / "out"), "--set", "blur_faces=true"]) == 0
+    ds = Dataset(str(tmp_path / "out"))
+    rej = [r for _, t in ds.iter_rejects() for r in t.to_pylist()]
+    assert [(r[schema.CAPTION], r[schema.DROP_REASON]) for r in rej] == [("half", "export:faces_unchecked")]
+    assert [c for _, t in ds.iter_shards() for c in t.column(schema.CAPTION).to_pylist()] == ["coffee"]
