@@ -244,8 +244,14 @@ def save_head(path: str, meta: HeadMeta, weights: Sequence[np.ndarray], biases: 
         tensors["input_mean"] = np.ascontiguousarray(mean, dtype=np.float32)
         tensors["input_std"] = np.ascontiguousarray(std, dtype=np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata=meta.as_strings())
-    load_head(path)  # what we write must load
+    tmp = path.removesuffix(".safetensors") + ".tmp.safetensors"
+    save_file(tensors, tmp, metadata=meta.as_strings())
+    try:
+        load_head(tmp)  # what we write must load: a bad head never appears under its final name
+    except HeadError as e:
+        os.remove(tmp)
+        raise HeadError(str(e).replace(tmp, path)) from None
+    os.replace(tmp, path)
     return path
 
 

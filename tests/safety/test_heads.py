@@ -210,3 +210,21 @@ def test_computed_embeddings_on_gpu_give_the_cpu_scores(tmp_path, tiny_clip_dir)
         got[device] = stage.process(ds.read_shard(0), ctx).column(schema.PUNSAFE).to_numpy()
     # GPU decodes with DALI and runs bf16: close to the CPU scores, not bit-equal
     np.testing.assert_allclose(got["cuda"], got["cpu"], atol=0.05)
+
+
+def test_convert_command(tmp_path, capsys):
+    from curate import heads
+
+    lin = torch.nn.Linear(DIM, 1)
+    torch.save(lin.state_dict(), tmp_path / "sa_0_4_linear.pth")
+    out = tmp_path / "aesthetic.safetensors"
+    assert heads.main(["convert", str(tmp_path / "sa_0_4_linear.pth"), str(out), "--embedding-model", "ViT-L-14",
+                       "--embedding-pretrained", "openai", "--embedding-dim", str(DIM), "--output", "identity"]) == 0
+    assert heads.main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert '"embedding_dim": "24"' in shown and '"layers": [\n  [\n   1,\n   24' in shown
+    # a width that does not match the state dict is refused with one line and exit 2
+    assert heads.main(["convert", str(tmp_path / "sa_0_4_linear.pth"), str(tmp_path / "bad.safetensors"),
+                       "--embedding-model", "ViT-L-14", "--embedding-dim", "768"]) == 2
+    assert "768" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aesthetic.safetensors", "sa_0_4_linear.pth"]
