@@ -42,6 +42,16 @@ DEMO_PIPELINE = REPO / "pipelines" / "demo.yaml"
 DEMO_OUT = REPO / "demo-output"
 DEMO_URLS = DEMO_OUT / "urls.parquet"
 DEMO_MODELS = DEMO_OUT / "models"
+DEMO_REFERENCE = DEMO_OUT / "reference" / "demo_eval"
+DEMO_BLOCKLISTS = DEMO_OUT / "blocklists"
+# The demo's "evaluation set": resized, recompressed copies of a handful of corpus images, which the
+# decontaminate step must find in the corpus; and one known-bad image for the pHash blocklist.
+DEMO_EVAL_FILES = (
+    "images/0000-fireworks-ganson.png", "images/0001-punaisa-01.png", "images/0005-pattinatrici-sul-ghiacc-01.png",
+    "images/0007-dinosauri-architetto-fra-01.jpg", "images/0035-manga-girl-dirk-struve-01.jpg",
+    "images/0067-owl-on-branch-ganson.jpg",
+)
+DEMO_BLOCKED_FILE = "images/0004-vacca-pezzata-rossa-val-01.png"
 DEMO_TRAIN_STEPS = 50
 # recipe (a) shrunk to a tiny model: a real run of the loop (DALI on CPU, accumulation, eval on the
 # export's held-out split, checkpoint) in about a minute on a laptop.
@@ -221,11 +231,15 @@ def write_url_list(out_path: str | Path, base_url: str, repeat: int = 1, root: s
 
 def ensure_models(models: Path = DEMO_MODELS) -> None:
     """The demo's tiny random models (real architectures), built once; a killed build is redone."""
+    from curate.testing import safety as tiny_safety
     from curate.testing import tiny_models, tiny_vlms
 
     for final, build in (
         (models / "clip", lambda d: tiny_models.write_tiny_clip(d)),
         (models / "vlm" / "blip", lambda d: tiny_vlms.build("blip", d)),
+        # heads record the clip model by the name the pipeline gives it (its directory)
+        (models / "heads", lambda d: tiny_safety.write_demo_heads(d, models / "clip", "demo-output/models/clip")),
+        (models / "text_classifier", lambda d: tiny_safety.write_text_classifier(d)),
     ):
         if final.exists():
             continue
@@ -236,6 +250,24 @@ def ensure_models(models: Path = DEMO_MODELS) -> None:
         print(f"built tiny demo model {final}", flush=True)
 
 
+def ensure_safety_inputs(reference: Path = DEMO_REFERENCE, blocklists: Path = DEMO_BLOCKLISTS,
+                         root: Path = CORPUS) -> None:
+    """The demo's reference set for decontaminate and its pHash blocklist for safety (built once)."""
+    from curate.phash import phash_bytes, to_hex
+    from curate.testing.safety import write_reference_copies
+
+    if not reference.exists():
+        tmp = reference.with_name(reference.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_reference_copies(tmp, {f: (root / f).read_bytes() for f in DEMO_EVAL_FILES})
+        tmp.rename(reference)
+    phash_list = blocklists / "phash.txt"
+    if not phash_list.exists():
+        blocklists.mkdir(parents=True, exist_ok=True)
+        (h,) = phash_bytes([(root / DEMO_BLOCKED_FILE).read_bytes()])
+        phash_list.write_text(f"# known-bad images for the demo's safety step\n{to_hex(h)}\n")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """``make demo``: models, the pipeline over the served corpus, a short training run, the report."""
     from curate.cli import main as curate_main
@@ -243,6 +275,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     started = time.time()
     ensure_models()
+    ensure_safety_inputs()
     with _start(args.root, args.host, args.port) as srv:
         n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
         print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
@@ -326,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "run":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not command and Path(args.pipeline).resolve() == DEMO_PIPELINE:
+            ensure_models()
+            ensure_safety_inputs()
         with _start(args.root, args.host, args.port) as srv:
             n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
             print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)

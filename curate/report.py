@@ -411,6 +411,8 @@ def build_report(ds: Dataset, max_rows: int = MAX_ROWS) -> Report:
                                    "uids": [i["uid"] for i in c["items"]],
                                    "notes": [i["note"] for i in c["items"]]}
                                   for c in clusters]
+    data["safety"] = safety_section(chain, max_rows)
+    data["decontamination"] = decontamination_section(chain)
     return Report(data=data, plots=plots(data), grids=g, clusters=clusters)
 
 
@@ -467,6 +469,7 @@ def render_html(report: Report) -> str:
             parts.append(f"<div class='muted'>{e(c['stage'])}: cluster of {c['size']} ({why}); "
                          f"kept {e(c['representative'])}</div>")
             parts.append(_grid_html(c["items"]))
+    parts.append(safety_html(d.get("safety")) + decontamination_html(d.get("decontamination")))
     parts.append("<h2>Lineage</h2><ol>" + "".join(f"<li>{e(u)}</li>" for u in d["lineage"]) + "</ol>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -487,3 +490,71 @@ def _grid_html(items: list[dict[str, Any]]) -> str:
 def write_html(report: Report, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(render_html(report))
+
+
+# -- safety and decontamination (issue 13) ---------------------------------------------------------
+def safety_section(chain: list[Dataset], max_rows: int = MAX_ROWS) -> list[dict[str, Any]]:
+    """Per safety stage of the lineage: drops by rule and each score column over kept and dropped rows."""
+    out = []
+    for ds in chain:
+        m = ds.manifest()
+        if m["stage"] != "safety":
+            continue
+        heads = [h["name"] for h in (m.get("config") or {}).get("heads", [])]
+        scores = {}
+        for name in heads:
+            col = schema.head_column(name)
+            kept, _ = _read(ds, [col], False, max_rows)
+            rej, _ = _read(ds, [col], True, max_rows)
+            vals = {k: [x for x in t.column(0).to_pylist() if x is not None] if t is not None else []
+                    for k, t in (("kept", kept), ("rejected", rej))}
+            scores[name] = {"column": col, **{f"{k}_{stat}": (f(v) if v else None) for k, v in vals.items()
+                                              for stat, f in (("n", len), ("min", min), ("max", max),
+                                                              ("mean", lambda v: sum(v) / len(v)))}}
+        drops = {k: v for k, v in m["totals"]["drops"].items() if k.startswith("safety:")}
+        out.append({"dataset": ds.url, "drops": drops, "heads": scores, "kept": m["totals"]["kept"]})
+    return out
+
+
+def decontamination_section(chain: list[Dataset]) -> list[dict[str, Any]]:
+    """Per decontaminate stage of the lineage: one row per reference set (images, hits)."""
+    from curate.stages.decontaminate import hits_table
+
+    return [{"dataset": ds.url, "references": t} for ds in chain if (t := hits_table(ds)) is not None]
+
+
+def safety_html(sections: list[dict[str, Any]] | None) -> str:
+    if not sections:
+        return ""
+    e = html.escape
+    parts = ["<h2>Content safety</h2>"]
+    for sec in sections:
+        drops = ", ".join(f"<span class='drop'>{e(k)}</span> {v}" for k, v in sec["drops"].items()) or "none"
+        parts.append(f"<div class='muted'>{e(sec['dataset'])}: dropped {drops}</div>")
+        if sec["heads"]:
+            parts.append("<table><tr><th>head</th><th>column</th><th>kept</th><th>kept mean</th><th>kept max</th>"
+                         "<th>dropped</th><th>dropped mean</th></tr>")
+            for name, h in sec["heads"].items():
+                def f(x):
+                    return "-" if x is None else f"{x:.3f}"
+                parts.append(f"<tr><td>{e(name)}</td><td>{e(h['column'])}</td><td>{h['kept_n']}</td>"
+                             f"<td>{f(h['kept_mean'])}</td><td>{f(h['kept_max'])}</td><td>{h['rejected_n']}</td>"
+                             f"<td>{f(h['rejected_mean'])}</td></tr>")
+            parts.append("</table>")
+    return "\n".join(parts)
+
+
+def decontamination_html(sections: list[dict[str, Any]] | None) -> str:
+    if not sections:
+        return ""
+    e = html.escape
+    parts = ["<h2>Decontamination</h2>"]
+    for sec in sections:
+        parts.append(f"<div class='muted'>{e(sec['dataset'])}</div>")
+        parts.append("<table><tr><th>reference set</th><th>images</th><th>undecodable</th><th>hits</th>"
+                     "<th>path</th></tr>")
+        for r in sec["references"]:
+            parts.append(f"<tr><td>{e(r['reference'])}</td><td>{r['images']}</td><td>{r['undecodable']}</td>"
+                         f"<td>{r['hits']}</td><td>{e(r['path'])}</td></tr>")
+        parts.append("</table>")
+    return "\n".join(parts)

@@ -301,7 +301,6 @@ def prepare(
         if not inp.is_complete():
             what = "does not exist" if not inp.fs.exists(inp.root) else "is not a complete curate dataset (no _manifest.json)"
             raise ConfigError(f"{stage}: input {input} {what}")
-        stage_cls(cfg).check_input(inp)
         input_id = {"url": inp.url, "manifest": fingerprint(inp.manifest())}
     else:
         from curate.dataset import url_to_fs
@@ -310,6 +309,8 @@ def prepare(
         if not fs.exists(path):
             raise ConfigError(f"{stage}: input {input} does not exist")
         input_id = {"url": input if "://" in input else os.path.abspath(input)}
+    # files the config names and models against the input: refused here, before anything is written
+    stage_cls(cfg).check(Dataset(input) if stage_cls.reads_dataset else None)
     record = {
         "stage": stage,
         "config": resolved(cfg),
@@ -421,8 +422,11 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
     if missing:
         raise DatasetError(f"{out.url}: shards {missing[:5]} are not committed; cannot write the manifest")
     sizes = {}
+    altered: dict[str, Any] = {}
     for n in sorted(set(plan["shards"]) | set(out.shard_ids())):
         s = out.stats(n)
+        if s.get("altered"):  # a stage that changed bytes it copied (export's face blurring) says which rows
+            altered[out.shard_name(n)] = s["altered"]
         parquet_bytes = out.fs.size(out.shard_path(n, "parquet"))
         entry = {"shard": out.shard_name(n), "rows": s["rows_out"], "rejected": s["rejected"],
                  "parquet_bytes": parquet_bytes, "tar_bytes": s.get("tar_bytes", 0)}
@@ -461,10 +465,26 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "removals": (out.manifest() or {}).get("removals", []),
         **({"splits": splits} if splits else {}),
+        **({"altered": _altered(altered)} if altered else {}),
     }
     out.write_json(manifest, "_manifest.json")
     out.refresh()
     return manifest
+
+
+# Beyond this many altered rows the manifest lists counts per shard; the uids stay in each shard's
+# stats.json and in the stage's marker column, so the manifest stays small at any scale.
+MANIFEST_ALTERED_UIDS = 100_000
+
+
+def _altered(by_shard: dict[str, Any]) -> dict[str, Any]:
+    rows = sum(a["rows"] for a in by_shard.values())
+    first = next(iter(by_shard.values()))
+    out = {"why": first.get("why"), "column": first.get("column"), "rows": rows,
+           "shards": {k: a["rows"] for k, a in by_shard.items()}}
+    if rows <= MANIFEST_ALTERED_UIDS:
+        out["uids"] = sorted(u for a in by_shard.values() for u in a.get("uids", []))
+    return out
 
 
 def _remove_tree(out: Dataset) -> None:

@@ -55,6 +55,29 @@ RECAPTION_FLAG = "recaption_flag"  # why a kept row has no recaption (on_bad: fl
 CAPTION_SOURCE = "caption_source"  # "original" or "recaption": what export wrote into KEY.txt
 SPLIT = "split"  # "train" or "val"
 
+# safety, decontaminate and export's face blurring (issue 13)
+PUNSAFE = "punsafe"  # nsfw head: probability the image is unsafe (LAION's column name)
+PWATERMARK = "pwatermark"  # watermark head: probability of a watermark (LAION's column name)
+AESTHETIC_SCORE = "aesthetic_score"  # aesthetic head: LAION-style 1-10 regression
+TEXT_UNSAFE = "text_unsafe"  # text classifier: probability the caption is unsafe
+SAFETY_FLAGS = "safety_flags"  # rules that flagged (not dropped) a row: pii:email, words, text, ...
+CAPTION_ORIGINAL = "caption_original"  # the caption as it was before PII scrubbing (scrubbed rows only)
+BLOCKLIST_MATCH = "blocklist_match"  # the blocklisted sha256 / pHash (hex) a row matched
+DECONTAM_MATCH = "decontam_match"  # "<reference set>:<item>" a row matched
+DECONTAM_PHASH_DISTANCE = "decontam_phash_distance"  # Hamming distance to that item (pHash match)
+DECONTAM_COSINE = "decontam_cosine"  # cosine to that item (CLIP embedding match)
+FACE_COUNT = "face_count"  # export with blur_faces: faces found
+FACE_BOXES = "face_boxes"  # [[x, y, w, h], ...] in the exported image's pixels
+FACE_BLURRED = "face_blurred"  # the exported bytes were re-encoded with faces blurred
+UNBLURRED_SHA256 = "unblurred_sha256"  # sha256 of the bytes before blurring (blurred rows only)
+# Score column of each built-in safety head; a user head "x" writes head_column("x") = "x_score".
+HEAD_COLUMNS = {"nsfw": PUNSAFE, "watermark": PWATERMARK, "aesthetic": AESTHETIC_SCORE}
+
+
+def head_column(head: str) -> str:
+    return HEAD_COLUMNS.get(head, f"{head}_score")
+
+
 # rejects only
 DROP_REASON = "drop_reason"
 
@@ -94,6 +117,20 @@ TYPES: dict[str, pa.DataType] = {
     RECAPTION_FLAG: pa.string(),
     CAPTION_SOURCE: pa.string(),
     SPLIT: pa.string(),
+    PUNSAFE: pa.float32(),
+    PWATERMARK: pa.float32(),
+    AESTHETIC_SCORE: pa.float32(),
+    TEXT_UNSAFE: pa.float32(),
+    SAFETY_FLAGS: pa.list_(pa.string()),
+    CAPTION_ORIGINAL: pa.string(),
+    BLOCKLIST_MATCH: pa.string(),
+    DECONTAM_MATCH: pa.string(),
+    DECONTAM_PHASH_DISTANCE: pa.int32(),
+    DECONTAM_COSINE: pa.float32(),
+    FACE_COUNT: pa.int32(),
+    FACE_BOXES: pa.list_(pa.list_(pa.int32(), 4)),
+    FACE_BLURRED: pa.bool_(),
+    UNBLURRED_SHA256: pa.string(),
     DROP_REASON: pa.string(),
 }
 

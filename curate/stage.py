@@ -113,6 +113,11 @@ class Stage:
     def setup(self) -> None:
         """Heavy, once per worker: import torch, load models, open indexes."""
 
+    def check(self, input: Dataset | None) -> None:
+        """Cheap checks against the input before any work starts or anything is written (files the
+        config names can be read, a model fits the input's embeddings). Raise
+        ``curate.config.ConfigError`` with one line saying what is wrong and how to fix it."""
+
     def plan(self, ctx: PlanContext) -> list[int] | None:
         """Global step before the per-shard apply. Return the shard numbers to apply, or None to
         apply once per committed shard of the input dataset."""
@@ -125,10 +130,6 @@ class Stage:
 
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         raise NotImplementedError
-
-    def check_input(self, input: Dataset) -> None:
-        """Cheap checks of the input dataset before any work starts (no Ray yet): raise
-        ``curate.config.ConfigError`` with one line naming the problem and its fix."""
 
     def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
         """Why a sample was kept or dropped, for ``curate inspect --uid`` (optional)."""

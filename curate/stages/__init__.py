@@ -18,6 +18,8 @@ REGISTRY: dict[str, str] = {
     "semdedup": "curate.stages.semdedup:SemDedupStage",
     "recaption": "curate.stages.recaption:RecaptionStage",
     "export": "curate.stages.export:ExportStage",
+    "safety": "curate.stages.safety:SafetyStage",
+    "decontaminate": "curate.stages.decontaminate:DecontaminateStage",
 }
 
 

@@ -626,7 +626,8 @@ class DedupStage(Stage):
     name = NAME
     Config = DedupConfig
 
-    def check_input(self, input: Dataset) -> None:
+    def check(self, input: Dataset | None) -> None:
+        assert input is not None
         schema_ = input.schema()
         why = missing_confirmation(self.config, list(schema_.names) if schema_ is not None else [])
         if why:

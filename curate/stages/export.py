@@ -40,6 +40,7 @@ from pydantic import Field, model_validator
 from curate import schema
 from curate.config import ConfigError
 from curate.dataset import PLAN_DIR, Dataset, digits_for, make_key, read_images, sha256_hex, tmp_name
+from curate.faces import FaceConfig
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,11 @@ class ExportConfig(StageConfig):
     # "jpg" is for readers that want one image column, like HF datasets' webdataset builder, which
     # infers its columns from the first samples and refuses or drops the other extensions.
     image_extension: Literal["format", "jpg"] = "format"
+    # Detect faces (OpenCV cascade, curate.faces) and blur them in the exported image: those images are
+    # re-encoded, all others keep their bytes; face_count / face_boxes / face_blurred per row, and the
+    # manifest's "altered" names the rows whose bytes changed.
+    blur_faces: bool = False
+    faces: FaceConfig = FaceConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ExportConfig:
@@ -255,6 +261,7 @@ class ExportStage(Stage):
     def __init__(self, config: ExportConfig):
         super().__init__(config)
         self._layout: dict[str, Any] | None = None
+        self._faces = None  # FaceBlurrer, built on the first shard that needs it
 
     def plan(self, ctx: PlanContext) -> list[int]:
         cfg: ExportConfig = self.config
@@ -376,7 +383,13 @@ class ExportStage(Stage):
         planned_lengths = list(lengths)
         reasons: list[str | None] = [None] * n
         sources: list[str | None] = [None] * n
-        read_seconds, images, first = 0.0, [], 0
+        face = _FaceColumns(n, table.column(schema.SHA256).to_pylist() if schema.SHA256 in cols else [None] * n) \
+            if cfg.blur_faces else None
+        if face is not None and self._faces is None:
+            from curate.faces import FaceBlurrer
+
+            self._faces = FaceBlurrer(cfg.faces)
+        read_seconds, face_seconds, images, first = 0.0, 0.0, [], 0
         t = time.perf_counter()
         for i in range(n):
             if i == first + len(images):
@@ -409,6 +422,18 @@ class ExportStage(Stage):
             if not text:
                 reasons[i] = schema.reason(NAME, "no_caption")
                 continue
+            if face is not None:
+                # detection in the same pass that writes the tar: the blurred bytes are what goes in
+                f0 = time.perf_counter()
+                try:
+                    blurred = self._faces.blur(data, formats[i])
+                except Exception as e:  # noqa: BLE001 - a row we cannot check for faces is not published
+                    log.debug("face detection failed on %s: %s", uids[i], e)
+                    reasons[i] = schema.reason(NAME, "faces_unchecked")
+                    continue
+                finally:
+                    face_seconds += time.perf_counter() - f0
+                data = face.record(i, blurred, meta[i])
             key = make_key(ctx.shard, indexes[i], rec["shard_digits"], rec["index_digits"])
             row = meta[i]
             row[schema.KEY] = key
@@ -418,7 +443,9 @@ class ExportStage(Stage):
             keys[i], sources[i] = key, source
             tars[i], (offsets[i], lengths[i]) = ctx.tar_url, where[ext]
         ctx.add_time("read_images", read_seconds)
-        ctx.add_time("write", time.perf_counter() - t - read_seconds)
+        ctx.add_time("write", time.perf_counter() - t - read_seconds - face_seconds)
+        if face is not None:
+            ctx.add_time("faces", face_seconds)
 
         table = table.drop_columns([_OUT_SHARD, _OUT_INDEX])
         table = schema.with_column(table, schema.KEY, keys)
@@ -428,6 +455,8 @@ class ExportStage(Stage):
         table = schema.with_column(table, schema.IMAGE_FORMAT, formats)
         table = schema.with_column(table, schema.CAPTION_SOURCE, sources)
         table = schema.with_column(table, schema.DROP_REASON, reasons)
+        if face is not None:
+            table = face.apply(table, reasons, uids, ctx.stats)
         split = SPLIT_VAL if ctx.shard in rec["splits"][SPLIT_VAL]["shards"] else SPLIT_TRAIN
         kept_sources = [s for s in sources if s is not None]
         ctx.stats.update({
@@ -460,6 +489,44 @@ class ExportStage(Stage):
                                   f"{'recaption' if draw < cfg.recaption_probability else 'original'} "
                                   "(original if the row has no recaption)")
         return out
+
+
+class _FaceColumns:
+    """Per-row face results of one shard, and what they change in the row (sha256, json)."""
+
+    def __init__(self, n: int, sha256: list[str | None]):
+        self.count: list[int | None] = [None] * n
+        self.boxes: list[list[list[int]] | None] = [None] * n
+        self.blurred: list[bool | None] = [None] * n
+        self.before: list[str | None] = [None] * n
+        self.sha256 = sha256
+
+    def record(self, i: int, result: Any, meta: dict[str, Any]) -> bytes:
+        self.count[i] = len(result.boxes)
+        self.boxes[i] = [list(b) for b in result.boxes]
+        self.blurred[i] = result.altered
+        meta[schema.FACE_COUNT] = self.count[i]
+        meta[schema.FACE_BLURRED] = result.altered
+        if result.altered:
+            self.before[i] = self.sha256[i]
+            self.sha256[i] = sha256_hex(result.data)
+            meta[schema.SHA256] = self.sha256[i]
+            meta[schema.UNBLURRED_SHA256] = self.before[i]
+        return result.data
+
+    def apply(self, table: pa.Table, reasons: list[str | None], uids: list[str], stats: dict[str, Any]) -> pa.Table:
+        table = schema.with_column(table, schema.FACE_COUNT, self.count)
+        table = schema.with_column(table, schema.FACE_BOXES, self.boxes)
+        table = schema.with_column(table, schema.FACE_BLURRED, self.blurred)
+        table = schema.with_column(table, schema.UNBLURRED_SHA256, self.before)
+        table = schema.with_column(table, schema.SHA256, self.sha256)
+        altered = [u for u, b, r in zip(uids, self.blurred, reasons, strict=True) if b and r is None]
+        stats["faces"] = {"checked": sum(c is not None for c in self.count),
+                          "faces": sum(c or 0 for c in self.count), "blurred": len(altered)}
+        # the runner lifts this into the manifest: which rows' bytes differ from their source
+        stats["altered"] = {"why": "blur_faces", "column": schema.FACE_BLURRED, "rows": len(altered),
+                            "uids": sorted(altered)}
+        return table
 
 
 def split_shards(dataset: Dataset | str) -> dict[str, list[int]]:

@@ -220,6 +220,17 @@ class FilterStage(Stage):
         "sha256_blocklist",
     )
 
+    def check(self, input) -> None:
+        """Every list file must be readable before any work: a blocklist is never silently skipped."""
+        from curate.stages.safety import read_list
+
+        cfg: FilterConfig = self.config
+        for url in cfg.sha256_blocklist_files:
+            read_list(url, "sha256 blocklist")
+        for what, bl in (("caption blocklist", cfg.caption_blocklist), ("url blocklist", cfg.url_blocklist)):
+            for url in (*bl.substring_files, *bl.regex_files, *bl.word_files, *bl.domain_files):
+                read_list(url, what)
+
     def setup(self) -> None:
         cfg: FilterConfig = self.config
         self._caption = _Matcher(cfg.caption_blocklist)

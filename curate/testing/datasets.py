@@ -54,12 +54,14 @@ def write_image_dataset(root: str, shards: Sequence[Sequence[dict[str, Any]]], s
     return finish(ds, stage, writes_images=True)
 
 
-def write_table_dataset(root: str, tables: Sequence[pa.Table], stage: str) -> Dataset:
-    """A Parquet-only dataset (rows pointing into another dataset's tars), one table per shard."""
+def write_table_dataset(root: str, tables: Sequence[pa.Table], stage: str,
+                        config: dict[str, Any] | None = None) -> Dataset:
+    """A Parquet-only dataset (rows pointing into another dataset's tars), one table per shard;
+    ``config`` is what its manifest records as the stage's config (e.g. a clip model's name)."""
     ds = Dataset(str(root))
     for n, table in enumerate(tables):
         _commit(ds, n, table, new_attempt(), None)
-    return finish(ds, stage, writes_images=False)
+    return finish(ds, stage, writes_images=False, config=config)
 
 
 def _empty() -> pa.Table:
@@ -75,12 +77,12 @@ def _commit(ds: Dataset, n: int, table: pa.Table, attempt: str, writer: TarWrite
                     idx_text=writer.index_text() if writer else None)
 
 
-def finish(ds: Dataset, stage: str, writes_images: bool) -> Dataset:
+def finish(ds: Dataset, stage: str, writes_images: bool, config: dict[str, Any] | None = None) -> Dataset:
     """Write the manifest the way the runner does, over the committed shards."""
     from curate.runner import write_manifest
 
     ids = ds.shard_ids()
-    record = {"stage": stage, "config": {}, "input": None}
+    record = {"stage": stage, "config": config or {}, "input": None}
     write_manifest(ds, _Written(writes_images), record, {"shards": ids, "shard_digits": ds.shard_digits}, 0.0)
     ds.refresh()
     return ds
