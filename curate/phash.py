@@ -92,14 +92,14 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
-# Line art (a drawing on a white page) loses its thin strokes when it is rescaled and recompressed:
+# Line art (thin strokes on a white page) loses its strokes when it is rescaled and recompressed:
 # a 1 px line at 70% scale becomes a faint 0.7 px one and JPEG rings around it, so the 32x32 pixels
-# the DCT sees change and a plain pHash moves 12-30 bits. Such images are recognised by their page
-# (at least LINE_ART_WHITE of the reduced pixels near white) and their strokes are thickened by a
-# 3x3 minimum filter at the reduced size (64-127 px on the short side: ~1/40 of the image) before
-# the final resize, so every copy hashes the same thick strokes. Photos are never touched.
+# the DCT sees change and a plain pHash moves 12-30 bits. Such images (``_is_line_art``) are brought
+# to one scale (short side REDUCE_TO) and their strokes thickened by a 3x3 minimum filter (~1/40 of
+# the image) before the final resize, so every copy hashes the same thick strokes.
 # bench/decisions.py measures the effect on planted clip-art and photo edits.
 LINE_ART_WHITE = 0.5
+LINE_ART_CORE = 0.3
 _WHITE_LEVEL = 235
 
 # The colour signature: the mean colour of each cell of a COLOR_GRID x COLOR_GRID grid, in CIELAB
@@ -130,7 +130,17 @@ def _reduced(img: Image.Image) -> Image.Image:
 
 
 def _is_line_art(gray: np.ndarray) -> bool:
-    return gray.size > 0 and float(np.mean(gray >= _WHITE_LEVEL)) >= LINE_ART_WHITE
+    """A drawing of thin strokes on a white page: mostly white, and most of its ink within a pixel
+    of the page (a 3x3 erosion of the ink keeps less than LINE_ART_CORE of it). Filled clip art and
+    photos are left alone: thickening helps only strokes that rescaling makes faint."""
+    if gray.size == 0 or float(np.mean(gray >= _WHITE_LEVEL)) < LINE_ART_WHITE:
+        return False
+    ink = gray < _WHITE_LEVEL
+    total = int(ink.sum())
+    if total == 0:
+        return False
+    page = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(3))
+    return int((np.asarray(page) == 0).sum()) < LINE_ART_CORE * total
 
 
 def _hash_pixels(img: Image.Image) -> np.ndarray:
@@ -138,10 +148,13 @@ def _hash_pixels(img: Image.Image) -> np.ndarray:
     if _is_line_art(np.asarray(gray)):
         # The strokes are thickened at one fixed scale (short side REDUCE_TO, area-averaged), so a
         # drawing and its rescaled copy get the same stroke width relative to the picture.
+        # Smaller images are enlarged to that scale, or a 64 px copy would get strokes twice as thick
+        # (relative to the picture) as its 128 px original.
         w, h = gray.size
         r = REDUCE_TO / min(w, h)
-        if r < 1:
-            gray = gray.resize((max(1, round(w * r)), max(1, round(h * r))), Image.Resampling.BOX)
+        if r != 1:
+            size = (max(1, round(w * r)), max(1, round(h * r)))
+            gray = gray.resize(size, Image.Resampling.BOX if r < 1 else Image.Resampling.BILINEAR)
         gray = gray.filter(ImageFilter.MinFilter(3))
     if gray.size != (IMG_SIZE, IMG_SIZE):
         gray = gray.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS)
