@@ -75,9 +75,11 @@ def hashes_from_pixels(pixels: np.ndarray) -> np.ndarray:
 # Before the Lanczos resize, images are shrunk by a power-of-two factor (at most 8) that keeps the
 # shorter side >= REDUCE_TO: a box reduction for decoded images, libjpeg's DCT-domain scaling for
 # JPEG bytes (the same factors ``Image.draft`` picks), so both paths give (nearly) the same hash.
-# 128 rather than 64: line art needs the detail to thicken its strokes at one scale, and photos hash
-# closer to imagehash; it decodes 800 px JPEGs at 1/4 rather than 1/8 scale (bench/phash.py).
-REDUCE_TO = 4 * IMG_SIZE
+# 96 rather than 64: line art needs the detail to thicken its strokes at one scale (LINE_ART_SIDE), and
+# photos hash closer to imagehash; it decodes 800 px JPEGs at 1/4 rather than 1/8 scale (bench/phash.py).
+REDUCE_TO = 3 * IMG_SIZE
+# Line art is thickened at this one scale (short side), enlarged to it where the reduction left less.
+LINE_ART_SIDE = 4 * IMG_SIZE
 
 
 def _reduce_factor(w: int, h: int) -> int:
@@ -95,7 +97,7 @@ def _has_alpha(img: Image.Image) -> bool:
 # Line art (thin strokes on a white page) loses its strokes when it is rescaled and recompressed:
 # a 1 px line at 70% scale becomes a faint 0.7 px one and JPEG rings around it, so the 32x32 pixels
 # the DCT sees change and a plain pHash moves 12-30 bits. Such images (``_is_line_art``) are brought
-# to one scale (short side REDUCE_TO) and their strokes thickened by a 3x3 minimum filter (~1/40 of
+# to one scale (short side LINE_ART_SIDE) and their strokes thickened by a 3x3 minimum filter (~1/40 of
 # the image) before the final resize, so every copy hashes the same thick strokes.
 # bench/decisions.py measures the effect on planted clip-art and photo edits.
 LINE_ART_WHITE = 0.5
@@ -146,12 +148,12 @@ def _is_line_art(gray: np.ndarray) -> bool:
 def _hash_pixels(img: Image.Image) -> np.ndarray:
     gray = img if img.mode == "L" else img.convert("L")
     if _is_line_art(np.asarray(gray)):
-        # The strokes are thickened at one fixed scale (short side REDUCE_TO, area-averaged), so a
+        # The strokes are thickened at one fixed scale (short side LINE_ART_SIDE, area-averaged), so a
         # drawing and its rescaled copy get the same stroke width relative to the picture.
         # Smaller images are enlarged to that scale, or a 64 px copy would get strokes twice as thick
         # (relative to the picture) as its 128 px original.
         w, h = gray.size
-        r = REDUCE_TO / min(w, h)
+        r = LINE_ART_SIDE / min(w, h)
         if r != 1:
             size = (max(1, round(w * r)), max(1, round(h * r)))
             gray = gray.resize(size, Image.Resampling.BOX if r < 1 else Image.Resampling.BILINEAR)
