@@ -173,14 +173,19 @@ def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
-def _color_signature(img: Image.Image) -> bytes:
+def _color_cells(img: Image.Image) -> np.ndarray:
+    """Mean sRGB colour of each grid cell, (COLOR_GRID * COLOR_GRID, 3) uint8."""
     rgb = img.convert("RGB") if img.mode != "RGB" else img
-    cells = np.asarray(rgb.resize((COLOR_GRID, COLOR_GRID), Image.Resampling.BOX), dtype=np.float64)
-    lab = _srgb_to_lab(cells).reshape(-1, 3)
-    q = np.empty_like(lab)
-    q[:, 0] = lab[:, 0] * 2.55  # L* 0..100 -> 0..255
-    q[:, 1:] = lab[:, 1:] + 128
-    return np.clip(np.round(q), 0, 255).astype(np.uint8).tobytes()
+    return np.asarray(rgb.resize((COLOR_GRID, COLOR_GRID), Image.Resampling.BOX), dtype=np.uint8).reshape(-1, 3)
+
+
+def _color_signatures(cells: np.ndarray) -> list[bytes]:
+    """Colour signatures of a stack of cell colours (N, cells, 3): one vectorised Lab conversion."""
+    lab = _srgb_to_lab(np.asarray(cells, dtype=np.float64))
+    lab[..., 0] *= 2.55  # L* 0..100 -> 0..255
+    lab[..., 1:] += 128
+    q = np.clip(np.round(lab), 0, 255).astype(np.uint8).reshape(len(cells), -1)
+    return [row.tobytes() for row in q]
 
 
 def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -202,7 +207,7 @@ def signature_pil(img: Image.Image) -> tuple[int, bytes]:
     an 800 px RGB image, and the same hash (within ~1 bit) as ``signatures_bytes`` of its bytes.
     """
     small = _reduced(img)
-    return int(hashes_from_pixels(_hash_pixels(small)[None])[0]), _color_signature(small)
+    return int(hashes_from_pixels(_hash_pixels(small)[None])[0]), _color_signatures(_color_cells(small)[None])[0]
 
 
 def phash_pil(img: Image.Image) -> int:
@@ -251,8 +256,9 @@ def signatures_bytes(
         where.append(i)
     if small:
         hashes = hashes_from_pixels(np.stack([_hash_pixels(s) for s in small])).tolist()
-        for i, s, h in zip(where, small, hashes, strict=True):
-            out[i] = (h, _color_signature(s))
+        colors = _color_signatures(np.stack([_color_cells(s) for s in small]))
+        for i, h, c in zip(where, hashes, colors, strict=True):
+            out[i] = (h, c)
     return out
 
 
