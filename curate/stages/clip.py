@@ -110,6 +110,11 @@ class ClipStage(Stage):
         self.concept_emb: np.ndarray | None = None
 
     # -- model --------------------------------------------------------------------------------------
+    def model_device(self, phase: str) -> str | None:
+        # With top_fraction the model scores in the plan and the apply only reads those scores.
+        wanted = "plan" if self.config.top_fraction is not None else "apply"
+        return self.config.device if phase == wanted else None
+
     def setup(self) -> None:
         # With top_fraction the plan already scored every shard; the apply only reads those scores.
         if self.config.top_fraction is None:
@@ -185,11 +190,9 @@ class ClipStage(Stage):
             return shards
         cfg_json = self.config.model_dump_json()
         t = time.perf_counter()
-        # The scoring tasks ask for the stage's own resources (GPUs included); the apply that follows
-        # needs no model at all.
-        res = self.config.resources
-        ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards],
-                num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+        # model=True: a pool of actors that each load the model once (a GPU each where the model uses
+        # one); the apply that follows reads the cached scores and needs no model at all.
+        ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards], model=True)
         t_score = time.perf_counter() - t
         files = [ctx.output.url_of(*_score_file(ctx.input, n)) for n in shards]
         threshold = top_threshold(files, self.config.top_fraction, ctx.map)
@@ -229,7 +232,8 @@ class ClipStage(Stage):
         for r in reasons:
             if r is not None:
                 counts[r] = counts.get(r, 0) + 1
-        ctx.stats["clip"] = {"model": cfg.model, "pretrained": cfg.pretrained, "drops": counts}
+        ctx.stats["clip"] = {"model": cfg.model, "pretrained": cfg.pretrained, "drops": counts,
+                             "device": self.clip.device if self.clip is not None else None}
         if cfg.export_npy:
             self._export_npy(table, ctx)
         if not cfg.embeddings:

@@ -156,6 +156,9 @@ class RecaptionStage(Stage):
         self.vlm = None
         self.scorer = None
 
+    def model_device(self, phase: str) -> str | None:
+        return self.config.device if phase == "apply" else None
+
     def setup(self) -> None:
         from curate.models.vlm import VLM, GenerationSettings
 
