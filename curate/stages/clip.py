@@ -131,8 +131,12 @@ class ClipStage(Stage):
         on_gpu = self.clip.device.startswith("cuda")
         if cfg.decoder == "dali" or (cfg.decoder == "auto" and on_gpu):
             device_id = int(self.clip.device.split(":")[1]) if ":" in self.clip.device else 0
+            # Formats DALI cannot decode (GIF) take the Pillow path, so they score as on a CPU worker.
+            fallback = clipmod.PilDecoder(self.clip.preprocess, threads=1, draft=cfg.jpeg_draft,
+                                          reference=self.clip.reference_transform)
             self.decoder = clipmod.DaliDecoder(self.clip.preprocess, device="gpu" if on_gpu else "cpu",
-                                               batch_size=cfg.batch_size, threads=threads, device_id=device_id)
+                                               batch_size=cfg.batch_size, threads=threads, device_id=device_id,
+                                               fallback=fallback)
         else:
             self.decoder = clipmod.PilDecoder(self.clip.preprocess, threads=threads, draft=cfg.jpeg_draft,
                                               reference=self.clip.reference_transform)
