@@ -257,19 +257,27 @@ class RecaptionStage(Stage):
     def _generate(self, images: list, prompts: list[str]) -> list:
         """Generate for a batch; on out-of-memory split it in halves and retry (a row's output does
         not depend on its batch), down to single rows, which get None if they still do not fit."""
+        import gc
+
         import torch
 
         try:
             return self.vlm.generate(images, prompts)
-        except (torch.OutOfMemoryError, MemoryError) as e:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(images) <= 1:
-                log.warning("out of memory generating for a single image: %s", e)
-                return [None] * len(images)
-            half = len(images) // 2
-            log.warning("out of memory on a batch of %d; retrying in halves", len(images))
-            return self._generate(images[:half], prompts[:half]) + self._generate(images[half:], prompts[half:])
+        except Exception as e:  # noqa: BLE001 - out-of-memory is handled below, anything else re-raised
+            if not is_out_of_memory(e):
+                raise
+            error = f"{type(e).__name__}: {e}"
+        # Out here, not in the except block: there the exception's traceback keeps every frame of the
+        # failed generate() alive, and with them its activations, so empty_cache() could free nothing.
+        gc.collect()  # frames and tensors in reference cycles (model internals) go too
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(images) <= 1:
+            log.warning("out of memory generating for a single image: %s", error)
+            return [None] * len(images)
+        half = len(images) // 2
+        log.warning("out of memory on a batch of %d; retrying in halves", len(images))
+        return self._generate(images[:half], prompts[:half]) + self._generate(images[half:], prompts[half:])
 
     def _record(self, i: int, result: Cleaned, reasons: list, recaptions: list, flags: list) -> None:
         if result.problem is None:
@@ -293,6 +301,16 @@ class RecaptionStage(Stage):
                         "model": self.config.model,
                     }
         return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    import torch
+
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def _strip_wordpiece(text: str) -> str:

@@ -233,3 +233,36 @@ def test_bf16_on_gpu(tiny_vlms, tmp_path, arch):
     out = stage.process(ds.read_shard(0), _ctx(ds))
     assert out.column(schema.DROP_REASON).to_pylist().count("recaption:undecodable") == 1
     assert stage.vlm.generate([], []) == []
+
+
+def test_out_of_memory_retry_runs_after_the_failed_attempt_is_freed(tiny_vlms, tmp_path):
+    """A real allocator failure inside the model's forward (torch's CPU allocator refusing a huge
+    tensor, which raises like a device OOM does), not one raised before any work: when the halves are
+    retried, the failed attempt's input tensors must already be gone. Retrying inside the ``except``
+    block kept them alive through the traceback, so empty_cache() could free nothing."""
+    import weakref
+
+    import torch
+
+    ds = write_source(tmp_path / "src", shards=1, rows=4)
+    table = ds.read_shard(0)
+    want = _stage(tiny_vlms["blip"], batch_size=4).process(table, _ctx(ds))
+    stage = _stage(tiny_vlms["blip"], batch_size=4)
+    failed: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def hook(module, args, kwargs):
+        pixels = args[0] if args else kwargs["pixel_values"]
+        if failed:
+            alive_at_retry.append(failed[0]() is not None)
+        elif pixels.shape[0] > 2:
+            failed.append(weakref.ref(pixels))
+            torch.empty(1 << 60, dtype=torch.uint8)  # the allocation that does not fit: a real failure
+
+    handle = stage.vlm.model.vision_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = stage.process(table, _ctx(ds))
+    finally:
+        handle.remove()
+    assert failed and alive_at_retry and not any(alive_at_retry)
+    assert got.equals(want)  # the halves give what the unsplit batch gives
