@@ -67,8 +67,9 @@ class RecaptionConfig(StageConfig):
     batch_size: int = Field(16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # auto: vLLM when it is installed and a GPU is present (not for BLIP-1 or beam search)
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # vLLM only when asked for: being installed is not consent to its memory policy (it takes 90% of the
+    # GPU), and it has no no_repeat_ngram_size. Not for BLIP-1 or beam search.
+    engine: Literal["transformers", "vllm"] = "transformers"
     # Decode JPEGs at 1/2..1/8 scale (DCT domain) when still at least model-input sized.
     fast_decode: bool = True
     max_pixels: int = Field(100_000_000, ge=1)
@@ -90,6 +91,11 @@ class RecaptionConfig(StageConfig):
             raise ValueError("template must contain {instruction}")
         if self.clip_pretrained is not None and self.clip_model is None:
             raise ValueError("clip_pretrained needs clip_model")
+        if self.engine == "vllm" and self.no_repeat_ngram_size:
+            raise ValueError("engine vllm has no no_repeat_ngram_size; set it to 0 or use engine: transformers")
+        if self.engine == "vllm" and 0 < self.resources.num_gpus < 1:
+            raise ValueError("engine vllm takes a whole GPU per actor (it reserves 90% of the device's memory); "
+                             "set resources.num_gpus to 1 or more, or use engine: transformers")
         return self
 
     def cleaning(self) -> CleaningRules:

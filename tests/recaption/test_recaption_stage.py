@@ -185,6 +185,15 @@ def test_config_is_validated_before_any_work(tiny_vlms, tmp_path):
         prepare("recaption", src.url, out, {})
     with pytest.raises(ConfigError, match="instruction"):
         prepare("recaption", src.url, out, {"model": tiny_vlms["blip"], "template": "no placeholder"})
+    # vLLM is opt-in by name, and refused where it would silently change the output or the GPU share
+    assert RecaptionConfig(model="m").engine == "transformers"
+    with pytest.raises(ConfigError, match="engine"):
+        prepare("recaption", src.url, out, {"model": tiny_vlms["blip"], "engine": "auto"})
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size"):
+        prepare("recaption", src.url, out, {"model": tiny_vlms["blip"], "engine": "vllm", "no_repeat_ngram_size": 3})
+    with pytest.raises(ConfigError, match="whole GPU"):
+        prepare("recaption", src.url, out, {"model": tiny_vlms["blip"], "engine": "vllm",
+                                            "resources": {"num_gpus": 0.5}})
 
 
 def test_through_the_runner(ray_session, tiny_vlms, tmp_path):
