@@ -196,11 +196,13 @@ class ClipStage(Stage):
         t = time.perf_counter()
         # model=True: a pool of actors that each load the model once (a GPU each where the model uses
         # one); the apply that follows reads the cached scores and needs no model at all.
-        ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards], model=True)
+        scored = ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards], model=True)
         t_score = time.perf_counter() - t
         files = [ctx.output.url_of(*_score_file(ctx.input, n)) for n in shards]
         threshold = top_threshold(files, self.config.top_fraction, ctx.map)
         threshold["score_seconds"] = t_score
+        # where the scores were computed ("cuda:0", "cpu"; None: a previous attempt's file was reused)
+        threshold["score_devices"] = sorted({str(d) for _, d in scored})
         threshold["source"] = "plan"
         ctx.output.write_json(threshold, PLAN_DIR, PLAN_SUBDIR, "threshold.json")
         log.info("clip top_fraction %s: keep %d of %d scored rows (threshold %s)", self.config.top_fraction,
@@ -349,21 +351,23 @@ def _worker_stage(cfg_json: str) -> ClipStage:
     return stage
 
 
-def _score_shard(item: tuple[str, str, str, int]) -> int:
-    """Plan step: score input shard ``n`` into the output's plan dir unless a previous attempt already did."""
+def _score_shard(item: tuple[str, str, str, int]) -> tuple[int, str | None]:
+    """Plan step: score input shard ``n`` into the output's plan dir unless a previous attempt already did;
+    returns (n, the model's device, or None when the file was there)."""
     cfg_json, input_url, output_url, n = item
     inp = Dataset(input_url)
     out = Dataset(output_url)
     name = _score_file(inp, n)
     if out.exists(*name):
-        return n
+        return n, None
     table = inp.read_shard(n)
-    scored = _worker_stage(cfg_json).score(table)
+    stage = _worker_stage(cfg_json)
+    scored = stage.score(table)
     scored = scored.add_column(0, schema.UID, table.column(schema.UID))
     buf = io.BytesIO()
     pq.write_table(scored, buf, compression="zstd")
     out.write_bytes(buf.getvalue(), *name)
-    return n
+    return n, stage.clip.device
 
 
 # -- exact global top-k over score files: radix select on the float32 bit pattern ------------------------

@@ -271,3 +271,48 @@ def test_exif_orientation_is_applied_on_every_path(tiny_clip):
 
     r = np.asarray(decode_image(tagged, 0, False, 10**8), np.float32)
     assert r.shape == (64, 96, 3) and np.abs(r - np.asarray(upright, np.float32)).mean() < 3
+
+
+@pytest.mark.gpu
+def test_dali_gpu_on_corrupt_gif_mpo_bomb_and_a_real_device_oom(tiny_clip, rows, reference):
+    """DALI mixed on the GPU: a corrupt JPEG is rejected alone, a GIF scores through the Pillow
+    fallback, an MPO decodes, a header bomb never reaches the device; scores within tolerance of
+    open_clip's CPU preprocess. Then the device really runs out of memory: that raises, no row is
+    rejected for it."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from curate.models.clip import DecoderDeviceError
+
+    clip = load_clip(tiny_clip, device="cuda", precision="fp32")
+    pic = Image.open(io.BytesIO(rows[0][0])).convert("RGB")
+    gif = _encode(pic.convert("P"), "GIF")
+    mpo = _encode(pic, "MPO", save_all=True, append_images=[pic.rotate(90)])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+    good = [r[0] for r in rows[1:9]]
+    batch = [good[0], CORRUPT, gif, good[1], mpo, bomb, *good[2:]]
+    pil = PilDecoder(clip.preprocess, draft=None, reference=clip.reference_transform)
+    dali = DaliDecoder(clip.preprocess, device="gpu", batch_size=16, fallback=pil)
+    emb, ok = embed_images(clip, batch, dali, 16)
+    assert list(ok) == [True, False, True, True, True, False] + [True] * 6
+    ref, ref_ok = embed_images(clip, batch, pil, 16)
+    assert (ref_ok == ok).all()
+    assert (emb[ok] * ref[ok]).sum(1).min() > 0.99
+
+    # fill the device, leaving less than one decoded batch of large photos needs
+    big = _encode(_picture(4000, 3000), "JPEG", quality=95)
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(max(0, free - 64 * 1024**2), dtype=torch.uint8, device="cuda")
+    try:
+        with pytest.raises(DecoderDeviceError):
+            DaliDecoder(clip.preprocess, device="gpu", batch_size=16).decode_batch([big] * 16)
+    finally:
+        del hog
+        torch.cuda.empty_cache()

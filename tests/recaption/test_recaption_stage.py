@@ -275,3 +275,41 @@ def test_out_of_memory_retry_runs_after_the_failed_attempt_is_freed(tiny_vlms, t
         handle.remove()
     assert failed and alive_at_retry and not any(alive_at_retry)
     assert got.equals(want)  # the halves give what the unsplit batch gives
+
+
+@pytest.mark.gpu
+def test_real_cuda_out_of_memory_frees_the_failed_batch_before_the_retry(tiny_vlms, tmp_path):
+    """A batch that really runs out of device memory (the forward allocates past what is free): at
+    the retry the failed attempt's device tensors are gone and the allocator is back where it started;
+    the halves give what the unsplit batch gives."""
+    import weakref
+
+    import torch
+
+    ds = write_source(tmp_path / "src", shards=1, rows=8)
+    table = ds.read_shard(0)
+    stage = RecaptionStage(RecaptionConfig(model=tiny_vlms["blip"], device="cuda", dtype="float32",
+                                           max_new_tokens=12, batch_size=8))
+    stage.setup()
+    want = stage.process(table, _ctx(ds))  # the unsplit batch on the same device
+    failed: list[weakref.ref] = []
+    at_retry: list[tuple[bool, int]] = []
+    base = torch.cuda.memory_allocated()
+
+    def hook(module, args, kwargs):
+        pixels = args[0] if args else kwargs["pixel_values"]
+        if failed:
+            at_retry.append((failed[0]() is not None, torch.cuda.memory_allocated()))
+        elif pixels.shape[0] > 4:
+            failed.append(weakref.ref(pixels))
+            free, _ = torch.cuda.mem_get_info()
+            torch.empty(free + 1024**3, dtype=torch.uint8, device="cuda")  # more than the device has
+
+    handle = stage.vlm.model.vision_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = stage.process(table, _ctx(ds))
+    finally:
+        handle.remove()
+    assert failed and at_retry and not any(alive for alive, _ in at_retry)
+    assert at_retry[0][1] - base < 64 * 1024**2  # only the half batch's own inputs, not the failed batch's
+    assert got.column(schema.RECAPTION).to_pylist() == want.column(schema.RECAPTION).to_pylist()
