@@ -191,8 +191,10 @@ def phase_resources(stage: Stage, phase: str, cluster_gpus: float) -> Resources:
     if explicit:
         return res
     if not cluster_gpus:
-        log.warning("%s: no GPU in the Ray cluster now, so its model runs on CPU (device: auto); set "
-                    "device: cuda to wait for GPU nodes instead", stage.name)
+        # On a cluster this may be GPU nodes an autoscaler has not started yet: say so loudly.
+        level = logging.WARNING if os.environ.get("RAY_ADDRESS") else logging.INFO
+        log.log(level, "%s: no GPU in the Ray cluster now, so its model runs on CPU (device: auto); set "
+                "device: cuda to wait for GPU nodes instead", stage.name)
     return res.model_copy(update={"num_gpus": 1.0 if cluster_gpus else 0.0})
 
 
