@@ -250,6 +250,7 @@ class RecaptionStage(Stage):
             "images": images_done,
             "generated_tokens": tokens,
             "engine": self.vlm.engine,
+            "device": self.vlm.device,  # an autoscaled cluster without its GPU nodes yet shows up here
             "images_per_s": images_done / generate_s if generate_s else None,
             "tokens_per_s": tokens / generate_s if generate_s else None,
         }

@@ -176,6 +176,7 @@ def test_score_in_actor_pool_then_top_fraction_over_those_scores(tiny_clip, ray_
     rejects = pa.concat_tables([t for _, t in scored.iter_rejects()])
     assert rejects.column(schema.DROP_REASON).to_pylist() == ["clip:undecodable"]
     assert first["rows_in"] == 21 and first["kept"] == 20
+    assert {scored.stats(n)["clip"]["device"] for n in scored.shard_ids()} == {"cpu"}
     for n, t in scored.iter_shards():
         name = scored.shard_name(n)
         img = np.load(scored.path("embeddings", "img_emb", f"img_emb_{name}.npy"))

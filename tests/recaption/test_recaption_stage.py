@@ -214,6 +214,8 @@ def test_through_the_runner(ray_session, tiny_vlms, tmp_path):
         assert (recap is None) != (flag is None)
     stats = ds.stats(0)
     assert stats["recaption"]["images"] == 5 and stats["recaption"]["engine"] == "transformers"
+    # device auto: the GPU where Ray has one (the actor asked for it), else the CPU
+    assert stats["recaption"]["device"] == ("cuda" if ray_session.cluster_resources().get("GPU") else "cpu")
     # curate inspect --uid explains a kept row and a rejected one
     stage = RecaptionStage(RecaptionConfig(**config))
     first = kept.slice(0, 1).to_pylist()[0]
