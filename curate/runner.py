@@ -24,7 +24,7 @@ import curate
 from curate import schema, stages
 from curate.config import ConfigError, fingerprint, resolved, stage_and_config
 from curate.dataset import PLAN_DIR, Dataset, DatasetError, digits_for, new_attempt
-from curate.stage import PlanContext, RunOptions, ShardContext, Stage, StageConfig
+from curate.stage import PlanContext, Resources, RunOptions, ShardContext, Stage, StageConfig
 from curate.wds import TarWriter
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,148 @@ def _ray_options(res) -> dict[str, Any]:
     return opts
 
 
+# -- GPU and resource requests per phase ---------------------------------------------------------
+# Every worker that loads a model asks Ray for the GPU it will use, and only those do: a phase that
+# loads no model, or loads it on the CPU, reserves none (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for
+# zero-GPU workers, so such a worker is also shown no GPU: a model on "auto" then stays on the CPU
+# instead of landing, unreserved, on cuda:0). A request that no node can hold fails before any work.
+_HIDE_GPUS = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+
+
+def phase_resources(stage: Stage, phase: str, cluster_gpus: float) -> Resources:
+    """What one worker of ``phase`` asks for, from the stage's resources and its model's device.
+
+    ``device: auto`` gets one GPU per worker when the cluster has GPUs (an explicit
+    ``resources.num_gpus`` wins); ``cpu`` gets none; ``cuda`` gets one (or the explicit number) even
+    when no GPU node is up yet, so an autoscaler can bring one. Contradictions are config errors."""
+    res = stage.config.resources
+    device = stage.model_device(phase)
+    explicit = "num_gpus" in res.model_fields_set
+    where = f"{stage.name}: resources.num_gpus={res.num_gpus:g}"
+    if device is None or device == "cpu":
+        if device == "cpu" and explicit and res.num_gpus > 0:
+            raise ConfigError(f"{where} with device: cpu would hold GPUs the model never uses; "
+                              "set device: cuda or drop num_gpus")
+        return res.model_copy(update={"num_gpus": 0.0})
+    if device == "cuda":
+        if explicit and res.num_gpus == 0:
+            raise ConfigError(f"{where} with device: cuda: the model would use a GPU Ray never gave it; "
+                              "set num_gpus > 0 or device: cpu")
+        return res if explicit else res.model_copy(update={"num_gpus": 1.0})
+    if explicit:
+        return res
+    if not cluster_gpus:
+        # On a cluster this may be GPU nodes an autoscaler has not started yet: say so loudly.
+        level = logging.WARNING if os.environ.get("RAY_ADDRESS") else logging.INFO
+        log.log(level, "%s: no GPU in the Ray cluster now, so its model runs on CPU (device: auto); set "
+                "device: cuda to wait for GPU nodes instead", stage.name)
+    return res.model_copy(update={"num_gpus": 1.0 if cluster_gpus else 0.0})
+
+
+def worker_options(stage_name: str, phase: str, res: Resources, model: bool) -> dict[str, Any]:
+    """Ray options for one worker, after checking that some node can hold it (see require_node)."""
+    opts = _ray_options(res)
+    if model and res.num_gpus == 0:
+        opts["runtime_env"] = _HIDE_GPUS
+    require_node(f"stage {stage_name} ({phase})", opts, res.wait_s)
+    return opts
+
+
+def apply_resources(name: str, stage: Stage) -> tuple[bool, Resources, dict[str, Any]]:
+    """(whether the apply loads a model, its per-worker resources, its Ray options)."""
+    import ray
+
+    model = stage.model_device("apply") is not None
+    res = phase_resources(stage, "apply", ray.cluster_resources().get("GPU", 0))
+    return model, res, worker_options(name, "apply", res, model)
+
+
+def _needs(opts: dict[str, Any]) -> dict[str, float]:
+    need = {"CPU": float(opts.get("num_cpus") or 0), "GPU": float(opts.get("num_gpus") or 0)}
+    if opts.get("memory"):
+        need["memory"] = float(opts["memory"])
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def missing_resource(need: dict[str, float], nodes: list[dict[str, Any]]) -> str | None:
+    """None when one alive node can hold ``need``; else the resource that stops the closest node."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    if any(all(have.get(k, 0) >= v for k, v in need.items()) for have in alive):
+        return None
+    for key, value in need.items():  # the first resource no node has enough of, with the best offer
+        best = max((have.get(key, 0) for have in alive), default=0)
+        if best < value:
+            shown = f"{best / 1024**3:.1f} GiB" if key == "memory" else f"{best:g}"
+            want = f"{value / 1024**3:.1f} GiB" if key == "memory" else f"{value:g}"
+            return f"{key}: {want} per worker, but the largest node offers {shown}"
+    return "its " + ", ".join(f"{k}: {v:g}" for k, v in need.items()) + " together on one node"
+
+
+def require_node(what: str, opts: dict[str, Any], wait_s: float, poll_s: float = 5.0) -> None:
+    """Fail with one line naming the resource when no node can hold one worker (Ray would wait
+    forever). An embedded Ray never grows; on a cluster, wait up to ``wait_s`` for an autoscaler."""
+    import ray
+
+    need = _needs(opts)
+    missing = missing_resource(need, ray.nodes())
+    if missing is None:
+        return
+    local = not os.environ.get("RAY_ADDRESS")
+    deadline = time.monotonic() + (0.0 if local else wait_s)
+    if not local and wait_s:
+        log.warning("%s needs %s; waiting up to %.0f s (resources.wait_s) for such a node", what, missing, wait_s)
+    while time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        missing = missing_resource(need, ray.nodes())
+        if missing is None:
+            return
+    waited = "" if local else f" after waiting {wait_s:g} s (resources.wait_s)"
+    raise ConfigError(f"{what}: no node of the Ray cluster can run a worker{waited}: {missing}; "
+                      "lower the stage's resources, set device: cpu, or add such nodes")
+
+
+class _MapActor:
+    """A plan worker that keeps its process (and what the mapped function caches in it) across items."""
+
+    def call(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        return fn(item)
+
+
+def model_map(stage: Stage, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """Plan calls that load the stage's model: a pool of actors with the plan phase's resources.
+
+    Not one task per item: Ray runs a GPU task with max_calls=1, so each item would rebuild the
+    model, the CUDA context and the decoder in a fresh process."""
+    import ray
+    from ray.util import ActorPool
+
+    items = list(items)
+    if not items:
+        return []
+    res = phase_resources(stage, "plan", ray.cluster_resources().get("GPU", 0))
+    opts = worker_options(stage.name, "plan", res, model=True)
+    slots = min(_slots(res), len(items))
+    actor_cls = ray.remote(max_restarts=2, max_task_retries=2, **opts)(_MapActor)
+    actors = [actor_cls.remote() for _ in range(slots)]
+    try:
+        return list(ActorPool(actors).map(lambda a, item: a.call.remote(fn, item), items))
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def plan_map(stage: Stage) -> Callable[..., list[Any]]:
+    """``PlanContext.map`` for ``stage``: plain tasks, or the model actor pool with ``model=True``."""
+
+    def run(fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1, num_gpus: float = 0,
+            model: bool = False) -> list[Any]:
+        if model:
+            return model_map(stage, fn, list(items))
+        return ray_map(fn, items, num_cpus=num_cpus, num_gpus=num_gpus)
+
+    return run
+
+
 def _make_stage(name: str, config: StageConfig, setup: bool) -> Stage:
     stage = stages.get(name)(config)
     if setup:
@@ -187,17 +329,14 @@ def _run_shards(
 ) -> None:
     import ray
 
-    res = config.resources
-    if stage_cls.uses_model and "num_gpus" not in res.model_fields_set and ray.cluster_resources().get("GPU"):
-        # A model stage on a cluster with GPUs gets one per actor unless its config says otherwise.
-        res = res.model_copy(update={"num_gpus": 1.0})
+    # Resources as the apply phase needs them: a GPU per actor only where its model uses one.
+    model, res, opts = apply_resources(name, stage_cls(config))
     slots = min(_slots(res), max(1, len(pending)))
-    opts = _ray_options(res)
     todo = list(pending)
     inflight: dict[Any, int] = {}
     errors: list[str] = []
 
-    if stage_cls.uses_model:
+    if model:
         actor_cls = ray.remote(max_restarts=2, max_task_retries=2, **opts)(_ShardActor)
         actors = [actor_cls.remote(name, config) for _ in range(slots)]
         idle = list(actors)
@@ -223,7 +362,7 @@ def _run_shards(
         done, _ = ray.wait(list(inflight), num_returns=1)
         ref = done[0]
         n = inflight.pop(ref)
-        if stage_cls.uses_model:
+        if model:
             idle.append(owner.pop(ref))
         try:
             on_done(n, ray.get(ref))
@@ -231,7 +370,7 @@ def _run_shards(
             cause = getattr(e, "cause", None) or e
             errors.append(f"shard {n}: {type(cause).__name__}: {cause}")
         submit()
-    if stage_cls.uses_model:
+    if model:
         for a in actors:
             ray.kill(a)
     if errors:
@@ -376,7 +515,7 @@ def run_stage(
     if plan is None or options.retry_failed:
         pctx = PlanContext(
             input_path=input, input=inp, output=out, plan_dir=out.path(PLAN_DIR), options=options,
-            map=ray_map,
+            map=plan_map(driver_stage),
         )
         t = time.perf_counter()
         ids = driver_stage.plan(pctx)

@@ -40,6 +40,9 @@ class Resources(Frozen):
     # How many shards run at once (tasks in flight, or actors in the pool). None: as many as the
     # cluster's CPUs (or GPUs, for a stage that asks for GPUs) allow.
     concurrency: int | None = Field(None, ge=1)
+    # On a cluster (not an embedded Ray), how long to wait for a node that can hold one worker before
+    # failing: an autoscaler may still be bringing GPU nodes up. 0 fails at once.
+    wait_s: float = Field(600.0, ge=0)
 
 
 class StageConfig(Frozen):
@@ -66,7 +69,9 @@ class PlanContext:
     output: Dataset
     plan_dir: str
     options: RunOptions
-    # map(fn, items, num_cpus=1, num_gpus=0) -> results in order
+    # map(fn, items, num_cpus=1, num_gpus=0, model=False) -> results in order. With model=True the
+    # calls run on a pool of actors holding the stage's plan-phase model resources (a GPU where the
+    # model uses one), so whatever ``fn`` caches per process (a loaded model) serves many items.
     map: Callable[..., list[Any]]
 
 
@@ -109,6 +114,12 @@ class Stage:
 
     def __init__(self, config: StageConfig):
         self.config = config
+
+    def model_device(self, phase: str) -> str | None:
+        """The device setting ("auto", "cpu" or "cuda") of the model that ``phase`` ("plan" or
+        "apply") loads in its workers, or None when that phase loads no model. The runner asks Ray for
+        GPUs from this: a phase that loads no model, or a CPU model, reserves none."""
+        return "auto" if (phase == "apply" and self.uses_model) else None
 
     def setup(self) -> None:
         """Heavy, once per worker: import torch, load models, open indexes."""

@@ -106,6 +106,12 @@ class TrainConfig(Frozen):
     accum: int = Field(1, ge=1)  # micro-batches per optimiser step
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU runs fp32
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # auto: CUDA when this process sees a GPU, else CPU. Each process takes cuda:0 when it sees one GPU
+    # (SLURM --gpus-per-task, Ray Train) and cuda:LOCAL_RANK when it sees all of the node's.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # How long the other ranks wait for rank 0 to write a checkpoint (a gloo barrier of its own, so the
+    # NCCL timeout that catches hung collectives can stay short).
+    save_timeout_min: int = Field(60, ge=1)
     seed: int = 0
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: only at the end

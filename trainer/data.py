@@ -409,7 +409,7 @@ class _TarDataset:
 
     def __getitem__(self, item: tuple[int, int]):
         import torch
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         index, seed = item
         s = self.samples[index]
@@ -421,7 +421,8 @@ class _TarDataset:
         f.seek(s.text[0])
         caption = f.read(s.text[1]).decode("utf-8")
         try:
-            image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+            # EXIF orientation applied, as DALI's decoder (the other loader) applies it
+            image = ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB")
         except Exception as e:  # name the sample: the bare PIL error says nothing about where it came from
             raise ValueError(f"{s.tar}: cannot decode the image of sample {s.key}: {e}") from e
         # Seeding per sample makes the augmentation independent of which worker runs it.

@@ -3,6 +3,8 @@
     python -m trainer.train --data DATASET --recipe trainer/recipes/NAME.yaml [--set key=value ...]
     torchrun --nproc-per-node N -m trainer.train ...        # DDP: NCCL on GPUs, gloo on CPU
 
+The device is ``train.device`` (auto | cpu | cuda), per process: see ``choose_device``.
+
 What a step does: fetch ``accum`` micro-batches from the loader (DALI or torch), tokenize the captions,
 and run them through the model. With ``accum > 1`` it first embeds every micro-batch without gradients,
 then recomputes each with gradients while the others' cached features fill in the rest of the batch,
@@ -50,23 +52,49 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # gloo group for checkpoint-time waits and small Python objects (None when single-process)
+    slow_group: object | None = None
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
+def choose_device(requested: str, local_rank: int, local_world: int, visible: int) -> torch.device:
+    """This process's device. ``visible``: the CUDA devices this process sees.
+
+    One visible GPU is this process's own (the launcher gave each process one), whatever LOCAL_RANK
+    says; several are the whole node's, one per local rank. Raises ValueError when that cannot work."""
+    if requested == "cpu" or (requested == "auto" and visible == 0):
+        return torch.device("cpu")
+    if visible == 0:
+        raise ValueError("train.device=cuda but this process sees no CUDA device; use train.device=cpu or auto")
+    if visible == 1:
+        return torch.device("cuda:0")
+    if local_world > visible:
+        raise ValueError(f"{local_world} processes on this node share {visible} visible GPUs; start one process "
+                         f"per GPU (torchrun --nproc-per-node {visible}) or use train.device=cpu")
+    return torch.device(f"cuda:{local_rank}")
+
+
+def init_distributed(recipe: Recipe) -> Dist:
     """One process per device; torchrun's environment says how many. NCCL on GPUs, gloo on CPU."""
+    from datetime import timedelta
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = choose_device(recipe.train.device, local_rank, local_world, visible)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+    slow = None
+    if world > 1:
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        slow = torch.distributed.new_group(backend="gloo", timeout=timedelta(minutes=recipe.train.save_timeout_min))
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device, slow_group=slow)
 
 
 def model_config(recipe: Recipe, tokenizer_info: dict) -> dict:
@@ -240,7 +268,7 @@ def wrap_parallel(model: torch.nn.Module, recipe: Recipe, dist: Dist) -> torch.n
         model = fully_shard(model, ignored_params=scalars)
         model._replicated_params = sorted(scalars, key=id)
         return model
-    ids = [dist.local_rank] if dist.device.type == "cuda" else None
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
@@ -367,7 +395,7 @@ def _gather(obj, dist: Dist) -> list:
     if dist.world == 1:
         return [obj]
     out = [None] * dist.world
-    torch.distributed.all_gather_object(out, obj)
+    torch.distributed.all_gather_object(out, obj, group=dist.slow_group)
     return out
 
 
@@ -379,7 +407,8 @@ def latest_checkpoint(output: Path) -> Path | None:
 def save_checkpoint(output: Path, step: int, model, optimizer, loader, recipe: Recipe, dist: Dist, keep: int = 2):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    # Full (unsharded) state on every rank's CPU; FSDP gathers here. Rank 0 writes.
+    # Full (unsharded) state on CPU; FSDP gathers here (a quick collective on every rank). Rank 0 writes
+    # while the others wait on the gloo group, whose timeout is train.save_timeout_min, not NCCL's.
     model_sd, optim_sd = get_state_dict(model, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     loaders, rngs = _gather(loader.state(), dist), _gather(_rng_state(), dist)
@@ -395,7 +424,7 @@ def save_checkpoint(output: Path, step: int, model, optimizer, loader, recipe: R
             old.unlink()
         log.info("checkpoint %s", path)
     if dist.world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=dist.slow_group)
     return model_sd
 
 
@@ -403,7 +432,9 @@ def load_checkpoint(path: Path, model, optimizer, recipe: Recipe, dist: Dist) ->
     """Restore model and optimiser in place; return (step, this rank's loader state or None)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: the ranks of a node share the file's pages instead of each holding a copy of the whole
+    # checkpoint (8 ranks x a multi-GB state is an OOM).
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     saved = Recipe.model_validate(ckpt["recipe"])
     if _resume_key(saved) != _resume_key(recipe):
         raise SystemExit(f"{path} was made by a different recipe; use another --output or --resume never")
@@ -421,7 +452,7 @@ def load_checkpoint(path: Path, model, optimizer, recipe: Recipe, dist: Dist) ->
 def _resume_key(recipe: Recipe) -> dict:
     """What must match to resume: everything but when to stop, log, evaluate and save."""
     d = recipe.model_dump(mode="json")
-    for k in ("stop_at", "log_every", "eval_every", "ckpt_every", "tensorboard"):
+    for k in ("stop_at", "log_every", "eval_every", "ckpt_every", "tensorboard", "device", "save_timeout_min"):
         d["train"].pop(k)
     d["data"].pop("workers")
     return d
@@ -460,7 +491,7 @@ def export_model(output: Path, model_sd: dict, cfg: dict, recipe: Recipe) -> Pat
 
 def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, resume: str = "auto") -> dict:
     """Run (or resume) a training run; returns the last logged metrics and the last eval."""
-    dist = init_distributed()
+    dist = init_distributed(recipe)
     out = Path(output)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -497,7 +528,7 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
     loader = datamod.make_loader(
         recipe.data.loader, datamod.find_shards(data), recipe.data, state=loader_state, image_size=image_size,
         batch_size=micro, rank=dist.rank, world=dist.world, seed=recipe.train.seed,
-        device_id=dist.local_rank if dist.device.type == "cuda" else None,
+        device_id=dist.device.index if dist.device.type == "cuda" else None,
     )
     val_shards = datamod.find_val(data, val)
     cuda = dist.device.type == "cuda"
@@ -613,6 +644,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.set)
     except (ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
+        log.error("bad recipe: %s", e)
+        return 2
+    try:
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        choose_device(recipe.train.device, int(os.environ.get("LOCAL_RANK", "0")),
+                      int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))), visible)
+    except ValueError as e:
         log.error("bad recipe: %s", e)
         return 2
     try:  # fail before any model is built when the data is not there

@@ -21,8 +21,11 @@ Preprocessing matches open_clip's eval transform (``Resize(shortest side, interp
     batch; normalisation happens in torch on the model's device on uint8 tensors.
   - ``DaliDecoder``: NVIDIA DALI ``decoders.image`` (``device="mixed"`` on GPU: nvJPEG / nvImageCodec,
     jpg/png/webp; ``"cpu"`` otherwise), ``resize(resize_shorter, cubic, antialias)`` and
-    ``crop_mirror_normalize`` on the same device. DALI fails a whole batch on one corrupt image, so a
-    failed batch is re-run image by image to find the bad ones, then once more without them.
+    ``crop_mirror_normalize`` on the same device. Each image's header is read first: formats DALI has
+    no decoder for (GIF) take the Pillow path, pixel bombs are rejected, and large images are decoded a
+    bounded number of pixels at a time. DALI fails a whole batch on one corrupt image, so a failed batch
+    is bisected to find the bad ones; a device failure (out of memory, CUDA error) raises instead.
+EXIF orientation is applied on every path (DALI does it by default; the Pillow path does it too).
 The score differences against open_clip's own preprocess are measured in tests/clip/.
 """
 
@@ -214,8 +217,9 @@ class PilDecoder:
             return None
         try:
             img = Image.open(io.BytesIO(data))
+            orientation = exif_orientation(img)
             if not self._fast:
-                return self._reference(img).numpy()
+                return self._reference(_upright(img, orientation)).numpy()
             th, tw = self.pre.size
             if self.draft and img.format == "JPEG":
                 # DCT-domain downscale, never below what the resize needs (draft keeps both sides >= request).
@@ -224,6 +228,7 @@ class PilDecoder:
                     else (side, side)
                 img.draft("RGB" if img.mode == "RGB" else None, req)
             img.load()
+            img = _upright(img, orientation)
             w, h = _resized_size(img.width, img.height, self.pre)
             top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
             # Same order as open_clip: resize in the image's own mode, crop, then convert to RGB.
@@ -275,12 +280,92 @@ class PilDecoder:
             self._pool = None
 
 
+_ORIENTATION = 0x0112
+
+
+def exif_orientation(img: Any) -> int:
+    """The EXIF orientation tag (1 = upright) from an opened image's header; 1 when absent or unreadable."""
+    try:
+        return int(img.getexif().get(_ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to lose the image
+        return 1
+
+
+def _upright(img: Any, orientation: int) -> Any:
+    """The image as a viewer shows it. DALI's decoder applies EXIF orientation (adjust_orientation), as
+    do download's resize and recaption's decode, so the Pillow path does too: one image, one score."""
+    if orientation == 1:
+        return img
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img)
+
+
 # -- DALI decoding -----------------------------------------------------------------------------------
+# What DALI's image decoder (nvImageCodec) reads, as Pillow names the formats. Not GIF (DALI has no GIF
+# decoder); MPO is a multi-picture camera JPEG whose first picture is an ordinary JPEG, which DALI
+# decodes. Anything else goes to the Pillow fallback instead of failing DALI's batch.
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "JPEG2000", "PPM"})
+# Above this many pixels Pillow refuses an image as a decompression bomb (2x its MAX_IMAGE_PIXELS, the
+# PilDecoder's effective limit); the DALI path uses the same bound, read from the header.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+# Decoded pixels one DALI run may hold (uint8 RGB: 3 bytes each, ~1.5 GB): a batch of large images is
+# cut into several runs instead of decoding 256 full-resolution photos at once.
+DEFAULT_BATCH_PIXELS = 512 * 1024 * 1024
+
+# Substrings of errors that mean the device, not the image, failed: these are raised, never turned into
+# rejected rows (a retried task on a healthy worker decodes the same bytes fine).
+_DEVICE_ERRORS = ("out of memory", "cudaerror", "cuda error", "cuda_error", "cuda runtime", "device-side",
+                  "illegal memory access", "bad_alloc", "cannot allocate", "can't allocate", "nvml",
+                  "driver", "unspecified launch failure", "ecc error")
+
+
+class DecoderDeviceError(RuntimeError):
+    """The decoder's device failed (out of memory, CUDA error): retry the shard, do not reject rows."""
+
+
+def is_device_error(e: BaseException) -> bool:
+    text = f"{type(e).__name__}: {e}".lower()
+    return isinstance(e, MemoryError) or any(k in text for k in _DEVICE_ERRORS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    format: str | None  # Pillow's format name, None when the bytes are not an image Pillow can open
+    pixels: int
+
+
+def _header(data: bytes | None) -> _Header:
+    import warnings
+
+    from PIL import Image
+
+    if not data:
+        return _Header(None, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                return _Header(img.format, w * h)
+        except Image.DecompressionBombError:
+            return _Header("bomb", 1 << 62)
+        except Exception:  # noqa: BLE001 - not an image
+            return _Header(None, 0)
+
+
 class DaliDecoder:
-    """Bytes -> normalised float NCHW batches with DALI, on GPU (``mixed``) or CPU."""
+    """Bytes -> normalised float NCHW batches with DALI, on GPU (``mixed``) or CPU.
+
+    Before DALI sees a batch, each image's header is read: formats DALI cannot decode (GIF, ...) go to
+    ``fallback`` (the Pillow decoder, so they are scored as on the CPU path) and are normalised like
+    DALI's output; images over ``max_pixels`` are rejected; the rest run in pieces of at most
+    ``max_batch_pixels`` decoded pixels. A DALI failure is classified: a device problem raises
+    DecoderDeviceError; anything else is a bad image, found by bisecting and rejected alone."""
 
     def __init__(self, preprocess: Preprocess, device: str = "gpu", batch_size: int = 256, threads: int = 2,
-                 device_id: int = 0):
+                 device_id: int = 0, fallback: PilDecoder | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_batch_pixels: int = DEFAULT_BATCH_PIXELS):
         if preprocess.resize_mode not in ("shortest", "squash") or \
                 (preprocess.resize_mode == "shortest" and preprocess.size[0] != preprocess.size[1]):
             raise ValueError(f"DALI decoder supports resize_mode shortest (square) and squash, not "
@@ -290,7 +375,11 @@ class DaliDecoder:
         self.batch_size = batch_size
         self.threads = max(1, threads)
         self.device_id = device_id
+        self.fallback = fallback
+        self.max_pixels = max_pixels
+        self.max_batch_pixels = max_batch_pixels
         self._pipe = None
+        self._last: Any = None
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -335,55 +424,82 @@ class DaliDecoder:
 
     def decode_batch(self, items: Sequence[bytes | None]) -> tuple[Any, np.ndarray]:
         """(float NCHW tensor of the decodable images or None, bool mask aligned with ``items``)."""
-        # A header check (Pillow reads only the first bytes) turns away non-images before DALI sees them;
-        # what still fails inside DALI (truncated data) is found by bisecting the failed batch.
-        ok = np.array([_header_ok(b) for b in items], dtype=bool)
-        good = [i for i in range(len(items)) if ok[i]]
-        if not good:
+        heads = [_header(b) for b in items]
+        ok = np.array([h.format is not None and h.pixels <= self.max_pixels for h in heads], dtype=bool)
+        dali = [i for i in range(len(items)) if ok[i] and heads[i].format in DALI_FORMATS]
+        other = [i for i in range(len(items)) if ok[i] and heads[i].format not in DALI_FORMATS]
+        parts: dict[int, Any] = {}
+        start = 0
+        while start < len(dali):  # pieces of at most max_batch_pixels decoded pixels (at least one image)
+            end, budget = start + 1, heads[dali[start]].pixels
+            while end < len(dali) and budget + heads[dali[end]].pixels <= self.max_batch_pixels:
+                budget += heads[dali[end]].pixels
+                end += 1
+            piece = dali[start:end]
+            out, good = self._decode_dali([items[i] for i in piece])
+            kept = [i for j, i in enumerate(piece) if good[j]]
+            ok[[i for j, i in enumerate(piece) if not good[j]]] = False
+            for row, i in enumerate(kept):
+                parts[i] = out[row]
+            start = end
+        for i in other:
+            x = self._fallback(items[i])
+            if x is None:
+                ok[i] = False
+            else:
+                parts[i] = x
+        rows = [i for i in range(len(items)) if ok[i]]
+        if not rows:
             return None, ok
+        import torch
+
+        return torch.stack([parts[i] for i in rows]), ok
+
+    def _fallback(self, data: bytes | None) -> Any:
+        """A format DALI cannot read, through the Pillow decoder, normalised as DALI's output is."""
+        import torch
+
+        a = self.fallback.decode(data) if self.fallback is not None else None
+        if a is None:
+            return None
+        x = torch.from_numpy(np.array(a)).permute(2, 0, 1).float()  # a writable copy
+        x = (x - torch.tensor(self.pre.mean).view(3, 1, 1) * 255.0) / (torch.tensor(self.pre.std).view(3, 1, 1) * 255.0)
+        return x.to(f"cuda:{self.device_id}") if self.gpu else x
+
+    def _decode_dali(self, blobs: list[bytes]) -> tuple[Any, list[bool]]:
+        """Decode one piece; bad images are found by bisection and left out. Device errors raise."""
+        if self._try(blobs):
+            out, self._last = self._last, None
+            return out, [True] * len(blobs)
+        log.info("DALI batch of %d failed; isolating undecodable images", len(blobs))
+        bad = self._bisect(blobs)
+        good = [j not in bad for j in range(len(blobs))]
+        survivors = [b for b, g in zip(blobs, good, strict=True) if g]
+        return (self._run(survivors) if survivors else None), good
+
+    def _try(self, blobs: list[bytes]) -> bool:
+        """Run DALI on ``blobs``: True (output in ``_last``) or False for bad data; a device failure
+        raises DecoderDeviceError (the shard is retried; no row is rejected for it)."""
         try:
-            return self._run([items[i] for i in good]), ok
-        except Exception as e:  # noqa: BLE001 - one bad image fails DALI's whole batch; find it below
-            log.info("DALI batch failed (%s); isolating undecodable images", e)
+            self._last = self._run(blobs)
+            return True
+        except Exception as e:  # noqa: BLE001 - classified right here
             self._pipe = None  # a pipeline that raised is not reused
-        bad = self._bisect([items[i] for i in good])
-        for j in bad:
-            ok[good[j]] = False
-        survivors = [i for i in range(len(items)) if ok[i]]
-        if not survivors:
-            return None, ok
-        return self._run([items[i] for i in survivors]), ok
+            if is_device_error(e):
+                raise DecoderDeviceError(f"DALI decoder device failure: {type(e).__name__}: {e}") from e
+            log.debug("DALI failed on %d image(s): %s", len(blobs), e)
+            return False
 
     def _bisect(self, blobs: list[bytes]) -> set[int]:
         """Positions of the blobs DALI cannot decode: O(bad * log n) pipeline runs."""
         if len(blobs) == 1:
-            try:
-                self._run(blobs)
-                return set()
-            except Exception:  # noqa: BLE001
-                self._pipe = None
-                return {0}
+            return {0}  # the caller already saw it fail
         half = len(blobs) // 2
         bad = set()
         for offset, part in ((0, blobs[:half]), (half, blobs[half:])):
-            try:
-                self._run(part)
-            except Exception:  # noqa: BLE001
-                self._pipe = None
+            if not self._try(part):
                 bad |= {offset + j for j in self._bisect(part)}
         return bad
-
-
-def _header_ok(data: bytes | None) -> bool:
-    from PIL import Image
-
-    if not data:
-        return False
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.format in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "JPEG2000")
-    except Exception:  # noqa: BLE001
-        return False
 
 
 # -- batched scoring ---------------------------------------------------------------------------------

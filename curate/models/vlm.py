@@ -1,4 +1,4 @@
-"""Image-to-text models through transformers (and vLLM when asked for and present): load, prompt, generate.
+"""Image-to-text models through transformers (and vLLM only when asked for by name): load, prompt, generate.
 
 Any checkpoint that ``AutoProcessor`` + ``AutoModelForImageTextToText`` load works, by hub id or local
 directory. What differs between model families is kept in one table (:data:`FAMILIES`): the default
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Decoding = Literal["greedy", "beam", "sampling"]
-Engine = Literal["auto", "transformers", "vllm"]
+Engine = Literal["transformers", "vllm"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,9 +203,9 @@ class VLM:
         return self
 
     def _pick_engine(self) -> str:
-        want = self.engine_request
-        if want == "transformers":
-            return want
+        """transformers unless vLLM was asked for by name; then it must be able to run this model."""
+        if self.engine_request != "vllm":
+            return "transformers"
         reasons = []
         if importlib.util.find_spec("vllm") is None:
             reasons.append("vllm is not installed")
@@ -215,12 +215,11 @@ class VLM:
             reasons.append("vLLM does not serve BLIP-1")
         if self.settings.decoding == "beam":
             reasons.append("beam search runs on the transformers path")
-        if not reasons:
-            return "vllm"
-        if want == "vllm":
+        if self.settings.no_repeat_ngram_size:
+            reasons.append("vLLM has no no_repeat_ngram_size")
+        if reasons:
             raise RuntimeError("engine=vllm requested but " + "; ".join(reasons))
-        log.info("using transformers for generation: %s", "; ".join(reasons))
-        return "transformers"
+        return "vllm"
 
     def _collect_stop_ids(self, config: Any) -> set[int]:
         ids: set[int] = set()

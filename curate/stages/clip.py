@@ -110,6 +110,11 @@ class ClipStage(Stage):
         self.concept_emb: np.ndarray | None = None
 
     # -- model --------------------------------------------------------------------------------------
+    def model_device(self, phase: str) -> str | None:
+        # With top_fraction the model scores in the plan and the apply only reads those scores.
+        wanted = "plan" if self.config.top_fraction is not None else "apply"
+        return self.config.device if phase == wanted else None
+
     def setup(self) -> None:
         # With top_fraction the plan already scored every shard; the apply only reads those scores.
         if self.config.top_fraction is None:
@@ -126,8 +131,12 @@ class ClipStage(Stage):
         on_gpu = self.clip.device.startswith("cuda")
         if cfg.decoder == "dali" or (cfg.decoder == "auto" and on_gpu):
             device_id = int(self.clip.device.split(":")[1]) if ":" in self.clip.device else 0
+            # Formats DALI cannot decode (GIF) take the Pillow path, so they score as on a CPU worker.
+            fallback = clipmod.PilDecoder(self.clip.preprocess, threads=1, draft=cfg.jpeg_draft,
+                                          reference=self.clip.reference_transform)
             self.decoder = clipmod.DaliDecoder(self.clip.preprocess, device="gpu" if on_gpu else "cpu",
-                                               batch_size=cfg.batch_size, threads=threads, device_id=device_id)
+                                               batch_size=cfg.batch_size, threads=threads, device_id=device_id,
+                                               fallback=fallback)
         else:
             self.decoder = clipmod.PilDecoder(self.clip.preprocess, threads=threads, draft=cfg.jpeg_draft,
                                               reference=self.clip.reference_transform)
@@ -185,15 +194,15 @@ class ClipStage(Stage):
             return shards
         cfg_json = self.config.model_dump_json()
         t = time.perf_counter()
-        # The scoring tasks ask for the stage's own resources (GPUs included); the apply that follows
-        # needs no model at all.
-        res = self.config.resources
-        ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards],
-                num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+        # model=True: a pool of actors that each load the model once (a GPU each where the model uses
+        # one); the apply that follows reads the cached scores and needs no model at all.
+        scored = ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards], model=True)
         t_score = time.perf_counter() - t
         files = [ctx.output.url_of(*_score_file(ctx.input, n)) for n in shards]
         threshold = top_threshold(files, self.config.top_fraction, ctx.map)
         threshold["score_seconds"] = t_score
+        # where the scores were computed ("cuda:0", "cpu"; None: a previous attempt's file was reused)
+        threshold["score_devices"] = sorted({str(d) for _, d in scored})
         threshold["source"] = "plan"
         ctx.output.write_json(threshold, PLAN_DIR, PLAN_SUBDIR, "threshold.json")
         log.info("clip top_fraction %s: keep %d of %d scored rows (threshold %s)", self.config.top_fraction,
@@ -229,7 +238,8 @@ class ClipStage(Stage):
         for r in reasons:
             if r is not None:
                 counts[r] = counts.get(r, 0) + 1
-        ctx.stats["clip"] = {"model": cfg.model, "pretrained": cfg.pretrained, "drops": counts}
+        ctx.stats["clip"] = {"model": cfg.model, "pretrained": cfg.pretrained, "drops": counts,
+                             "device": self.clip.device if self.clip is not None else None}
         if cfg.export_npy:
             self._export_npy(table, ctx)
         if not cfg.embeddings:
@@ -341,21 +351,23 @@ def _worker_stage(cfg_json: str) -> ClipStage:
     return stage
 
 
-def _score_shard(item: tuple[str, str, str, int]) -> int:
-    """Plan step: score input shard ``n`` into the output's plan dir unless a previous attempt already did."""
+def _score_shard(item: tuple[str, str, str, int]) -> tuple[int, str | None]:
+    """Plan step: score input shard ``n`` into the output's plan dir unless a previous attempt already did;
+    returns (n, the model's device, or None when the file was there)."""
     cfg_json, input_url, output_url, n = item
     inp = Dataset(input_url)
     out = Dataset(output_url)
     name = _score_file(inp, n)
     if out.exists(*name):
-        return n
+        return n, None
     table = inp.read_shard(n)
-    scored = _worker_stage(cfg_json).score(table)
+    stage = _worker_stage(cfg_json)
+    scored = stage.score(table)
     scored = scored.add_column(0, schema.UID, table.column(schema.UID))
     buf = io.BytesIO()
     pq.write_table(scored, buf, compression="zstd")
     out.write_bytes(buf.getvalue(), *name)
-    return n
+    return n, stage.clip.device
 
 
 # -- exact global top-k over score files: radix select on the float32 bit pattern ------------------------

@@ -67,8 +67,9 @@ class RecaptionConfig(StageConfig):
     batch_size: int = Field(16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # auto: vLLM when it is installed and a GPU is present (not for BLIP-1 or beam search)
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # vLLM only when asked for: being installed is not consent to its memory policy (it takes 90% of the
+    # GPU), and it has no no_repeat_ngram_size. Not for BLIP-1 or beam search.
+    engine: Literal["transformers", "vllm"] = "transformers"
     # Decode JPEGs at 1/2..1/8 scale (DCT domain) when still at least model-input sized.
     fast_decode: bool = True
     max_pixels: int = Field(100_000_000, ge=1)
@@ -90,6 +91,11 @@ class RecaptionConfig(StageConfig):
             raise ValueError("template must contain {instruction}")
         if self.clip_pretrained is not None and self.clip_model is None:
             raise ValueError("clip_pretrained needs clip_model")
+        if self.engine == "vllm" and self.no_repeat_ngram_size:
+            raise ValueError("engine vllm has no no_repeat_ngram_size; set it to 0 or use engine: transformers")
+        if self.engine == "vllm" and 0 < self.resources.num_gpus < 1:
+            raise ValueError("engine vllm takes a whole GPU per actor (it reserves 90% of the device's memory); "
+                             "set resources.num_gpus to 1 or more, or use engine: transformers")
         return self
 
     def cleaning(self) -> CleaningRules:
@@ -155,6 +161,9 @@ class RecaptionStage(Stage):
         super().__init__(config)
         self.vlm = None
         self.scorer = None
+
+    def model_device(self, phase: str) -> str | None:
+        return self.config.device if phase == "apply" else None
 
     def setup(self) -> None:
         from curate.models.vlm import VLM, GenerationSettings
@@ -241,6 +250,7 @@ class RecaptionStage(Stage):
             "images": images_done,
             "generated_tokens": tokens,
             "engine": self.vlm.engine,
+            "device": self.vlm.device,  # an autoscaled cluster without its GPU nodes yet shows up here
             "images_per_s": images_done / generate_s if generate_s else None,
             "tokens_per_s": tokens / generate_s if generate_s else None,
         }
@@ -254,19 +264,27 @@ class RecaptionStage(Stage):
     def _generate(self, images: list, prompts: list[str]) -> list:
         """Generate for a batch; on out-of-memory split it in halves and retry (a row's output does
         not depend on its batch), down to single rows, which get None if they still do not fit."""
+        import gc
+
         import torch
 
         try:
             return self.vlm.generate(images, prompts)
-        except (torch.OutOfMemoryError, MemoryError) as e:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(images) <= 1:
-                log.warning("out of memory generating for a single image: %s", e)
-                return [None] * len(images)
-            half = len(images) // 2
-            log.warning("out of memory on a batch of %d; retrying in halves", len(images))
-            return self._generate(images[:half], prompts[:half]) + self._generate(images[half:], prompts[half:])
+        except Exception as e:  # noqa: BLE001 - out-of-memory is handled below, anything else re-raised
+            if not is_out_of_memory(e):
+                raise
+            error = f"{type(e).__name__}: {e}"
+        # Out here, not in the except block: there the exception's traceback keeps every frame of the
+        # failed generate() alive, and with them its activations, so empty_cache() could free nothing.
+        gc.collect()  # frames and tensors in reference cycles (model internals) go too
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(images) <= 1:
+            log.warning("out of memory generating for a single image: %s", error)
+            return [None] * len(images)
+        half = len(images) // 2
+        log.warning("out of memory on a batch of %d; retrying in halves", len(images))
+        return self._generate(images[:half], prompts[:half]) + self._generate(images[half:], prompts[half:])
 
     def _record(self, i: int, result: Cleaned, reasons: list, recaptions: list, flags: list) -> None:
         if result.problem is None:
@@ -290,6 +308,16 @@ class RecaptionStage(Stage):
                         "model": self.config.model,
                     }
         return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    import torch
+
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def _strip_wordpiece(text: str) -> str:

@@ -5,8 +5,8 @@ Input: a dataset whose rows carry ``image_embedding`` (the clip stage with ``emb
 Plan (once, every step a parallel map over shards or cluster groups; files written atomically):
 1. count the rows with an embedding per shard, then draw a seeded sample of at most
    ``max_train_points`` embeddings proportionally from every shard;
-2. spherical k-means on the sample with faiss (on GPU when ``faiss.get_num_gpus()`` finds one;
-   ``n_clusters`` defaults to sqrt(N));
+2. spherical k-means on the sample with faiss, in one plan worker (with a GPU when the faiss-gpu build
+   is installed and the cluster has GPUs; ``n_clusters`` defaults to sqrt(N));
 3. assign every row to its nearest centroid, one task per shard, into
    ``_plan/semdedup/assign/NNNNN.parquet`` (cluster, row, uid, keep scores, embedding);
 4. one task per group of clusters (cluster id modulo ``groups``) reads only its clusters' rows, and
@@ -80,6 +80,14 @@ class SemDedupStage(Stage):
 
     config: SemDedupConfig
 
+    def model_device(self, phase: str) -> str | None:
+        # The plan's k-means asks for a GPU only where faiss can use one (the faiss-gpu build).
+        if phase != "plan":
+            return None
+        import faiss
+
+        return "auto" if hasattr(faiss, "StandardGpuResources") else "cpu"
+
     def plan(self, ctx: PlanContext) -> list[int]:
         assert ctx.input is not None
         cfg = self.config
@@ -97,7 +105,10 @@ class SemDedupStage(Stage):
             sample = ctx.map(_sample, [dataclasses.replace(base, shard=n, quota=q)
                                        for n, q in zip(shards, quotas, strict=True)])
             train = np.concatenate([s for s in sample if len(s)])
-            centroids = kmeans(train, cfg.n_clusters or max(1, round(math.sqrt(total))), cfg.niter, cfg.seed)
+            # k-means runs in a plan worker, not in the driver: on a cluster the driver sits on the
+            # head node, whose GPUs (usually none) say nothing about where the work should run.
+            k = cfg.n_clusters or max(1, round(math.sqrt(total)))
+            (centroids,) = ctx.map(_kmeans, [(train, k, cfg.niter, cfg.seed)], model=True)
             summary["clusters"] = len(centroids)
             ctx.map(_assign, [dataclasses.replace(base, shard=n, centroids=centroids) for n in shards])
             groups = min(cfg.groups, len(centroids))
@@ -153,6 +164,10 @@ def kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     km.train(x)
     log.info("semdedup k-means: %d points, %d clusters, %s", len(x), k, "GPU" if use_gpu else "CPU")
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def _kmeans(job: tuple[np.ndarray, int, int, int]) -> np.ndarray:
+    return kmeans(*job)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -150,7 +150,7 @@ def test_top_fraction_is_exact_across_shards_and_workers(tiny_clip, ray_session,
     drops = pa.concat_tables([t for _, t in out.iter_rejects()]).column(schema.DROP_REASON).to_pylist()
     assert sorted(drops) == ["clip:below_top_fraction"] * (31 - k) + ["clip:undecodable"]
     threshold = out.read_json("_plan", "clip", "threshold.json")
-    assert threshold["keep"] == k and threshold["scored"] == 31
+    assert threshold["keep"] == k and threshold["scored"] == 31 and threshold["score_devices"] == ["cpu"]
     why = ClipStage(ClipConfig.model_validate(cfg)).explain(out, order[k])["top_fraction"]
     assert why["keep"] == k and why["threshold_score"] == pytest.approx(score[order[k - 1]])
 
@@ -176,6 +176,7 @@ def test_score_in_actor_pool_then_top_fraction_over_those_scores(tiny_clip, ray_
     rejects = pa.concat_tables([t for _, t in scored.iter_rejects()])
     assert rejects.column(schema.DROP_REASON).to_pylist() == ["clip:undecodable"]
     assert first["rows_in"] == 21 and first["kept"] == 20
+    assert {scored.stats(n)["clip"]["device"] for n in scored.shard_ids()} == {"cpu"}
     for n, t in scored.iter_shards():
         name = scored.shard_name(n)
         img = np.load(scored.path("embeddings", "img_emb", f"img_emb_{name}.npy"))
@@ -203,3 +204,29 @@ def test_score_in_actor_pool_then_top_fraction_over_those_scores(tiny_clip, ray_
     # another model's scores are not reused
     other = ClipStage(ClipConfig(model=tiny_clip, pretrained="other.pt", top_fraction=0.25))
     assert not other.scores_in_input(Dataset(str(tmp_path / "mid")))
+
+
+@pytest.mark.gpu
+def test_top_fraction_scores_on_the_gpu_through_ray(tiny_clip, ray_session, tmp_path):
+    """device auto on a Ray that has a GPU: the plan's actors score on CUDA (DALI mixed decode, bf16),
+    the kept set is the exact top fraction of those scores, and the scores are within the DALI/bf16
+    tolerance of open_clip's own CPU computation."""
+    import ray
+
+    assert ray.cluster_resources().get("GPU", 0) >= 1
+    rows = corpus_images(24)
+    shards = [rows[0:8], rows[8:16] + [(CORRUPT, "jpg", "broken")], rows[16:24]]
+    inp = write_dataset(tmp_path / "in", shards)
+    cfg = {"model": tiny_clip, "pretrained": None, "batch_size": 8, "top_fraction": 0.5}
+    summary = run_stage("clip", inp.url, str(tmp_path / "top"), config=cfg)
+    out = Dataset(str(tmp_path / "top"))
+    threshold = out.read_json("_plan", "clip", "threshold.json")
+    assert threshold["score_devices"] == ["cuda"] and threshold["scored"] == 24
+    every = _all(out)
+    score = dict(zip(every.column(schema.UID).to_pylist(), every.column(schema.CLIP_SCORE).to_pylist(), strict=True))
+    ref_uids = [u for n in range(3) for u in inp.read_shard(n).column(schema.UID).to_pylist()]
+    ref = dict(zip(ref_uids, reference_scores(tiny_clip, [r for sh in shards for r in sh]).tolist(), strict=True))
+    assert max(abs(score[u] - ref[u]) for u in score if score[u] is not None) < 5e-2
+    kept = {u for _, t in out.iter_shards() for u in t.column(schema.UID).to_pylist()}
+    order = sorted((u for u in score if score[u] is not None), key=lambda u: (-score[u], u))
+    assert summary["kept"] == 12 and kept == set(order[:12])

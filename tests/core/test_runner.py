@@ -179,3 +179,96 @@ def test_empty_shards_flow_through_every_step(ray_session, tmp_path):
     ds = Dataset(out)
     assert ds.is_complete() and ds.shard_ids() == [0, 1] and s["kept"] == 0
     assert verify(ds) == ([], 0)
+
+
+# -- GPU resources per phase (issue 21) ------------------------------------------------------------
+def test_every_model_worker_asks_ray_for_the_gpu_it_uses_and_no_other_does(tmp_path):
+    """Ray's own task table, on a Ray that declares 2 GPUs: clip's top_fraction plan scores in an
+    actor pool (one model per actor, a GPU each, not one task per shard), its Parquet-only apply
+    holds no GPU; device: cpu and an explicit num_gpus: 0 reserve none and their workers see none."""
+    probe = Path(__file__).with_name("ray_gpu_probe.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(probe), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+
+    def asks(run: str, name: str) -> list[dict]:
+        return [t["resources"] for t in runs[run] if t["name"] == name]
+
+    def hidden(run: str, name: str) -> list[bool]:
+        return [t["env"].get("CUDA_VISIBLE_DEVICES") == "" for t in runs[run] if t["name"] == name]
+
+    top = "top_fraction_auto"
+    assert asks(top, "_MapActor.__init__") == [{"CPU": 1.0, "GPU": 1.0}] * 2  # 2 GPUs: 2 actors for 3 shards
+    assert len(asks(top, "_MapActor.call")) == 3
+    assert not asks(top, "_score_shard")  # never a per-shard GPU task
+    assert asks(top, "_shard_task") == [{"CPU": 1.0}] * 3  # the apply reads Parquet only
+    assert all("GPU" not in r for t in runs[top] if t["name"] != "_MapActor.__init__" for r in [t["resources"]])
+    assert asks("pool_auto", "_ShardActor.__init__") == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    for run in ("pool_cpu", "pool_auto_zero_gpus"):
+        assert asks(run, "_ShardActor.__init__") == [{"CPU": 1.0}] * 3
+        assert all(hidden(run, "_ShardActor.__init__"))
+    assert not any(hidden("pool_auto", "_ShardActor.__init__"))
+
+
+def test_phase_resources_follow_the_model_device():
+    from curate.runner import phase_resources
+    from curate.stages.clip import ClipConfig, ClipStage
+    from curate.stages.recaption import RecaptionConfig, RecaptionStage
+
+    def gpus(stage, phase, cluster_gpus=2.0):
+        return phase_resources(stage, phase, cluster_gpus).num_gpus
+
+    top = ClipStage(ClipConfig(top_fraction=0.3))
+    assert (gpus(top, "plan"), gpus(top, "apply")) == (1.0, 0.0)
+    pool = ClipStage(ClipConfig())
+    assert (gpus(pool, "plan"), gpus(pool, "apply")) == (0.0, 1.0)
+    assert gpus(pool, "apply", cluster_gpus=0) == 0.0  # auto on a cluster without GPUs
+    assert gpus(ClipStage(ClipConfig(device="cuda")), "apply", cluster_gpus=0) == 1.0  # waits for GPU nodes
+    assert gpus(ClipStage(ClipConfig(device="cpu")), "apply") == 0.0
+    half = ClipStage(ClipConfig.model_validate({"resources": {"num_gpus": 0.5}}))
+    assert gpus(half, "apply") == 0.5
+    # a phase without a model never holds a GPU, whatever resources say
+    top_gpu = ClipStage(ClipConfig.model_validate({"top_fraction": 0.3, "resources": {"num_gpus": 1}}))
+    assert gpus(top_gpu, "apply") == 0.0 and gpus(top_gpu, "plan") == 1.0
+    assert gpus(RecaptionStage(RecaptionConfig(model="m", device="cpu")), "apply") == 0.0
+    with pytest.raises(ConfigError, match="device: cpu"):
+        phase_resources(ClipStage(ClipConfig.model_validate({"device": "cpu", "resources": {"num_gpus": 1}})),
+                        "apply", 2)
+    with pytest.raises(ConfigError, match="device: cuda"):
+        phase_resources(ClipStage(ClipConfig.model_validate({"device": "cuda", "resources": {"num_gpus": 0}})),
+                        "apply", 2)
+
+
+def test_missing_resource_is_judged_per_node():
+    from curate.runner import missing_resource
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    assert missing_resource({"CPU": 2, "GPU": 1}, nodes) is None
+    # 2 GPUs in the cluster, but no node holds 2 for one actor; the dead node does not count
+    assert "GPU: 2 per worker, but the largest node offers 1" in missing_resource({"GPU": 2}, nodes)
+    mixed = [{"Resources": {"CPU": 16.0}}, {"Resources": {"CPU": 2.0, "GPU": 1.0}}]
+    assert "together on one node" in missing_resource({"CPU": 4, "GPU": 1}, mixed)
+    assert "memory" in missing_resource({"CPU": 1, "memory": 64 * 1024**3}, nodes)
+
+
+def test_unsatisfiable_request_fails_at_once_naming_the_resource(ray_session, tmp_path, capsys):
+    """The session's embedded Ray has 2 CPUs and no GPU: a GPU model or a 64-CPU worker cannot run.
+    Before the fix Ray queued them forever; now the run stops before any shard, with one line."""
+    src = str(tmp_path / "src")
+    run_stage(SYNTH, str(tmp_path), src, config={"shards": 2, "rows_per_shard": 3})
+    with pytest.raises(ConfigError, match=r"no node .* GPU: 1 per worker, but the largest node offers 0"):
+        run_stage("clip", src, str(tmp_path / "gpu"), config={"model": str(tmp_path), "pretrained": None,
+                                                             "device": "cuda"})
+    with pytest.raises(ConfigError, match=r"CPU: 64 per worker, but the largest node offers 2"):
+        run_stage(PASS, src, str(tmp_path / "cpu"), config={"resources": {"num_cpus": 64}})
+    assert not Dataset(str(tmp_path / "cpu")).shard_ids()
+    # through the CLI: exit 2, one line, no traceback
+    code = main(["filter", "--input", src, "--output", str(tmp_path / "cli"),
+                 "--set", "resources.num_cpus=64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "CPU: 64 per worker" in err and "Traceback" not in err

@@ -185,6 +185,15 @@ def test_config_is_validated_before_any_work(tiny_vlms, tmp_path):
         prepare("recaption", src.url, out, {})
     with pytest.raises(ConfigError, match="instruction"):
         prepare("recaption", src.url, out, {"model": tiny_vlms["blip"], "template": "no placeholder"})
+    # vLLM is opt-in by name, and refused where it would silently change the output or the GPU share
+    assert RecaptionConfig(model="m").engine == "transformers"
+    with pytest.raises(ConfigError, match="engine"):
+        prepare("recaption", src.url, out, {"model": tiny_vlms["blip"], "engine": "auto"})
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size"):
+        prepare("recaption", src.url, out, {"model": tiny_vlms["blip"], "engine": "vllm", "no_repeat_ngram_size": 3})
+    with pytest.raises(ConfigError, match="whole GPU"):
+        prepare("recaption", src.url, out, {"model": tiny_vlms["blip"], "engine": "vllm",
+                                            "resources": {"num_gpus": 0.5}})
 
 
 def test_through_the_runner(ray_session, tiny_vlms, tmp_path):
@@ -205,6 +214,8 @@ def test_through_the_runner(ray_session, tiny_vlms, tmp_path):
         assert (recap is None) != (flag is None)
     stats = ds.stats(0)
     assert stats["recaption"]["images"] == 5 and stats["recaption"]["engine"] == "transformers"
+    # device auto: the GPU where Ray has one (the actor asked for it), else the CPU
+    assert stats["recaption"]["device"] == ("cuda" if ray_session.cluster_resources().get("GPU") else "cpu")
     # curate inspect --uid explains a kept row and a rejected one
     stage = RecaptionStage(RecaptionConfig(**config))
     first = kept.slice(0, 1).to_pylist()[0]
@@ -233,3 +244,74 @@ def test_bf16_on_gpu(tiny_vlms, tmp_path, arch):
     out = stage.process(ds.read_shard(0), _ctx(ds))
     assert out.column(schema.DROP_REASON).to_pylist().count("recaption:undecodable") == 1
     assert stage.vlm.generate([], []) == []
+
+
+def test_out_of_memory_retry_runs_after_the_failed_attempt_is_freed(tiny_vlms, tmp_path):
+    """A real allocator failure inside the model's forward (torch's CPU allocator refusing a huge
+    tensor, which raises like a device OOM does), not one raised before any work: when the halves are
+    retried, the failed attempt's input tensors must already be gone. Retrying inside the ``except``
+    block kept them alive through the traceback, so empty_cache() could free nothing."""
+    import weakref
+
+    import torch
+
+    ds = write_source(tmp_path / "src", shards=1, rows=4)
+    table = ds.read_shard(0)
+    want = _stage(tiny_vlms["blip"], batch_size=4).process(table, _ctx(ds))
+    stage = _stage(tiny_vlms["blip"], batch_size=4)
+    failed: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def hook(module, args, kwargs):
+        pixels = args[0] if args else kwargs["pixel_values"]
+        if failed:
+            alive_at_retry.append(failed[0]() is not None)
+        elif pixels.shape[0] > 2:
+            failed.append(weakref.ref(pixels))
+            torch.empty(1 << 60, dtype=torch.uint8)  # the allocation that does not fit: a real failure
+
+    handle = stage.vlm.model.vision_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = stage.process(table, _ctx(ds))
+    finally:
+        handle.remove()
+    assert failed and alive_at_retry and not any(alive_at_retry)
+    assert got.equals(want)  # the halves give what the unsplit batch gives
+
+
+@pytest.mark.gpu
+def test_real_cuda_out_of_memory_frees_the_failed_batch_before_the_retry(tiny_vlms, tmp_path):
+    """A batch that really runs out of device memory (the forward allocates past what is free): at
+    the retry the failed attempt's device tensors are gone and the allocator is back where it started;
+    the halves give what the unsplit batch gives."""
+    import weakref
+
+    import torch
+
+    ds = write_source(tmp_path / "src", shards=1, rows=8)
+    table = ds.read_shard(0)
+    stage = RecaptionStage(RecaptionConfig(model=tiny_vlms["blip"], device="cuda", dtype="float32",
+                                           max_new_tokens=12, batch_size=8))
+    stage.setup()
+    want = stage.process(table, _ctx(ds))  # the unsplit batch on the same device
+    failed: list[weakref.ref] = []
+    at_retry: list[tuple[bool, int]] = []
+    base = torch.cuda.memory_allocated()
+
+    def hook(module, args, kwargs):
+        pixels = args[0] if args else kwargs["pixel_values"]
+        if failed:
+            at_retry.append((failed[0]() is not None, torch.cuda.memory_allocated()))
+        elif pixels.shape[0] > 4:
+            failed.append(weakref.ref(pixels))
+            free, _ = torch.cuda.mem_get_info()
+            torch.empty(free + 1024**3, dtype=torch.uint8, device="cuda")  # more than the device has
+
+    handle = stage.vlm.model.vision_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = stage.process(table, _ctx(ds))
+    finally:
+        handle.remove()
+    assert failed and at_retry and not any(alive for alive, _ in at_retry)
+    assert at_retry[0][1] - base < 64 * 1024**2  # only the half batch's own inputs, not the failed batch's
+    assert got.column(schema.RECAPTION).to_pylist() == want.column(schema.RECAPTION).to_pylist()

@@ -24,7 +24,10 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 PAIRS = [(c, s) for c in COLORS for s in SHAPES]
 
-TINY = ["model.tiny=true", "data.workers=1", "train.log_every=1"]
+# CPU on purpose, even on a GPU machine: the exact-resume checks (1e-6) and the 2-process gloo run need
+# fp32 CPU arithmetic and must not ask for cuda:1 on a one-GPU machine. GPU tests add train.device=cuda.
+TINY = ["model.tiny=true", "data.workers=1", "train.log_every=1", "train.device=cpu"]
+TINY_GPU = [*TINY, "train.device=cuda"]
 
 
 @pytest.fixture(autouse=True, scope="session")

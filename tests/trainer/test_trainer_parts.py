@@ -12,7 +12,16 @@ from conftest import COLORS, SHAPES
 from trainer import data as D
 from trainer.config import DataConfig, load_recipe
 from trainer.schedule import warmup_cosine
-from trainer.train import Dist, Tokenizer, build_model, main, make_loss, model_config, train_step
+from trainer.train import (
+    Dist,
+    Tokenizer,
+    build_model,
+    choose_device,
+    main,
+    make_loss,
+    model_config,
+    train_step,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "trainer" / "recipes").glob("*.yaml"))
@@ -47,6 +56,26 @@ def test_bad_recipe_or_data_is_one_clear_error_before_work(tmp_path, caplog):
     assert "stepz" in caplog.text
     assert main(["--data", str(tmp_path / "missing")]) == 2
     assert "no train shards" in caplog.text
+
+
+def test_each_process_takes_the_device_it_is_given():
+    cpu, cuda = torch.device("cpu"), torch.device
+    assert choose_device("auto", 0, 1, 0) == cpu
+    assert choose_device("cpu", 3, 8, 8) == cpu  # a CPU run on a GPU machine stays on the CPU
+    # one visible GPU is this process's own (SLURM --gpus-per-task, Ray Train): not cuda:LOCAL_RANK
+    assert choose_device("auto", 3, 8, 1) == cuda("cuda:0")
+    assert choose_device("cuda", 1, 2, 1) == cuda("cuda:0")
+    assert choose_device("auto", 3, 8, 8) == cuda("cuda:3")  # the whole node's GPUs: one per local rank
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        choose_device("cuda", 0, 1, 0)
+    with pytest.raises(ValueError, match="4 processes on this node share 2 visible GPUs"):
+        choose_device("auto", 3, 4, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_asked_without_a_gpu_is_one_clear_error(tmp_path, caplog):
+    assert main(["--data", str(tmp_path), "--set", "train.device=cuda"]) == 2
+    assert "train.device=cuda but this process sees no CUDA device" in caplog.text
 
 
 @pytest.fixture(scope="module")
