@@ -81,7 +81,9 @@ def setup_logging(verbose: int) -> None:
             os.environ.setdefault(var, value)
     root = logging.getLogger()
     for h in list(root.handlers):
-        if isinstance(h, _StderrHandler):
+        # ours from an earlier call, or a plain one from logging.basicConfig (which would print every
+        # line twice); test harnesses' capture handlers stay
+        if isinstance(h, _StderrHandler) or type(h) is logging.StreamHandler:
             root.removeHandler(h)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -110,7 +112,8 @@ def progress_fields(p, now: float | None = None) -> dict[str, str]:
     """Rows, counts, rate and ETA of a StageProgress as short texts (shared by bar and log line)."""
     now = time.time() if now is None else now
     if p.phase == "plan":
-        return {"rows": "planning", "counts": "", "rate": "", "eta": ""}
+        return {"rows": f"planning ({_fmt_s(now - p.started)})" if p.started else "planning",
+                "counts": "", "rate": "", "eta": ""}
     elapsed = max(now - p.started, 1e-9)
     rate = p.rows_this_run / elapsed if p.rows_this_run else None
     left_shards = p.shards_total - p.shards_done
@@ -263,14 +266,30 @@ def print_summary(summaries: Sequence[dict[str, Any]]) -> None:
                     ("wall s", {"justify": "right"}), ("output", {"ratio": 1})):
         table.add_column(col, overflow="fold", **kw)
     for s in summaries:
-        drops = ", ".join(f"{k} {v:,}" for k, v in s.get("drops", {}).items()) or "-"
+        # a reason of the row's own stage without its "stage:" prefix, one per line: fits 80 columns
+        drops = "\n".join(f"{k.split(':', 1)[1] if k.startswith(_short_stage(s['stage']) + ':') else k} {v:,}"
+                          for k, v in s.get("drops", {}).items()) or "-"
         secs = "skipped" if s.get("skipped") else f"{s.get('wall_seconds', s.get('seconds', 0)):.1f}"
         table.add_row(s["stage"], f"{s['rows_in']:,}", f"{s['kept']:,}", f"{s['dropped']:,}", drops, secs,
-                      s["output"])
+                      _shown_path(s["output"]))
     console = Console(stderr=False)
     console.print(table)
     console.print(f"wall time {time.time() - _STARTED:.1f} s since the command started "
                   "(start-up and Ray's included)", highlight=False)
+
+
+def _short_stage(stage: str) -> str:
+    """The prefix a stage's drop reasons carry ("download", or "passthrough" for module:Class stages)."""
+    return stage.rsplit(":", 1)[-1].lower() if ":" in stage else stage
+
+
+def _shown_path(url: str) -> str:
+    """A local output below the working directory as a relative path (shorter in the table)."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    path = url[len("file://"):] if url.startswith("file://") else url
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
 
 
 def _run_one(stage: str, input: str | None, output: str, config_file: str | None, sets: Sequence[str],

@@ -259,3 +259,72 @@ def test_url_column_found_by_its_values(tmp_path):
     assert updates == {"url_col": "where"}
     assert notes[0] == ("urls.csv has no column 'url'; using 'where' as the URL column "
                         "(say --set url_col=where to make it explicit)")
+
+
+# -- inspect follows the lineage ---------------------------------------------------------------
+def test_inspect_follows_a_sample_to_where_it_left(ray_session, tmp_path, capsys):
+    from curate.dataset import Dataset
+    from curate.demo import CORPUS, DemoServer, read_entries, urls
+
+    entries = read_entries()
+    ok = [i for i, e in enumerate(entries) if e["kind"] == "ok"][:3]
+    missing = next(i for i, e in enumerate(entries) if e["kind"] == "missing")
+    with DemoServer(CORPUS) as srv:
+        u, c = urls(srv.base_url)
+        p = url_list(tmp_path / "urls.parquet", {"url": [u[i] for i in [*ok, missing]],
+                                                 "caption": [c[i] for i in [*ok, missing]]})
+        assert main(["download", "--input", str(p), "--output", str(tmp_path / "raw"),
+                     "--set", "fetch.allowed_networks=[127.0.0.1/32]"]) == 0
+    assert main(["stage", PASS, "--input", str(tmp_path / "raw"), "--output", str(tmp_path / "a"),
+                 "--set", "drop_every=1"]) == 0  # every row that reaches it is dropped here
+    capsys.readouterr()
+    # a sample that failed to download, asked of the last dataset by its URL
+    assert main(["inspect", str(tmp_path / "a"), "--url", u[missing]]) == 0
+    cap = capsys.readouterr()
+    found = json.loads(cap.out)
+    assert found["found"] is False  # not in the dataset asked about ...
+    assert found["verdict"].startswith("dropped at download: failed_to_download: ")  # ... but traced
+    assert "404" in found["verdict"]
+    assert [s["stage"] for s in found["lineage"]] == ["download", PASS]
+    assert found["lineage"][0]["reason"] == "download:failed_to_download"
+    assert cap.err.startswith(f"{found['uid']}: dropped at download")
+    # a sample that was kept by download and dropped by the next stage, by uid
+    kept_uid = Dataset(str(tmp_path / "raw")).read_shard(0).column("uid")[0].as_py()
+    assert main(["inspect", str(tmp_path / "a"), "--uid", kept_uid]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["verdict"] == f"dropped at {PASS}: divisible"
+    assert [s.get("kept") for s in found["lineage"]] == [True, False]
+    # an unknown URL is one line, exit 2
+    assert main(["inspect", str(tmp_path / "a"), "--url", "http://nowhere.example/x.jpg"]) == 2
+    assert one_line(capsys.readouterr().err).startswith("curate: error: no row with url http://nowhere.example/x.jpg")
+
+
+# -- progress ------------------------------------------------------------------------------------
+def test_progress_fields_in_rows_with_rate_and_eta():
+    from curate.cli import progress_fields
+    from curate.runner import StageProgress
+
+    p = StageProgress("filter", "shards", shards_done=3, shards_total=10, rows_done=300, kept=250, dropped=50,
+                      rows_total=1000, rows_this_run=200, shards_this_run=2, started=100.0)
+    f = progress_fields(p, now=110.0)  # 200 rows in 10 s: 20 rows/s, 700 rows left: 35 s
+    assert f == {"rows": "300/1,000 rows (3/10 shards)", "counts": "ok 250  dropped 50",
+                 "rate": "20 rows/s", "eta": "ETA 35s"}
+    unknown = StageProgress("download", "shards", shards_done=2, shards_total=4, rows_done=20, kept=20,
+                            rows_this_run=20, shards_this_run=2, started=100.0)
+    assert progress_fields(unknown, now=110.0)["eta"] == "ETA 10s"  # by shards: 5 s each, 2 left
+    assert progress_fields(StageProgress("dedup", "plan", started=100.0), now=175.0)["rows"] == "planning (1m15s)"
+
+
+def test_plain_progress_lines_off_a_terminal(ray_session, tmp_path, capsys):
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(json.dumps({"name": "t", "output": str(tmp_path / "out"), "input": str(tmp_path),
+                                "stages": [{"stage": SYNTH, "name": "s", "config": {"shards": 2, "rows_per_shard": 5}},
+                                           {"stage": PASS, "name": "p", "config": {"drop_every": 1}}]}))
+    assert main(["run", str(pipe)]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b[" not in err  # no ANSI codes when stderr is not a terminal
+    lines = err.splitlines()
+    assert lines[0].endswith("pipeline t: 2 stages")
+    assert any(ln.endswith(f"[1/2] {SYNTH}: done: 10 rows in " + ln.split(" rows in ")[-1]) for ln in lines)
+    done = [ln for ln in lines if f"[2/2] {PASS}: done: " in ln]
+    assert len(done) == 1 and "ok 0  dropped 10" in done[0] and "rows/s" in done[0]
