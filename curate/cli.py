@@ -158,15 +158,21 @@ class ProgressView:
 
     # lifecycle
     def __enter__(self) -> ProgressView:
+        self._native = _NativeStderr() if os.environ.get("CURATE_VERBOSE", "0") == "0" else None
+        if self._native:
+            self._native.start()
         if self.live:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.table import Column
+
+            def text(field: str) -> TextColumn:
+                return TextColumn(field, table_column=Column(no_wrap=True))
 
             self._prog = Progress(
-                TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[rows]}"),
-                TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
-                TextColumn("{task.fields[eta]}"), TimeElapsedColumn(),
-                console=Console(stderr=True), refresh_per_second=4)
+                text("{task.description}"), BarColumn(bar_width=20), text("{task.fields[rows]}"),
+                text("{task.fields[counts]}"), text("{task.fields[rate]}"), text("{task.fields[eta]}"),
+                TimeElapsedColumn(), console=Console(stderr=True), refresh_per_second=4)
             if self.n_stages > 1:
                 self._pipe_task = self._prog.add_task(f"pipeline {self.name}", total=self.n_stages,
                                                       rows=f"stage 0/{self.n_stages}", counts="", rate="", eta="")
@@ -178,12 +184,14 @@ class ProgressView:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type=None, *exc: object) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=2)
         if self._prog:
             self._prog.stop()
+        if self._native:
+            self._native.stop(failed=exc_type is not None and not issubclass(exc_type, UsageError))
 
     # events
     def stage_started(self, stage: str) -> None:
@@ -254,6 +262,48 @@ class ProgressView:
         click.echo(f"{stamp} {text}", err=True)
 
 
+class _NativeStderr:
+    """Native libraries (faiss's C++ clustering warnings, Ray's core worker) write to file descriptor
+    2 directly, past Python's logging, through the live display and into log files. Without -v that
+    descriptor points at a file while stages run; Python's sys.stderr keeps the real one, so curate's
+    own lines, errors and progress still show. The file is named on stderr when the run fails."""
+
+    def __init__(self) -> None:
+        self.saved: int | None = None
+        self.path = ""
+
+    def start(self) -> None:
+        import tempfile
+
+        try:
+            if sys.stderr.fileno() != 2:  # a test harness or a caller capturing stderr: leave it alone
+                return
+        except (AttributeError, OSError, ValueError):
+            return
+        sys.stderr.flush()
+        fd, self.path = tempfile.mkstemp(prefix="curate-native-stderr-", suffix=".log")
+        self.saved = os.dup(2)
+        self.old = sys.stderr
+        sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding=self.old.encoding or "utf-8",
+                          errors="backslashreplace")
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def stop(self, failed: bool) -> None:
+        if self.saved is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        sys.stderr.close()
+        sys.stderr = self.old
+        self.saved = None
+        if failed and os.path.getsize(self.path):
+            click.echo(f"output of native libraries during this run: {self.path}", err=True)
+        else:
+            os.unlink(self.path)
+
+
 # -- summary ------------------------------------------------------------------------------------
 def print_summary(summaries: Sequence[dict[str, Any]]) -> None:
     """The end-of-run table on stdout, as wide as the terminal (80 columns when not on one)."""
@@ -318,7 +368,7 @@ def _run_one(stage: str, input: str | None, output: str, config_file: str | None
         raise click.ClickException(str(e)) from None
     finally:
         if own:
-            view.__exit__(None, None, None)
+            view.__exit__(*sys.exc_info())
     if not summary.get("skipped"):
         from curate.dataset import Dataset
 
