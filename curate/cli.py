@@ -111,6 +111,9 @@ def _fmt_s(seconds: float | None) -> str:
 def progress_fields(p, now: float | None = None) -> dict[str, str]:
     """Rows, counts, rate and ETA of a StageProgress as short texts (shared by bar and log line)."""
     now = time.time() if now is None else now
+    if p.phase == "start":
+        return {"rows": f"starting Ray ({_fmt_s(now - p.started)})" if p.started else "starting Ray",
+                "counts": "", "rate": "", "eta": ""}
     if p.phase == "plan":
         return {"rows": f"planning ({_fmt_s(now - p.started)})" if p.started else "planning",
                 "counts": "", "rate": "", "eta": ""}
@@ -177,11 +180,10 @@ class ProgressView:
                 self._pipe_task = self._prog.add_task(f"pipeline {self.name}", total=self.n_stages,
                                                       rows=f"stage 0/{self.n_stages}", counts="", rate="", eta="")
             self._prog.start()
-        else:
-            if self.n_stages > 1:
-                self._line(f"pipeline {self.name}: {self.n_stages} stages")
-            self._thread = threading.Thread(target=self._tick, name="curate-progress", daemon=True)
-            self._thread.start()
+        elif self.n_stages > 1:
+            self._line(f"pipeline {self.name}: {self.n_stages} stages")
+        self._thread = threading.Thread(target=self._tick, name="curate-progress", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, exc_type=None, *exc: object) -> None:
@@ -218,15 +220,13 @@ class ProgressView:
         self._show()
         with self._lock:
             self.current = p
-        if self._prog and self._task is not None:
-            total = p.rows_total if p.rows_total is not None else p.shards_total or None
-            done = p.rows_done if p.rows_total is not None else p.shards_done
-            self._prog.update(self._task, completed=done, total=total, **progress_fields(p))
+            if self._prog and self._task is not None:
+                total = p.rows_total if p.rows_total is not None else p.shards_total or None
+                done = p.rows_done if p.rows_total is not None else p.shards_done
+                self._prog.update(self._task, completed=done, total=total, **progress_fields(p))
 
     def stage_done(self, summary: dict[str, Any], wall: float) -> None:
         self._show()
-        with self._lock:
-            self.current = None
         self.rows_before += summary.get("rows_in", 0)
         rate = summary.get("rows_in", 0) / wall if wall > 0 else 0
         if summary.get("skipped"):
@@ -234,11 +234,13 @@ class ProgressView:
         else:
             text = (f"done: {summary['rows_in']:,} rows in {_fmt_s(wall)}, ok {summary['kept']:,}  "
                     f"dropped {summary['dropped']:,}, {rate:,.0f} rows/s")
-        if self._prog and self._task is not None:
-            self._prog.update(self._task, total=1, completed=1, rows=text, counts="", rate="", eta="")
-            self._pipe(None)
-        else:
-            self._line(f"{self.label}: {text}")
+        with self._lock:  # the ticker never redraws a finished stage's line
+            self.current = None
+            if self._prog and self._task is not None:
+                self._prog.update(self._task, total=1, completed=1, rows=text, counts="", rate="", eta="")
+                self._pipe(None)
+            else:
+                self._line(f"{self.label}: {text}")
 
     # drawing
     def _pipe(self, running: str | None) -> None:
@@ -250,12 +252,18 @@ class ProgressView:
                           counts=f"{self.rows_before:,} rows through finished stages")
 
     def _tick(self) -> None:
-        while not self._stop.wait(self.interval):
+        """Plain mode: a line every interval. Live mode: fresh rate, ETA and phase times every second
+        (shards commit seldom; the clock does not wait for them)."""
+        while not self._stop.wait(1.0 if self._prog else self.interval):
             with self._lock:
-                p, label = self.current, getattr(self, "label", None)
-            if p is not None and label:
+                p, label, task = self.current, self.label, self._task
+                if p is None or not label:
+                    continue
                 f = progress_fields(p)
-                self._line(f"{label}: " + ", ".join(v for v in f.values() if v))
+                if self._prog and task is not None:
+                    self._prog.update(task, **f)
+                elif not self._prog:
+                    self._line(f"{label}: " + ", ".join(v for v in f.values() if v))
 
     def _line(self, text: str) -> None:
         stamp = time.strftime("%H:%M:%S")

@@ -415,6 +415,8 @@ def run_stage(
         log.info("%s: output %s is complete with the same config and input; skipping", stage, out.url)
         return {**out.manifest()["totals"], "skipped": True, "stage": stage, "output": out.url}
 
+    tracker = _Tracker(stage, progress)
+    tracker.starting()
     ensure_ray()
     started = time.time()
     out.fs.makedirs(out.path(PLAN_DIR), exist_ok=True)
@@ -422,7 +424,6 @@ def run_stage(
     driver_stage = stage_cls(cfg)
     inp = Dataset(input) if stage_cls.reads_dataset else None
 
-    tracker = _Tracker(stage, progress)
     plan = out.read_json(PLAN_DIR, "plan.json")
     if plan is None or options.retry_failed:
         tracker.planning()
@@ -466,7 +467,7 @@ class StageProgress:
     None when the input's size is not known before its shards run."""
 
     stage: str
-    phase: str  # "plan" (the global step before any shard) or "shards"
+    phase: str  # "start" (Ray starting), "plan" (the global step before any shard) or "shards"
     shards_done: int = 0
     shards_total: int = 0
     rows_done: int = 0  # rows in of committed shards, those committed by earlier runs included
@@ -485,8 +486,12 @@ class _Tracker:
         self.callback = callback
         self.state = StageProgress(stage, "plan", started=time.time())
 
+    def starting(self) -> None:
+        """Inputs are checked; Ray is being started or joined (seconds on a laptop)."""
+        self._emit(dataclasses.replace(self.state, phase="start", started=time.time()))
+
     def planning(self) -> None:
-        self._emit(self.state)
+        self._emit(dataclasses.replace(self.state, phase="plan", started=time.time()))
 
     def start(self, out: Dataset, shards: list[int], committed: set[int], rows_total: int | None) -> None:
         earlier = [out.stats(n) for n in shards if n in committed] if self.callback else []

@@ -328,3 +328,39 @@ def test_plain_progress_lines_off_a_terminal(ray_session, tmp_path, capsys):
     assert any(ln.endswith(f"[1/2] {SYNTH}: done: 10 rows in " + ln.split(" rows in ")[-1]) for ln in lines)
     done = [ln for ln in lines if f"[2/2] {PASS}: done: " in ln]
     assert len(done) == 1 and "ok 0  dropped 10" in done[0] and "rows/s" in done[0]
+
+
+# -- quiet unless -v -------------------------------------------------------------------------------
+def test_v_shows_curates_own_events(ray_session, tmp_path, capsys):
+    args = ["stage", SYNTH, "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--set", "shards=1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0  # complete: skipped, silently
+    assert "skipping" not in capsys.readouterr().err
+    from curate.cli import setup_logging
+
+    try:
+        assert main(["-v", *args]) == 0
+        assert f"{SYNTH}: output {tmp_path / 'out'} is complete with the same config and input; skipping" in \
+            capsys.readouterr().err
+    finally:
+        setup_logging(0)  # back to the quiet default for the tests that follow
+
+
+def test_native_stderr_goes_to_a_file_unless_verbose(tmp_path):
+    """A library writing to file descriptor 2 directly (faiss's C++ warnings) cannot reach the
+    terminal or a log file during a quiet run; curate's own lines still do."""
+    script = """
+import os, click
+from curate.cli import ProgressView, setup_logging
+setup_logging(int(os.environ["V"]))
+with ProgressView("t", 1, live=False, interval=3600):
+    os.write(2, b"native noise\\n")
+    click.echo("curate line", err=True)
+"""
+    for v, noise in (("0", False), ("1", True)):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                           env={**__import__("os").environ, "PYTHONPATH": str(REPO), "V": v}, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "curate line" in r.stderr
+        assert ("native noise" in r.stderr) is noise, r.stderr
