@@ -440,6 +440,12 @@ def _one_line(text: str, width: int = 90) -> str:
     return first if len(first) <= width else first[: width - 1] + "…"
 
 
+_INPUT_HELP = {
+    "download": "URL list: parquet, csv, tsv, json, jsonl or txt (gzipped too); a file, several, or a folder.",
+    "import": "WebDataset / img2dataset tars: a .tar file or a folder of them (adopted in place).",
+}
+
+
 def _stage_command(name: str) -> click.Command:
     from curate.stage import Stage
 
@@ -449,8 +455,8 @@ def _stage_command(name: str) -> click.Command:
         cls = None  # running it reports why, as one line
     can_explain = cls is not None and cls.explain is not Stage.explain
     params = [
-        click.Option(["--input", "input_"], metavar="IN",
-                     help="Input: a URL list (download), tars (import), else a curate dataset."),
+        click.Option(["--input", "input_"], metavar="IN", help=_INPUT_HELP.get(
+            name, "A curate dataset: the output folder of an earlier stage.")),
         click.Option(["--output"], required=True, metavar="OUT", help="Output dataset directory (any fsspec URL)."),
         click.Option(["--config", "config_file"], metavar="FILE", help="YAML file with the stage's config."),
         click.Option(["--set", "sets"], multiple=True, metavar="KEY=VALUE",
@@ -471,8 +477,8 @@ def _stage_command(name: str) -> click.Command:
         print_summary([summary])
 
     return click.Command(name, params=params, callback=callback,
-                         help=f"{STAGE_HELP.get(name, f'Run the {name} stage.')}\n\n{_keys_table(name, cls)}",
-                         short_help=STAGE_HELP.get(name))
+                         help=STAGE_HELP.get(name, f"Run the {name} stage over every shard of --input."),
+                         epilog=_keys_table(name, cls), short_help=STAGE_HELP.get(name))
 
 
 @cli.command("config")

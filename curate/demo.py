@@ -161,7 +161,7 @@ class DemoServer:
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="demo-http", daemon=True)
         self._thread.start()
-        log.info("serving %s at %s", self.root, self.base_url)
+        log.debug("serving %s at %s", self.root, self.base_url)  # callers print it with the URL list
         return self
 
     def stop(self) -> None:

@@ -446,7 +446,7 @@ def run_stage(
     env = ShardEnv(stage, input, out.url, plan["shard_digits"], options)
     committed = set(out.shard_ids())
     pending = [n for n in plan["shards"] if n not in committed]
-    tracker.start(out, plan["shards"], committed, _planned_rows(stage_cls, inp, out, options))
+    tracker.start(out, plan["shards"], committed, _planned_rows(stage_cls, inp, out, options) if progress else None)
 
     def on_done(n: int, stats: dict[str, Any]) -> None:
         tracker.shard(stats)
@@ -516,7 +516,8 @@ class _Tracker:
 def _planned_rows(stage_cls: type[Stage], inp: Dataset | None, out: Dataset, options: RunOptions) -> int | None:
     """Rows the run will read: the input dataset's rows, or the rows download's plan cut into shards."""
     if inp is not None:
-        return int(inp.manifest()["totals"]["kept"])
+        kept = ((inp.manifest() or {}).get("totals") or {}).get("kept")
+        return int(kept) if kept is not None else None
     if stage_cls.name == "download" and not options.retry_failed:
         from curate.stages.download import STATE_FILE
 
