@@ -682,12 +682,9 @@ def submit_cmd(stage, input_, output, config_file, sets, overwrite, address) -> 
 @click.option("--json", "json_file", metavar="FILE", help="Also write the report's numbers as JSON.")
 def report_cmd(dataset: str, out_file: str | None, json_file: str | None) -> None:
     """One self-contained HTML page: funnel over the lineage, histograms, sample grids, throughput."""
-    from curate.dataset import Dataset
     from curate.report import build_report, write_html
 
-    ds = Dataset(dataset)
-    if not ds.is_complete():
-        _fail_usage(f"dataset {dataset} is not a complete curate dataset (no _manifest.json)")
+    ds = _dataset_or_fail(dataset, allow_unfinished=False)
     report = build_report(ds)
     local = "://" not in ds.url
     html_path = out_file or (ds.root.rstrip("/") + "_report.html" if local

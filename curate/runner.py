@@ -354,9 +354,9 @@ def check_output(out: Dataset, record: dict[str, Any]) -> str:
             raise ConfigError(f"output {out.url} exists and is not a curate dataset; choose another --output")
         return "fresh"
     if existing != record:
-        if not manifest and not out.shard_ids():
-            # An unfinished run that committed no shard (it failed while planning or on its first
-            # shards) holds nothing worth keeping: the corrected command starts afresh.
+        if not manifest and not out.shard_ids() and out.exists(PLAN_DIR, FAILED_MARK):
+            # An unfinished run that raised before committing any shard (it failed while planning
+            # or on its first shards) holds nothing worth keeping: the corrected command starts afresh.
             return "stale"
         what = "a complete" if manifest else "an unfinished"
         diff = next((k for k in ("stage", "input", "config") if existing.get(k) != record.get(k)), "config")
@@ -382,6 +382,9 @@ def record_diff(old: Any, new: Any, prefix: str = "", limit: int = 3) -> str:
     return "; ".join(found[:limit]) + more
 
 
+FAILED_MARK = "failed.json"  # in the plan folder: this run raised before committing any shard
+
+
 def run_stage(
     stage: str,
     input: str | None,
@@ -393,7 +396,22 @@ def run_stage(
     progress: Callable[[StageProgress], None] | None = None,
 ) -> dict[str, Any]:
     """Run one stage to completion (or resume it); return the manifest's summary. ``progress`` is
-    called with a StageProgress when planning starts and each time a shard is committed."""
+    called with a StageProgress when Ray starts, when planning starts and each time a shard commits.
+
+    A run that raises before committing any shard says so in its plan folder: the corrected
+    command, even with another config, then starts afresh instead of being refused. A run that was
+    killed leaves no such mark (its workers may still be running), so it is still refused."""
+    began: list[bool] = []
+    try:
+        return _run_stage(stage, input, output, config, sets, options, config_file, progress, began)
+    except BaseException as e:
+        out = Dataset(output)
+        if began and not out.manifest() and not out.shard_ids():
+            out.write_json({"error": f"{type(e).__name__}: {e}"[:2000]}, PLAN_DIR, FAILED_MARK)
+        raise
+
+
+def _run_stage(stage, input, output, config, sets, options, config_file, progress, began) -> dict[str, Any]:
     out = Dataset(output)
     stage_cls, cfg, record = prepare(stage, input, output, config, sets, config_file, check=False)
     try:
@@ -421,6 +439,9 @@ def run_stage(
     started = time.time()
     out.fs.makedirs(out.path(PLAN_DIR), exist_ok=True)
     out.write_json(record, PLAN_DIR, "run.json")
+    began.append(True)
+    if out.exists(PLAN_DIR, FAILED_MARK):
+        out.fs.rm(out.path(PLAN_DIR, FAILED_MARK))
     driver_stage = stage_cls(cfg)
     inp = Dataset(input) if stage_cls.reads_dataset else None
 

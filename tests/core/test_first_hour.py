@@ -165,11 +165,28 @@ def test_corrected_command_runs_after_a_run_that_committed_nothing(ray_session, 
     assert rc == 1
     assert "injected failure on shard 0" in capsys.readouterr().err
     assert (out / "_plan" / "run.json").exists()  # the failed run left its plan ...
+    assert "injected failure" in json.loads((out / "_plan" / "failed.json").read_text())["error"]
     rc = main(["stage", PASS, "--input", str(src), "--output", str(out), "--set", "drop_every=3"])
     assert rc == 0, capsys.readouterr().err  # ... which does not block a run with another config
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["config"]["drop_every"] == 3 and manifest["config"]["fail_on_shard"] is None
     assert manifest["totals"]["rows_in"] == 4
+
+
+def test_killed_run_with_another_config_is_still_refused(ray_session, tmp_path, capsys):
+    """A run that left no failure mark (killed: its workers may still be writing) is not wiped."""
+    src = tmp_path / "src"
+    run_stage(SYNTH, str(tmp_path), str(src), config={"shards": 1, "rows_per_shard": 4})
+    out = tmp_path / "out"
+    assert main(["stage", PASS, "--input", str(src), "--output", str(out), "--set", "fail_on_shard=0"]) == 1
+    (out / "_plan" / "failed.json").unlink()  # as if the driver had been killed instead
+    capsys.readouterr()
+    rc = main(["stage", PASS, "--input", str(src), "--output", str(out)])
+    assert rc == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"curate: error: output {out} holds an unfinished {PASS} run with a different config "
+        "(config.fail_on_shard: was 0, now None); use --overwrite to replace it or choose another --output")
+    assert (out / "_plan" / "run.json").exists()
 
 
 def test_different_config_names_the_keys_and_values(ray_session, tmp_path, capsys):
