@@ -515,6 +515,8 @@ class _Tracker:
         self._emit(dataclasses.replace(self.state, phase="plan", started=time.time()))
 
     def start(self, out: Dataset, shards: list[int], committed: set[int], rows_total: int | None) -> None:
+        log.info("%s: %d shards planned, %d committed by an earlier run%s", self.state.stage, len(shards),
+                 len(committed & set(shards)), f", {rows_total:,} rows" if rows_total is not None else "")
         earlier = [out.stats(n) for n in shards if n in committed] if self.callback else []
         self._emit(dataclasses.replace(
             self.state, phase="shards", shards_done=len(earlier), shards_total=len(shards),
@@ -523,6 +525,8 @@ class _Tracker:
 
     def shard(self, stats: dict[str, Any]) -> None:
         s = self.state
+        log.info("%s: shard %s committed: %d rows in, %d kept, %d dropped, %.1f s", s.stage, stats["shard"],
+                 stats["rows_in"], stats["rows_out"], stats["rejected"], stats.get("seconds", 0.0))
         self._emit(dataclasses.replace(
             s, shards_done=s.shards_done + 1, rows_done=s.rows_done + stats["rows_in"],
             kept=s.kept + stats["rows_out"], dropped=s.dropped + stats["rejected"],

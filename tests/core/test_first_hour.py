@@ -360,6 +360,10 @@ def test_v_shows_curates_own_events(ray_session, tmp_path, capsys):
         assert main(["-v", *args]) == 0
         assert f"{SYNTH}: output {tmp_path / 'out'} is complete with the same config and input; skipping" in \
             capsys.readouterr().err
+        assert main(["-v", *args[:4], "--output", str(tmp_path / "out2"), "--set", "shards=1"]) == 0
+        err = capsys.readouterr().err
+        assert f"{SYNTH}: 1 shards planned, 0 committed by an earlier run" in err
+        assert f"{SYNTH}: shard 00000 committed: 10 rows in, 10 kept, 0 dropped" in err
     finally:
         setup_logging(0)  # back to the quiet default for the tests that follow
 
