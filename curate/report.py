@@ -49,7 +49,7 @@ KEPT_COLOR = "#1f4e8c"
 # kept colour (no blues), readable on white.
 REASON_PALETTE = ["#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
                   "#7f7f7f", "#ff9896", "#c49c94", "#98df8a", "#f7b6d2", "#dbdb8d", "#c5b0d5", "#ffbb78",
-                  "#9edae5", "#393b79", "#637939", "#843c39"]
+                  "#9edae5", "#b5cf6b", "#637939", "#843c39"]
 REPORT_VERSION = 2  # part of the fingerprint: a new page layout is a new report
 
 
