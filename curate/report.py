@@ -488,13 +488,15 @@ th.asc:after{content:" \\2191";color:#333} th.desc:after{content:" \\2193";color
 .drop{font-weight:600}
 """
 
-# Plain JavaScript, inline: wheel to zoom a plot around the pointer, drag to pan, double-click to reset;
-# click a table header to sort by that column (numbers as numbers).
+# Plain JavaScript, inline: shift/ctrl + wheel zooms a plot around the pointer (a plain wheel scrolls
+# the page until a plot is zoomed), drag pans, double-click resets; a click on a table header sorts by
+# that column (numbers as numbers).
 _JS = """
 document.querySelectorAll('.plot').forEach(function(box){
   var img=box.querySelector('img'),s=1,x=0,y=0,drag=null;
   function draw(){img.style.transform='translate('+x+'px,'+y+'px) scale('+s+')';box.style.cursor=s>1?'grab':'zoom-in';}
-  box.addEventListener('wheel',function(e){e.preventDefault();var r=box.getBoundingClientRect(),
+  box.addEventListener('wheel',function(e){if(!(e.ctrlKey||e.shiftKey||e.metaKey||s>1))return;
+    e.preventDefault();var r=box.getBoundingClientRect(),
     px=e.clientX-r.left,py=e.clientY-r.top,k=e.deltaY<0?1.25:0.8,n=Math.min(Math.max(s*k,1),12);
     x=px-(px-x)*n/s;y=py-(py-y)*n/s;s=n;if(s===1){x=0;y=0;}draw();},{passive:false});
   box.addEventListener('mousedown',function(e){drag=[e.clientX-x,e.clientY-y];e.preventDefault();});
@@ -519,7 +521,7 @@ def _chip(color: str) -> str:
 
 
 def _plot_html(report: Report, name: str, alt: str, wide: bool = False) -> str:
-    return (f"<div class='plot{' wide' if wide else ''}'><span class='hint'>wheel: zoom · drag: pan · "
+    return (f"<div class='plot{' wide' if wide else ''}'><span class='hint'>shift+wheel: zoom · drag: pan · "
             f"double-click: reset</span><img alt='{html.escape(alt)}' "
             f"src='data:image/svg+xml;base64,{report.plots[name]}'></div>")
 
