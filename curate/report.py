@@ -473,8 +473,8 @@ th.asc:after{content:" \\2191";color:#333} th.desc:after{content:" \\2193";color
 .chip{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:-1px}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:14px}
 .plot{border:1px solid #e6e6e6;border-radius:6px;overflow:hidden;position:relative;background:#fff;cursor:zoom-in}
-.plot img{width:100%;height:auto;display:block;transform-origin:0 0}
-.plot .hint{position:absolute;right:8px;bottom:4px;font-size:11px;color:#999;pointer-events:none}
+.plot img{width:100%;height:auto;display:block;transform-origin:0 0} .zoom{overflow:hidden}
+.plot .hint{display:block;text-align:right;padding:0 8px 3px;font-size:11px;color:#999;pointer-events:none}
 .wide{grid-column:1/-1}
 .lineage{display:flex;flex-wrap:wrap;align-items:stretch;gap:0;margin:8px 0}
 .step{border:1px solid #cfd6e0;border-radius:6px;padding:6px 10px;min-width:120px;background:#f8fafc;font-size:12px}
@@ -521,9 +521,9 @@ def _chip(color: str) -> str:
 
 
 def _plot_html(report: Report, name: str, alt: str, wide: bool = False) -> str:
-    return (f"<div class='plot{' wide' if wide else ''}'><span class='hint'>shift+wheel: zoom · drag: pan · "
-            f"double-click: reset</span><img alt='{html.escape(alt)}' "
-            f"src='data:image/svg+xml;base64,{report.plots[name]}'></div>")
+    return (f"<div class='plot{' wide' if wide else ''}'><div class='zoom'><img alt='{html.escape(alt)}' "
+            f"src='data:image/svg+xml;base64,{report.plots[name]}'></div>"
+            "<span class='hint'>shift+wheel: zoom · drag: pan · double-click: reset</span></div>")
 
 
 def _lineage_html(d: dict[str, Any]) -> str:
