@@ -349,6 +349,11 @@ def dataset_problem(path: str) -> str | None:
         return f"{path} does not exist"
     if fs.isfile(root):
         kind = _file_kind(root)
+        parent = posixpath.dirname(posixpath.dirname(root))
+        if posixpath.basename(posixpath.dirname(root)) in ("shards", "rejects") and \
+                fs.exists(posixpath.join(parent, "_manifest.json")):
+            owner = posixpath.dirname(posixpath.dirname(path.rstrip("/")))  # string ops: URLs too
+            return f"{path} is one file of the curate dataset {owner}: give the dataset folder, {owner}"
         if kind == "urls":
             return (f"{path} is not a curate dataset: this is a URL list: use "
                     f"`curate download --input {path} --output DIR` first")

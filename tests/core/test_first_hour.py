@@ -93,6 +93,15 @@ def test_verify_and_inspect_given_a_url_list(tmp_path):
         assert (rc, ray) == (2, False)
 
 
+def test_verify_given_a_shard_file_names_its_dataset(ray_session, tmp_path, capsys):
+    run_stage(SYNTH, str(tmp_path), str(tmp_path / "ds"), config={"shards": 1, "rows_per_shard": 2})
+    shard = tmp_path / "ds" / "shards" / "00000.parquet"
+    assert main(["verify", str(shard)]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"curate: error: {shard} is one file of the curate dataset {tmp_path / 'ds'}: "
+        f"give the dataset folder, {tmp_path / 'ds'}")
+
+
 def test_import_given_a_url_list(tmp_path):
     p = url_list(tmp_path / "urls.parquet", {"url": ["http://a.example/1.jpg"]})
     rc, err, ray = cli("import", "--input", str(p), "--output", str(tmp_path / "out"))
