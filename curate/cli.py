@@ -237,9 +237,14 @@ class ProgressView:
             text = (f"done: {summary['rows_in']:,} rows in {_fmt_s(wall)}, ok {summary['kept']:,}  "
                     f"dropped {summary['dropped']:,}, {rate:,.0f} rows/s")
         with self._lock:  # the ticker never redraws a finished stage's line
-            self.current = None
+            last, self.current = self.current, None
             if self._prog and self._task is not None:
-                self._prog.update(self._task, total=1, completed=1, rows=text, counts="", rate="", eta="")
+                # the same columns as while running, so the display keeps its layout
+                shards = f" ({last.shards_total} shards)" if last is not None and last.shards_total else ""
+                self._prog.update(self._task, total=1, completed=1, rows=f"{summary['rows_in']:,} rows{shards}",
+                                  counts=f"ok {summary['kept']:,}  dropped {summary['dropped']:,}",
+                                  rate="skipped" if summary.get("skipped") else f"{rate:,.0f} rows/s",
+                                  eta="complete" if summary.get("skipped") else f"done in {_fmt_s(wall)}")
                 self._pipe(None)
             else:
                 self._line(f"{self.label}: {text}")
@@ -251,7 +256,7 @@ class ProgressView:
         finished = self.index - (1 if running else 0)
         self._prog.update(self._pipe_task, completed=finished,
                           rows=f"stage {self.index}/{self.n_stages}" + (f" ({running})" if running else ""),
-                          counts=f"{self.rows_before:,} rows through finished stages")
+                          counts=f"{self.rows_before:,} rows in done stages")
 
     def _tick(self) -> None:
         """Plain mode: a line every interval. Live mode: fresh rate, ETA and phase times every second
