@@ -327,7 +327,7 @@ def test_inspect_follows_a_sample_to_where_it_left(ray_session, tmp_path, capsys
 
 # -- progress ------------------------------------------------------------------------------------
 def test_progress_fields_in_rows_with_rate_and_eta():
-    from curate.cli import progress_fields
+    from curate.progress import progress_fields
     from curate.runner import StageProgress
 
     p = StageProgress("filter", "shards", shards_done=3, shards_total=10, rows_done=300, kept=250, dropped=50,
@@ -382,7 +382,8 @@ def test_native_stderr_goes_to_a_file_unless_verbose(tmp_path):
     terminal or a log file during a quiet run; curate's own lines still do."""
     script = """
 import os, click
-from curate.cli import ProgressView, setup_logging
+from curate.cli import setup_logging
+from curate.progress import ProgressView
 setup_logging(int(os.environ["V"]))
 with ProgressView("t", 1, live=False, interval=3600):
     os.write(2, b"native noise\\n")
