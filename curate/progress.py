@@ -131,7 +131,7 @@ class ProgressView:
             self.stage = stage
             self._shown = False
 
-    def _show(self) -> None:
+    def _show(self, announce: bool = True) -> None:
         """The stage's first line, once its input passed the checks (an input error stays one line)."""
         if self._shown:
             return
@@ -139,7 +139,7 @@ class ProgressView:
         if self._prog:
             self._task = self._prog.add_task(self.label, total=None, rows="starting", counts="", rate="", eta="")
             self._pipe(self.stage)
-        else:
+        elif announce:
             self._line(f"{self.label}: starting")
 
     def update(self, p) -> None:
@@ -152,7 +152,7 @@ class ProgressView:
                 self._prog.update(self._task, completed=done, total=total, **progress_fields(p))
 
     def stage_done(self, summary: dict[str, Any], wall: float) -> None:
-        self._show()
+        self._show(announce=not summary.get("skipped"))  # a skipped stage is one line
         self.rows_before += summary.get("rows_in", 0)
         rate = summary.get("rows_in", 0) / wall if wall > 0 else 0
         if summary.get("skipped"):
