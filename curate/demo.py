@@ -171,7 +171,7 @@ class DemoServer:
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="demo-http", daemon=True)
         self._thread.start()
-        log.info("serving %s at %s", self.root, self.base_url)
+        log.debug("serving %s at %s", self.root, self.base_url)  # callers print it with the URL list
         return self
 
     def stop(self) -> None:
@@ -292,9 +292,12 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"training failed (exit {rc})", file=sys.stderr)
         return rc
     report = DEMO_OUT / "report.html"
-    rc = curate_main(["report", str(export), "--out", str(report), "--json", str(DEMO_OUT / "report.json")])
-    if rc:
-        return rc
+    if _report_is_current(export, report, DEMO_OUT / "report.json"):
+        print(f"report: {report} is up to date (same datasets); not written again", flush=True)
+    else:
+        rc = curate_main(["report", str(export), "--out", str(report), "--json", str(DEMO_OUT / "report.json")])
+        if rc:
+            return rc
     metrics = _last_metrics(train_out / "metrics.jsonl")
     print("\n".join([
         "",
@@ -306,6 +309,14 @@ def run_demo(args: argparse.Namespace) -> int:
         "  inspect a dataset:        .venv/bin/curate inspect " + str(export),
     ]), flush=True)
     return 0
+
+
+def _report_is_current(export: Path, html_path: Path, json_path: Path) -> bool:
+    """A rerun of the demo whose datasets did not change keeps the report it already wrote."""
+    from curate.dataset import Dataset
+    from curate.report import fingerprint, lineage, up_to_date
+
+    return json_path.exists() and up_to_date(str(html_path), fingerprint(lineage(Dataset(str(export)))))
 
 
 def _last_metrics(path: Path) -> str:

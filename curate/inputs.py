@@ -121,10 +121,13 @@ def _batches(url: str, fmt: str, gz: bool) -> Iterator[pa.Table]:
             first = f.readline().decode("utf-8-sig", "replace").rstrip("\r\n")
         # Every column as string: type inference on the first block breaks on later blocks.
         cols = [c.strip().strip('"') for c in first.split(delim)] if first else []
+        names = headerless_names(cols)
+        if names:
+            cols = names
         with _open(url, gz) as f:
             reader = pcsv.open_csv(
                 f,
-                read_options=pcsv.ReadOptions(block_size=1 << 22, encoding="utf8"),
+                read_options=pcsv.ReadOptions(block_size=1 << 22, encoding="utf8", column_names=names),
                 parse_options=pcsv.ParseOptions(delimiter=delim, newlines_in_values=True),
                 convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in cols},
                                                     strings_can_be_null=False),
@@ -199,7 +202,8 @@ def _normalise(raw: pa.Table, url: str, name: str, row0: int, fmt: str, url_col:
     cols = raw.column_names
     src_url = "url" if fmt == "txt" else url_col
     if src_url not in cols:
-        raise InputError(f"{url}: no url column {src_url!r}; columns are {cols}")
+        raise InputError(f"{url}: no url column {src_url!r}; columns are {cols}; "
+                         "name the URL column with --set url_col=COLUMN (every file needs it)")
     urls = raw.column(src_url).cast(pa.string())
     if caption_col and caption_col in cols:
         captions = raw.column(caption_col).cast(pa.string())
@@ -221,3 +225,180 @@ def _normalise(raw: pa.Table, url: str, name: str, row0: int, fmt: str, url_col:
         target = f"input_{c}" if (c in OWNED or c in out) else c
         out[target] = raw.column(c)
     return pa.table(out)
+
+
+# -- checks before any work starts ------------------------------------------------------------
+# Names URL lists use for their URL and caption columns (LAION: URL/TEXT; CC3M/CC12M exports:
+# image_url/caption; many scrapes: link/alt). Compared case-insensitively, in this order of preference.
+URL_COLUMN_NAMES = ("url", "image_url", "img_url", "imageurl", "image_link", "img_src", "photo_url",
+                    "src", "link", "image", "uri")
+CAPTION_COLUMN_NAMES = ("caption", "text", "alt", "alt_text", "alttext", "title", "description", "txt")
+SNIFF_ROWS = 50
+
+
+def looks_like_url(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower().startswith(("http://", "https://"))
+
+
+def headerless_names(first_fields: Sequence[str]) -> list[str] | None:
+    """Column names for a CSV/TSV whose first line is data, not a header; None when it is a header.
+
+    A header never holds a URL, so a first line with a http(s) field is data. The URL field is named
+    ``url``, the next field ``caption`` and the rest ``column_N`` (N counted from 1).
+    """
+    at = next((i for i, v in enumerate(first_fields) if looks_like_url(v)), None)
+    if at is None:
+        return None
+    names = [f"column_{i + 1}" for i in range(len(first_fields))]
+    names[at] = "url"
+    rest = [i for i in range(len(first_fields)) if i != at]
+    if rest:
+        names[rest[0]] = "caption"
+    return names
+
+
+def _first_rows(url: str, fmt: str, gz: bool) -> pa.Table:
+    for batch in _batches(url, fmt, gz):
+        return batch.slice(0, SNIFF_ROWS)
+    return pa.table({})
+
+
+def _pick(columns: Sequence[str], known: Sequence[str]) -> str | None:
+    lower = {c.lower(): c for c in columns}
+    return next((lower[k] for k in known if k in lower), None)
+
+
+def check_url_list(paths: str | Sequence[str], url_col: str, caption_col: str | None,
+                   input_format: str | None, url_col_given: bool, caption_col_given: bool,
+                   ) -> tuple[dict[str, str], list[str]]:
+    """Look at the first rows of the first input file before any work starts.
+
+    Returns (config updates, notes): where the configured column is the default and missing, a
+    column with a well-known name (``URL``, ``image_url``, ``TEXT``...) or, for the URL, the one
+    column holding http(s) URLs is used instead, and a note says so. A column the user named that
+    is missing, or a URL column that cannot be found, is an InputError whose message names the fix.
+    """
+    files = list_inputs(paths, input_format)
+    url, name = files[0]
+    fmt, gz = file_format(url, input_format)
+    if fmt == "txt":
+        return {}, []
+    rows = _first_rows(url, fmt, gz)
+    cols = rows.column_names
+    updates: dict[str, str] = {}
+    notes: list[str] = []
+    if fmt in ("csv", "tsv") and _headerless(url, gz, fmt):
+        notes.append(f"{name} has no header row (its first line holds a URL): reading it as "
+                     + ", ".join(f"column {i + 1} = {c}" for i, c in enumerate(cols) if not c.startswith("column_")))
+    if url_col not in cols:
+        shown = ", ".join(cols) if cols else "none"
+        if url_col_given:
+            raise InputError(f"{name} has no column {url_col!r} (columns: {shown}); "
+                             "name the URL column with --set url_col=COLUMN")
+        found = _pick(cols, URL_COLUMN_NAMES)
+        if found is None:
+            holding = [c for c in cols if rows.num_rows
+                       and all(looks_like_url(v) for v in rows.column(c).to_pylist() if v is not None)
+                       and any(looks_like_url(v) for v in rows.column(c).to_pylist())]
+            found = holding[0] if len(holding) == 1 else None
+        if found is None:
+            raise InputError(f"{name} has no column {url_col!r} (columns: {shown}); "
+                             "name the URL column with --set url_col=COLUMN")
+        updates["url_col"] = found
+        notes.append(f"{name} has no column {url_col!r}; using {found!r} as the URL column "
+                     f"(say --set url_col={found} to make it explicit)")
+    if caption_col and caption_col not in cols:
+        found = None if caption_col_given else _pick(cols, CAPTION_COLUMN_NAMES)
+        if caption_col_given:
+            raise InputError(f"{name} has no column {caption_col!r} (columns: {', '.join(cols)}); "
+                             "name the caption column with --set caption_col=COLUMN, or --set caption_col=null")
+        if found is not None and found != updates.get("url_col"):
+            updates["caption_col"] = found
+            notes.append(f"{name} has no column {caption_col!r}; using {found!r} as the caption column "
+                         f"(say --set caption_col={found} to make it explicit)")
+        else:
+            notes.append(f"{name} has no caption column; captions are left empty "
+                         "(name one with --set caption_col=COLUMN)")
+    return updates, notes
+
+
+def _headerless(url: str, gz: bool, fmt: str) -> bool:
+    delim = "\t" if fmt == "tsv" else ","
+    with _open(url, gz) as f:
+        first = f.readline().decode("utf-8-sig", "replace").rstrip("\r\n")
+    return headerless_names([c.strip().strip('"') for c in first.split(delim)]) is not None
+
+
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")
+
+
+def _file_kind(path: str) -> str:
+    """'urls' for a URL list, 'tar' for a tar, else 'other', from the name alone."""
+    low = path.lower()
+    if low.endswith(_TAR_SUFFIXES):
+        return "tar"
+    return "urls" if _known(path, None) else "other"
+
+
+def dataset_problem(path: str) -> str | None:
+    """Why ``path`` is not a complete curate dataset, as one line that names the fix; None if it is."""
+    from curate.dataset import PLAN_DIR, Dataset
+
+    fs, root = url_to_fs(path)
+    if not fs.exists(root):
+        return f"{path} does not exist"
+    if fs.isfile(root):
+        kind = _file_kind(root)
+        parent = posixpath.dirname(posixpath.dirname(root))
+        if posixpath.basename(posixpath.dirname(root)) in ("shards", "rejects") and \
+                fs.exists(posixpath.join(parent, "_manifest.json")):
+            owner = posixpath.dirname(posixpath.dirname(path.rstrip("/")))  # string ops: URLs too
+            return f"{path} is one file of the curate dataset {owner}: give the dataset folder, {owner}"
+        if kind == "urls":
+            return (f"{path} is not a curate dataset: this is a URL list: use "
+                    f"`curate download --input {path} --output DIR` first")
+        if kind == "tar":
+            return (f"{path} is not a curate dataset: this is a tar file: use "
+                    f"`curate import --input {path} --output DIR` to adopt it first")
+        return f"{path} is a file, not a curate dataset (a curate dataset is a folder with _manifest.json)"
+    ds = Dataset(path)
+    if ds.is_complete():
+        return None
+    if ds.read_json(PLAN_DIR, "run.json") is not None or ds.shard_ids():
+        return (f"{path} is an unfinished curate dataset (no _manifest.json yet): "
+                "rerun the command that wrote it to finish it")
+    kinds = {_file_kind(f) for f in fs.find(root)}
+    if "tar" in kinds:
+        return (f"{path} holds tar files but is not a curate dataset: use "
+                f"`curate import --input {path} --output DIR` to adopt them first")
+    if "urls" in kinds:
+        return (f"{path} holds URL lists but is not a curate dataset: use "
+                f"`curate download --input {path} --output DIR` first")
+    return f"{path} is not a curate dataset (no _manifest.json): curate did not write it"
+
+
+def import_input_problem(path: str) -> str | None:
+    """For ``curate import``: a URL list (not tars) given as input, with the hint to download it."""
+    fs, root = url_to_fs(path)
+    if fs.isfile(root) and _file_kind(root) == "urls":
+        return (f"{path} is a URL list, not WebDataset tars: "
+                f"use `curate download --input {path} --output DIR` to fetch its images")
+    if fs.isdir(root):
+        kinds = {_file_kind(f) for f in fs.find(root)}
+        if "tar" not in kinds and "urls" in kinds:
+            return (f"{path} holds URL lists but no .tar files: "
+                    f"use `curate download --input {path} --output DIR` to fetch its images")
+    return None
+
+
+def check_raw_input(stage_name: str, cfg, input: str) -> tuple[dict[str, str], list[str]]:
+    """(config updates, notes) for the raw input of download or import; raises InputError."""
+    if stage_name == "import":
+        problem = import_input_problem(input)
+        if problem:
+            raise InputError(problem)
+    if stage_name == "download":
+        given = cfg.model_fields_set
+        return check_url_list(input, cfg.url_col, cfg.caption_col, cfg.input_format,
+                              "url_col" in given, "caption_col" in given)
+    return {}, []

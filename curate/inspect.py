@@ -1,4 +1,8 @@
-"""``curate inspect``: what a dataset holds, and where one sample went and why."""
+"""``curate inspect``: what a dataset holds, and where one sample went and why.
+
+A sample is followed through the whole lineage (each manifest names its input): the answer for a
+uid or URL asked of the final export says at which stage it left and why, not only "not here".
+"""
 
 from __future__ import annotations
 
@@ -84,3 +88,88 @@ def explain(ds: Dataset, uid: str) -> dict[str, Any]:
             if detail is not None:
                 out["stage_detail"] = detail
     return out
+
+
+# -- following a sample through the lineage ------------------------------------------------------
+def _why(reason: str, row: dict[str, Any], config: dict[str, Any]) -> str:
+    """A drop reason in words, with the row's value and the rule's setting where both are known."""
+    stage, _, rule = reason.partition(":")
+    w = row.get(schema.ORIGINAL_WIDTH) or row.get(schema.WIDTH)
+    h = row.get(schema.ORIGINAL_HEIGHT) or row.get(schema.HEIGHT)
+    if rule == "language" and config.get("languages") is not None:
+        return f"language {row.get(schema.LANGUAGE) or 'unknown'} not in [{', '.join(config['languages'])}]"
+    if rule == "min_side" and config.get("min_side"):
+        return f"shorter side {min(w or 0, h or 0)} px < min_side {config['min_side']}"
+    if rule == "max_side" and config.get("max_side"):
+        return f"longer side {max(w or 0, h or 0)} px > max_side {config['max_side']}"
+    if rule == "aspect_ratio" and w and h and config.get("max_aspect_ratio"):
+        return f"aspect ratio {max(w / h, h / w):.2f} > max_aspect_ratio {config['max_aspect_ratio']}"
+    if rule == "caption_min_chars" and config.get("caption_min_chars"):
+        return f"caption {row.get(schema.CAPTION)!r} shorter than {config['caption_min_chars']} characters"
+    if rule == "caption_min_words" and config.get("caption_min_words"):
+        return f"caption {row.get(schema.CAPTION)!r} has fewer than {config['caption_min_words']} words"
+    if row.get(schema.DUP_OF):
+        return f"{rule}: duplicate of {row[schema.DUP_OF]}"
+    if stage == "clip" and row.get(schema.CLIP_SCORE) is not None:
+        return f"{rule} (clip_score {row[schema.CLIP_SCORE]:.4f})"
+    if row.get(schema.ERROR_MESSAGE):
+        return f"{rule}: {row[schema.ERROR_MESSAGE]}"
+    return rule
+
+
+def trace(ds: Dataset, uid: str) -> dict[str, Any]:
+    """``explain`` for ``ds`` plus the sample's path through every dataset of its lineage: kept or
+    dropped at each, and a one-line verdict ("dropped at filter: language nl not in [en]")."""
+    from curate.report import lineage
+
+    out = explain(ds, uid)
+    path: list[dict[str, Any]] = []
+    verdict = None
+    for d in lineage(ds) if ds.is_complete() else [ds]:
+        m = d.manifest() or {}
+        stage_name = m.get("stage", "?")
+        found = find(d, uid)
+        if found is None:
+            path.append({"stage": stage_name, "dataset": d.url, "found": False})
+            continue
+        folder, n, row = found
+        step = {"stage": stage_name, "dataset": d.url, "found": True, "kept": folder == "shards",
+                "where": f"{folder}/{d.shard_name(n)}.parquet"}
+        if folder == "rejects" and verdict is None:
+            reason = row.get(schema.DROP_REASON) or "?"
+            step["reason"] = reason
+            verdict = f"dropped at {stage_name}: {_why(reason, row, m.get('config') or {})}"
+            if not out.get("found"):
+                out["row"] = row
+        path.append(step)
+    if verdict is None:
+        if out.get("found") and out.get("kept"):
+            verdict = f"kept in {ds.url}"
+        elif any(p["found"] for p in path):
+            last = [p for p in path if p["found"]][-1]
+            verdict = (f"kept at {last['stage']}, then absent from the next dataset "
+                       "(removed on request, or not carried over)")
+        else:
+            verdict = f"not found in {ds.url} or any dataset it was made from"
+    out["lineage"] = path
+    out["verdict"] = verdict
+    return out
+
+
+def uids_for_url(ds: Dataset, url: str) -> list[str]:
+    """uids of the rows with this URL in the oldest dataset of the lineage (every input row is in
+    its shards or rejects there), else in ``ds`` itself."""
+    from curate.report import lineage
+
+    chain = lineage(ds) if ds.is_complete() else [ds]
+    for d in chain:
+        hits: list[str] = []
+        for it in (d.iter_shards([schema.UID, schema.URL]), d.iter_rejects([schema.UID, schema.URL])):
+            for _, t in it:
+                if schema.URL not in t.column_names:
+                    break
+                mask = pc.equal(t.column(schema.URL), url)
+                hits += t.filter(pc.fill_null(mask, False)).column(schema.UID).to_pylist()
+        if hits:
+            return sorted(set(hits))
+    return []

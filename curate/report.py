@@ -3,18 +3,21 @@
 The page follows the lineage back from DATASET (each manifest names its input; we follow it while
 that input is a complete curate dataset) and shows:
 
-- the funnel: rows in, kept and dropped by reason for every stage, from the manifests (exact);
+- the lineage as a small diagram, and the funnel: rows in, kept and dropped by reason for every stage,
+  from the manifests (exact);
 - histograms of clip_score, recaption_clip_score, width/height, aspect ratio, caption length and
   language: the kept rows of the latest dataset of the lineage that has the column, against the
-  rejects of every stage whose rejected rows carry it;
+  rejects of every stage whose rejected rows carry it, one overlay per drop reason;
 - example grids: kept samples, and rejected samples per reason with the image behind their pointer;
 - example duplicate clusters (a representative and the rejects whose ``dup_of`` names it);
 - per-stage throughput (rows in per second of the stage's wall time, and per shard-second).
 
-Everything is inline: plots are base64 PNGs drawn with matplotlib's Agg backend, thumbnails are
-base64 JPEGs. No script, no stylesheet or font from the network: it opens from a file anywhere.
-Histograms read only their columns, and at most ``max_rows`` rows per dataset (whole shards in
-order; the page says when it sampled). Funnel and throughput numbers never sample.
+Every drop reason has one colour, the same in every plot, table and heading; kept rows have their own.
+Everything is inline: plots are SVG drawn with matplotlib's Agg backend (vector, so zooming stays
+sharp), thumbnails are base64 JPEGs, and a few lines of plain JavaScript (no library) make plots
+zoomable (wheel, drag, double-click to reset) and tables sortable. Nothing is fetched from the network:
+the file opens anywhere, offline. Histograms read only their columns, and at most ``max_rows`` rows per
+dataset (whole shards in order; the page says when it sampled). Funnel and throughput never sample.
 """
 
 from __future__ import annotations
@@ -41,7 +44,30 @@ EXAMPLES = 12
 REJECT_EXAMPLES = 6
 DUP_CLUSTERS = 4
 THUMB = 112
-_COLORS = {"kept": "#2b7bba", "rejected": "#d9534f"}
+KEPT_COLOR = "#1f4e8c"
+# Reasons get these in order of first appearance along the lineage: distinct hues, none close to the
+# kept colour (no blues), readable on white.
+REASON_PALETTE = ["#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+                  "#7f7f7f", "#ff9896", "#c49c94", "#98df8a", "#f7b6d2", "#dbdb8d", "#c5b0d5", "#ffbb78",
+                  "#9edae5", "#b5cf6b", "#637939", "#843c39"]
+REPORT_VERSION = 2  # part of the fingerprint: a new page layout is a new report
+
+
+def reason_colors(funnel_rows: list[dict[str, Any]]) -> dict[str, str]:
+    """reason -> colour, stable for a lineage: reasons in stage order, then by name within a stage."""
+    out: dict[str, str] = {}
+    for f in funnel_rows:
+        for r in sorted(f["drops"]):
+            if r not in out:
+                out[r] = REASON_PALETTE[len(out) % len(REASON_PALETTE)]
+    return out
+
+
+def fingerprint(chain: list[Dataset]) -> str:
+    """Changes when any manifest of the lineage changes (a rerun, a removal) or the page's layout does."""
+    from curate.config import fingerprint as fp
+
+    return fp([REPORT_VERSION, [d.manifest() for d in chain]])
 
 
 @dataclasses.dataclass
@@ -137,16 +163,26 @@ HISTOGRAMS: list[tuple[str, str, list[str]]] = [
 
 
 def _rejected(chain: list[Dataset], cols: list[str], max_rows: int) -> tuple[pa.Table | None, bool, list[str]]:
-    """Rejects of every stage of the lineage whose rejected rows carry ``cols``: the distribution of
-    what the pipeline dropped, against what the final dataset kept."""
+    """Rejects of every stage of the lineage whose rejected rows carry ``cols`` (and their
+    ``drop_reason``, last): the distribution of what the pipeline dropped, against what was kept."""
     parts, sampled, stages = [], False, []
     for ds in chain:
-        t, s = _read(ds, cols, True, max_rows)
+        t, s = _read(ds, [*cols, schema.DROP_REASON], True, max_rows)
         if t is not None and t.num_rows:
             parts.append(t)
             sampled |= s
             stages.append(ds.manifest()["stage"])
     return (pa.concat_tables(parts) if parts else None), sampled, stages
+
+
+def _by_reason(name: str, rej: pa.Table | None) -> dict[str, list[float]]:
+    if rej is None:
+        return {}
+    out: dict[str, list[float]] = {}
+    reasons = rej.column(schema.DROP_REASON)
+    for r in sorted(set(reasons.to_pylist()) - {None}):
+        out[r] = _values(name, rej.filter(pc.equal(reasons, r)))
+    return out
 
 
 def _values(name: str, table: pa.Table) -> list[float]:
@@ -172,6 +208,7 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
         rej, r_sampled, rej_stages = _rejected(chain, cols, max_rows)
         series = {"kept": _values(name, kept) if kept is not None else [],
                   "rejected": _values(name, rej) if rej is not None else []}
+        per_reason = _by_reason(name, rej)
         allv = series["kept"] + series["rejected"]
         if not allv:
             continue
@@ -184,6 +221,7 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
             "title": title, "dataset": ds.url, "stage": ds.manifest()["stage"], "edges": edges.tolist(),
             "rejected_by": rej_stages,
             "counts": {k: np.histogram(v, edges)[0].tolist() for k, v in series.items()},
+            "counts_by_reason": {r: np.histogram(v, edges)[0].tolist() for r, v in per_reason.items() if v},
             "n": {k: len(v) for k, v in series.items()},
             "mean": {k: float(np.mean(v)) if v else None for k, v in series.items()},
             "sampled": k_sampled or r_sampled,
@@ -194,8 +232,14 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
         rej, r_sampled, rej_stages = _rejected(chain, [schema.LANGUAGE], max_rows)
         counts = {k: dict(Counter(str(x) for x in t.column(0).to_pylist()).most_common(15)) if t is not None else {}
                   for k, t in (("kept", kept), ("rejected", rej))}
+        by_reason: dict[str, dict[str, int]] = {}
+        if rej is not None:
+            for lang, reason in zip(rej.column(0).to_pylist(), rej.column(schema.DROP_REASON).to_pylist(),
+                                    strict=True):
+                by_reason.setdefault(reason, Counter())[str(lang)] += 1
         out["language"] = {"title": "language", "dataset": ds.url, "stage": ds.manifest()["stage"],
-                           "categories": counts, "rejected_by": rej_stages, "sampled": k_sampled or r_sampled}
+                           "categories": counts, "categories_by_reason": {r: dict(c) for r, c in by_reason.items()},
+                           "rejected_by": rej_stages, "sampled": k_sampled or r_sampled}
     return out
 
 
@@ -230,7 +274,7 @@ def _items(table: pa.Table, note_col: str | None = None) -> list[dict[str, Any]]
             if row.get(c) is not None:
                 note.append(f"{c} {row[c]:.3f}" if isinstance(row[c], float) else f"{row[schema.WIDTH]}×{row.get(schema.HEIGHT)}")
         out.append({"uid": row.get(schema.UID), "caption": row.get(schema.CAPTION) or "",
-                    "recaption": row.get(schema.RECAPTION), "note": "  ".join(note),
+                    "recaption": row.get(schema.RECAPTION), "note": " · ".join(note),
                     "thumb": _thumb(blobs[i])})
     return out
 
@@ -327,13 +371,24 @@ def _member_note(kept: bool, reason: str | None, detail: dict[str, Any] | None) 
 
 
 # -- plots --------------------------------------------------------------------------------------
-def _png(fig) -> str:
+def _svg(fig) -> str:
+    """The figure as a base64 SVG (text kept as text, so it stays sharp and searchable when zoomed)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="svg", bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _legend_outside(ax, ncol: int = 1) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False,
+                  ncol=ncol)
+
+
+def _short(stage: str) -> str:
+    return stage.rsplit(":", 1)[-1]
 
 
 def plots(data: dict[str, Any]) -> dict[str, str]:
@@ -343,52 +398,66 @@ def plots(data: dict[str, Any]) -> dict[str, str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
+                         "axes.spines.right": False, "svg.hashsalt": "curate-report"})
+    colors = data["colors"]
     out = {}
     fun = data["funnel"]
     if fun:
-        fig, ax = plt.subplots(figsize=(8, 0.6 + 0.55 * len(fun)))
-        labels = [f"{i + 1}. {f['stage'].rsplit(':', 1)[-1]}" for i, f in enumerate(fun)][::-1]
+        fig, ax = plt.subplots(figsize=(13, 0.9 + 0.45 * len(fun)))
+        labels = [f"{i + 1}. {_short(f['stage'])}" for i, f in enumerate(fun)][::-1]
         y = np.arange(len(fun))
-        kept = [f["kept"] for f in fun][::-1]
-        ax.barh(y, kept, color=_COLORS["kept"], label="kept")
-        left = np.array(kept, dtype=float)
-        reasons = sorted({r for f in fun for r in f["drops"]})
-        cmap = plt.get_cmap("tab20")
-        for j, reason in enumerate(reasons):
+        kept = np.array([f["kept"] for f in fun][::-1], dtype=float)
+        ax.barh(y, kept, color=KEPT_COLOR, label="kept")
+        left = kept.copy()
+        for reason, color in colors.items():
             vals = np.array([f["drops"].get(reason, 0) for f in fun][::-1], dtype=float)
-            ax.barh(y, vals, left=left, color=cmap(j % 20), label=reason)
-            left += vals
+            if vals.any():
+                ax.barh(y, vals, left=left, color=color, label=reason)
+                left += vals
         ax.set_yticks(y, labels)
-        ax.set_xlabel("rows")
-        ax.set_title("funnel: rows in per stage = kept + dropped by reason")
-        ax.legend(fontsize=7, loc="lower right")
-        out["funnel"] = _png(fig)
-        thr = [(f["stage"].rsplit(":", 1)[-1], f["rows_per_second"] or 0.0) for f in fun]
-        fig, ax = plt.subplots(figsize=(8, 0.6 + 0.45 * len(thr)))
+        ax.set_xlabel("rows (kept + dropped by reason = rows in)")
+        ax.set_ylabel("stage")
+        ax.set_title("funnel", loc="left")
+        _legend_outside(ax, ncol=1 if len(colors) <= 12 else 2)
+        out["funnel"] = _svg(fig)
+        thr = [(_short(f["stage"]), f["rows_per_second"] or 0.0) for f in fun]
+        fig, ax = plt.subplots(figsize=(13, 0.9 + 0.3 * len(thr)))
         ax.barh(np.arange(len(thr))[::-1], [t for _, t in thr], color="#5c946e")
         ax.set_yticks(np.arange(len(thr))[::-1], [s for s, _ in thr])
         ax.set_xlabel("rows in per second (stage wall time)")
-        ax.set_title("throughput per stage")
-        out["throughput"] = _png(fig)
+        ax.set_ylabel("stage")
+        ax.set_title("throughput per stage", loc="left")
+        out["throughput"] = _svg(fig)
     for name, h in data["histograms"].items():
-        fig, ax = plt.subplots(figsize=(4.2, 2.8))
+        fig, ax = plt.subplots(figsize=(6.4, 3.0))
         if name == "language":
-            cats = sorted(set(h["categories"]["kept"]) | set(h["categories"]["rejected"]),
-                          key=lambda c: -h["categories"]["kept"].get(c, 0))[:15]
+            kept = h["categories"]["kept"]
+            by_reason = h.get("categories_by_reason", {})
+            cats = sorted(set(kept) | {c for r in by_reason.values() for c in r},
+                          key=lambda c: (-kept.get(c, 0), -sum(r.get(c, 0) for r in by_reason.values()), c))[:15]
             x = np.arange(len(cats))
-            ax.bar(x - 0.2, [h["categories"]["kept"].get(c, 0) for c in cats], 0.4, color=_COLORS["kept"], label="kept")
-            ax.bar(x + 0.2, [h["categories"]["rejected"].get(c, 0) for c in cats], 0.4, color=_COLORS["rejected"],
-                   label="rejected")
-            ax.set_xticks(x, cats, rotation=45, fontsize=7)
+            ax.bar(x - 0.2, [kept.get(c, 0) for c in cats], 0.4, color=KEPT_COLOR, label="kept")
+            bottom = np.zeros(len(cats))
+            for reason, counts in sorted(by_reason.items()):
+                vals = np.array([counts.get(c, 0) for c in cats], dtype=float)
+                ax.bar(x + 0.2, vals, 0.4, bottom=bottom, color=colors.get(reason, "#999"), label=reason)
+                bottom += vals
+            ax.set_xticks(x, cats, rotation=45)
+            ax.set_xlabel("detected language (ISO 639-1)")
         else:
             edges = np.array(h["edges"])
-            for k in ("kept", "rejected"):
-                if h["n"][k]:
-                    ax.stairs(h["counts"][k], edges, fill=True, alpha=0.55, color=_COLORS[k],
-                              label=f"{k} (n={h['n'][k]})")
-        ax.set_title(f"{h['title']} — {h['stage'].rsplit(':', 1)[-1]}", fontsize=9)
-        ax.legend(fontsize=7)
-        out[name] = _png(fig)
+            if h["n"]["kept"]:
+                ax.stairs(h["counts"]["kept"], edges, fill=True, alpha=0.45, color=KEPT_COLOR,
+                          label=f"kept (n={h['n']['kept']:,})")
+            for reason, counts in h.get("counts_by_reason", {}).items():
+                ax.stairs(counts, edges, fill=False, linewidth=1.8, color=colors.get(reason, "#999"),
+                          label=f"{reason} (n={sum(counts):,})")
+            ax.set_xlabel(h["title"])
+        ax.set_ylabel("rows")
+        ax.set_title(f"{h['title']}: kept by {_short(h['stage'])} vs dropped, by reason", loc="left", fontsize=9)
+        _legend_outside(ax)
+        out[name] = _svg(fig)
     return out
 
 
@@ -399,9 +468,11 @@ def build_report(ds: Dataset, max_rows: int = MAX_ROWS) -> Report:
         "dataset": ds.url,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "lineage": [d.url for d in chain],
+        "fingerprint": fingerprint(chain),
         "funnel": funnel(chain),
         "histograms": histograms(chain, max_rows),
     }
+    data["colors"] = reason_colors(data["funnel"])
     g = grids(chain)
     clusters = dup_clusters(chain)
     data["examples"] = [{"title": x["title"], "dataset": x["dataset"], "reason": x["reason"],
@@ -417,61 +488,155 @@ def build_report(ds: Dataset, max_rows: int = MAX_ROWS) -> Report:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left} .muted{color:#777;font-size:12px}
-.plots img{margin:4px;border:1px solid #eee} .grid{display:flex;flex-wrap:wrap;gap:8px}
-.card{width:128px;font-size:11px;border:1px solid #e3e3e3;padding:4px;border-radius:4px;overflow:hidden}
-.card img,.card .noimg{width:112px;height:112px;object-fit:contain;display:block;margin:auto;background:#f6f6f6}
-.card .noimg{line-height:112px;text-align:center;color:#aaa} .cap{max-height:4.2em;overflow:hidden}
-.drop{color:#b52b27}
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;padding:20px 28px;color:#222;
+ width:100%;line-height:1.35}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin-top:30px;border-bottom:1px solid #ddd;padding-bottom:3px}
+h3{font-size:14px;margin:18px 0 4px}
+table{border-collapse:collapse;font-size:13px;width:100%} td,th{padding:4px 8px;border-bottom:1px solid #eee;
+ text-align:right;vertical-align:top} td:first-child,th:first-child,td.l,th.l{text-align:left}
+th.sort{cursor:pointer;user-select:none;background:#f6f7f9} th.sort:after{content:" \\2195";color:#aaa}
+th.asc:after{content:" \\2191";color:#333} th.desc:after{content:" \\2193";color:#333}
+.muted{color:#6b6b6b;font-size:12px;overflow-wrap:anywhere}
+.chip{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:-1px}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:14px}
+.plot{border:1px solid #e6e6e6;border-radius:6px;overflow:hidden;position:relative;background:#fff;cursor:zoom-in}
+.plot img{width:100%;height:auto;display:block;transform-origin:0 0} .zoom{overflow:hidden}
+.plot .hint{display:block;text-align:right;padding:0 8px 3px;font-size:11px;color:#999;pointer-events:none}
+.wide{grid-column:1/-1}
+.lineage{display:flex;flex-wrap:wrap;align-items:stretch;gap:0;margin:8px 0}
+.step{border:1px solid #cfd6e0;border-radius:6px;padding:6px 10px;min-width:120px;background:#f8fafc;font-size:12px}
+.step b{font-size:13px} .step.last{border-color:#1f4e8c;background:#eef3fb}
+.arrow{align-self:center;padding:0 6px;color:#888;font-size:18px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:8px}
+.card{font-size:11.5px;border:1px solid #e3e3e3;padding:5px;border-radius:5px;background:#fff}
+.card img,.card .noimg{width:100%;height:130px;object-fit:contain;display:block;background:#f6f6f6}
+.card .noimg{line-height:130px;text-align:center;color:#aaa}
+.cap{overflow-wrap:anywhere;white-space:normal;margin-top:3px}
+.drop{font-weight:600}
 """
+
+# Plain JavaScript, inline: shift/ctrl + wheel zooms a plot around the pointer (a plain wheel scrolls
+# the page until a plot is zoomed), drag pans, double-click resets; a click on a table header sorts by
+# that column (numbers as numbers).
+_JS = """
+document.querySelectorAll('.plot').forEach(function(box){
+  var img=box.querySelector('img'),s=1,x=0,y=0,drag=null;
+  function draw(){img.style.transform='translate('+x+'px,'+y+'px) scale('+s+')';box.style.cursor=s>1?'grab':'zoom-in';}
+  box.addEventListener('wheel',function(e){if(!(e.ctrlKey||e.shiftKey||e.metaKey||s>1))return;
+    e.preventDefault();var r=box.getBoundingClientRect(),
+    px=e.clientX-r.left,py=e.clientY-r.top,k=e.deltaY<0?1.25:0.8,n=Math.min(Math.max(s*k,1),12);
+    x=px-(px-x)*n/s;y=py-(py-y)*n/s;s=n;if(s===1){x=0;y=0;}draw();},{passive:false});
+  box.addEventListener('mousedown',function(e){drag=[e.clientX-x,e.clientY-y];e.preventDefault();});
+  window.addEventListener('mouseup',function(){drag=null;});
+  window.addEventListener('mousemove',function(e){if(drag&&s>1){x=e.clientX-drag[0];y=e.clientY-drag[1];draw();}});
+  box.addEventListener('dblclick',function(){s=1;x=0;y=0;draw();});
+});
+document.querySelectorAll('table.sortable').forEach(function(t){
+  t.querySelectorAll('th').forEach(function(th,i){th.classList.add('sort');th.addEventListener('click',function(){
+    var asc=!th.classList.contains('asc');t.querySelectorAll('th').forEach(function(h){h.classList.remove('asc','desc');});
+    th.classList.add(asc?'asc':'desc');var body=t.tBodies[0],rows=Array.prototype.slice.call(body.rows);
+    function v(r){var c=r.cells[i],d=c.getAttribute('data-v');var s=d!==null?d:c.textContent.trim();
+      var n=parseFloat(s.replace(/,/g,''));return isNaN(n)?s.toLowerCase():n;}
+    rows.sort(function(a,b){var p=v(a),q=v(b);return (p<q?-1:p>q?1:0)*(asc?1:-1);});
+    rows.forEach(function(r){body.appendChild(r);});});});
+});
+"""
+
+
+def _chip(color: str) -> str:
+    return f"<span class='chip' style='background:{color}'></span>"
+
+
+def _plot_html(report: Report, name: str, alt: str, wide: bool = False) -> str:
+    return (f"<div class='plot{' wide' if wide else ''}'><div class='zoom'><img alt='{html.escape(alt)}' "
+            f"src='data:image/svg+xml;base64,{report.plots[name]}'></div>"
+            "<span class='hint'>shift+wheel: zoom · drag: pan · double-click: reset</span></div>")
+
+
+def _lineage_html(d: dict[str, Any]) -> str:
+    """The lineage as a row of boxes, oldest first: stage, rows in, kept, dropped."""
+    e = html.escape
+    boxes = []
+    for i, f in enumerate(d["funnel"]):
+        last = " last" if i == len(d["funnel"]) - 1 else ""
+        boxes.append(f"<div class='step{last}' title='{e(f['dataset'])}'><b>{i + 1}. {e(f['stage'])}</b><br>"
+                     f"{f['rows_in']:,} in → {f['kept']:,} kept<br><span class='muted'>{f['dropped']:,} dropped · "
+                     f"{e(f['dataset'].rstrip('/').rsplit('/', 1)[-1])}</span></div>")
+    return "<div class='lineage'>" + "<span class='arrow'>→</span>".join(boxes) + "</div>"
+
+
+def _funnel_table(d: dict[str, Any]) -> str:
+    e = html.escape
+    colors = d["colors"]
+    rows = ["<table class='sortable'><thead><tr><th>#</th><th class='l'>stage</th><th>shards</th><th>rows in</th>"
+            "<th>kept</th><th>dropped</th><th class='l'>drops by reason</th><th>seconds</th><th>rows/s</th>"
+            "<th>rows/shard-s</th></tr></thead><tbody>"]
+    for i, f in enumerate(d["funnel"]):
+        drops = "<br>".join(f"{_chip(colors.get(k, '#999'))}<span class='drop'>{e(k)}</span> {v:,}"
+                            for k, v in f["drops"].items()) or "-"
+        rps = f"{f['rows_per_second']:,.1f}" if f["rows_per_second"] else "-"
+        rpss = f"{f['rows_per_shard_second']:,.1f}" if f["rows_per_shard_second"] else "-"
+        removed = f"<br><span class='muted'>{f['removals']} removed on request</span>" if f["removals"] else ""
+        rows.append(f"<tr><td>{i + 1}</td><td class='l' title='{e(f['dataset'])}'>{e(f['stage'])}{removed}</td>"
+                    f"<td>{f['shards']:,}</td><td>{f['rows_in']:,}</td><td>{f['kept']:,}</td><td>{f['dropped']:,}</td>"
+                    f"<td class='l' data-v='{f['dropped']}'>{drops}</td><td>{f['seconds']:.1f}</td><td>{rps}</td>"
+                    f"<td>{rpss}</td></tr>")
+    rows.append("</tbody></table>")
+    return "".join(rows)
+
+
+def _legend_html(colors: dict[str, str]) -> str:
+    items = [f"{_chip(KEPT_COLOR)}kept"] + [f"{_chip(c)}{html.escape(r)}" for r, c in colors.items()]
+    return "<div class='muted'>" + " &nbsp; ".join(items) + "</div>"
 
 
 def render_html(report: Report) -> str:
     d = report.data
     e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>curate report: {e(d['dataset'])}</title>"
-             f"<style>{_CSS}</style></head><body>",
+    colors = d["colors"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+             f"content='width=device-width,initial-scale=1'><meta name='curate-fingerprint' content='{d['fingerprint']}'>"
+             f"<title>curate report: {e(d['dataset'])}</title><style>{_CSS}</style></head><body>",
              f"<h1>curate report</h1><div class='muted'>{e(d['dataset'])} — generated {e(d['generated'])}</div>",
-             "<h2>Funnel</h2>"]
+             "<h2>Lineage</h2>", _lineage_html(d), "<h2>Funnel</h2>", _legend_html(colors)]
     if "funnel" in report.plots:
-        parts.append(f"<div class='plots'><img alt='funnel' src='data:image/png;base64,{report.plots['funnel']}'></div>")
-    parts.append("<table><tr><th>#</th><th>stage</th><th>shards</th><th>rows in</th><th>kept</th><th>dropped</th>"
-                 "<th>drops by reason</th><th>seconds</th><th>rows/s</th><th>rows/shard-s</th></tr>")
-    for i, f in enumerate(d["funnel"]):
-        drops = "<br>".join(f"<span class='drop'>{e(k)}</span> {v}" for k, v in f["drops"].items()) or "-"
-        rps = f"{f['rows_per_second']:.1f}" if f["rows_per_second"] else "-"
-        rpss = f"{f['rows_per_shard_second']:.1f}" if f["rows_per_shard_second"] else "-"
-        removed = f"<br><span class='muted'>{f['removals']} removed on request</span>" if f["removals"] else ""
-        parts.append(f"<tr><td>{i + 1}</td><td title='{e(f['dataset'])}'>{e(f['stage'])}{removed}</td>"
-                     f"<td>{f['shards']}</td><td>{f['rows_in']}</td><td>{f['kept']}</td><td>{f['dropped']}</td>"
-                     f"<td>{drops}</td><td>{f['seconds']:.1f}</td><td>{rps}</td><td>{rpss}</td></tr>")
-    parts.append("</table>")
+        parts.append("<div class='plots'>" + _plot_html(report, "funnel", "funnel", wide=True) + "</div>")
+    parts.append(_funnel_table(d))
     hist = [k for k in d["histograms"] if k in report.plots]
     if hist:
-        parts.append("<h2>Distributions</h2><div class='plots'>")
+        parts.append("<h2>Distributions</h2><div class='muted'>kept rows (filled) against the rows each reason "
+                     "dropped (one outline per reason, same colours as the funnel)</div><div class='plots'>")
         for k in hist:
             sampled = " (sampled)" if d["histograms"][k].get("sampled") else ""
-            parts.append(f"<img alt='{e(k)}{sampled}' src='data:image/png;base64,{report.plots[k]}'>")
+            parts.append(_plot_html(report, k, f"{k}{sampled}"))
         parts.append("</div>")
     if "throughput" in report.plots:
-        parts.append("<h2>Throughput</h2><div class='plots'>"
-                     f"<img alt='throughput' src='data:image/png;base64,{report.plots['throughput']}'></div>")
+        parts.append("<h2>Throughput</h2><div class='plots'>" + _plot_html(report, "throughput", "throughput", True)
+                     + "</div>")
+    parts.append("<h2>Examples</h2>")
     for g in report.grids:
-        parts.append(f"<h2>{e(g['title'])}</h2><div class='muted'>{e(g['dataset'])}</div>")
+        chip = _chip(colors.get(g["reason"], "#999")) if g["reason"] else _chip(KEPT_COLOR)
+        parts.append(f"<h3>{chip}{e(g['title'])}</h3><div class='muted'>{e(g['dataset'])}</div>")
         parts.append(_grid_html(g["items"]))
-    if report.clusters:
-        parts.append("<h2>Duplicate clusters</h2>")
-        for c in report.clusters:
-            why = ", ".join(f"{e(k)} x{v}" for k, v in c["reasons"].items())
-            parts.append(f"<div class='muted'>{e(c['stage'])}: cluster of {c['size']} ({why}); "
-                         f"kept {e(c['representative'])}</div>")
-            parts.append(_grid_html(c["items"]))
+    parts.append(_clusters_html(report))
     parts.append(safety_html(d.get("safety")) + decontamination_html(d.get("decontamination")))
-    parts.append("<h2>Lineage</h2><ol>" + "".join(f"<li>{e(u)}</li>" for u in d["lineage"]) + "</ol>")
-    parts.append("</body></html>")
+    parts.append(f"<script>{_JS}</script></body></html>")
+    return "\n".join(parts)
+
+
+def _clusters_html(report: Report) -> str:
+    """Duplicate clusters of every stage in the lineage: the kept row and the rows naming it, with
+    each member's reason, pHash distance and confirmation score where the stage recorded them."""
+    if not report.clusters:
+        return ""
+    e = html.escape
+    parts = ["<h2>Duplicate clusters</h2>"]
+    for c in report.clusters:
+        why = ", ".join(f"{e(k)} x{v}" for k, v in c["reasons"].items())
+        parts.append(f"<div class='muted'>{e(c['stage'])}: cluster of {c['size']} ({why}); "
+                     f"kept {e(c['representative'])}</div>")
+        parts.append(_grid_html(c["items"]))
     return "\n".join(parts)
 
 
@@ -558,3 +723,14 @@ def decontamination_html(sections: list[dict[str, Any]] | None) -> str:
                          f"<td>{r['hits']}</td><td>{e(r['path'])}</td></tr>")
         parts.append("</table>")
     return "\n".join(parts)
+
+
+def up_to_date(path: str, report_fingerprint: str) -> bool:
+    """Whether the page at ``path`` was made from exactly these manifests by this layout."""
+    import os
+
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096)
+    return f"name='curate-fingerprint' content='{report_fingerprint}'" in head

@@ -134,12 +134,21 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS", "")
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    # Quiet unless -v: Ray's own start-up warnings (the token notice) and worker output.
+    verbose = _worker_logs()
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING if verbose else logging.ERROR,
+                              "log_to_driver": verbose}
     if address and not address.startswith("http"):
         ray.init(address=address, **kwargs)
     else:
         # "local" rather than auto-detect: never attach by surprise to a cluster another user started.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _worker_logs() -> bool:
+    """Whether workers' stdout/stderr (model-loading bars, library warnings) reach the driver: the
+    CLI sets CURATE_VERBOSE=0 unless -v; library callers keep Ray's default."""
+    return os.environ.get("CURATE_VERBOSE", "1") != "0"
 
 
 def _slots(res) -> int:
@@ -436,10 +445,12 @@ def prepare(
     if input is None:
         raise ConfigError(f"{stage}: --input is required")
     if stage_cls.reads_dataset:
+        from curate.inputs import dataset_problem
+
+        problem = dataset_problem(input)
+        if problem:
+            raise ConfigError(f"{stage}: input {problem}")
         inp = Dataset(input)
-        if not inp.is_complete():
-            what = "does not exist" if not inp.fs.exists(inp.root) else "is not a complete curate dataset (no _manifest.json)"
-            raise ConfigError(f"{stage}: input {input} {what}")
         input_id = {"url": inp.url, "manifest": fingerprint(inp.manifest())}
     else:
         from curate.dataset import url_to_fs
@@ -447,6 +458,7 @@ def prepare(
         fs, path = url_to_fs(input)
         if not fs.exists(path):
             raise ConfigError(f"{stage}: input {input} does not exist")
+        cfg = _check_raw_input(stage, stage_cls, cfg, input)
         input_id = {"url": input if "://" in input else os.path.abspath(input)}
     # files the config names and models against the input: refused here, before anything is written
     stage_cls(cfg).check(Dataset(input) if stage_cls.reads_dataset else None)
@@ -460,6 +472,20 @@ def prepare(
     return stage_cls, cfg, record
 
 
+def _check_raw_input(stage: str, stage_cls: type[Stage], cfg: StageConfig, input: str) -> StageConfig:
+    """A URL list or tar input looked at before Ray starts: a wrong column or the wrong command is
+    one line naming the fix; a recognised column name (``URL``, ``TEXT``) is used with a note."""
+    from curate.inputs import InputError, check_raw_input
+
+    try:
+        updates, notes = check_raw_input(stage_cls.name, cfg, input)
+    except InputError as e:
+        raise ConfigError(f"{stage}: {e}") from None
+    for note in notes:
+        log.warning("%s: %s", stage, note)
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
 def check_output(out: Dataset, record: dict[str, Any]) -> str:
     """'fresh', 'resume' or 'complete'; raises ConfigError if the output belongs to another run."""
     manifest = out.manifest()
@@ -469,12 +495,35 @@ def check_output(out: Dataset, record: dict[str, Any]) -> str:
             raise ConfigError(f"output {out.url} exists and is not a curate dataset; choose another --output")
         return "fresh"
     if existing != record:
+        if not manifest and not out.shard_ids() and out.exists(PLAN_DIR, FAILED_MARK):
+            # An unfinished run that raised before committing any shard (it failed while planning
+            # or on its first shards) holds nothing worth keeping: the corrected command starts afresh.
+            return "stale"
         what = "a complete" if manifest else "an unfinished"
         diff = next((k for k in ("stage", "input", "config") if existing.get(k) != record.get(k)), "config")
         raise ConfigError(
-            f"output {out.url} holds {what} {existing.get('stage')} run with a different {diff}; "
-            "use --overwrite to replace it or choose another --output")
+            f"output {out.url} holds {what} {existing.get('stage')} run with a different {diff} "
+            f"({record_diff(existing, record)}); use --overwrite to replace it or choose another --output")
     return "complete" if manifest else "resume"
+
+
+def record_diff(old: Any, new: Any, prefix: str = "", limit: int = 3) -> str:
+    """'config.url_col: was 'url', now 'URL'; ...': the first keys whose values differ, by path."""
+    found: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        elif a != b:
+            found.append(f"{path}: was {a!r}, now {b!r}")
+
+    walk(old, new, prefix)
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more
+
+
+FAILED_MARK = "failed.json"  # in the plan folder: this run raised before committing any shard
 
 
 def run_stage(
@@ -485,9 +534,25 @@ def run_stage(
     sets: Sequence[str] = (),
     options: RunOptions = RunOptions(),
     config_file: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[StageProgress], None] | None = None,
 ) -> dict[str, Any]:
-    """Run one stage to completion (or resume it); return the manifest's summary."""
+    """Run one stage to completion (or resume it); return the manifest's summary. ``progress`` is
+    called with a StageProgress when Ray starts, when planning starts and each time a shard commits.
+
+    A run that raises before committing any shard says so in its plan folder: the corrected
+    command, even with another config, then starts afresh instead of being refused. A run that was
+    killed leaves no such mark (its workers may still be running), so it is still refused."""
+    began: list[bool] = []
+    try:
+        return _run_stage(stage, input, output, config, sets, options, config_file, progress, began)
+    except BaseException as e:
+        out = Dataset(output)
+        if began and not out.manifest() and not out.shard_ids():
+            out.write_json({"error": f"{type(e).__name__}: {e}"[:2000]}, PLAN_DIR, FAILED_MARK)
+        raise
+
+
+def _run_stage(stage, input, output, config, sets, options, config_file, progress, began) -> dict[str, Any]:
     out = Dataset(output)
     stage_cls, cfg, record = prepare(stage, input, output, config, sets, config_file, check=False)
     try:
@@ -500,19 +565,30 @@ def run_stage(
         _remove_tree(out)
         out.refresh()
         state = check_output(out, record)
+    if state == "stale":
+        log.info("%s: removing %s, left by a run that failed before committing any shard", stage, out.url)
+        _remove_tree(out)
+        out.refresh()
+        state = check_output(out, record)
     if state == "complete" and not options.retry_failed:
         log.info("%s: output %s is complete with the same config and input; skipping", stage, out.url)
         return {**out.manifest()["totals"], "skipped": True, "stage": stage, "output": out.url}
 
+    tracker = _Tracker(stage, progress)
+    tracker.starting()
     ensure_ray()
     started = time.time()
     out.fs.makedirs(out.path(PLAN_DIR), exist_ok=True)
     out.write_json(record, PLAN_DIR, "run.json")
+    began.append(True)
+    if out.exists(PLAN_DIR, FAILED_MARK):
+        out.fs.rm(out.path(PLAN_DIR, FAILED_MARK))
     driver_stage = stage_cls(cfg)
     inp = Dataset(input) if stage_cls.reads_dataset else None
 
     plan = out.read_json(PLAN_DIR, "plan.json")
     if plan is None or options.retry_failed:
+        tracker.planning()
         pctx = PlanContext(
             input_path=input, input=inp, output=out, plan_dir=out.path(PLAN_DIR), options=options,
             map=plan_map(driver_stage),
@@ -532,16 +608,10 @@ def run_stage(
     env = ShardEnv(stage, input, out.url, plan["shard_digits"], options)
     committed = set(out.shard_ids())
     pending = [n for n in plan["shards"] if n not in committed]
-    total = len(plan["shards"])
-    done = total - len(pending)
-    if progress:
-        progress(done, total)
+    tracker.start(out, plan["shards"], committed, _planned_rows(stage_cls, inp, out, options) if progress else None)
 
     def on_done(n: int, stats: dict[str, Any]) -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, total)
+        tracker.shard(stats)
 
     if pending:
         _run_shards(stage, stage_cls, cfg, pending, env, on_done)
@@ -550,6 +620,75 @@ def run_stage(
     out.sweep_tmp()
     manifest = write_manifest(out, stage_cls, record, plan, time.time() - started)
     return {**manifest["totals"], "skipped": False, "stage": stage, "output": out.url}
+
+
+# -- progress ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StageProgress:
+    """Where one stage run stands, in rows. Rows count when their shard commits; rows_total is
+    None when the input's size is not known before its shards run."""
+
+    stage: str
+    phase: str  # "start" (Ray starting), "plan" (the global step before any shard) or "shards"
+    shards_done: int = 0
+    shards_total: int = 0
+    rows_done: int = 0  # rows in of committed shards, those committed by earlier runs included
+    kept: int = 0
+    dropped: int = 0
+    rows_total: int | None = None
+    rows_this_run: int = 0  # for the rate: rows committed since this run started its shards
+    shards_this_run: int = 0
+    started: float = 0.0  # time.time() when this run started its shards
+
+
+class _Tracker:
+    """Counts committed shards and their rows for run_stage's progress callback."""
+
+    def __init__(self, stage: str, callback: Callable[[StageProgress], None] | None):
+        self.callback = callback
+        self.state = StageProgress(stage, "plan", started=time.time())
+
+    def starting(self) -> None:
+        """Inputs are checked; Ray is being started or joined (seconds on a laptop)."""
+        self._emit(dataclasses.replace(self.state, phase="start", started=time.time()))
+
+    def planning(self) -> None:
+        self._emit(dataclasses.replace(self.state, phase="plan", started=time.time()))
+
+    def start(self, out: Dataset, shards: list[int], committed: set[int], rows_total: int | None) -> None:
+        log.info("%s: %d shards planned, %d committed by an earlier run%s", self.state.stage, len(shards),
+                 len(committed & set(shards)), f", {rows_total:,} rows" if rows_total is not None else "")
+        earlier = [out.stats(n) for n in shards if n in committed] if self.callback else []
+        self._emit(dataclasses.replace(
+            self.state, phase="shards", shards_done=len(earlier), shards_total=len(shards),
+            rows_done=sum(s["rows_in"] for s in earlier), kept=sum(s["rows_out"] for s in earlier),
+            dropped=sum(s["rejected"] for s in earlier), rows_total=rows_total, started=time.time()))
+
+    def shard(self, stats: dict[str, Any]) -> None:
+        s = self.state
+        log.info("%s: shard %s committed: %d rows in, %d kept, %d dropped, %.1f s", s.stage, stats["shard"],
+                 stats["rows_in"], stats["rows_out"], stats["rejected"], stats.get("seconds", 0.0))
+        self._emit(dataclasses.replace(
+            s, shards_done=s.shards_done + 1, rows_done=s.rows_done + stats["rows_in"],
+            kept=s.kept + stats["rows_out"], dropped=s.dropped + stats["rejected"],
+            rows_this_run=s.rows_this_run + stats["rows_in"], shards_this_run=s.shards_this_run + 1))
+
+    def _emit(self, state: StageProgress) -> None:
+        self.state = state
+        if self.callback:
+            self.callback(state)
+
+
+def _planned_rows(stage_cls: type[Stage], inp: Dataset | None, out: Dataset, options: RunOptions) -> int | None:
+    """Rows the run will read: the input dataset's rows, or the rows download's plan cut into shards."""
+    if inp is not None:
+        kept = ((inp.manifest() or {}).get("totals") or {}).get("kept")
+        return int(kept) if kept is not None else None
+    if stage_cls.name == "download" and not options.retry_failed:
+        from curate.stages.download import STATE_FILE
+
+        return (out.read_json(PLAN_DIR, STATE_FILE) or {}).get("rows")
+    return None
 
 
 def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any], plan: dict[str, Any],

@@ -10,8 +10,13 @@ chromium``) and is installed here when missing; the test suite never needs it. T
 networking off where it can be (no background, sync or component traffic, fresh profile), so a page
 that needed the network would show holes.
 
+It also loads a copy of the page with a few probe lines appended (a click on a table header, a
+shift+wheel over a plot) and reads the DOM Chromium dumps afterwards: the page's own inline script
+must have sorted the table and zoomed the plot.
+
 This is a check, not a benchmark (so it lives under bench/checks/): it prints what it rendered and
-exits non-zero unless the screenshot was written and the page had no external references.
+exits non-zero unless the screenshot was written, the page had no external references and the
+interactive parts worked.
 """
 
 from __future__ import annotations
@@ -74,6 +79,67 @@ def demo_dataset(work: Path) -> str:
     return str(exp)
 
 
+# Appended to a copy of the page: click the funnel table's "kept" header (ascending: the reverse of
+# the funnel's own order, where each stage keeps at most what the one before it kept), then
+# shift+wheel over the first plot; the DOM Chromium dumps afterwards shows whether the page's own
+# script sorted the rows and zoomed the plot.
+_PROBE = """<script>
+var th=[].filter.call(document.querySelectorAll('table.sortable th'),function(h){return h.textContent.trim()==='kept';})[0];
+th.click();
+var box=document.querySelector('.plot'),r=box.getBoundingClientRect();
+box.dispatchEvent(new WheelEvent('wheel',{deltaY:-100,shiftKey:true,clientX:r.left+50,clientY:r.top+50,
+  bubbles:true,cancelable:true}));
+document.body.setAttribute('data-probe','done');
+</script>"""
+
+
+def interactive_check(browser: str, page: Path) -> bool:
+    """The page's inline script works in a real browser: tables sort, plots zoom."""
+    from html.parser import HTMLParser
+
+    probe = page.with_name("report-probe.html")
+    probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        proc = subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=3000",
+                               "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180)
+    dom = proc.stdout
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.kept, self.col, self.cell, self.in_table, self.zoom = [], -1, "", False, None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "table" and "sortable" in (a.get("class") or ""):
+                self.in_table = True
+            if self.in_table and tag == "tr":
+                self.col = -1
+            if self.in_table and tag == "td":
+                self.col += 1
+                self.cell = ""
+            if tag == "img" and self.zoom is None and "scale(" in (a.get("style") or ""):
+                self.zoom = a["style"]
+
+        def handle_data(self, data):
+            if self.in_table and self.col == 4:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if self.in_table and tag == "td" and self.col == 4:
+                self.kept.append(int(self.cell.replace(",", "")))
+            if tag == "table":
+                self.in_table = False
+
+    r = Rows()
+    r.feed(dom)
+    sorted_ok = (len(set(r.kept)) > 1 and r.kept == sorted(r.kept) and 'data-probe="done"' in dom)
+    zoom_ok = r.zoom is not None and "scale(1.25)" in r.zoom
+    print(f"interactive: funnel table sorted by kept (ascending): {sorted_ok} {r.kept}; "
+          f"first plot zoomed by shift+wheel: {zoom_ok} ({r.zoom})")
+    return sorted_ok and zoom_ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset")
@@ -106,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     shot = Path(args.out)
     ok = proc.returncode == 0 and shot.exists() and shot.stat().st_size > 10_000
+    ok &= interactive_check(browser, page)
     print(f"browser: {browser}; exit {proc.returncode}; screenshot: {shot} "
           f"({shot.stat().st_size if shot.exists() else 0} bytes)")
     if not ok:

@@ -45,7 +45,7 @@ def test_missing_input(tmp_path, capsys):
 def test_input_that_is_not_a_finished_dataset(tmp_path, capsys):
     (tmp_path / "half").mkdir()
     code = main(["run", _pipeline(tmp_path, {}, stage=PASS, input=str(tmp_path / "half"))])
-    _one_line_error(capsys, code, "not a complete curate dataset")
+    _one_line_error(capsys, code, "is not a curate dataset (no _manifest.json)")
 
 
 def test_unknown_stage(tmp_path, capsys):

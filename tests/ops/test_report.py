@@ -101,7 +101,7 @@ def test_report_numbers_equal_the_manifests(lineage):
 class _Srcs(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.srcs, self.links = [], []
+        self.srcs, self.links, self.scripts = [], [], []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -109,6 +109,8 @@ class _Srcs(HTMLParser):
             self.srcs.append(a["src"])
         if "href" in a:
             self.links.append(a["href"])
+        if tag == "script":
+            self.scripts.append(a.get("src"))
 
 
 def test_cli_writes_self_contained_html_and_json_twin(lineage, tmp_path):
@@ -120,9 +122,42 @@ def test_cli_writes_self_contained_html_and_json_twin(lineage, tmp_path):
     p.feed(page)
     # plots (funnel, histograms, throughput) and every thumbnail are inline; nothing is fetched
     assert len(p.srcs) >= 5 + 9 and all(s.startswith("data:image/") for s in p.srcs)
-    assert not p.links and "<script" not in page and "@import" not in page and "url(" not in page
+    assert not p.links and "@import" not in page and "url(" not in page
+    assert p.scripts == [None]  # one script, inline (zoom and sort), nothing loaded from anywhere
     assert "alt='funnel'" in page and "alt='throughput'" in page and "alt='width'" in page
     data = json.loads(js.read_text())
     assert data["funnel"] == json.loads(json.dumps(build_report(chain[-1]).data["funnel"]))
     assert render_html(build_report(chain[-1])).count("<h2>") == page.count("<h2>")
     assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+def test_one_colour_per_reason_and_overlays_per_reason(lineage):
+    _, chain = lineage
+    rep = build_report(chain[-1])
+    d = rep.data
+    reasons = [r for f in d["funnel"] for r in f["drops"]]
+    colors = d["colors"]
+    assert set(colors) == set(reasons)
+    assert len(set(colors.values())) == len(colors)  # no two reasons share a colour ...
+    from curate.report import KEPT_COLOR
+
+    assert KEPT_COLOR not in colors.values()  # ... and none shares the kept colour
+    width = d["histograms"]["width"]
+    # one overlay per reason, each counting exactly the rejects of that reason
+    drops = {r: n for f in d["funnel"] for r, n in f["drops"].items()}
+    assert {r: sum(c) for r, c in width["counts_by_reason"].items()} == drops
+    page = render_html(rep)
+    for reason, color in colors.items():  # the legend above the funnel names each reason in its colour
+        assert f"background:{color}'></span>{reason}" in page
+
+
+def test_report_fingerprint_follows_the_manifests(lineage, tmp_path):
+    from curate.report import fingerprint, up_to_date, write_html
+    from curate.report import lineage as walk
+
+    _, chain = lineage
+    rep = build_report(chain[-1])
+    out = tmp_path / "r.html"
+    write_html(rep, str(out))
+    assert up_to_date(str(out), fingerprint(walk(chain[-1])))
+    assert not up_to_date(str(out), fingerprint(walk(chain[-2])))  # another lineage: not this page
