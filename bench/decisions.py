@@ -352,14 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     ours_c, base_c = near_dup(clip, "clip art (openclipart-png)")
     near_dup(photos, "photos (wallpapers + scikit-image)")
     if not args.skip_language:
-        try:
-            import lang_id
-        except ImportError:
-            print("\nlanguage ID: bench/lang_id.py not present")
-        else:
-            print("\nlanguage ID (bench/lang_id.py: hand-labelled captions, ours vs lingua)")
-            for line in lang_id.lines(lang_id.score()):
-                print(line)
+        import lang_id
+
+        print("\nlanguage ID (bench/lang_id.py: hand-labelled captions, ours vs lingua)")
+        for line in lang_id.lines(lang_id.score()):
+            print(line)
     print(f"ratio: {ours_c['f1'] / base_c['f1']:.2f}" if base_c["f1"] else "ratio: inf")
     return 0
 

@@ -879,20 +879,19 @@ class DedupStage(Stage):
         kept = [r[schema.UID] for r in rows if r[_KEPT]]
         return {
             "duplicate_cluster": cluster,
-            "rule": (
-                f"a dropped member is within radius {self.config.radius} of the kept one"
-                + (
-                    f" and confirmed by {self.config.confirm}"
-                    if _confirms(self.config)
-                    else ""
-                )
-                + "; distance = pHash bits to the kept member, confirm = "
-                + ("colour Delta-E" if self.config.confirm == "color" else "CLIP cosine")
-            ),
+            "rule": _rule_text(self.config),
             "size": len(rows),
             "kept": kept[0] if kept else None,
             "members": rows,
         }
+
+
+def _rule_text(cfg: DedupConfig) -> str:
+    text = f"each dropped member is within radius {cfg.radius} of the kept one (distance: pHash bits)"
+    if _confirms(cfg):
+        signal = "colour Delta-E" if cfg.confirm == "color" else "CLIP cosine"
+        text += f", confirmed by {cfg.confirm} (confirm: {signal})"
+    return text
 
 
 def cluster_members(output: Dataset) -> dict[str, dict[str, Any]]:
