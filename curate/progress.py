@@ -42,13 +42,15 @@ def progress_fields(p, now: float | None = None) -> dict[str, str]:
         return {"rows": f"planning ({fmt_s(now - p.started)})" if p.started else "planning",
                 "counts": "", "rate": "", "eta": ""}
     elapsed = max(now - p.started, 1e-9)
-    rate = p.rows_this_run / elapsed if p.rows_this_run else None
+    done = p.rows_done + p.rows_running  # rows finished inside running shards count too
+    this_run = p.rows_this_run + p.rows_running
+    rate = this_run / elapsed if this_run else None
     left_shards = p.shards_total - p.shards_done
     if p.rows_total is not None:
-        rows = f"{p.rows_done:,}/{p.rows_total:,} rows"
-        eta = (max(p.rows_total - p.rows_done, 0) / rate) if rate else None
+        rows = f"{done:,}/{p.rows_total:,} rows"
+        eta = (max(p.rows_total - done, 0) / rate) if rate else None
     else:
-        rows = f"{p.rows_done:,} rows"
+        rows = f"{done:,} rows"
         eta = (elapsed / p.shards_this_run * left_shards) if p.shards_this_run else None
     if left_shards == 0:
         eta = 0.0
@@ -148,7 +150,7 @@ class ProgressView:
             self.current = p
             if self._prog and self._task is not None:
                 total = p.rows_total if p.rows_total is not None else p.shards_total or None
-                done = p.rows_done if p.rows_total is not None else p.shards_done
+                done = p.rows_done + p.rows_running if p.rows_total is not None else p.shards_done
                 self._prog.update(self._task, completed=done, total=total, **progress_fields(p))
 
     def stage_done(self, summary: dict[str, Any], wall: float) -> None:

@@ -43,6 +43,34 @@ class ShardEnv:
     output: str
     shard_digits: int
     options: RunOptions
+    board: Any = None  # a _ProgressBoard actor when the driver shows progress within shards
+
+
+# -- rows finished inside running shards (progress only) ----------------------------------------
+class _ProgressBoard:
+    """A small actor the workers tell how many rows of their shard are finished, so the driver can
+    show progress within shards (a URL list of a few thousand rows is often one shard)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, int] = {}
+
+    def set(self, shard: int, rows: int) -> None:
+        self.rows[shard] = rows
+
+    def snapshot(self) -> dict[int, int]:
+        return dict(self.rows)
+
+
+def _row_reporter(board: Any, shard: int, every_s: float = 0.5) -> Callable[[int], None]:
+    last = [0.0]
+
+    def report(rows: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            board.set.remote(shard, rows)  # fire and forget: progress must never slow the shard
+
+    return report
 
 
 # -- one shard ---------------------------------------------------------------------------------
@@ -65,6 +93,7 @@ def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
         output=out,
         plan_dir=out.path(PLAN_DIR),
         options=env.options,
+        on_rows=_row_reporter(env.board, n) if env.board is not None else None,
     )
     start = time.perf_counter()
     t = time.perf_counter()
@@ -334,9 +363,17 @@ class _ShardActor:
 
 def _run_shards(
     name: str, stage_cls: type[Stage], config: StageConfig, pending: list[int], env: ShardEnv,
-    on_done: Callable[[int, dict[str, Any]], None],
+    on_done: Callable[[int, dict[str, Any]], None], on_rows: Callable[[int], None] | None = None,
 ) -> None:
+    """Run the pending shards, at most a few in flight; ``on_rows`` (when given) hears the rows
+    finished inside running shards about once a second."""
     import ray
+
+    board = None
+    if on_rows is not None:
+        board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
+        env = dataclasses.replace(env, board=board)
+    running: dict[int, int] = {}
 
     # Resources as the apply phase needs them: a GPU per actor only where its model uses one.
     model, res, opts = apply_resources(name, stage_cls(config))
@@ -368,11 +405,18 @@ def _run_shards(
 
     submit()
     while inflight:
-        done, _ = ray.wait(list(inflight), num_returns=1)
+        done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if board is not None else None)
+        if not done:
+            now = ray.get(board.snapshot.remote())
+            running = {k: v for k, v in now.items() if k in inflight.values()}
+            on_rows(sum(running.values()))
+            continue
         ref = done[0]
         n = inflight.pop(ref)
         if model:
             idle.append(owner.pop(ref))
+        if board is not None and running.pop(n, None) is not None:
+            on_rows(sum(running.values()))  # before the commit is counted: never both at once
         try:
             on_done(n, ray.get(ref))
         except Exception as e:  # noqa: BLE001 - reported with the shard, after in-flight work ends
@@ -382,6 +426,8 @@ def _run_shards(
     if model:
         for a in actors:
             ray.kill(a)
+    if board is not None:
+        ray.kill(board)
     if errors:
         raise StageFailed(f"stage {name} failed on {len(errors)} shard(s); first: {errors[0]}")
 
@@ -614,7 +660,7 @@ def _run_stage(stage, input, output, config, sets, options, config_file, progres
         tracker.shard(stats)
 
     if pending:
-        _run_shards(stage, stage_cls, cfg, pending, env, on_done)
+        _run_shards(stage, stage_cls, cfg, pending, env, on_done, tracker.running if progress else None)
     out.refresh()
     out.shard_digits = plan["shard_digits"]
     out.sweep_tmp()
@@ -633,6 +679,7 @@ class StageProgress:
     shards_done: int = 0
     shards_total: int = 0
     rows_done: int = 0  # rows in of committed shards, those committed by earlier runs included
+    rows_running: int = 0  # rows finished inside shards still running (not yet committed)
     kept: int = 0
     dropped: int = 0
     rows_total: int | None = None
@@ -672,6 +719,10 @@ class _Tracker:
             s, shards_done=s.shards_done + 1, rows_done=s.rows_done + stats["rows_in"],
             kept=s.kept + stats["rows_out"], dropped=s.dropped + stats["rejected"],
             rows_this_run=s.rows_this_run + stats["rows_in"], shards_this_run=s.shards_this_run + 1))
+
+    def running(self, rows: int) -> None:
+        """Rows finished inside the shards still running."""
+        self._emit(dataclasses.replace(self.state, rows_running=rows))
 
     def _emit(self, state: StageProgress) -> None:
         self.state = state

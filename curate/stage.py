@@ -95,6 +95,13 @@ class ShardContext:
     tar_url: str | None = None
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    on_rows: Callable[[int], None] | None = None  # set by the runner when someone watches progress
+
+    def rows_done(self, n: int) -> None:
+        """Tell the driver how many of this shard's rows are finished, for progress only (the
+        count is shown, never stored). Cheap: the runner passes on at most two calls a second."""
+        if self.on_rows is not None:
+            self.on_rows(n)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds

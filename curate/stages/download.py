@@ -319,7 +319,7 @@ class DownloadStage(Stage):
         loop = asyncio.get_running_loop()
         pool = concurrent.futures.ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="curate-decode")
         budget = cfg.reorder_buffer_mb * 1024 * 1024
-        state = {"head": 0, "buffered": 0}
+        state = {"head": 0, "buffered": 0, "finished": 0}
         cond = asyncio.Condition()
         # Bodies alive at once: those downloading plus a short queue for the decode threads.
         bodies = asyncio.Semaphore(cfg.fetch.connections + 4 * cfg.decode_threads)
@@ -409,8 +409,10 @@ class DownloadStage(Stage):
             async with cond:
                 results[i] = r
                 state["buffered"] += len(r.get("_bytes") or b"")
+                state["finished"] += 1
                 write_ready()
                 cond.notify_all()
+            ctx.rows_done(state["finished"])
 
         try:
             async with Fetcher(cfg.fetch, bodies) as fetcher:

@@ -509,7 +509,8 @@ class ImportStage(Stage):
                 data = f.read(length)
                 return data if len(data) == length else None
 
-            for i in order:
+            for done, i in enumerate(order):
+                ctx.rows_done(done)
                 txt = read(get[_TXT_OFF][i], get[_TXT_LEN][i])
                 fields, err = _json_fields(read(get[_JSON_OFF][i], get[_JSON_LEN][i]))
                 bad_json += err is not None

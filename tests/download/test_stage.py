@@ -238,3 +238,23 @@ def test_retry_failed_is_crash_safe_without_ray(tmp_path, server):
     before = out.read_rejects(0)
     stage._take_over(out, 0, out.read_shard(2).column(schema.UID).to_pylist())
     assert out.read_rejects(0).equals(before)
+
+
+def test_progress_counts_rows_inside_a_running_shard(server, tmp_path, ray_session):
+    # One shard of 40 URLs that answer after 150 ms each, 4 connections: the shard runs for ~1.5 s
+    # and the driver must see rows finish inside it, not 0 until the commit.
+    from curate.runner import run_stage
+
+    n = 40
+    inp = url_list(tmp_path, server, [f"/delay/150?{i}" for i in range(n)])
+    cfg = config(server, fetch={"connections": 4, "per_host_connections": 4}).model_dump(mode="json")
+    seen = []
+    summary = run_stage("download", inp, str(tmp_path / "out"), config=cfg, progress=seen.append)
+    assert summary["rows_in"] == n and summary["kept"] == n
+    shards = [p for p in seen if p.phase == "shards"]
+    assert shards[-1].rows_done == n and shards[-1].shards_done == 1
+    inside = [p.rows_running for p in shards if p.shards_done == 0]
+    assert any(0 < r < n for r in inside), inside  # rows finished before the shard committed
+    # finished rows only grow, and leave the running count just before the commit counts them
+    assert inside[:-1] == sorted(inside[:-1]) and inside[-1] == 0, inside
+    assert all(p.rows_done + p.rows_running <= n for p in shards)  # never counted twice
