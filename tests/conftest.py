@@ -46,8 +46,13 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def s3_server():
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    # The server runs in the test process: its request log (werkzeug, INFO) would land on the
+    # stderr that CLI tests read line by line.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
     yield os.environ["AWS_ENDPOINT_URL"]
