@@ -92,14 +92,16 @@ class DedupConfig(StageConfig):
     minhash_bands: int = Field(16, ge=1)
     shingle_chars: int = Field(4, ge=1, le=16)
     max_pixels: int = Field(phash.DEFAULT_MAX_PIXELS, ge=1)
-    # A pHash pair counts only when a second signal agrees: color (the colour signatures that
-    # download / import store beside the pHash, mean Delta-E <= color_threshold), clip (image
-    # embeddings written by `clip` with embeddings: true, cosine >= clip_threshold) or none.
+    # A pHash pair counts only when a second signal agrees: color, clip or none.
+    # color: the colour signatures download / import store beside the pHash (mean Delta-E <=
+    # color_threshold); clip: image embeddings from `clip` with embeddings: true (cosine >=
+    # clip_threshold).
     confirm: Literal["color", "clip", "none"] = "color"
-    # Mean CIE76 Delta-E over the 4x4 grid. bench/decisions.py: planted resizes / recompressions /
-    # crops / overlaid text of real clip art and photos move it by at most ~5; recoloured variants
-    # of one drawing by tens.
+    # Mean colour difference (CIE76 Delta-E, 4x4 grid) at or below which a pHash pair is confirmed.
+    # bench/decisions.py: planted resizes / recompressions / crops / text on real clip art and photos
+    # move it by at most ~5; recoloured variants of one drawing by tens.
     color_threshold: float = Field(8.0, gt=0, le=100)
+    # CLIP image-embedding cosine at or above which a pHash pair is confirmed (confirm: clip).
     clip_threshold: float = Field(0.9, ge=-1, le=1)
     # Compute missing colour signatures from the image bytes (datasets written before they existed).
     rehash: bool = False
