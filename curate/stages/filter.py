@@ -121,7 +121,7 @@ class FilterConfig(StageConfig):
     caption_min_chars: int | None = Field(None, ge=1)
     caption_max_chars: int | None = Field(None, ge=1)
     languages: list[str] | None = None  # keep captions detected as one of these (ISO 639-1 codes)
-    language_detector: Literal["fasttext", "lingua"] = "fasttext"
+    language_detector: Literal["fasttext", "lingua"] = "fasttext"  # fastText lid.176 (compact) or lingua
     # the detector's candidate set; None: every language the detector knows. A smaller set avoids
     # confusions with languages the data does not hold.
     language_candidates: list[str] | None = None
@@ -129,9 +129,9 @@ class FilterConfig(StageConfig):
     # language_short_words words, min_score_short for shorter ones. Measured on the labelled
     # captions of bench/data/lang_id.tsv with fasttext (BENCHMARKS.md, bench/lang_id.py).
     language_min_score: float = Field(0.4, ge=0.0, le=1.0)
-    language_min_score_short: float = Field(0.8, ge=0.0, le=1.0)
-    language_short_words: int = Field(4, ge=0)
-    language_keep_und: bool = True
+    language_min_score_short: float = Field(0.8, ge=0.0, le=1.0)  # und below this for short captions
+    language_short_words: int = Field(4, ge=0)  # captions of at most this many words are short
+    language_keep_und: bool = True  # keep captions the detector cannot place (und)
     # lingua only
     language_min_relative_distance: float = Field(0.0, ge=0.0, le=0.99)
     language_low_accuracy: bool = False
