@@ -366,7 +366,7 @@ def _member_note(kept: bool, reason: str | None, detail: dict[str, Any] | None) 
     if detail and detail.get("distance") is not None:
         parts.append(f"{detail['distance']} bits from the kept row")
     if detail and detail.get("confirm") is not None:
-        parts.append(f"confirm {detail['confirm']:.3g}")
+        parts.append(f"{detail.get('signal') or 'confirmation'} {detail['confirm']:.2f}")
     return ", ".join(parts)
 
 

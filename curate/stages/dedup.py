@@ -903,4 +903,6 @@ def cluster_members(output: Dataset) -> dict[str, dict[str, Any]]:
     if not output.fs.exists(path):
         return {}
     t = pq.read_table(path, columns=[schema.UID, _KEPT, _KIND, _DISTANCE, _CONFIRM], filesystem=output.fs)
-    return {r.pop(schema.UID): r for r in t.to_pylist()}
+    confirm = ((output.manifest() or {}).get("config") or {}).get("confirm")
+    signal = {"color": "colour Delta-E", "clip": "CLIP cosine"}.get(confirm)
+    return {r.pop(schema.UID): {**r, "signal": signal} for r in t.to_pylist()}

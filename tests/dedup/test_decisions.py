@@ -261,7 +261,7 @@ def test_report_and_inspect_show_dedup_clusters_with_distances(chain, tmp_path, 
     report = build_report(Dataset(out))
     (cluster,) = [c for c in report.data["duplicate_clusters"] if c["stage"] == "dedup"]
     assert cluster["representative"] == A and cluster["reasons"] == {"dedup:near": 1}
-    assert cluster["notes"] == ["kept", "dedup:near, 5 bits from the kept row, confirm 0"]
+    assert cluster["notes"] == ["kept", "dedup:near, 5 bits from the kept row, colour Delta-E 0.00"]
     page = render_html(report)
     assert "dedup: cluster of 2 (dedup:near x1)" in page and "5 bits from the kept row" in page
     where, _, row = find(Dataset(out), B)
