@@ -375,6 +375,13 @@ class ExportStage(Stage):
         # The json holds the row's scalar metadata; embeddings and other nested columns stay in Parquet.
         json_cols = [c for c in cols if c not in _JSON_SKIP and not _nested(table.schema.field(c).type)]
         meta = table.select(json_cols).to_pylist()
+        # Readers that infer int64 from JSON (HF datasets, pandas) overflow on a uint64 above 2**63:
+        # such columns (the pHash) go into KEY.json as 16 hex digits, the text imagehash prints.
+        for c in json_cols:
+            if pa.types.is_uint64(table.schema.field(c).type):
+                for m in meta:
+                    if m[c] is not None:
+                        m[c] = f"{m[c]:016x}"
 
         keys = table.column(schema.KEY).to_pylist() if schema.KEY in cols else [None] * n
         tars = table.column(schema.IMAGE_TAR).to_pylist() if schema.IMAGE_TAR in cols else [None] * n

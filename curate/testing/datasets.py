@@ -49,9 +49,16 @@ def write_image_dataset(root: str, shards: Sequence[Sequence[dict[str, Any]]], s
             records.append(row)
         writer.close()
         tar_file.close()
-        table = pa.Table.from_pylist(records) if records else _empty()
+        table = _table(records) if records else _empty()
         _commit(ds, n, table, attempt, writer)
     return finish(ds, stage, writes_images=True)
+
+
+def _table(records: list[dict[str, Any]]) -> pa.Table:
+    """Rows to a table, schema columns typed as the schema says (a uint64 pHash above 2**63 would not
+    fit the int64 that inference picks)."""
+    names = list(dict.fromkeys(k for r in records for k in r))
+    return pa.table({k: pa.array([r.get(k) for r in records], type=schema.TYPES.get(k)) for k in names})
 
 
 def write_table_dataset(root: str, tables: Sequence[pa.Table], stage: str,

@@ -358,3 +358,28 @@ def test_export_on_object_storage(s3_bucket, ray_session):
     assert [src_bytes[u] for u in got.column(schema.UID).to_pylist()] == read_images(got)
     assert verify(out)[0] == []
     assert sorted(sum(split_shards(out).values(), [])) == out.shard_ids()
+
+
+def test_uint64_columns_are_hex_in_key_json_and_hf_reads_without_features(tmp_path, ray_session):
+    import datasets
+    from PIL import Image
+
+    from curate.testing.datasets import IMAGE, write_image_dataset
+
+    def jpeg(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 40 % 256, 90, 30)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    big = (1 << 64) - 12345  # a pHash above 2**63: int64 readers overflow on it as a JSON number
+    rows = [{schema.UID: f"{i:032x}", schema.CAPTION: f"c{i}", IMAGE: jpeg(i), schema.IMAGE_FORMAT: "jpg",
+             schema.WIDTH: 32, schema.HEIGHT: 32, schema.PHASH: big - i} for i in range(6)]
+    src = write_image_dataset(str(tmp_path / "src"), [rows])
+    t = src.read_shard(0)
+    assert t.column(schema.PHASH).type == pa.uint64()
+    run_stage("export", src.url, str(tmp_path / "out"), config={"val_fraction": 0})
+    tars = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
+    hf = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert len(hf) == 6
+    assert sorted(m[schema.PHASH] for m in hf["json"]) == sorted(f"{big - i:016x}" for i in range(6))
