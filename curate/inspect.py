@@ -117,6 +117,15 @@ def _why(reason: str, row: dict[str, Any], config: dict[str, Any]) -> str:
     return rule
 
 
+def _member_note(detail: dict[str, Any], uid: str) -> str:
+    """The " (5 bits from the kept row, confirm 1.23)" of a duplicate-cluster member, else ""."""
+    me = next((m for m in detail.get("members") or [] if m.get(schema.UID) == uid), None)
+    if not me or me.get("distance") is None:
+        return ""
+    confirm = f", confirm {me['confirm']:.2f}" if me.get("confirm") is not None else ""
+    return f" ({me['distance']} bits from the kept row{confirm})"
+
+
 def trace(ds: Dataset, uid: str) -> dict[str, Any]:
     """``explain`` for ``ds`` plus the sample's path through every dataset of its lineage: kept or
     dropped at each, and a one-line verdict ("dropped at filter: language nl not in [en]")."""
@@ -139,6 +148,12 @@ def trace(ds: Dataset, uid: str) -> dict[str, Any]:
             reason = row.get(schema.DROP_REASON) or "?"
             step["reason"] = reason
             verdict = f"dropped at {stage_name}: {_why(reason, row, m.get('config') or {})}"
+            # the dropping stage's own account (dedup: the cluster, each member's distance and
+            # confirmation score), as `curate inspect` on that dataset would give it
+            detail = out.get("stage_detail") if d.url == ds.url else explain(d, uid).get("stage_detail")
+            if detail is not None:
+                step["stage_detail"] = detail
+                verdict += _member_note(detail, uid)
             if not out.get("found"):
                 out["row"] = row
         path.append(step)

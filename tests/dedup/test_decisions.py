@@ -266,3 +266,11 @@ def test_report_and_inspect_show_dedup_clusters_with_distances(chain, tmp_path, 
     assert "dedup: cluster of 2 (dedup:near x1)" in page and "5 bits from the kept row" in page
     where, _, row = find(Dataset(out), B)
     assert where == "rejects" and row[schema.DUP_OF] == A
+    # one stage further down, inspect follows the lineage back to the drop and its cluster
+    from curate.inspect import trace
+
+    later = str(tmp_path / "later")
+    run_stage("curate.testing.stages:Passthrough", out, later)
+    got = trace(Dataset(later), B)
+    assert got["verdict"] == f"dropped at dedup: near: duplicate of {A} (5 bits from the kept row, confirm 0.00)"
+    assert trace(Dataset(later), A)["verdict"] == f"kept in {Dataset(later).url}"
