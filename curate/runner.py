@@ -44,31 +44,49 @@ class ShardEnv:
     shard_digits: int
     options: RunOptions
     board: Any = None  # a _ProgressBoard actor when the driver shows progress within shards
+    run: str = ""  # this run's key on the board
 
 
 # -- rows finished inside running shards (progress only) ----------------------------------------
 class _ProgressBoard:
     """A small actor the workers tell how many rows of their shard are finished, so the driver can
-    show progress within shards (a URL list of a few thousand rows is often one shard)."""
+    show progress within shards (a URL list of a few thousand rows is often one shard). One per
+    driver process and Ray session, reused by every stage: an actor ended while it is still
+    starting makes Ray's GCS print an error line on the user's terminal."""
 
     def __init__(self) -> None:
-        self.rows: dict[int, int] = {}
+        self.rows: dict[tuple[str, int], int] = {}
 
-    def set(self, shard: int, rows: int) -> None:
-        self.rows[shard] = rows
+    def set(self, run: str, shard: int, rows: int) -> None:
+        self.rows[(run, shard)] = rows
 
-    def snapshot(self) -> dict[int, int]:
-        return dict(self.rows)
+    def snapshot(self, run: str) -> dict[int, int]:
+        mine = {shard: rows for (r, shard), rows in self.rows.items() if r == run}
+        self.rows = {k: v for k, v in self.rows.items() if k[0] == run}  # earlier runs' are done
+        return mine
 
 
-def _row_reporter(board: Any, shard: int, every_s: float = 0.5) -> Callable[[int], None]:
+_BOARD: tuple[Any, Any] | None = None
+
+
+def _progress_board() -> Any:
+    import ray
+
+    global _BOARD
+    session = ray.get_runtime_context().get_job_id()
+    if _BOARD is None or _BOARD[0] != session:
+        _BOARD = (session, ray.remote(num_cpus=0)(_ProgressBoard).remote())
+    return _BOARD[1]
+
+
+def _row_reporter(board: Any, run: str, shard: int, every_s: float = 0.5) -> Callable[[int], None]:
     last = [0.0]
 
     def report(rows: int) -> None:
         now = time.monotonic()
         if now - last[0] >= every_s:
             last[0] = now
-            board.set.remote(shard, rows)  # fire and forget: progress must never slow the shard
+            board.set.remote(run, shard, rows)  # fire and forget: progress must never slow the shard
 
     return report
 
@@ -93,7 +111,7 @@ def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
         output=out,
         plan_dir=out.path(PLAN_DIR),
         options=env.options,
-        on_rows=_row_reporter(env.board, n) if env.board is not None else None,
+        on_rows=_row_reporter(env.board, env.run, n) if env.board is not None else None,
     )
     start = time.perf_counter()
     t = time.perf_counter()
@@ -371,8 +389,8 @@ def _run_shards(
 
     board = None
     if on_rows is not None:
-        board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
-        env = dataclasses.replace(env, board=board)
+        board = _progress_board()
+        env = dataclasses.replace(env, board=board, run=new_attempt())
     running: dict[int, int] = {}
 
     # Resources as the apply phase needs them: a GPU per actor only where its model uses one.
@@ -407,7 +425,7 @@ def _run_shards(
     while inflight:
         done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if board is not None else None)
         if not done:
-            now = ray.get(board.snapshot.remote())
+            now = ray.get(board.snapshot.remote(env.run))
             running = {k: v for k, v in now.items() if k in inflight.values()}
             on_rows(sum(running.values()))
             continue
@@ -426,8 +444,6 @@ def _run_shards(
     if model:
         for a in actors:
             ray.kill(a)
-    if board is not None:
-        ray.kill(board)
     if errors:
         raise StageFailed(f"stage {name} failed on {len(errors)} shard(s); first: {errors[0]}")
 
