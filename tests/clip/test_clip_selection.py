@@ -88,7 +88,7 @@ def _check_against_oracle(tmp_path, shards, fraction):
 def test_top_fraction_equals_sorted_on_mixed_signs_ties_and_nulls(tmp_path, fraction):
     rng = np.random.default_rng(3)
     shards = []
-    for n in range(4):
+    for _ in range(4):
         m = int(rng.integers(0, 30))
         pool = [-0.9, -0.5, -0.5, -0.0, 0.0, 0.1, 0.28, 0.28, 0.3]
         rows = []
