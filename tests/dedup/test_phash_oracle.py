@@ -141,3 +141,30 @@ def test_transparent_pixels_hash_as_white_whatever_colour_they_hide():
     buf = io.BytesIO()
     hidden_noise.save(buf, "PNG")
     assert phash.signatures_bytes([buf.getvalue()])[0] == want
+
+
+def _png_header_bomb(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(
+        b"IEND", b""
+    )
+
+
+def test_pixel_cap_refuses_before_any_image_memory():
+    # Pillow counts the blocks it allocates for images; a refused bomb must not have any
+    def blocks():
+        s = Image.core.get_stats()
+        return s["allocated_blocks"] + s["reused_blocks"] + s["reallocated_blocks"]
+
+    bomb = _png_header_bomb(12_000, 12_000)  # 432 MB as RGB, under Pillow's own bomb limit
+    before = blocks()
+    assert phash.signatures_bytes([bomb], max_pixels=100_000_000) == [None]
+    assert blocks() == before
+    assert phash.signatures_bytes([bomb], max_pixels=144_000_000) == [None]  # decodes (truncated body)
+    assert (blocks() - before) * Image.core.get_block_size() >= 12_000 * 12_000 * 3
