@@ -57,7 +57,10 @@ def test_hamming_and_hex_against_python():
         assert phash.to_hex(x) == format(x, "016x") and len(phash.to_hex(x)) == 16
     got = phash.hamming_np(np.array(a, np.uint64), np.array(b, np.uint64))
     assert got.tolist() == [bin(x ^ y).count("1") for x, y in zip(a, b, strict=True)]
+    # plain Python ints on either side (a stored hash above 2**63 included)
     assert phash.hamming_np(np.array(a, np.uint64), 0).tolist() == [bin(x).count("1") for x in a]
+    assert phash.hamming_np(0, np.array(b, np.uint64)).tolist() == [bin(y).count("1") for y in b]
+    assert phash.hamming_np(2**64 - 1, 2**63).tolist() == 63
     assert phash.to_hex(1) == "0000000000000001"
 
 
@@ -97,6 +100,9 @@ def test_colour_distance_by_hand():
     one = base.copy()
     one[0, 0] = 100 + 51  # one cell 20 L* brighter: the mean shift 1.25 leaves 18.75 there, 1.25 elsewhere
     assert phash.color_distance(base, one)[0] == pytest.approx((18.75 + 15 * 1.25) / 16)
+    # the lightness shift is removed per pair of rows, not over the whole batch
+    two = phash.color_distance(np.vstack([base, base]), np.vstack([brighter, base]))
+    assert two.tolist() == pytest.approx([0.0, 0.0], abs=1e-9)
     # rows are compared pairwise
     assert phash.color_distance(np.vstack([base, base]), np.vstack([base, other])).tolist() == pytest.approx(
         [0.0, 6.0]
