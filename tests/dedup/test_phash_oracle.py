@@ -68,7 +68,7 @@ def test_hamming_and_hex_against_python():
                                  (10, 200, 30), (250, 240, 10), (3, 3, 3)])
 def test_colour_signature_is_cielab_of_each_cell(rgb):
     # a flat image: every cell's mean is the colour itself; L* scaled to 0..255, a* and b* offset by 128
-    _, sig = phash.signature_pil(Image.new("RGB", (64, 48), rgb))
+    sig = phash.signature_pil(Image.new("RGB", (64, 48), rgb))[1]
     lab = rgb2lab(np.array([[rgb]], np.uint8))[0, 0]
     want = np.clip(np.round([lab[0] * 2.55, lab[1] + 128, lab[2] + 128]), 0, 255)
     cells = np.frombuffer(sig, np.uint8).reshape(16, 3)
@@ -174,3 +174,31 @@ def test_pixel_cap_refuses_before_any_image_memory():
     assert blocks() == before
     assert phash.signatures_bytes([bomb], max_pixels=144_000_000) == [None]  # decodes (truncated body)
     assert (blocks() - before) * Image.core.get_block_size() >= 12_000 * 12_000 * 3
+
+
+def test_crop_boxes_by_hand():
+    # 97% of 200 x 100 is 194 x 97: the four corners and the centre
+    assert phash._crop_boxes(200, 100) == [(0, 0, 194, 97), (6, 0, 200, 97), (0, 3, 194, 100), (6, 3, 200, 100),
+                                           (3, 1, 197, 98)]
+    assert phash._crop_boxes(1, 1) == [(0, 0, 1, 1)] * 5
+
+
+def test_crop_hashes_are_the_hashes_of_the_crops_and_round_trip():
+    rng = np.random.default_rng(8)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8).repeat(3, 0).repeat(3, 1))
+    full, _, crops = phash.signature_pil(img)
+    assert full == phash.phash_pil(img) and len(crops) == phash.CROP_BYTES
+    want = [phash.phash_pil(img.crop(box)) for box in phash._crop_boxes(*img.size)]
+    assert [int.from_bytes(crops[8 * i: 8 * i + 8], "little") for i in range(5)] == want
+    got, ok = phash.crops_from_bytes([crops, None, b"short"])
+    assert ok.tolist() == [True, False, False]
+    assert [int(x) for x in got[0]] == want and got[1:].tolist() == [[0] * 5, [0] * 5]
+    assert phash.crops_to_bytes(want) == crops
+
+
+def test_crop_distance_is_the_smallest_over_the_crops():
+    crops = np.array([[0b1111, 0b0111, 0b1000, 0, 0b1], [2**64 - 1] * 5], np.uint64)
+    full = np.array([0b1111, 0], np.uint64)
+    # row 0: distances 0, 1, 3, 4, 3 -> 0; row 1: 64 everywhere
+    assert phash.crop_distance(crops, full).tolist() == [0, 64]
+    assert phash.crop_distance(crops[:1], np.array([0b0110], np.uint64)).tolist() == [1]
