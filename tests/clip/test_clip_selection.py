@@ -188,3 +188,45 @@ def test_missing_threshold_is_an_error_naming_the_fix(tmp_path):
     table = pa.table({schema.UID: ["a" * 32], schema.CLIP_SCORE: pa.array([0.5], pa.float32())})
     with pytest.raises(RuntimeError, match="--overwrite"):
         stage.process(table, ctx)
+
+
+def _f32_from_bits(bits: int) -> float:
+    return float(np.array([bits], np.uint32).view(np.float32)[0])
+
+
+def test_threshold_in_a_bin_just_below_a_filled_one(tmp_path):
+    # the first pass picks a bin of the top 16 bits; the rows in the bins above it (here the adjacent
+    # one) count towards k in the second pass
+    hi = 0x3E9A  # a positive float's top 16 bits (~0.30)
+    scores = ([_f32_from_bits((hi + 1) << 16 | low) for low in (5, 9)]
+              + [_f32_from_bits(hi << 16 | low) for low in (1, 2, 3, 7, 8)]
+              + [_f32_from_bits((hi - 1) << 16 | low) for low in (4, 6, 0xFFFF)])
+    rows = [(f"{i:032x}", s) for i, s in enumerate(scores)]
+    for fraction in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        _check_against_oracle(tmp_path / f"{fraction}", [rows[::2], rows[1::2]], fraction)
+
+
+def test_keep_top_returns_booleans_also_for_no_rows(tmp_path):
+    rows = [("a" * 32, 0.5), ("b" * 32, 0.1)]
+    th = top_threshold(write_files(tmp_path, [rows]), 0.5)
+    kept = keep_top(np.array([0.5, 0.1], np.float32), ["a" * 32, "b" * 32], th)
+    assert kept.dtype == np.bool_ and kept.tolist() == [True, False]
+    assert keep_top(np.array([], np.float32), [], th).dtype == np.bool_
+    none = top_threshold(write_files(tmp_path / "none", [[("c" * 32, None)]]), 0.5)
+    assert keep_top(np.array([0.9], np.float32), ["c" * 32], none).dtype == np.bool_
+
+
+def test_score_files_on_any_filesystem():
+    # the plan reads score files through fsspec URLs (object storage on a cluster); memory:// here
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    files = []
+    for n, rows in enumerate([[("a" * 32, 0.2), ("b" * 32, -0.4)], [("c" * 32, 0.7)]]):
+        t = pa.table({schema.UID: [u for u, _ in rows], schema.CLIP_SCORE: pa.array([s for _, s in rows],
+                                                                                     pa.float32())})
+        with fs.open(f"/clip-sel/{n}.parquet", "wb") as f:
+            pq.write_table(t, f)
+        files.append(f"memory:///clip-sel/{n}.parquet")
+    th = top_threshold(files, 0.67)
+    assert (th["keep"], th["uid"]) == (2, "a" * 32)
