@@ -61,7 +61,15 @@ TARGETS: dict[str, Target] = {
         deselect=("tests/dedup/test_phash.py::test_bytes_path_close_to_imagehash_and_pil_path",
                   "tests/dedup/test_phash.py::test_near_duplicates_close_distinct_far"),
     ),
-    "neardup": Target("curate/neardup.py", ("tests/dedup/test_neardup.py",)),
+    "neardup": Target(
+        "curate/neardup.py",
+        ("tests/dedup/test_leader_clusters.py", "tests/dedup/test_neardup.py"),
+        # the decision core (clusters, equal keys, components) and the sort engine with its layout;
+        # the faiss and distributed engines are checked against brute force by test_neardup
+        ("leader_clusters", "_csr", "equal_key_pairs", "components", "near_pairs_sort", "_collapse", "_expand",
+         "_table_pairs", "_equal_runs", "_sort_order", "block_layout", "tables", "popcount"),
+        deselect=("tests/dedup/test_neardup.py::test_all_paths_equal_bruteforce[8-11]",),
+    ),
     "dedup": Target(
         "curate/stages/dedup.py",
         ("tests/dedup/test_dedup_keep.py", "tests/dedup/test_decisions.py", "tests/dedup/test_dedup_stage.py"),
