@@ -25,7 +25,7 @@ def reference_leaders(n, order, rules):
     for sa, sb, na, nb in rules:
         parent = list(range(n))
 
-        def find(x):
+        def find(x, parent=parent):
             while parent[x] != x:
                 parent[x] = parent[parent[x]]
                 x = parent[x]
