@@ -230,3 +230,11 @@ def test_score_files_on_any_filesystem():
         files.append(f"memory:///clip-sel/{n}.parquet")
     th = top_threshold(files, 0.67)
     assert (th["keep"], th["uid"]) == (2, "a" * 32)
+
+
+def test_float64_scores_are_keyed_as_their_float32():
+    # scores may arrive as float64 (a table cast, a Python list): the key is the float32 one
+    values = [0.5, -0.5, 0.28, -0.0, 1.0]
+    want = sortable_bits(np.array(values, np.float32))
+    assert sortable_bits(np.array(values, np.float64)).tolist() == want.tolist()
+    assert sortable_bits(values).tolist() == want.tolist()
