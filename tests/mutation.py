@@ -212,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "summary.json"
-    done = json.loads(path.read_text()) if path.exists() else {}
     for name in args.names or list(TARGETS):
         s = run(name, args.jobs, args.show, again=not args.no_run)
+        done = json.loads(path.read_text()) if path.exists() else {}  # another run may have added some
         done[name] = s
         path.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
         print(f"{name:16} {s['module']:28} killed {s['killed']:4} / {s['total']:4}  "
