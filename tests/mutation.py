@@ -74,7 +74,14 @@ TARGETS: dict[str, Target] = {
         "curate/stages/dedup.py",
         ("tests/dedup/test_dedup_keep.py", "tests/dedup/test_decisions.py", "tests/dedup/test_dedup_stage.py"),
     ),
-    "dataset": Target("curate/dataset.py", ("tests/core/test_dataset.py", "tests/core/test_commit_order.py")),
+    "dataset": Target(
+        "curate/dataset.py",
+        ("tests/core/test_dataset.py", "tests/core/test_commit_order.py"),
+        # naming, the atomic commit and its debris, the committed-shard listing, reading bytes back
+        ("tmp_name", "make_key", "digits_for", "Dataset.shard_name", "Dataset.shard_path", "Dataset.write_bytes",
+         "Dataset.rename", "Dataset.shard_ids", "Dataset.clear_shard", "Dataset.sweep_tmp", "Dataset.commit_shard",
+         "Dataset._read", "write_parquet", "read_images"),
+    ),
     "removal": Target("curate/removal.py", ("tests/ops/test_removal.py",)),
     "train-loss": Target(
         "trainer/train.py",
