@@ -191,7 +191,7 @@ def test_crop_hashes_are_the_hashes_of_the_crops_and_round_trip():
     want = [phash.phash_pil(img.crop(box)) for box in phash._crop_boxes(*img.size)]
     assert [int.from_bytes(crops[8 * i: 8 * i + 8], "little") for i in range(5)] == want
     got, ok = phash.crops_from_bytes([crops, None, b"short"])
-    assert ok.tolist() == [True, False, False]
+    assert ok.dtype == np.bool_ and ok.tolist() == [True, False, False]  # a mask callers index with
     assert [int(x) for x in got[0]] == want and got[1:].tolist() == [[0] * 5, [0] * 5]
     assert phash.crops_to_bytes(want) == crops
 
