@@ -202,3 +202,14 @@ def test_crop_distance_is_the_smallest_over_the_crops():
     # row 0: distances 0, 1, 3, 4, 3 -> 0; row 1: 64 everywhere
     assert phash.crop_distance(crops, full).tolist() == [0, 64]
     assert phash.crop_distance(crops[:1], np.array([0b0110], np.uint64)).tolist() == [1]
+
+
+def test_a_drafted_jpeg_keeps_its_colour():
+    # JPEG bytes are decoded at a fraction of their size in the DCT domain; that decode must still be
+    # in colour, or the colour signature of every JPEG would be grey
+    buf = io.BytesIO()
+    Image.new("RGB", (800, 600), (200, 30, 30)).save(buf, "JPEG", quality=95)
+    _, sig, _ = phash.signatures_bytes([buf.getvalue()])[0]
+    lab = rgb2lab(np.array([[(200, 30, 30)]], np.uint8))[0, 0]
+    cells = np.frombuffer(sig, np.uint8).reshape(16, 3).astype(int)
+    assert np.abs(cells[:, 1] - (lab[1] + 128)).max() <= 3 and np.abs(cells[:, 2] - (lab[2] + 128)).max() <= 3
