@@ -166,16 +166,28 @@ def _results(work: Path, t: Target) -> dict[str, str]:
     }
 
 
-def run(name: str, jobs: int, show: bool, again: bool = True) -> dict:
-    """Mutate one target and run its tests (``again``: False reads the results of the last run)."""
+def _retest_names(work: Path, t: Target) -> list[str]:
+    """Bring the current tests into a finished run and name its survivors, to run them again: tests
+    added since only ever kill more, so the killed mutants stay killed."""
+    for dest in (work / "tests", work / "mutants" / "tests"):
+        shutil.rmtree(dest)
+        shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return [k for k, s in _results(work, t).items() if s not in ("killed", "timeout")]
+
+
+def run(name: str, jobs: int, show: bool, again: bool = True, retest: bool = False) -> dict:
+    """Mutate one target and run its tests (``again``: False reads the results of the last run;
+    ``retest``: run the last run's survivors again against the current tests)."""
     t = TARGETS[name]
     work = OUT / name
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["RAY_ADDRESS"] = ""  # never reach a cluster from a mutant
     t0 = time.time()
     if again:
-        _prepare(name, t)
-        cmd = [_mutmut(), "run", "--max-children", str(jobs), *_patterns(t)]
+        names = _retest_names(work, t) if retest else None
+        if not retest:
+            _prepare(name, t)
+        cmd = [_mutmut(), "run", "--max-children", str(jobs), *(names if retest else _patterns(t))]
         with open(work / "mutmut.log", "w", encoding="utf-8") as log:
             rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--show", action="store_true", help="print the diff of every surviving mutant")
     ap.add_argument("--no-run", action="store_true", help="report the last run's results, run nothing")
+    ap.add_argument("--retest", action="store_true",
+                    help="run the last run's surviving mutants again against the current tests")
     args = ap.parse_args(argv)
     unknown = [n for n in args.names if n not in TARGETS]
     if unknown:
@@ -220,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "summary.json"
     for name in args.names or list(TARGETS):
-        s = run(name, args.jobs, args.show, again=not args.no_run)
+        s = run(name, args.jobs, args.show, again=not args.no_run, retest=args.retest)
         done = json.loads(path.read_text()) if path.exists() else {}  # another run may have added some
         done[name] = s
         path.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
