@@ -183,8 +183,8 @@ def run(name: str, jobs: int, show: bool, again: bool = True, retest: bool = Fal
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["RAY_ADDRESS"] = ""  # never reach a cluster from a mutant
     t0 = time.time()
-    if again:
-        names = _retest_names(work, t) if retest else None
+    names = _retest_names(work, t) if again and retest else None
+    if again and not (retest and not names):
         if not retest:
             _prepare(name, t)
         cmd = [_mutmut(), "run", "--max-children", str(jobs), *(names if retest else _patterns(t))]
