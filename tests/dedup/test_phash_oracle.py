@@ -213,3 +213,12 @@ def test_a_drafted_jpeg_keeps_its_colour():
     lab = rgb2lab(np.array([[(200, 30, 30)]], np.uint8))[0, 0]
     cells = np.frombuffer(sig, np.uint8).reshape(16, 3).astype(int)
     assert np.abs(cells[:, 1] - (lab[1] + 128)).max() <= 3 and np.abs(cells[:, 2] - (lab[2] + 128)).max() <= 3
+
+
+def test_srgb_to_lab_equals_scikit_image():
+    # a grid over the cube plus the dark colours where sRGB's curve switches from linear to power
+    v = [0, 1, 3, 5, 8, 10, 11, 12, 20, 64, 128, 200, 254, 255]
+    rgb = np.array([(r, g, b) for r in v for g in v[::3] for b in v[::2]], np.uint8)
+    ours = phash._srgb_to_lab(rgb.astype(np.float64))
+    ref = rgb2lab(rgb[None])[0]
+    assert np.abs(ours - ref).max() < 0.05
