@@ -27,7 +27,6 @@ Hashes are Python ints in [0, 2**64) and are stored as ``uint64`` (``schema.PHAS
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from collections.abc import Sequence
@@ -224,14 +223,13 @@ def draft(img: Image.Image) -> None:
 
 
 def _decode_small(blob: bytes, max_pixels: int) -> Image.Image:
+    from curate.images import open_image
+
     with warnings.catch_warnings():
-        # Our own pixel cap below decides; Pillow's bomb warning would only be noise.
+        # Our own pixel cap decides; Pillow's bomb warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(blob))
+        img = open_image(blob, max_pixels)  # allowlisted format, pixels checked from the header
         draft(img)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ValueError(f"{w}x{h} exceeds {max_pixels} pixels")
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated GIF/WebP/APNG: hash the first frame, like imagehash does
         img.load()

@@ -44,6 +44,7 @@ EXAMPLES = 12
 REJECT_EXAMPLES = 6
 DUP_CLUSTERS = 4
 THUMB = 112
+THUMB_MAX_PIXELS = 40_000_000  # a report never decodes more than this for one thumbnail
 KEPT_COLOR = "#1f4e8c"
 # Reasons get these in order of first appearance along the lineage: distinct hues, none close to the
 # kept colour (no blues), readable on white.
@@ -80,22 +81,11 @@ class Report:
 
 # -- lineage and funnel -------------------------------------------------------------------------
 def lineage(ds: Dataset) -> list[Dataset]:
-    """The datasets that led to ``ds``, oldest first, as far back as they exist and are complete."""
-    chain = [ds]
-    seen = {ds.url}
-    while True:
-        url = (chain[-1].manifest().get("input") or {}).get("url")
-        if not url or url in seen:
-            break
-        try:
-            parent = Dataset(url)
-            if not parent.is_complete():
-                break
-        except (OSError, ValueError):
-            break
-        chain.append(parent)
-        seen.add(parent.url)
-    return chain[::-1]
+    """The datasets that led to ``ds``, oldest first, as far back as they exist and are complete,
+    followed on storage only and found beside ``ds`` when it was copied (:mod:`curate.lineage`)."""
+    from curate.lineage import lineage as walk
+
+    return walk(ds).datasets[::-1]
 
 
 def funnel(chain: list[Dataset]) -> list[dict[str, Any]]:
@@ -247,10 +237,16 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
 def _thumb(data: bytes | None) -> str | None:
     if not data:
         return None
-    from PIL import Image
+    from curate.images import ImageRejected, open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        # the same allowlist as every stage, and a cap far below a stage's: a thumbnail never needs
+        # a big decode, and a rejected bomb is exactly what a report shows
+        im = open_image(data, THUMB_MAX_PIXELS)
+    except ImageRejected:
+        return None
+    try:
+        with im:
             im.draft("RGB", (THUMB * 2, THUMB * 2))
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))
@@ -261,8 +257,8 @@ def _thumb(data: bytes | None) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _items(table: pa.Table, note_col: str | None = None) -> list[dict[str, Any]]:
-    blobs = read_images(table)
+def _items(table: pa.Table, ds: Dataset, note_col: str | None = None) -> list[dict[str, Any]]:
+    blobs = read_images(table, ds)
     cols = table.column_names
     out = []
     for i, row in enumerate(table.select([c for c in cols if c not in (
@@ -304,14 +300,14 @@ def grids(chain: list[Dataset]) -> list[dict[str, Any]]:
     kept = _first_rows(final, False, EXAMPLES)
     if kept is not None:
         out.append({"title": f"kept by {final.manifest()['stage']} (first {kept.num_rows})",
-                    "dataset": final.url, "reason": None, "items": _items(kept)})
+                    "dataset": final.url, "reason": None, "items": _items(kept, final)})
     for ds in chain:
         for reason in ds.manifest()["totals"]["drops"]:
             rows = _first_rows(ds, True, REJECT_EXAMPLES, reason)
             if rows is None:
                 continue
             out.append({"title": f"rejected: {reason}", "dataset": ds.url, "reason": reason,
-                        "items": _items(rows, schema.ERROR_MESSAGE)})
+                        "items": _items(rows, ds, schema.ERROR_MESSAGE)})
     return out
 
 
@@ -350,7 +346,7 @@ def dup_clusters(chain: list[Dataset], limit: int = DUP_CLUSTERS) -> list[dict[s
             why = dict(members)
             uids = [rep, *(m for m, _ in members[:5])]
             rows = [found[u] for u in uids if u in found]
-            items = _items(pa.concat_tables(rows, promote_options="permissive")) if rows else []
+            items = _items(pa.concat_tables(rows, promote_options="permissive"), ds) if rows else []
             for item in items:
                 item["note"] = _member_note(item["uid"] == rep, why.get(item["uid"]), detail.get(item["uid"]))
             kinds = Counter(w for _, w in members)

@@ -800,6 +800,8 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
         "stage": record["stage"],
         "config": record["config"],
         "input": record["input"],
+        # where it was written: a copy read elsewhere rebases its pointers from here (curate.lineage)
+        "location": out.url,
         "run": record,
         "code_version": curate.__version__,
         "owns_images": stage_cls.writes_images,

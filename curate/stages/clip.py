@@ -144,14 +144,14 @@ class ClipStage(Stage):
             self.concept_emb = self.clip.encode_texts(list(cfg.concepts))
 
     # -- scoring ------------------------------------------------------------------------------------
-    def score(self, table: pa.Table, ctx: ShardContext | None = None) -> pa.Table:
-        """New columns for ``table``'s rows: clip_score (null if undecodable), embeddings, clip_concept."""
+    def score(self, table: pa.Table, ds: Dataset, ctx: ShardContext | None = None) -> pa.Table:
+        """New columns for ``table``'s rows (rows of ``ds``): clip_score (null if undecodable), embeddings, clip_concept."""
         from curate.models.clip import embed_images
 
         self.load_model()
         cfg = self.config
         t0 = time.perf_counter()
-        images = read_images(table)
+        images = read_images(table, ds)
         t1 = time.perf_counter()
         img, ok = embed_images(self.clip, images, self.decoder, cfg.batch_size)
         t2 = time.perf_counter()
@@ -213,7 +213,7 @@ class ClipStage(Stage):
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         cfg = self.config
         if cfg.top_fraction is None:
-            scored = self.score(table, ctx)
+            scored = self.score(table, ctx.input, ctx)
             threshold = None
         else:
             threshold = ctx.output.read_json(PLAN_DIR, PLAN_SUBDIR, "threshold.json")
@@ -362,7 +362,7 @@ def _score_shard(item: tuple[str, str, str, int]) -> tuple[int, str | None]:
         return n, None
     table = inp.read_shard(n)
     stage = _worker_stage(cfg_json)
-    scored = stage.score(table)
+    scored = stage.score(table, inp)
     scored = scored.add_column(0, schema.UID, table.column(schema.UID))
     buf = io.BytesIO()
     pq.write_table(scored, buf, compression="zstd")

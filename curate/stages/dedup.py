@@ -212,8 +212,8 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
     ]
     if missing:
         # only the rows without a hash (or colour signature) are read back from their tars
-        ptr = inp.read_shard(job.shard, columns=list(schema.POINTER_COLUMNS)).take(missing)
-        blobs = read_images(ptr)
+        ptr = inp.read_shard(job.shard, columns=[*schema.POINTER_COLUMNS, schema.SHA256]).take(missing)
+        blobs = read_images(ptr, inp)
         new = phash.signatures_bytes(blobs, max_pixels=cfg.max_pixels)
         for i, blob, sig in zip(missing, blobs, new, strict=True):
             if sig is not None and (hashes[i] is None or colors[i] is None):

@@ -335,7 +335,7 @@ class SafetyStage(Stage):
                                               batch_size=self.config.batch_size, embeddings=True,
                                               resources=self.config.resources))
         t = time.perf_counter()
-        scored = self._clip.score(table)
+        scored = self._clip.score(table, ctx.input)
         ctx.add_time("embed", time.perf_counter() - t)
         for k in wanted:
             out[k] = embedding_matrix(scored.column(cols[k]))
@@ -371,7 +371,7 @@ class SafetyStage(Stage):
 
         # 1. blocklists
         if self._sha or self._phash_index is not None:
-            table, matches = self._blocklists(table, reject)
+            table, matches = self._blocklists(table, reject, ctx.input)
             if any(m is not None for m in matches):
                 table = schema.with_column(table, schema.BLOCKLIST_MATCH, pa.array(matches, pa.string()))
         # 2. heads
@@ -430,7 +430,7 @@ class SafetyStage(Stage):
         ctx.stats[NAME] = {"drops": drops, "flags": flag_counts}
         return table
 
-    def _blocklists(self, table: pa.Table, reject) -> tuple[pa.Table, list[str | None]]:
+    def _blocklists(self, table: pa.Table, reject, inp: Dataset) -> tuple[pa.Table, list[str | None]]:
         from curate.phash import phash_bytes, to_hex
 
         n = table.num_rows
@@ -442,7 +442,7 @@ class SafetyStage(Stage):
         if need_sha or need_phash:
             # only rows missing a hash are read; the bytes are the ones the pointer names
             todo = [i for i in range(n) if (need_sha and shas[i] is None) or (need_phash and hashes[i] is None)]
-            blobs = read_images(table.take(todo))
+            blobs = read_images(table.take(todo), inp)
             fresh = phash_bytes(blobs) if need_phash else [None] * len(todo)
             for i, blob, h in zip(todo, blobs, fresh, strict=True):
                 if need_sha and shas[i] is None and blob is not None:

@@ -61,8 +61,8 @@ def test_counts_bytes_and_layout(curated, exported):
     assert sorted(got.column(schema.UID).to_pylist()) == sorted(src.column(schema.UID).to_pylist())
 
     # Bytes behind the new pointers are exactly the source bytes (no re-encoding).
-    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src), strict=True))
-    new_bytes = read_images(got)
+    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src, curated), strict=True))
+    new_bytes = read_images(got, out)
     for uid, data in zip(got.column(schema.UID).to_pylist(), new_bytes, strict=True):
         assert data is not None and data == src_bytes[uid]
 
@@ -354,8 +354,8 @@ def test_export_on_object_storage(s3_bucket, ray_session):
     got = _all_rows(out)
     assert summary["kept"] == got.num_rows == src.num_rows and out.url.startswith("s3://")
     assert all(u.startswith(f"s3://{s3_bucket}/export/shards/") for u in set(got.column(schema.IMAGE_TAR).to_pylist()))
-    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src), strict=True))
-    assert [src_bytes[u] for u in got.column(schema.UID).to_pylist()] == read_images(got)
+    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src, curated), strict=True))
+    assert [src_bytes[u] for u in got.column(schema.UID).to_pylist()] == read_images(got, out)
     assert verify(out)[0] == []
     assert sorted(sum(split_shards(out).values(), [])) == out.shard_ids()
 
