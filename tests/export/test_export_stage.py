@@ -177,7 +177,9 @@ def test_unreadable_and_corrupt_rows_are_rejected(curated, tmp_path, ray_session
     t = schema.with_column(t, schema.IMAGE_LENGTH, lengths)
     rejects = t.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
     bad.commit_shard(0, t, rejects, {"rows_in": t.num_rows, "rows_out": t.num_rows, "rejected": 0, "drops": {}})
-    bad.write_json({"run": {}, "shard_digits": 5, "shards": [], "totals": {}}, "_manifest.json")
+    # derived from curated, as its manifest says: pointers may lead only into that lineage
+    bad.write_json({"run": {}, "shard_digits": 5, "shards": [], "totals": {}, "input": {"url": curated.url}},
+                   "_manifest.json")
     out = Dataset(str(tmp_path / "out"))
     summary = run_stage("export", bad.url, out.url, config={"samples_per_shard": 8})
     assert summary["drops"] == {"export:corrupt": 1, "export:unreadable": 1}
