@@ -54,7 +54,9 @@ class UsageError(click.ClickException):
 
 
 def _fail_usage(message: str):
-    raise UsageError(message)
+    from curate.redact import redact_text
+
+    raise UsageError(redact_text(message))
 
 
 # -- logging ------------------------------------------------------------------------------------
@@ -85,7 +87,10 @@ def setup_logging(verbose: int) -> None:
         # line twice); test harnesses' capture handlers stay
         if isinstance(h, _StderrHandler) or type(h) is logging.StreamHandler:
             root.removeHandler(h)
+    from curate.redact import RedactingFilter
+
     handler = _StderrHandler()
+    handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)

@@ -88,26 +88,39 @@ def lineage(ds: Dataset) -> list[Dataset]:
     return walk(ds).datasets[::-1]
 
 
+def _num(value: Any) -> float:
+    """A manifest's number as a number: a manifest is a file anyone can edit, and what it holds in
+    place of a number (text, markup) must never reach the page."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _int(value: Any) -> int:
+    return int(_num(value))
+
+
 def funnel(chain: list[Dataset]) -> list[dict[str, Any]]:
     rows = []
     for ds in chain:
         m = ds.manifest()
-        t = m["totals"]
-        seconds = float(m.get("seconds") or 0.0)
-        shard_seconds = float(t.get("shard_seconds") or 0.0)
+        t = m.get("totals") if isinstance(m.get("totals"), dict) else {}
+        seconds = float(_num(m.get("seconds")))
+        shard_seconds = float(_num(t.get("shard_seconds")))
+        rows_in = _int(t.get("rows_in"))
+        drops = t.get("drops") if isinstance(t.get("drops"), dict) else {}
+        removals = m.get("removals") if isinstance(m.get("removals"), list) else []
         rows.append({
-            "stage": m["stage"],
+            "stage": str(m.get("stage")),
             "dataset": ds.url,
-            "shards": len(m["shards"]),
-            "rows_in": t["rows_in"],
-            "kept": t["kept"],
-            "dropped": t["dropped"],
-            "drops": dict(t["drops"]),
+            "shards": len(m["shards"]) if isinstance(m.get("shards"), list) else 0,
+            "rows_in": rows_in,
+            "kept": _int(t.get("kept")),
+            "dropped": _int(t.get("dropped")),
+            "drops": {str(k): _int(v) for k, v in drops.items()},
             "seconds": seconds,
-            "rows_per_second": t["rows_in"] / seconds if seconds > 0 else None,
-            "rows_per_shard_second": t["rows_in"] / shard_seconds if shard_seconds > 0 else None,
-            "removals": sum(r.get("count", 0) for r in m.get("removals", [])),
-            "created": m.get("created"),
+            "rows_per_second": rows_in / seconds if seconds > 0 else None,
+            "rows_per_shard_second": rows_in / shard_seconds if shard_seconds > 0 else None,
+            "removals": sum(_int(r.get("count")) for r in removals if isinstance(r, dict)),
+            "created": str(m.get("created")),
         })
     return rows
 
@@ -630,7 +643,7 @@ def _clusters_html(report: Report) -> str:
     parts = ["<h2>Duplicate clusters</h2>"]
     for c in report.clusters:
         why = ", ".join(f"{e(k)} x{v}" for k, v in c["reasons"].items())
-        parts.append(f"<div class='muted'>{e(c['stage'])}: cluster of {c['size']} ({why}); "
+        parts.append(f"<div class='muted'>{e(c['stage'])}: cluster of {e(str(c['size']))} ({why}); "
                      f"kept {e(c['representative'])}</div>")
         parts.append(_grid_html(c["items"]))
     return "\n".join(parts)
@@ -690,7 +703,7 @@ def safety_html(sections: list[dict[str, Any]] | None) -> str:
     e = html.escape
     parts = ["<h2>Content safety</h2>"]
     for sec in sections:
-        drops = ", ".join(f"<span class='drop'>{e(k)}</span> {v}" for k, v in sec["drops"].items()) or "none"
+        drops = ", ".join(f"<span class='drop'>{e(str(k))}</span> {e(str(v))}" for k, v in sec["drops"].items()) or "none"
         parts.append(f"<div class='muted'>{e(sec['dataset'])}: dropped {drops}</div>")
         if sec["heads"]:
             parts.append("<table><tr><th>head</th><th>column</th><th>kept</th><th>kept mean</th><th>kept max</th>"
@@ -698,8 +711,8 @@ def safety_html(sections: list[dict[str, Any]] | None) -> str:
             for name, h in sec["heads"].items():
                 def f(x):
                     return "-" if x is None else f"{x:.3f}"
-                parts.append(f"<tr><td>{e(name)}</td><td>{e(h['column'])}</td><td>{h['kept_n']}</td>"
-                             f"<td>{f(h['kept_mean'])}</td><td>{f(h['kept_max'])}</td><td>{h['rejected_n']}</td>"
+                parts.append(f"<tr><td>{e(name)}</td><td>{e(h['column'])}</td><td>{e(str(h['kept_n']))}</td>"
+                             f"<td>{f(h['kept_mean'])}</td><td>{f(h['kept_max'])}</td><td>{e(str(h['rejected_n']))}</td>"
                              f"<td>{f(h['rejected_mean'])}</td></tr>")
             parts.append("</table>")
     return "\n".join(parts)
@@ -715,8 +728,8 @@ def decontamination_html(sections: list[dict[str, Any]] | None) -> str:
         parts.append("<table><tr><th>reference set</th><th>images</th><th>undecodable</th><th>hits</th>"
                      "<th>path</th></tr>")
         for r in sec["references"]:
-            parts.append(f"<tr><td>{e(r['reference'])}</td><td>{r['images']}</td><td>{r['undecodable']}</td>"
-                         f"<td>{r['hits']}</td><td>{e(r['path'])}</td></tr>")
+            parts.append(f"<tr><td>{e(str(r['reference']))}</td><td>{e(str(r['images']))}</td>"
+                         f"<td>{e(str(r['undecodable']))}</td><td>{e(str(r['hits']))}</td><td>{e(str(r['path']))}</td></tr>")
         parts.append("</table>")
     return "\n".join(parts)
 
