@@ -58,6 +58,8 @@ class InputError(ValueError):
 def file_format(path: str, forced: str | None = None) -> tuple[str, bool]:
     """(format, gzipped) of ``path`` from its extension, or ``forced``."""
     name = path.lower()
+    if "://" in name:  # a URL's query (a signed URL's) is not part of its name
+        name = name.split("?", 1)[0]
     gz = name.endswith(".gz")
     if gz:
         name = name[:-3]
@@ -144,15 +146,21 @@ def _open(url: str, gz: bool):
 
 def _lines(f, url: str) -> Iterator[tuple[int, str]]:
     """(line number, text) of a text stream, refusing a line over MAX_LINE_BYTES before holding it."""
-    n = 0
+    n, buf = 0, b""
+    too_long = f"is longer than {MAX_LINE_BYTES:,} bytes: not a URL list line"
     while True:
-        raw = f.readline(MAX_LINE_BYTES + 1)
-        if not raw:
+        chunk = f.read(1 << 16)  # any binary stream (fsspec's files take no size in readline)
+        parts = (buf + chunk).split(b"\n")
+        buf = parts.pop() if chunk else b""
+        for raw in parts:
+            n += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise InputError(f"{url}: line {n} {too_long}")
+            yield n, raw.decode("utf-8", errors="replace")
+        if len(buf) > MAX_LINE_BYTES:
+            raise InputError(f"{url}: line {n + 1} {too_long}")
+        if not chunk:
             return
-        n += 1
-        if len(raw) > MAX_LINE_BYTES:
-            raise InputError(f"{url}: line {n} is longer than {MAX_LINE_BYTES:,} bytes: not a URL list line")
-        yield n, raw.decode("utf-8", errors="replace")
 
 
 def _json_row(text: str, url: str, line: int) -> dict:
@@ -378,6 +386,10 @@ def check_url_list(paths: str | Sequence[str], url_col: str, caption_col: str | 
         return {}, []
     rows = _first_rows(url, fmt, gz)
     cols = rows.column_names
+    reserved = [c for c in cols if c.startswith(RESERVED_PREFIX)]
+    if reserved:
+        raise InputError(f"{name}: column {reserved[0]!r} uses a name reserved for curate's own bookkeeping "
+                         f"(names starting with {RESERVED_PREFIX!r}); rename it in the input")
     updates: dict[str, str] = {}
     notes: list[str] = []
     if fmt in ("csv", "tsv") and _headerless(url, gz, fmt):

@@ -409,7 +409,7 @@ class ExportStage(Stage):
             data = images[i - first]
             if data is None:
                 # read_images checked the pointer (inside the lineage, on a tar member) and the sha256
-                corrupt = "sha256" in (why[i - first] or "")
+                corrupt = (why[i - first] or "").startswith("sha256")
                 reasons[i] = schema.reason(NAME, "corrupt" if corrupt else "unreadable")
                 continue
             # the format is the bytes', never the row's say-so (image_format is only a column)
