@@ -141,7 +141,11 @@ class Lineage:
                 self.roots.append((up_recorded, up))
                 break
             parent = Dataset(up)
-            if not parent.is_complete():
+            try:
+                complete = parent.is_complete()
+            except (OSError, ValueError):  # a file (download's URL list), an unreadable place
+                complete = False
+            if not complete:
                 break
             current = parent
             recorded = recorded_location(parent) or up_recorded

@@ -255,12 +255,11 @@ class ClipStage(Stage):
             return False
         if (cfg.embeddings or cfg.export_npy) and not {schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING} <= set(names):
             return False
-        manifest, hops = inp.manifest(), 0
-        while manifest is not None and manifest.get("stage") != NAME and hops < 64:
-            up = manifest.get("input")
-            up = up.get("url") if isinstance(up, dict) else up
-            manifest, hops = (Dataset(up).manifest() if up else None), hops + 1
-        if manifest is None or manifest.get("stage") != NAME:
+        from curate.lineage import lineage
+
+        manifest = next((d.manifest() for d in lineage(inp).datasets if (d.manifest() or {}).get("stage") == NAME),
+                        None)
+        if manifest is None:
             return False
         made = manifest.get("config") or {}
         return (made.get("model"), made.get("pretrained")) == (cfg.model, cfg.pretrained)
