@@ -166,6 +166,7 @@ class Dataset:
     def refresh(self) -> None:
         self._manifest = None
         self._digits = None
+        self._lineage = None  # curate.lineage's cache: a new manifest may name another input
         self.fs.invalidate_cache()
 
     def shard_ids(self) -> list[int]:

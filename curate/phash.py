@@ -228,8 +228,11 @@ def _decode_small(blob: bytes, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         # Our own pixel cap decides; Pillow's bomb warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = open_image(blob, max_pixels)  # allowlisted format, pixels checked from the header
-        draft(img)
+        img = open_image(blob, 1 << 62)  # allowlisted format; the cap is on what gets decoded:
+        draft(img)  # a JPEG decodes at 1/2..1/8 scale, so its drafted size is what counts
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ValueError(f"{w}x{h} exceeds {max_pixels} pixels")
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated GIF/WebP/APNG: hash the first frame, like imagehash does
         img.load()

@@ -411,6 +411,18 @@ def _input_name(name: str) -> str | None:
     return name
 
 
+class _Samples:
+    """What reading a shard's samples found, per row."""
+
+    def __init__(self, n: int):
+        self.width: list[int | None] = [None] * n
+        self.height: list[int | None] = [None] * n
+        self.sha: list[str | None] = [None] * n
+        self.sigs: list[tuple[int, bytes] | None] = [None] * n
+        self.json_rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        self.bad_json = 0
+
+
 class ImportStage(Stage):
     name = STAGE
     Config = ImportConfig
@@ -464,6 +476,8 @@ class ImportStage(Stage):
         raise KeyError(f"shard {ctx.shard} is not in the import plan")
 
     # -- load: the tar's structure, joined with img2dataset's parquet ------------------------
+    # Over 80 lines: the two input kinds (a bare tar, a tar with img2dataset's parquet) share the
+    # row builder ``add`` and differ only in the order rows come in.
     def load(self, shard: int, ctx: ShardContext) -> pa.Table:
         entry = self._entry(ctx)
         fs, path = url_to_fs(entry["tar"])
@@ -563,7 +577,52 @@ class ImportStage(Stage):
         st["samples"] = len(samples)
         return table
 
+    def _read_sample(self, f, i: int, get: dict[str, list[Any]], got: _Samples, reasons: list[str | None],
+                     errors: list[str | None], captions: list[str | None]) -> None:
+        """Read row ``i``'s members (caption, json, image) from the open tar, each within its size cap
+        (from the tar header, before a byte is read), validate and hash the image. A bad member is
+        this row's reject, never the shard's failure."""
+        cfg = self.config
+
+        def read(off: int | None, length: int | None, cap: int, what: str) -> bytes | None:
+            if off is None:
+                return None
+            if length > cap:
+                raise _Reject(BAD_MEMBER, f"{what} member is {length:,} bytes, over the cap of {cap:,}")
+            f.seek(off)
+            data = f.read(length)
+            return data if len(data) == length else None
+
+        try:
+            txt = read(get[_TXT_OFF][i], get[_TXT_LEN][i], cfg.max_caption_bytes, "caption")
+            raw = read(get[_JSON_OFF][i], get[_JSON_LEN][i], cfg.max_json_bytes, "json")
+        except _Reject as r:
+            if reasons[i] is None:
+                reasons[i], errors[i] = r.why, str(r)
+            return
+        fields, err = _json_fields(raw)
+        got.bad_json += err is not None
+        if err is not None and reasons[i] is None:
+            reasons[i], errors[i] = BAD_MEMBER, err
+        got.json_rows[i] = fields
+        if txt is not None:
+            captions[i] = txt.decode("utf-8", errors="replace")
+        elif captions[i] is None and isinstance(fields.get(schema.CAPTION), str):
+            captions[i] = fields[schema.CAPTION]
+        if reasons[i] is not None:
+            return
+        try:
+            data = read(get[schema.IMAGE_OFFSET][i], get[schema.IMAGE_LENGTH][i], cfg.max_image_bytes, "image")
+            if data is None:
+                raise _Reject("missing_image", "image member runs past the end of the tar")
+            got.sha[i] = hashlib.sha256(data).hexdigest()
+            got.width[i], got.height[i], got.sigs[i] = _decode(data, cfg, self._phash)
+        except _Reject as r:
+            reasons[i], errors[i] = r.why, str(r)
+
     # -- process: read each sample once, validate, hash ------------------------------------
+    # Over 80 lines: the output row is assembled column by column in one fixed order, which reads
+    # best in one place (each step is a line or two).
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         entry = self._entry(ctx)
         cfg = self.config
@@ -575,63 +634,17 @@ class ImportStage(Stage):
         errors: list[str | None] = [w or e for w, e in zip(get[_WHY], get.get(schema.ERROR_MESSAGE, [None] * n),
                                                           strict=True)]
         captions: list[str | None] = list(get.get(schema.CAPTION, [None] * n))
-        width: list[int | None] = [None] * n
-        height: list[int | None] = [None] * n
-        sha: list[str | None] = [None] * n
-        sigs: list[tuple[int, bytes] | None] = [None] * n
-        json_rows: list[dict[str, Any]] = [{} for _ in range(n)]
-        bad_json = 0
-
         order = sorted(
             (i for i in range(n) if get[_MEMBERS][i] is not None),
             key=lambda i: min(v[0] for v in json.loads(get[_MEMBERS][i]).values()),
         )
+        got = _Samples(n)
         with fs.open(path, "rb") as f:
-
-            def read(off: int | None, length: int | None, cap: int, what: str) -> bytes | None:
-                # the size comes from the tar header: a member over its cap is never read
-                if off is None:
-                    return None
-                if length > cap:
-                    raise _Reject(BAD_MEMBER, f"{what} member is {length:,} bytes, over the cap of {cap:,}")
-                f.seek(off)
-                data = f.read(length)
-                return data if len(data) == length else None
-
             for done, i in enumerate(order):
                 ctx.rows_done(done)
-                try:
-                    txt = read(get[_TXT_OFF][i], get[_TXT_LEN][i], cfg.max_caption_bytes, "caption")
-                    raw = read(get[_JSON_OFF][i], get[_JSON_LEN][i], cfg.max_json_bytes, "json")
-                except _Reject as r:
-                    if reasons[i] is None:
-                        reasons[i], errors[i] = r.why, str(r)
-                    continue
-                fields, err = _json_fields(raw)
-                bad_json += err is not None
-                if err is not None and reasons[i] is None:
-                    reasons[i], errors[i] = BAD_MEMBER, err
-                json_rows[i] = fields
-                if txt is not None:
-                    captions[i] = txt.decode("utf-8", errors="replace")
-                elif captions[i] is None and isinstance(fields.get(schema.CAPTION), str):
-                    captions[i] = fields[schema.CAPTION]
-                if reasons[i] is not None:
-                    continue
-                try:
-                    data = read(get[schema.IMAGE_OFFSET][i], get[schema.IMAGE_LENGTH][i], cfg.max_image_bytes,
-                                "image")
-                except _Reject as r:
-                    reasons[i], errors[i] = r.why, str(r)
-                    continue
-                if data is None:
-                    reasons[i], errors[i] = "missing_image", "image member runs past the end of the tar"
-                    continue
-                sha[i] = hashlib.sha256(data).hexdigest()
-                try:
-                    width[i], height[i], sigs[i] = _decode(data, cfg, self._phash)
-                except _Reject as r:
-                    reasons[i], errors[i] = r.why, str(r)
+                self._read_sample(f, i, get, got, reasons, errors, captions)
+        width, height, sha, sigs, json_rows, bad_json = (got.width, got.height, got.sha, got.sigs, got.json_rows,
+                                                        got.bad_json)
 
         json_cols = _json_columns(json_rows, cols, cfg.max_json_columns, reasons, errors)
         json_uids = json_cols.pop(schema.UID, [None] * n)
