@@ -71,7 +71,9 @@ def under(url: str, root: str) -> bool:
 
 
 def _rebase(url: str, old: str, new: str) -> str:
-    return new + url[len(old):]
+    """``url`` (under ``old``) moved under ``new``; always under ``new``, whatever ``old`` is."""
+    rest = url[len(old):].lstrip("/")
+    return new if not rest else new.rstrip("/") + "/" + rest
 
 
 def _split(url: str) -> tuple[str, str]:

@@ -303,6 +303,24 @@ def test_02_pointers_are_confined_to_the_lineage_and_verified(tmp_path, hits, ra
     assert internal.count == 0  # neither export, the lineage walk nor the report touched it
 
 
+def test_02_a_tampered_location_never_leads_outside_the_dataset(tmp_path):
+    from curate.lineage import Lineage
+
+    ds = write_image_dataset(tmp_path / "ds", [[{IMAGE: jpeg(1), schema.IMAGE_FORMAT: "jpg",
+                                                 schema.UID: "1" * 32, schema.CAPTION: "c"}]])
+    sibling = tmp_path / "ds-other" / "shards"
+    sibling.mkdir(parents=True)
+    shutil.copy(ds.path("shards", "00000.tar"), sibling / "00000.tar")
+    for location in ("/", str(tmp_path), "s3://elsewhere"):
+        ds.write_json({**ds.manifest(), "location": location}, "_manifest.json")
+        ds.refresh()
+        lin = Lineage(ds)
+        for pointer in (f"{location.rstrip('/')}/-other/shards/00000.tar", str(sibling / "00000.tar"),
+                        "/etc/passwd.tar", "http://127.0.0.1:1/x.tar", f"{tmp_path}/ds/../ds-other/shards/00000.tar"):
+            where = lin.locate(pointer)
+            assert where is None or where.startswith(ds.url + "/"), (location, pointer, where)
+
+
 # -- 3. formats beyond the web's ---------------------------------------------------------------------
 def test_03_eps_disguised_as_jpg_is_refused_before_any_decoder(tmp_path, monkeypatch):
     from curate.images import ImageConfig, ImageRejected, open_image, process_image
