@@ -360,6 +360,9 @@ def _json_columns(json_rows: list[dict[str, Any]], taken: set[str], max_columns:
                 v, ok = _text(v)
                 if not ok and reasons[i] is None:
                     reasons[i], errors[i] = BAD_MEMBER, f"json field {k!r} is not text"
+            elif target in (schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT) and not (
+                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31):
+                v = None  # a size we cannot use is no size: the decoded one stands in
             if target in out or len(out) < max_columns or target in _TEXT_FIELDS:
                 out.setdefault(target, [None] * n)[i] = v
             else:

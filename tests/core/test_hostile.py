@@ -459,6 +459,21 @@ def test_09_a_wrong_caption_type_rejects_rows_not_the_shard(tmp_path, captions, 
     assert all("not text" in r[schema.ERROR_MESSAGE] for r in rej)
 
 
+def test_09_wrong_types_in_json_members_reject_rows_not_the_shard(tmp_path):
+    (tmp_path / "in").mkdir()
+    raw_tar(tmp_path / "in" / "a.tar", [
+        ("a.jpg", jpeg(1)), ("a.txt", b"a"), ("a.json", b'{"url": ["http://h/1"], "uid": {"x": 1}}'),
+        ("b.jpg", jpeg(2)), ("b.txt", b"b"), ("b.json", b'{"original_width": "wide", "error_message": [1]}'),
+        ("c.jpg", jpeg(3)), ("c.txt", b"c"), ("c.json", b'{"url": 12345}'),
+    ])
+    ds = import_direct(tmp_path / "in", tmp_path / "out")
+    kept = {r[schema.KEY]: r for r in all_rows(ds).to_pylist()}
+    assert set(kept) == {"b", "c"}
+    assert kept["b"][schema.ORIGINAL_WIDTH] == 48 and kept["c"][schema.URL] == "12345"
+    (r,) = all_rows(ds, True).to_pylist()
+    assert r[schema.KEY] == "a" and r[schema.DROP_REASON] == "import:bad_member" and "not text" in r[schema.ERROR_MESSAGE]
+
+
 # -- 10. gzipped URL lists ---------------------------------------------------------------------------
 def test_10_a_gzipped_url_list_cannot_inflate_without_bound(tmp_path, capsys, monkeypatch, ray_session):
     from curate import inputs
