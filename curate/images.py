@@ -126,7 +126,7 @@ class Processed:
     resize_seconds: float = 0.0
 
 
-class ImageRejected(Exception):
+class ImageRejected(ValueError):
     """The bytes are an image we refuse to store; ``status`` is the img2dataset-style status."""
 
     def __init__(self, status: str, message: str, why: str = "undecodable"):
