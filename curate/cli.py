@@ -312,6 +312,7 @@ def run_cmd(pipeline: str, sets: tuple[str, ...], overwrite: bool, address: str 
         steps = _pipeline_steps(pipe, sets)
     except ConfigError as e:
         _fail_usage(str(e))
+    _validate_steps(steps)
     if address and address.startswith("http"):
         from curate import jobs
 
@@ -322,7 +323,6 @@ def run_cmd(pipeline: str, sets: tuple[str, ...], overwrite: bool, address: str 
         except jobs.JobFailed as e:
             raise click.ClickException(str(e)) from None
     else:
-        _validate_steps(steps)
         summaries = []
         with ProgressView(pipe.name, len(steps)) as view:
             for stage, inp, out, config, step_sets in steps:
@@ -357,14 +357,20 @@ def _pipeline_steps(pipe, sets: Sequence[str]):
 
 
 def _validate_steps(steps) -> None:
-    """Every step's stage and config are checked before the first one runs."""
-    from curate.config import ConfigError, stage_and_config
+    """Every step's stage and config, and the columns each step needs from the steps before it, are
+    checked before the first one runs."""
+    import posixpath
 
-    for stage, _inp, _out, config, step_sets in steps:
-        try:
-            stage_and_config(stage, None, config, step_sets)
-        except ConfigError as e:
-            _fail_usage(str(e))
+    from curate.config import ConfigError, check_columns, stage_and_config
+
+    try:
+        checked = []
+        for stage, inp, out, config, step_sets in steps:
+            cls, cfg = stage_and_config(stage, None, config, step_sets)
+            checked.append((posixpath.basename(out), stage, inp, out, cls, cfg))
+        check_columns(checked)
+    except ConfigError as e:
+        _fail_usage(str(e))
 
 
 def _explain(output: str, uid: str) -> dict[str, Any]:

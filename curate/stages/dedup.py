@@ -628,6 +628,11 @@ class DedupStage(Stage):
     name = NAME
     Config = DedupConfig
 
+    def needs(self) -> dict[str, str]:
+        if self.config.confirm != "clip":
+            return {}
+        return {schema.IMAGE_EMBEDDING: "set embeddings: true on a clip step before it, or confirm: color"}
+
     def check(self, input: Dataset | None) -> None:
         assert input is not None
         schema_ = input.schema()

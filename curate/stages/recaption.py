@@ -165,6 +165,10 @@ class RecaptionStage(Stage):
     def model_device(self, phase: str) -> str | None:
         return self.config.device if phase == "apply" else None
 
+    def columns_after(self, columns: set[str]) -> set[str]:
+        added = {schema.RECAPTION} | ({schema.RECAPTION_CLIP_SCORE} if self.config.clip_model else set())
+        return columns | added
+
     def setup(self) -> None:
         from curate.models.vlm import VLM, GenerationSettings
 
