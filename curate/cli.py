@@ -395,6 +395,25 @@ def _dataset_or_fail(path: str, allow_unfinished: bool):
     return Dataset(path)
 
 
+@cli.command("models")
+@click.argument("pipeline", type=click.Path())
+@click.option("--set", "sets", multiple=True, metavar="STEP.KEY=VALUE", help="Override a step's config key.")
+def models_cmd(pipeline: str, sets: tuple[str, ...]) -> None:
+    """Fetch every model a pipeline loads into this machine's cache (HF_HOME), ahead of a run."""
+    from curate.config import ConfigError, load_pipeline
+    from curate.weights import fetch, pipeline_models
+
+    try:
+        found = pipeline_models(_pipeline_steps(load_pipeline(pipeline), sets))
+        if not found:
+            click.echo(f"{pipeline} loads no models")
+        for step, kind, model, extra in found:
+            where = fetch(kind, model, extra)
+            click.echo(f"{step}: {kind} {model}{f' ({extra})' if extra else ''} -> {where}")
+    except ConfigError as e:
+        _fail_usage(str(e))
+
+
 @cli.command("inspect")
 @click.argument("dataset")
 @click.option("--uid", help="Follow this sample through the lineage: where it was kept, where and why it left.")

@@ -146,6 +146,11 @@ class Stage:
         matter: the pipeline check follows what later steps ``need`` through them."""
         return columns
 
+    def models(self) -> list[tuple[str, str, str | None]]:
+        """The models this config loads, as ``("open_clip", model, pretrained)`` or
+        ``("transformers", model, revision)``, for ``curate models`` to fetch ahead of a run."""
+        return []
+
     def plan(self, ctx: PlanContext) -> list[int] | None:
         """Global step before the per-shard apply. Return the shard numbers to apply, or None to
         apply once per committed shard of the input dataset."""
