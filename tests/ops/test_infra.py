@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -276,6 +277,13 @@ def test_the_probed_endpoint_answers_without_the_token_and_the_job_api_does_not(
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url, timeout=10)
         assert e.value.code == 401, url
+    # and the script's own status command (README: infra/) reports this cluster
+    state = Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).parent
+    proc = subprocess.run(["bash", str(INFRA / "local-cluster.sh"), "status"], capture_output=True, text=True,
+                          env={**os.environ, "CURATE_CLUSTER_DIR": str(state), "PYTHON": sys.executable},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"RAY_ADDRESS={cluster.address}" in proc.stdout and "Active:" in proc.stdout
 
 
 def test_the_head_runs_no_drivers_and_no_tasks():

@@ -3,7 +3,7 @@
     python infra/kuberay/schemas/from_crd.py v1.7.0 ray.io_rayclusters.yaml ray.io_rayjobs.yaml
 
 Input: the CRD files of a KubeRay release (ray-operator/config/crd/bases/ in its repository,
-Apache-2.0). Output, beside this file: ``{kind}_{version}.json`` (lower case, the names kubeconform's
+Apache-2.0). Output, beside this file (or in ``--out DIR``, given first): ``{kind}_{version}.json`` (lower case, the names kubeconform's
 ``-schema-location 'infra/kuberay/schemas/{{.ResourceKind}}_{{.ResourceAPIVersion}}.json'`` looks for):
 the version's ``openAPIV3Schema`` without its descriptions (they make up most of the bytes), and
 strict: every object that lists its properties refuses others, as the API server's pruning would
@@ -35,6 +35,9 @@ def strict(node):
 
 
 def main(argv: list[str]) -> int:
+    out_dir = HERE
+    if argv[:1] == ["--out"]:
+        out_dir, argv = Path(argv[1]), argv[2:]
     release, paths = argv[0], argv[1:]
     for path in paths:
         crd = yaml.safe_load(Path(path).read_text())
@@ -44,7 +47,7 @@ def main(argv: list[str]) -> int:
                 continue
             schema = strict(version["schema"]["openAPIV3Schema"])
             schema["x-source"] = f"KubeRay {release}, {Path(path).name}"
-            out = HERE / f"{kind}_{version['name']}.json"
+            out = out_dir / f"{kind}_{version['name']}.json"
             out.write_text(json.dumps(schema, separators=(",", ":"), sort_keys=True) + "\n")
             print(f"{out}: {out.stat().st_size:,} bytes")
     return 0
