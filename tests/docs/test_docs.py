@@ -13,6 +13,7 @@ files it would use instead.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -272,14 +273,16 @@ def test_schema_converter_command(tmp_path):
 # unless exempted; the import line adopts the tars the download just wrote (a second folder, since
 # both lines name data/raw as alternatives); the UID is one dedup dropped; hub models become the tiny
 # demo models (no weights can be downloaded here), with the clip threshold opened up (a random model's
-# scores mean nothing); the heads, the reference set are the demo's; the trainer runs the recipe at
+# scores mean nothing); the heads (with the demo's threshold for its random nsfw head) and the reference
+# set are the demo's; the trainer runs the recipe at
 # tiny size for two steps on the CPU (trainer/README.md's shrink).
 TOUR_SUBS = [
     ("--input urls.parquet", "--input demo-output/urls.parquet --set 'fetch.allowed_networks=[127.0.0.1/32]'"),
     ("--input /data/laion-wds/ --output data/raw", "--input data/raw/shards --output data/imported"),
     ("--set model=ViT-B-32 --set pretrained=laion2b_s34b_b79k --set min_score=0.28",
      "--set model=demo-output/models/clip --set pretrained=null --set min_score=-1"),
-    ("path: heads/nsfw.safetensors", "path: demo-output/models/heads/nsfw.safetensors"),
+    ("path: heads/nsfw.safetensors, drop_above: 0.5", "path: demo-output/models/heads/nsfw.safetensors, "
+     "drop_above: 0.9895"),  # the demo head is random: pipelines/demo.yaml's threshold for it
     ("reference=/data/eval/coco-val2017", "reference=demo-output/reference/demo_eval"),
     ("model=Salesforce/blip-image-captioning-large", "model=demo-output/models/vlm/blip --set max_new_tokens=8"),
     ("--recipe trainer/recipes/clip_vit_l14_336.yaml", f"--recipe {ROOT}/trainer/recipes/clip_vit_l14_336.yaml "
@@ -288,31 +291,45 @@ TOUR_SUBS = [
 ]
 
 
-def _run_documented(cmd: str) -> None:
-    from trainer.train import main as train_main
-
+_RUNNER = """
+import shlex, sys
+from curate.cli import main
+from trainer.train import main as train_main
+for cmd in sys.argv[1:]:
     for part in cmd.split(" && "):
         argv = shlex.split(part)
-        if argv[0] == "curate":
-            rc = main(argv[1:])
-        else:
-            assert argv[:3] == ["python", "-m", "trainer.train"], part
-            rc = train_main(argv[3:])
-        assert rc == 0, part
+        rc = main(argv[1:]) if argv[0] == "curate" else train_main(argv[3:])
+        if rc:
+            sys.exit(f"exit {rc}: {part}")
+"""
+
+
+def _run_documented(cmds: list[str], cwd: Path) -> None:
+    """The commands in order, in ``cwd``, in one process of their own (one embedded Ray for all of
+    them, started there, as each command would start it): ``curate X`` is the console script's
+    ``main``, ``python -m trainer.train`` the trainer's."""
+    for cmd in cmds:
+        argv = shlex.split(cmd.split(" && ")[0])
+        assert argv[0] == "curate" or argv[:3] == ["python", "-m", "trainer.train"], cmd
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, *cmds], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
 
 @pytest.mark.slow
-def test_readme_tour(docs_env, ray_session, capsys):
+def test_readme_tour(docs_env):
     cmds = _block("README.md", "A tour")
     assert len(cmds) == 13, cmds
+    cmds = [_sub(cmd, TOUR_SUBS) for cmd in cmds]
+    (explain,) = [i for i, cmd in enumerate(cmds) if "--explain UID" in cmd]
     with docs_env.cwd() as here:
-        for cmd in cmds:
-            cmd = _sub(cmd, TOUR_SUBS)
-            if "--explain UID" in cmd:
-                dropped = pq.read_table(here / "data/deduped/rejects", columns=[schema.UID, schema.DUP_OF])
-                cmd = cmd.replace("UID", dropped.filter(dropped.column(schema.DUP_OF).is_valid())[schema.UID][0].as_py())
-            _run_documented(cmd)
-            capsys.readouterr()
+        _run_documented(cmds[:explain], here)
+        dropped = pq.read_table(here / "data/deduped/rejects", columns=[schema.UID, schema.DUP_OF])
+        uid = dropped.filter(dropped.column(schema.DUP_OF).is_valid())[schema.UID][0].as_py()
+        cmds[explain] = cmds[explain].replace("UID", uid)
+        _run_documented(cmds[explain:], here)
         train = Dataset(str(here / "data/train"))
         assert verify(train)[0] == [] and train.manifest()["totals"]["kept"] > 0
         assert (here / "data/train_report.html").stat().st_size > 0
