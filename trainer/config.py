@@ -120,6 +120,21 @@ class TrainConfig(Frozen):
     tensorboard: bool = False
 
 
+class ZeroShotConfig(Frozen):
+    """One zero-shot classification set (see trainer/eval.py for the layouts it reads)."""
+
+    path: str  # ImageFolder tree, folder of webdataset tars, or a curate dataset with a label column
+    name: str | None = None  # metrics key (default: the folder's name)
+    classnames: str | None = None  # file, one name per line in class-index order; or "imagenet"
+    templates: str | None = None  # file, one prompt per line with {}; or "openai" / "simple"
+    label: str = "cls"  # tar member / .json field / dataset column holding the class
+
+
+class EvalConfig(Frozen):
+    zeroshot: list[ZeroShotConfig] = Field(default_factory=list)  # evaluated with the retrieval eval
+    batch_size: int = Field(64, ge=1)  # images per model call, per rank
+
+
 class Recipe(Frozen):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -128,6 +143,7 @@ class Recipe(Frozen):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     def micro_batch(self, world_size: int) -> int:
         """Per-rank micro-batch; the global batch must split evenly."""
