@@ -182,7 +182,9 @@ class Tokenizer:
         else:
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=cfg.name)
+            # a folder from `python -m trainer.tokenizer` stands for the spm.model inside it
+            path = os.path.join(cfg.name, "spm.model") if os.path.isdir(cfg.name) else cfg.name
+            self._sp = spm.SentencePieceProcessor(model_file=path)
             self.vocab_size = self._sp.get_piece_size()
             self.eos_id = self._sp.eos_id()
             if self.eos_id < 0:
