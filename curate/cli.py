@@ -519,7 +519,7 @@ def remove_cmd(datasets, uids_file, urls_file, domains_file, sha_file, reason, b
 
 
 @cli.command("compare")
-@click.argument("variants", nargs=-1, required=True, metavar="NAME=EXPORT...")
+@click.argument("variants", nargs=-1, metavar="NAME=EXPORT...")
 @click.option("--held-out", "held_out", required=True, metavar="DATASET",
               help="Image-text pairs no variant trains on (an export's val split, or a whole dataset).")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Runs, compare.json and compare.html go here.")
@@ -531,14 +531,16 @@ def remove_cmd(datasets, uids_file, urls_file, domains_file, sha_file, reason, b
 @click.option("--classnames", metavar="FILE", help="Class names for --zeroshot (one per line, or 'imagenet').")
 @click.option("--templates", metavar="FILE", help="Prompt templates for --zeroshot (or 'openai' / 'simple').")
 @click.option("--nproc", default=1, show_default=True, help="Processes per run (torchrun; one per GPU).")
+@click.option("--pipeline", metavar="FILE", help="Make the variants by running this pipeline (ending in export)...")
+@click.option("--vary", metavar="STEP.KEY=V1,V2", help="... once per value of one step's setting.")
 def compare_cmd(variants, held_out, out_dir, recipe, sets, seeds, baseline, zeroshot, classnames, templates,
-                nproc) -> None:
+                nproc, pipeline, vary) -> None:
     """Train the same model on each curated variant over several seeds; differences with confidence intervals."""
     from curate.compare import CompareError, Plan, compare, parse_variant, text_table
 
     plan = Plan(variants=tuple(parse_variant(v) for v in variants), held_out=held_out, out=out_dir, recipe=recipe,
                 sets=tuple(sets), seeds=seeds, baseline=baseline, zeroshot=tuple(zeroshot), classnames=classnames,
-                templates=templates, nproc=nproc)
+                templates=templates, nproc=nproc, pipeline=pipeline, vary=vary)
     try:
         summary = compare(plan, progress=lambda line: click.echo(line, err=True))
     except CompareError as e:

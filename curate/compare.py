@@ -63,6 +63,8 @@ class Plan:
     classnames: str | None = None
     templates: str | None = None
     nproc: int = 1
+    pipeline: str | None = None  # with vary: the variants are this pipeline's runs, one per value
+    vary: str | None = None  # STEP.KEY=V1,V2,...
 
     @property
     def base(self) -> str:
@@ -110,6 +112,63 @@ def held_out_shards(path: str) -> list[tuple[str, str | None]]:
         return find_shards(path, "val") or find_shards(path, None)
     except (OSError, ValueError) as e:
         raise CompareError(f"--held-out {path}: {e}") from None
+
+
+# ---------------------------------------------------------------- variants from one pipeline
+
+
+def _tag(key: str, value: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{key.rsplit('.', 1)[-1]}-{value}")
+
+
+def pipeline_variants(pipeline: str, vary: str, out: str, run: Callable[[list[str]], int] | None = None
+                      ) -> list[Variant]:
+    """Run ``pipeline`` once per value of ``vary`` (``STEP.KEY=V1,V2``) and return its exports.
+
+    The steps before STEP are shared (written once, then found complete); STEP and every later step write
+    to their own folder per value (``NAME-KEY-VALUE``), so the variants differ in that one setting only.
+    """
+    import posixpath
+
+    import yaml
+
+    from curate.config import ConfigError, load_pipeline
+
+    try:
+        pipe = load_pipeline(pipeline)
+    except ConfigError as e:
+        raise CompareError(str(e)) from None
+    target, _, values_text = vary.partition("=")
+    step, _, key = target.partition(".")
+    names = [s.dirname for s in pipe.stages]
+    values = [v for v in values_text.split(",") if v]
+    if step not in names or not key or len(values) < 2:
+        raise CompareError(f"--vary {vary}: expected STEP.KEY=V1,V2 with STEP one of {names} and two values or more")
+    if pipe.stages[-1].stage != "export":
+        raise CompareError(f"{pipeline}: its last step must be an export (the trainer reads its tars)")
+    first = names.index(step)
+    run = run or _run_pipeline
+    variants = []
+    for value in values:
+        tag = _tag(key, value)
+        stages = [s.model_dump() for s in pipe.stages]
+        for s in stages[first:]:
+            s["name"] = f"{s['name'] or s['stage']}-{tag}"
+        file = Path(out) / "pipelines" / f"{tag}.yaml"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(yaml.safe_dump({**pipe.model_dump(), "name": f"{pipe.name}-{tag}", "stages": stages},
+                                       sort_keys=False))
+        rc = run(["run", str(file), "--set", f"{stages[first]['name']}.{key}={value}"])
+        if rc:
+            raise RuntimeError(f"the pipeline for {step}.{key}={value} failed (exit {rc}); see {file}")
+        variants.append(Variant(tag, posixpath.join(pipe.output, stages[-1]["name"])))
+    return variants
+
+
+def _run_pipeline(argv: list[str]) -> int:
+    from curate.cli import main
+
+    return main(argv)
 
 
 # ---------------------------------------------------------------- held-out leakage
@@ -368,6 +427,11 @@ def _plan_record(plan: Plan) -> dict:
 
 def compare(plan: Plan, launch=None, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Validate, check the held-out set, train every run (or reuse finished ones), write the report."""
+    if plan.pipeline or plan.vary:
+        if not (plan.pipeline and plan.vary) or plan.variants:
+            raise CompareError("give --pipeline with --vary STEP.KEY=V1,V2, or exports as variants, not both")
+        held_out_shards(plan.held_out)
+        plan = dataclasses.replace(plan, variants=tuple(pipeline_variants(plan.pipeline, plan.vary, plan.out)))
     validate(plan)
     out = Path(plan.out)
     record = out / PLAN_FILE

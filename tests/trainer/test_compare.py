@@ -109,7 +109,7 @@ def test_a_run_killed_midway_resumes_and_the_others_are_kept(variants, compared,
     assert len(summary["table"][0]["variants"]["shuffled"]["per_seed"]) == 2
 
 
-@pytest.mark.parametrize("case", ["leak", "one", "dup", "seeds", "theirs", "other-plan"])
+@pytest.mark.parametrize("case", ["leak", "one", "dup", "seeds", "theirs", "other-plan", "pipeline-alone", "vary-bad"])
 def test_mistakes_are_one_line_and_exit_2(variants, tmp_path, capsys, case):
     out = tmp_path / "cmp"
     if case == "leak":  # held-out pairs that a variant trains on
@@ -126,6 +126,13 @@ def test_mistakes_are_one_line_and_exit_2(variants, tmp_path, capsys, case):
     elif case == "seeds":
         cmd = [*_cmd(variants, out), "--seeds", "1"]
         message = "at least 2"
+    elif case == "pipeline-alone":
+        cmd = [*_cmd(variants, out), "--pipeline", str(REPO / "pipelines" / "demo.yaml")]
+        message = "not both"
+    elif case == "vary-bad":
+        cmd = ["compare", "--held-out", str(variants / "held_out"), "--out", str(out), "--pipeline",
+               str(REPO / "pipelines" / "demo.yaml"), "--vary", "nosuchstep.x=1,2"]
+        message = "expected STEP.KEY=V1,V2"
     elif case == "theirs":
         out.mkdir()
         (out / "notes.txt").write_text("keep")
@@ -140,3 +147,33 @@ def test_mistakes_are_one_line_and_exit_2(variants, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (out / "runs").exists()
+
+
+def test_variants_from_one_pipeline_differ_in_the_varied_setting_only(ray_session, tmp_path):
+    import yaml
+
+    from curate.compare import pipeline_variants
+    from curate.dataset import Dataset
+    from trainer.data import find_shards, index_samples, read_member
+
+    write_shapes(tmp_path / "src", 2, seed=1)
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(yaml.safe_dump({
+        "name": "shapes", "output": str(tmp_path / "out"), "input": str(tmp_path / "src" / "shards"),
+        "stages": [{"stage": "import"}, {"stage": "filter", "config": {"caption_min_chars": 4}},
+                   {"stage": "export", "config": {"samples_per_shard": 16}}]}))
+    variants = pipeline_variants(str(pipe), "filter.caption_min_chars=4,14", str(tmp_path / "cmp"))
+    assert [v.name for v in variants] == ["caption_min_chars-4", "caption_min_chars-14"]
+    assert [Path(v.path).name for v in variants] == ["export-caption_min_chars-4", "export-caption_min_chars-14"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "export-caption_min_chars-14", "export-caption_min_chars-4", "filter-caption_min_chars-14",
+        "filter-caption_min_chars-4", "import"]  # the step before the varied one ran once, shared
+    captions = [[read_member(s.tar, s.text).decode() for s in index_samples(find_shards(v.path))] for v in variants]
+    assert len(captions[0]) == 48
+    assert sorted(captions[1]) == sorted(c for c in captions[0] if len(c) >= 14) and len(captions[1]) < 48
+    assert Dataset(str(tmp_path / "out" / "filter-caption_min_chars-14")).manifest()["config"]["caption_min_chars"] == 14
+
+    # a rerun finds every step complete and returns the same exports
+    stamp = (Path(variants[1].path) / "_manifest.json").stat().st_mtime_ns
+    assert pipeline_variants(str(pipe), "filter.caption_min_chars=4,14", str(tmp_path / "cmp")) == variants
+    assert (Path(variants[1].path) / "_manifest.json").stat().st_mtime_ns == stamp
