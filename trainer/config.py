@@ -63,8 +63,16 @@ class ColorJitter(Frozen):
     hue: float = Field(0.1, ge=0, le=0.5)
 
 
+class MixEntry(Frozen):
+    path: str  # an export (local path or fsspec URL)
+    weight: float = Field(1.0, gt=0)  # relative share of the training stream
+
+
 class DataConfig(Frozen):
     loader: Literal["dali", "torch"] = "dali"
+    # Several datasets at fixed weights, sampled with replacement (trainer/mix.py); what
+    # `--data A:0.7 --data B:0.3` records. Empty: the one --data dataset.
+    mix: list[MixEntry] = Field(default_factory=list)
     image_size: int | None = None  # None: the model's image size
     scale: tuple[float, float] = (0.9, 1.0)  # random resized crop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)

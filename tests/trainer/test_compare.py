@@ -177,3 +177,17 @@ def test_variants_from_one_pipeline_differ_in_the_varied_setting_only(ray_sessio
     stamp = (Path(variants[1].path) / "_manifest.json").stat().st_mtime_ns
     assert pipeline_variants(str(pipe), "filter.caption_min_chars=4,14", str(tmp_path / "cmp")) == variants
     assert (Path(variants[1].path) / "_manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_zeroshot_sets_reach_the_recipe_of_every_run(tmp_path):
+    from curate.compare import Plan, Variant, train_command
+    from trainer.config import load_recipe
+
+    plan = Plan(variants=(Variant("a", "/x"), Variant("b", "/y")), held_out="/h", out=str(tmp_path),
+                zeroshot=(str(tmp_path / "zs one"), "/z2"), classnames="/c.txt", templates="openai")
+    cmd = train_command(plan, plan.variants[1], 3)
+    sets = cmd[cmd.index("--set") + 1:]
+    recipe = load_recipe(None, sets)
+    assert [(z.path, z.classnames, z.templates) for z in recipe.eval.zeroshot] == [
+        (str(tmp_path / "zs one"), "/c.txt", "openai"), ("/z2", "/c.txt", "openai")]
+    assert recipe.train.seed == 3 and cmd[cmd.index("--data") + 1] == "/y"
