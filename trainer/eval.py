@@ -99,7 +99,7 @@ def load_classnames(spec: str | None) -> list[str] | None:
     return names
 
 
-def _label_index(value, names: list[str] | None, where: str) -> int | str:
+def _label_index(value, where: str) -> int | str:
     """An int label as it is; a digit string as an int; any other string is a class name."""
     if isinstance(value, (int, np.integer)):
         return int(value)
@@ -133,7 +133,7 @@ def _tar_items(tars: list[Path], label: str) -> list[tuple[str, int, int, int | 
                     value = meta[label]
                 else:
                     raise ValueError(f"{where}: no .cls member and no .json to read the label {label!r} from")
-                out.append((str(tar), image.offset_data, image.size, _label_index(value, None, where)))
+                out.append((str(tar), image.offset_data, image.size, _label_index(value, where)))
     return out
 
 
@@ -151,7 +151,7 @@ def _dataset_items(root: str, label: str) -> list[tuple[str, int, int, int | str
         if missing:
             raise ValueError(f"{root}: shard {n} has no image pointers ({', '.join(missing)})")
         rows = zip(*(table.column(c).to_pylist() for c in [*cols, label]), strict=True)
-        out.extend((t, o, n_, _label_index(v, None, f"{root} shard {n}")) for t, o, n_, v in rows)
+        out.extend((t, o, n_, _label_index(v, f"{root} shard {n}")) for t, o, n_, v in rows)
     return out
 
 
