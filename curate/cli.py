@@ -38,6 +38,8 @@ STAGE_HELP = {
     "semdedup": "Semantic duplicates from CLIP embeddings (k-means + cosine).",
     "recaption": "A vision-language model writes a new caption per image.",
     "export": "Reshard kept samples into training tars + Parquet + .idx + sizes.json.",
+    "safety": "Known-bad image hashes, NSFW/watermark/aesthetic heads on CLIP embeddings, caption rules.",
+    "decontaminate": "Drop copies of evaluation-set images (ImageNet, COCO, ...) from the corpus.",
 }
 # Only download has failed rows worth fetching again.
 RETRY_FAILED_STAGES = frozenset({"download"})
