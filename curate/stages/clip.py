@@ -115,6 +115,15 @@ class ClipStage(Stage):
         wanted = "plan" if self.config.top_fraction is not None else "apply"
         return self.config.device if phase == wanted else None
 
+    def models(self) -> list[tuple[str, str, str | None]]:
+        return [("open_clip", self.config.model, self.config.pretrained)]
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        embeddings = {schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING}
+        # without embeddings: true the output drops them, even those the input carried
+        return (columns | {schema.CLIP_SCORE} | embeddings) if self.config.embeddings \
+            else (columns | {schema.CLIP_SCORE}) - embeddings
+
     def setup(self) -> None:
         # With top_fraction the plan already scored every shard; the apply only reads those scores.
         if self.config.top_fraction is None:

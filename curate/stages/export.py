@@ -265,6 +265,11 @@ class ExportStage(Stage):
         self._layout: dict[str, Any] | None = None
         self._faces = None  # FaceBlurrer, built on the first shard that needs it
 
+    def needs(self) -> dict[str, str]:
+        if self.config.caption == "original":
+            return {}
+        return {schema.RECAPTION: "add a recaption step before it, or set caption: original"}
+
     def plan(self, ctx: PlanContext) -> list[int]:
         cfg: ExportConfig = self.config
         inp = ctx.input

@@ -164,6 +164,15 @@ class RecaptionStage(Stage):
     def model_device(self, phase: str) -> str | None:
         return self.config.device if phase == "apply" else None
 
+    def models(self) -> list[tuple[str, str, str | None]]:
+        c = self.config
+        out: list[tuple[str, str, str | None]] = [("transformers", c.model, c.revision)]
+        return out + ([("open_clip", c.clip_model, c.clip_pretrained)] if c.clip_model else [])
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        added = {schema.RECAPTION} | ({schema.RECAPTION_CLIP_SCORE} if self.config.clip_model else set())
+        return columns | added
+
     def setup(self) -> None:
         from curate.models.vlm import VLM, GenerationSettings
 

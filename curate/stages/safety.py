@@ -208,6 +208,19 @@ class SafetyStage(Stage):
         self._source: tuple[str | None, str | None, dict[str, int], bool] | None = None
 
     # -- before any work --------------------------------------------------------------------------
+    def models(self) -> list[tuple[str, str, str | None]]:
+        # heads without a model of their own read stored embeddings, or embed with the clip step's model
+        cfg = self.config
+        out: list[tuple[str, str, str | None]] = [("open_clip", cfg.model, cfg.pretrained)] if cfg.model else []
+        return out + ([("transformers", cfg.text_classifier.model, None)] if cfg.text_classifier else [])
+
+    def needs(self) -> dict[str, str]:
+        if not self.config.heads or self.config.model is not None:
+            return {}
+        # without a model of its own the heads read the embeddings (or the model) of an earlier clip step
+        return {schema.CLIP_SCORE: "add a clip step before it (embeddings: true), or set the safety "
+                                   "step's model (and pretrained)"}
+
     def _embedding_source(self, inp: Dataset | None) -> tuple[str | None, str | None, dict[str, int], bool]:
         """(model, pretrained, {input: width}, stored) of the embeddings the heads will read."""
         cfg = self.config
