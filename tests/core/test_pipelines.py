@@ -1,16 +1,21 @@
-"""Every bundled pipeline parses and every step's config validates against its stage."""
+"""Every bundled pipeline parses, every step's config validates against its stage, and every step finds
+the columns it needs in what the steps before it leave; a pipeline that breaks that rule is refused
+with one line naming the step and the fix, before any work."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from curate import stages
-from curate.cli import _pipeline_steps
+from curate.cli import _pipeline_steps, _validate_steps, main
 from curate.config import load_pipeline, load_stage_config
 
-PIPELINES = sorted((Path(__file__).resolve().parents[2] / "pipelines").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
 
 
 def _configs(name: str) -> list[tuple[str, object]]:
@@ -49,3 +54,67 @@ def test_pipeline_validates(path):
         assert step[1] == prev[2], "each step reads the previous step's output"
     for stage, _inp, _out, config, sets in steps:
         load_stage_config(stages.get(stage).Config, stage, None, config, sets)
+    _validate_steps(steps)  # the column check too: raises a usage error on a step that would crash
+
+
+def _write(tmp_path: Path, steps: list[dict], input: str = "urls.parquet") -> str:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "output": str(tmp_path / "out"),
+                                    "input": str(tmp_path / input), "stages": steps}))
+    return str(path)
+
+
+def _one_line(capsys, code: int) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (code, err)
+    return err
+
+
+CLIP = {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
+
+
+def test_semdedup_after_a_clip_step_that_drops_the_embeddings(tmp_path, capsys):
+    # DataComp-style: score with embeddings, select the top 30% in a second clip step, then semdedup.
+    steps = [{"stage": "import"},
+             {"stage": "clip", "name": "scores", "config": {**CLIP, "embeddings": True}},
+             {"stage": "clip", "name": "top30", "config": {**CLIP, "top_fraction": 0.3}},
+             {"stage": "semdedup"}]
+    err = _one_line(capsys, main(["run", _write(tmp_path, steps)]))
+    assert re.search(r"step 'semdedup'.*image_embedding.*step 'top30' drops it.*embeddings: true", err), err
+    assert not (tmp_path / "out").exists()  # refused before any work
+    # the fix the line names makes the pipeline pass the check
+    steps[2]["config"]["embeddings"] = True
+    _validate_steps(_pipeline_steps(load_pipeline(_write(tmp_path, steps)), []))
+
+
+def test_a_column_no_step_writes(tmp_path, capsys):
+    steps = [{"stage": "import"}, {"stage": "export", "config": {"caption": "mix"}}]
+    err = _one_line(capsys, main(["run", _write(tmp_path, steps)]))
+    assert "step 'export'" in err and "no step before it writes it" in err and "recaption" in err
+    steps.insert(1, {"stage": "recaption", "config": {"model": "some/captioner"}})
+    _validate_steps(_pipeline_steps(load_pipeline(_write(tmp_path, steps)), []))
+
+    steps = [{"stage": "import"}, {"stage": "dedup", "config": {"confirm": "clip"}}]
+    err = _one_line(capsys, main(["run", _write(tmp_path, steps)]))
+    assert "step 'dedup'" in err and "confirm: color" in err
+    steps = [{"stage": "import"}, {"stage": "safety", "config": {"heads": [{"name": "nsfw", "path": "h.st"}]}}]
+    err = _one_line(capsys, main(["run", _write(tmp_path, steps)]))
+    assert "step 'safety'" in err and "model" in err
+    steps[1]["config"]["model"] = "ViT-B-32"
+    _validate_steps(_pipeline_steps(load_pipeline(_write(tmp_path, steps)), []))
+
+
+def test_a_later_clip_step_with_embeddings_restores_them(tmp_path):
+    steps = [{"stage": "import"},
+             {"stage": "clip", "name": "a", "config": {**CLIP}},
+             {"stage": "clip", "name": "b", "config": {**CLIP, "embeddings": True}},
+             {"stage": "semdedup"}]
+    _validate_steps(_pipeline_steps(load_pipeline(_write(tmp_path, steps)), []))
+
+
+def test_the_readmes_pretrained_models_snippet_passes_the_check(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"### Using pretrained models\n+```yaml\n(.*?)```", readme, re.S).group(1)
+    snippet = yaml.safe_load(block)
+    steps = [{"stage": "import"}, *snippet, {"stage": "export", "config": {"caption": "mix"}}]
+    _validate_steps(_pipeline_steps(load_pipeline(_write(tmp_path, steps)), []))
