@@ -166,8 +166,9 @@ def _results(work: Path, t: Target) -> dict[str, str]:
 
 
 def _retest_names(work: Path, t: Target) -> list[str]:
-    """Bring the current tests into a finished run and name its survivors, to run them again: tests
-    added since only ever kill more, so the killed mutants stay killed."""
+    """Bring the current tests into a run and name its survivors and its unchecked mutants (a run
+    that was stopped), to run them: tests added since only ever kill more, so the killed mutants
+    stay killed."""
     for dest in (work / "tests", work / "mutants" / "tests"):
         shutil.rmtree(dest)
         shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__"))
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show", action="store_true", help="print the diff of every surviving mutant")
     ap.add_argument("--no-run", action="store_true", help="report the last run's results, run nothing")
     ap.add_argument("--retest", action="store_true",
-                    help="run the last run's surviving mutants again against the current tests")
+                    help="run the last run's surviving and unchecked mutants against the current tests")
     args = ap.parse_args(argv)
     unknown = [n for n in args.names if n not in TARGETS]
     if unknown:
