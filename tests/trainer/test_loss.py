@@ -55,12 +55,13 @@ def test_caption_weight_on_a_clip_model_is_refused():
 @pytest.mark.parametrize(("cw", "kw"), [(1.0, 2.0), (0.25, 1.0), (0.0, 1.0)])
 def test_coca_loss_weights_both_parts_and_ignores_padding(cw, kw):
     r = load_recipe(None, [f"loss.contrastive_weight={cw}", f"loss.caption_weight={kw}"])
-    pad = 0
+    pad = 3  # not open_clip's default (0): the tokenizer's pad id must reach the loss
     loss = make_loss(r, Dist(), is_coca=True, pad_id=pad)
     img, txt, scale = _features(4)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 7, 11, generator=g)
-    labels = torch.randint(1, 11, (4, 7), generator=g)
+    labels = torch.randint(0, 11, (4, 7), generator=g)
+    labels[labels == pad] = 0
     labels[:, 5:] = pad
     got = loss(image_features=img, text_features=txt, logits=logits, labels=labels, logit_scale=scale,
                output_dict=True)
