@@ -118,6 +118,11 @@ class Stage:
     writes_images: ClassVar[bool] = False
     # False for stages whose --input is not a curate dataset (download: URL lists; import: tars).
     reads_dataset: ClassVar[bool] = True
+    # Whether the raw input's files are fingerprinted into the run record (download's URL lists,
+    # import's tars): an input changed in place is then another input, never "complete".
+    fingerprints_input: ClassVar[bool] = False
+    # Whether ``--retry-failed`` means something: the stage records failures worth trying again.
+    retries_failed: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig):
         self.config = config

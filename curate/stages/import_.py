@@ -331,6 +331,7 @@ class ImportStage(Stage):
     name = STAGE
     Config = ImportConfig
     reads_dataset = False
+    fingerprints_input = True
 
     def __init__(self, config: ImportConfig):
         super().__init__(config)
