@@ -478,11 +478,14 @@ class Dataset:
         zombie still writing loses its files, which costs nothing: it can no longer claim a shard."""
         self.recover()
         gone = 0
-        for folder in (SHARDS, REJECTS, ""):
-            for p in self._ls(folder):
-                if TMP_MARK in posixpath.basename(p):
-                    self.delete(p)
-                    gone += 1
+        try:
+            planned = self.fs.find(self.path(PLAN_DIR))
+        except FileNotFoundError:
+            planned = []
+        for p in [*self._ls(SHARDS), *self._ls(REJECTS), *self._ls(""), *planned]:
+            if TMP_MARK in posixpath.basename(p):
+                self.delete(p)
+                gone += 1
         return gone
 
     # -- manifest -----------------------------------------------------------------------------

@@ -234,19 +234,18 @@ def test_run_stopped_at_every_driver_step_then_rerun(ray_session, tmp_path):
 
 
 def test_overwrite_stopped_at_every_step_then_rerun(ray_session, tmp_path):
-    base = tmp_path / "base"
-    run_stage(SYNTH, str(tmp_path), str(base), config={"shards": 2, "rows_per_shard": 3, "seed": 1})
-    out = tmp_path / "out"
+    out, base = tmp_path / "out", tmp_path / "pristine"
     run_stage(SYNTH, str(tmp_path), str(out), config={"shards": 2, "rows_per_shard": 3, "seed": 2})
     want = snapshot(out)
     shutil.rmtree(out)
+    run_stage(SYNTH, str(tmp_path), str(out), config={"shards": 2, "rows_per_shard": 3, "seed": 1})
+    shutil.copytree(out, base)
     overwrite = RunOptions(overwrite=True)
 
     def go():
         return run_stage(SYNTH, str(tmp_path), str(out), config={"shards": 2, "rows_per_shard": 3, "seed": 2},
                          options=overwrite)
 
-    shutil.copytree(base, out)
     steps = steps_of(go)
     deletes = [i for i, s in enumerate(steps) if s.startswith("delete")]
     assert steps[deletes[0]].endswith("_manifest.json") and "run.json" in steps[deletes[-2]]
