@@ -479,10 +479,10 @@ class Dataset:
         self.recover()
         gone = 0
         try:
-            planned = self.fs.find(self.path(PLAN_DIR))
+            every = self.fs.find(self.root)
         except FileNotFoundError:
-            planned = []
-        for p in [*self._ls(SHARDS), *self._ls(REJECTS), *self._ls(""), *planned]:
+            every = []
+        for p in every:
             if TMP_MARK in posixpath.basename(p):
                 self.delete(p)
                 gone += 1

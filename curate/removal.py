@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from curate import schema
 from curate.config import fingerprint
-from curate.dataset import MANIFEST, PLAN_DIR, REMOVALS_FILE, RUN_FILE, Dataset, new_attempt
+from curate.dataset import MANIFEST, PLAN_DIR, REMOVALS_FILE, RUN_FILE, SHARDS, TMP_MARK, Dataset, new_attempt
 from curate.wds import BLOCK, FIXED_MTIME, TarScan, index_text, iter_tar, split_name
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,13 @@ def remove(datasets: list[str], request: Request) -> list[dict[str, Any]]:
     new_fp: dict[str, str] = {}
     results = []
     for ds, journal in zip(dss, journals, strict=True):
-        res = _remove_from(ds, doomed, owned_roots)
+        res = _remove_from(ds, doomed, owned_roots, journal)
         _finish(ds, journal, res, new_fp)
         new_fp[ds.url] = fingerprint(ds.manifest())
         results.append(res)
     for ds in dss:
         ds.delete(ds.path(PLAN_DIR, JOURNAL))
+        ds.sweep_tmp()  # what an interrupted call left staged and never used
     return results
 
 
@@ -129,8 +130,10 @@ def _journal(ds: Dataset, request: Request) -> dict[str, Any]:
     journal = ds.read_json(PLAN_DIR, JOURNAL)
     if journal is None:
         totals = ds.manifest()["totals"]
-        journal = {"id": uuid.uuid4().hex, "time": _now(), "before": {k: totals[k] for k in ("rows_in", "kept",
-                                                                                            "dropped")}}
+        before = {k: totals[k] for k in ("rows_in", "kept", "dropped")}
+        before["removed"] = {ds.shard_name(n): ds.stats(n).get("removed", 0) for n in ds.shard_ids()}
+        before["plan_rows"] = _plan_rows(ds)
+        journal = {"id": uuid.uuid4().hex, "time": _now(), "before": before, "elsewhere": []}
     journal["request"] = {"kind": request.kind, "entries": request.size, "reason": request.reason,
                           "by": request.by or _user()}
     ds.write_json(journal, PLAN_DIR, JOURNAL)
@@ -201,12 +204,17 @@ def _lineage_order(dss: list[Dataset]) -> list[Dataset]:
 
 
 # -- one dataset --------------------------------------------------------------------------------
-def _remove_from(ds: Dataset, doomed: set[str], owned_roots: dict[str, Dataset]) -> dict[str, Any]:
+def _remove_from(ds: Dataset, doomed: set[str], owned_roots: dict[str, Dataset],
+                 journal: dict[str, Any]) -> dict[str, Any]:
     doomed_arr = pa.array(sorted(doomed), pa.string())
-    res: dict[str, Any] = {"dataset": ds.url, "removed_kept": 0, "removed_rejected": 0, "tars": [],
-                           "elsewhere": set()}
+    res: dict[str, Any] = {"dataset": ds.url, "removed_kept": 0, "removed_rejected": 0,
+                           "elsewhere": set(journal["elsewhere"])}
     for n in ds.shard_ids():
         _remove_from_shard(ds, n, doomed_arr, owned_roots, res)
+        if len(res["elsewhere"]) > len(journal["elsewhere"]):
+            # known before the shard's rewrite lands, so a rerun after a kill still reports them
+            journal["elsewhere"] = sorted(res["elsewhere"])
+            ds.write_json(journal, PLAN_DIR, JOURNAL)
     res["plan_rows_removed"] = _clean_plan(ds, doomed_arr)
     _clean_npy_embeddings(ds, doomed_arr)
     res["leftovers"] = _plan_text_mentions(ds, doomed)
@@ -235,8 +243,6 @@ def _remove_from_shard(ds: Dataset, n: int, doomed: pa.Array, owned_roots: dict[
     if own_tar is not None and n_k + n_r:
         tar_tmp, idx_text = _blank_tar(ds, n, set(kept.column(schema.KEY).to_pylist())
                                        if schema.KEY in kept.column_names else None, attempt)
-        if tar_tmp is not None:
-            res["tars"].append(own_tar)
     elif n_k and ds.fs.exists(ds.shard_path(n, "idx")):
         # Adopted tars are not ours to write, but our index of their kept samples is (import).
         idx_text = _drop_from_index(ds, n, gone[0])
@@ -365,7 +371,7 @@ def _clean_plan(ds: Dataset, doomed: pa.Array) -> int:
     """Drop rows of removed uids from Parquet decision tables under _plan/; clear dup_of links."""
     dropped = 0
     try:
-        files = [p for p in ds.fs.find(ds.path(PLAN_DIR)) if p.endswith(".parquet")]
+        files = [p for p in ds.fs.find(ds.path(PLAN_DIR)) if p.endswith(".parquet") and TMP_MARK not in p]
     except FileNotFoundError:
         return 0
     for p in files:
@@ -387,6 +393,20 @@ def _clean_plan(ds: Dataset, doomed: pa.Array) -> int:
             start += rows
         ds.write_table(out, posixpath.relpath(p, ds.root), row_group_sizes=sizes or None)
     return dropped
+
+
+def _plan_rows(ds: Dataset) -> int:
+    """Rows of the Parquet decision tables under _plan/ that carry uids (from their footers)."""
+    try:
+        files = [p for p in ds.fs.find(ds.path(PLAN_DIR)) if p.endswith(".parquet") and TMP_MARK not in p]
+    except FileNotFoundError:
+        return 0
+    rows = 0
+    for p in files:
+        md = pq.read_metadata(p, filesystem=ds.fs)
+        if schema.UID in md.schema.names:
+            rows += md.num_rows
+    return rows
 
 
 def _clean_npy_embeddings(ds: Dataset, doomed: pa.Array) -> int:
@@ -460,11 +480,14 @@ def _finish(ds: Dataset, journal: dict[str, Any], res: dict[str, Any], new_fp: d
             ds.write_json(m["run"], PLAN_DIR, RUN_FILE)
     manifest = ds.build_manifest(m)
     before, after = journal["before"], manifest["totals"]
+    # tars this call blanked: of the shards whose removed count grew since the call began
+    tars = [ds.tar_url(n) for n in ds.shard_ids() if m.get("owns_images") and ds.exists(SHARDS, f"{ds.shard_name(n)}.tar")
+            and ds.stats(n).get("removed", 0) > before["removed"].get(ds.shard_name(n), 0)]
     record = {"id": journal["id"], "time": journal["time"], "count": before["rows_in"] - after["rows_in"],
               "kept_rows": before["kept"] - after["kept"], "rejected_rows": before["dropped"] - after["dropped"],
               "by": journal["request"]["by"], "reason": journal["request"]["reason"],
               "request": {k: journal["request"][k] for k in ("kind", "entries")},
-              "tars_rewritten": sorted(res["tars"]), "plan_rows_removed": res["plan_rows_removed"]}
+              "tars_rewritten": sorted(tars), "plan_rows_removed": before["plan_rows"] - _plan_rows(ds)}
     elsewhere = sorted(res["elsewhere"])
     if elsewhere:
         record["bytes_remain_in"] = elsewhere
@@ -480,9 +503,10 @@ def _finish(ds: Dataset, journal: dict[str, Any], res: dict[str, Any], new_fp: d
                 f"(adopted source tars or a dataset not given), e.g. {elsewhere[0]}")
     if res["leftovers"]:
         note = (note + "; " if note else "") + f"uids still mentioned in {', '.join(res['leftovers'])}"
-    res.update({"removed": res["removed_kept"] + res["removed_rejected"], "tar_rewritten": len(res["tars"]),
+    res.update({"removed": res["removed_kept"] + res["removed_rejected"], "tar_rewritten": len(tars),
+                "plan_rows_removed": record["plan_rows_removed"],
                 "bytes_remain_in": elsewhere, "note": note})
-    for k in ("tars", "elsewhere", "leftovers"):
+    for k in ("elsewhere", "leftovers"):
         res.pop(k)
 
 

@@ -1,4 +1,4 @@
-"""The stage protocol (DESIGN §4): one small class per stage, no Ray inside.
+"""The stage protocol (ARCHITECTURE §4): one small class per stage, no Ray inside.
 
 A stage is constructed cheaply from its typed, frozen config, ``setup()`` once per worker (model
 load, index load), then ``process(table, ctx)`` once per shard. ``process`` returns the rows it

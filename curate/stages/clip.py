@@ -364,9 +364,7 @@ def _score_shard(item: tuple[str, str, str, int]) -> tuple[int, str | None]:
     stage = _worker_stage(cfg_json)
     scored = stage.score(table)
     scored = scored.add_column(0, schema.UID, table.column(schema.UID))
-    buf = io.BytesIO()
-    pq.write_table(scored, buf, compression="zstd")
-    out.write_bytes(buf.getvalue(), *name)
+    out.write_table(scored, *name)
     return n, stage.clip.device
 
 

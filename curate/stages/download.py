@@ -286,6 +286,8 @@ class DownloadStage(Stage):
                 self._take_over(ctx.output, source, [u for u, s in zip(uids, retry_of, strict=True) if s == source])
         return out
 
+    # Long: the shard's event loop; fetches, decodes in threads and in-order tar writes share one
+    # reorder buffer, and splitting it needs that state moved into its own class.
     async def _download(self, table: pa.Table, dup: list[bool], ctx: ShardContext):
         from curate.fetch import Fetcher
         from curate.images import process_image

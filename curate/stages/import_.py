@@ -381,6 +381,7 @@ class ImportStage(Stage):
         raise KeyError(f"shard {ctx.shard} is not in the import plan")
 
     # -- load: the tar's structure, joined with img2dataset's parquet ------------------------
+    # Long: one read of the tar's headers and of img2dataset's Parquet, joined by key as they are read.
     def load(self, shard: int, ctx: ShardContext) -> pa.Table:
         entry = self._entry(ctx)
         fs, path = url_to_fs(entry["tar"])
@@ -480,6 +481,7 @@ class ImportStage(Stage):
         return table
 
     # -- process: read each sample once, validate, hash ------------------------------------
+    # Long: each sample's bytes are read once, in tar order, then validated and hashed.
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         entry = self._entry(ctx)
         cfg = self.config

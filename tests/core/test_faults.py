@@ -40,8 +40,9 @@ pytestmark = pytest.mark.timeout(900)
 
 SYNTH = "curate.testing.stages:Synth"
 PASS = "curate.testing.stages:Passthrough"
+# Timings, ids, and the input manifest's fingerprint (it covers the input's creation time).
 VOLATILE = {"seconds", "timings", "created", "shard_seconds", "time", "id", "duration", "plan_seconds",
-            "attempt", "requests"}
+            "attempt", "requests", "manifest"}
 
 
 class Stop(BaseException):
