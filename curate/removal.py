@@ -110,7 +110,9 @@ def remove(datasets: list[str], request: Request) -> list[dict[str, Any]]:
     owned_roots = {ds.root: ds for ds in dss if ds.owns_images()}
     # Journals of every dataset first and dropped last: a rerun after a kill anywhere replaces this
     # call's records instead of adding empty ones for the datasets it had already finished.
-    journals = [_journal(ds, request) for ds in dss]
+    earlier = [ds.read_json(PLAN_DIR, JOURNAL) or {} for ds in dss]
+    call = next((j["call"] for j in earlier if "call" in j), uuid.uuid4().hex)
+    journals = [_journal(ds, request, call) for ds in dss]
     new_fp: dict[str, str] = {}
     results = []
     for ds, journal in zip(dss, journals, strict=True):
@@ -124,16 +126,18 @@ def remove(datasets: list[str], request: Request) -> list[dict[str, Any]]:
     return results
 
 
-def _journal(ds: Dataset, request: Request) -> dict[str, Any]:
-    """This call's entry under ``_plan/``: written before the first change, kept until the manifest
-    is written, so a rerun after a kill counts from the totals the dataset had before."""
+def _journal(ds: Dataset, request: Request, call: str) -> dict[str, Any]:
+    """This call's entry under ``_plan/``: written before the first change, kept until every dataset
+    of the call is done, so a rerun after a kill counts from the totals the dataset had before.
+    ``finished``: a rerun found this dataset already done by the interrupted call."""
     journal = ds.read_json(PLAN_DIR, JOURNAL)
     if journal is None:
         totals = ds.manifest()["totals"]
         before = {k: totals[k] for k in ("rows_in", "kept", "dropped")}
         before["removed"] = {ds.shard_name(n): ds.stats(n).get("removed", 0) for n in ds.shard_ids()}
         before["plan_rows"] = _plan_rows(ds)
-        journal = {"id": uuid.uuid4().hex, "time": _now(), "before": before, "elsewhere": []}
+        journal = {"id": uuid.uuid4().hex, "call": call, "time": _now(), "before": before, "elsewhere": [],
+                   "finished": any(r.get("call") == call for r in ds.removals())}
     journal["request"] = {"kind": request.kind, "entries": request.size, "reason": request.reason,
                           "by": request.by or _user()}
     ds.write_json(journal, PLAN_DIR, JOURNAL)
@@ -483,7 +487,7 @@ def _finish(ds: Dataset, journal: dict[str, Any], res: dict[str, Any], new_fp: d
     # tars this call blanked: of the shards whose removed count grew since the call began
     tars = [ds.tar_url(n) for n in ds.shard_ids() if m.get("owns_images") and ds.exists(SHARDS, f"{ds.shard_name(n)}.tar")
             and ds.stats(n).get("removed", 0) > before["removed"].get(ds.shard_name(n), 0)]
-    record = {"id": journal["id"], "time": journal["time"], "count": before["rows_in"] - after["rows_in"],
+    record = {"id": journal["id"], "call": journal["call"], "time": journal["time"], "count": before["rows_in"] - after["rows_in"],
               "kept_rows": before["kept"] - after["kept"], "rejected_rows": before["dropped"] - after["dropped"],
               "by": journal["request"]["by"], "reason": journal["request"]["reason"],
               "request": {k: journal["request"][k] for k in ("kind", "entries")},
@@ -494,7 +498,9 @@ def _finish(ds: Dataset, journal: dict[str, Any], res: dict[str, Any], new_fp: d
         record["note"] = "these tars were not rewritten (adopted source tars or datasets not given)"
     if res["leftovers"]:
         record["uids_still_in"] = res["leftovers"]
-    records = [r for r in ds.removals() if r.get("id") != journal["id"]] + [record]
+    records = [r for r in ds.removals() if r.get("id") != journal["id"]]
+    if not (journal.get("finished") and not record["count"] and not record["plan_rows_removed"]):
+        records.append(record)
     ds.write_json(records, PLAN_DIR, REMOVALS_FILE)
     ds.write_manifest({**manifest, "removals": records})
     note = None

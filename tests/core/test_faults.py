@@ -42,7 +42,7 @@ SYNTH = "curate.testing.stages:Synth"
 PASS = "curate.testing.stages:Passthrough"
 # Timings, ids, and the input manifest's fingerprint (it covers the input's creation time).
 VOLATILE = {"seconds", "timings", "created", "shard_seconds", "time", "id", "duration", "plan_seconds",
-            "attempt", "requests", "manifest"}
+            "attempt", "requests", "manifest", "call"}
 
 
 class Stop(BaseException):
