@@ -387,7 +387,7 @@ def test_retry_failed_stopped_at_every_step_then_rerun(failed_download):
         for n in _plan(stage, inp, ds, retry=True):
             execute_shard(stage, n, env)
 
-    def rerun():  # the plain command: plan from the stage's state, run what is pending, manifest
+    def rerun():  # the runner's end: plan from the stage's state, run what is pending, manifest
         shards = _plan(stage, inp, ds, retry=False)
         for n in shards:
             execute_shard(stage, n, env)
@@ -405,6 +405,7 @@ def test_retry_failed_stopped_at_every_step_then_rerun(failed_download):
     for k in range(1, len(steps) + 1):
         _restore(base, pristine)
         where = interrupted(retry, k)
+        retry()  # the same command again
         rerun()
         assert_same(base, want, f"stopped before {where}")
         uids = [u for _, t in ds.iter_shards([schema.UID]) for u in t.column(schema.UID).to_pylist()]
@@ -427,7 +428,7 @@ def test_killed_retry_is_not_complete_and_the_plain_rerun_finishes_it(tmp_path, 
         server.routes.healthy = True
 
         def killed_after_planning(op: str, path: str) -> None:
-            if path.endswith("plan.json"):
+            if op == "rename" and path.endswith("/_plan/plan.json"):
                 raise Stop(path)
 
         set_failpoint(killed_after_planning)
