@@ -179,6 +179,20 @@ class Dataset:
             return None
         return Dataset(inp["url"])
 
+    def lineage(self, limit: int = 64) -> list[Dataset]:
+        """This dataset and the complete datasets it was made from, oldest first."""
+        chain, seen = [self], {self.url}
+        while len(chain) < limit:
+            try:
+                parent = chain[-1].parent()
+                if parent is None or parent.url in seen or not parent.is_complete():
+                    break
+            except (OSError, ValueError):
+                break
+            chain.append(parent)
+            seen.add(parent.url)
+        return chain[::-1]
+
     # -- the one writer -----------------------------------------------------------------------
     def read_json(self, *parts: str) -> Any | None:
         p = self.path(*parts)

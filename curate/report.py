@@ -81,21 +81,7 @@ class Report:
 # -- lineage and funnel -------------------------------------------------------------------------
 def lineage(ds: Dataset) -> list[Dataset]:
     """The datasets that led to ``ds``, oldest first, as far back as they exist and are complete."""
-    chain = [ds]
-    seen = {ds.url}
-    while True:
-        url = (chain[-1].manifest().get("input") or {}).get("url")
-        if not url or url in seen:
-            break
-        try:
-            parent = Dataset(url)
-            if not parent.is_complete():
-                break
-        except (OSError, ValueError):
-            break
-        chain.append(parent)
-        seen.add(parent.url)
-    return chain[::-1]
+    return ds.lineage()
 
 
 def funnel(chain: list[Dataset]) -> list[dict[str, Any]]:

@@ -255,13 +255,10 @@ class ClipStage(Stage):
             return False
         if (cfg.embeddings or cfg.export_npy) and not {schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING} <= set(names):
             return False
-        manifest, hops = inp.manifest(), 0
-        while manifest is not None and manifest.get("stage") != NAME and hops < 64:
-            up = manifest.get("input")
-            up = up.get("url") if isinstance(up, dict) else up
-            manifest, hops = (Dataset(up).manifest() if up else None), hops + 1
-        if manifest is None or manifest.get("stage") != NAME:
+        made_by = [d.manifest() for d in (inp.lineage() if inp.is_complete() else []) if d.manifest().get("stage") == NAME]
+        if not made_by:
             return False
+        manifest = made_by[-1]  # the nearest clip run up the lineage
         made = manifest.get("config") or {}
         return (made.get("model"), made.get("pretrained")) == (cfg.model, cfg.pretrained)
 

@@ -155,14 +155,10 @@ def read_phash_list(url: str) -> list[int]:
 
 def lineage_clip(inp: Dataset) -> tuple[str | None, str | None]:
     """(model, pretrained) of the nearest clip stage up the input's lineage, or (None, None)."""
-    manifest, hops = inp.manifest(), 0
-    while manifest is not None and hops < 64:
-        if manifest.get("stage") == "clip":
-            cfg = manifest.get("config") or {}
+    for d in reversed(inp.lineage() if inp.is_complete() else []):
+        if d.manifest().get("stage") == "clip":
+            cfg = d.manifest().get("config") or {}
             return cfg.get("model"), cfg.get("pretrained")
-        up = manifest.get("input")
-        up = up.get("url") if isinstance(up, dict) else up
-        manifest, hops = (Dataset(up).manifest() if up else None), hops + 1
     return None, None
 
 

@@ -454,3 +454,27 @@ def test_retry_failed_is_refused_where_it_means_nothing(tmp_path, ray_session):
     for stage, inp in (("import", str(tmp_path / "s" / "shards")), (PASS, str(tmp_path / "s"))):
         with pytest.raises(ConfigError, match="--retry-failed applies to download only"):
             run_stage(stage, inp, str(tmp_path / stage.replace(":", "_")), options=RunOptions(retry_failed=True))
+    # import knows its input by its files: a tar added to the folder is another input, not "complete"
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    shutil.copy(tmp_path / "s" / "shards" / "00000.tar", tars / "a.tar")
+    run_stage("import", str(tars), str(tmp_path / "imp"))
+    assert run_stage("import", str(tars), str(tmp_path / "imp"))["skipped"]
+    shutil.copy(tars / "a.tar", tars / "b.tar")
+    with pytest.raises(ConfigError, match="different input"):
+        run_stage("import", str(tars), str(tmp_path / "imp"))
+
+
+def test_a_second_attempt_never_overwrites_a_commit_on_object_storage(s3_bucket):
+    """The claim on S3 is a conditional put: the later attempt finds it and keeps the first's files."""
+    ds = Dataset(f"s3://{s3_bucket}/ds")
+    rows = {a: pa.table({schema.UID: [f"{a}{i:031d}" for i in range(3)]}) for a in ("a", "b")}
+    rejects = pa.table({schema.UID: pa.array([], pa.string()), schema.DROP_REASON: pa.array([], pa.string())})
+    for a in ("a", "b"):
+        got = ds.commit_shard(0, rows[a], rejects, {"rows_in": 3, "rows_out": 3, "rejected": 0, "drops": {},
+                                                    "by": a}, attempt=a)
+        assert got["by"] == "a"
+    ds.refresh()
+    assert ds.read_shard(0).equals(rows["a"]) and ds.stats(0)["by"] == "a"
+    assert ds.read_json("shards", "00000.commit.json")["attempt"] == "a"
+    assert ds.sweep_tmp() == 0 and not [p for p in ds.fs.find(ds.root) if TMP_MARK in p]
