@@ -234,6 +234,15 @@ def test_run_stopped_at_every_driver_step_then_rerun(ray_session, tmp_path):
         assert_same(out, want, f"stopped before {where}")
 
 
+def test_a_run_killed_while_recording_itself_is_resumed(ray_session, tmp_path):
+    """Killed after creating the plan folder, before its run record landed: the plain rerun runs."""
+    out = tmp_path / "out"
+    (out / "_plan").mkdir(parents=True)
+    (out / "_plan" / ("run.json" + TMP_MARK + "1234-dead")).write_text("{")
+    assert run_stage(SYNTH, str(tmp_path), str(out), config={"shards": 1, "rows_per_shard": 2})["kept"] == 2
+    assert verify(Dataset(str(out)))[0] == []
+
+
 def test_overwrite_stopped_at_every_step_then_rerun(ray_session, tmp_path):
     out, base = tmp_path / "out", tmp_path / "pristine"
     run_stage(SYNTH, str(tmp_path), str(out), config={"shards": 2, "rows_per_shard": 3, "seed": 2})
@@ -413,7 +422,7 @@ def test_retry_failed_stopped_at_every_step_then_rerun(failed_download):
         assert len(uids) == len(set(uids)) == 5, where
 
 
-def test_killed_retry_is_not_complete_and_the_plain_rerun_finishes_it(tmp_path, ray_session):
+def test_killed_retry_is_not_complete_and_the_plain_rerun_finishes_it(tmp_path, ray_session, monkeypatch):
     from dlserver import Server
 
     server = Server()
@@ -427,16 +436,18 @@ def test_killed_retry_is_not_complete_and_the_plain_rerun_finishes_it(tmp_path, 
         run_stage("download", inp, out, config=cfg)
         server.routes.healthy = True
 
-        def killed_after_planning(op: str, path: str) -> None:
-            if op == "rename" and path.endswith("/_plan/plan.json"):
-                raise Stop(path)
+        # killed as the retry records its plan (the new shard is planned, nothing ran yet)
+        real = Dataset.write_json
 
-        set_failpoint(killed_after_planning)
-        try:
-            with pytest.raises(Stop):
-                run_stage("download", inp, out, config=cfg, options=RunOptions(retry_failed=True))
-        finally:
-            set_failpoint(None)
+        def killed_at_plan(self, obj, *parts):
+            if parts[-1] == "plan.json":
+                raise Stop("/".join(parts))
+            return real(self, obj, *parts)
+
+        monkeypatch.setattr(Dataset, "write_json", killed_at_plan)
+        with pytest.raises(Stop):
+            run_stage("download", inp, out, config=cfg, options=RunOptions(retry_failed=True))
+        monkeypatch.setattr(Dataset, "write_json", real)
         summary = run_stage("download", inp, out, config=cfg)
         assert not summary["skipped"] and summary["kept"] == 3
         assert verify(Dataset(out))[0] == []
