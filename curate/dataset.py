@@ -173,21 +173,23 @@ class Dataset:
         return to_url(self.fs, self.shard_path(n, "tar"))
 
     def parent(self) -> Dataset | None:
-        """The curate dataset this one was made from, or None (a URL list, adopted tars)."""
+        """The dataset this one was made from, or None where its input was not a curate dataset (a
+        URL list, adopted tars: they hold no manifest)."""
         inp = (self.manifest() or self.read_json(PLAN_DIR, RUN_FILE) or {}).get("input") or {}
-        if "manifest" not in inp or not inp.get("url"):
+        if not inp.get("url") or "files" in inp:
             return None
-        return Dataset(inp["url"])
+        try:
+            parent = Dataset(inp["url"])
+            return parent if parent.is_complete() else None
+        except (OSError, ValueError):  # a file, or a location that cannot hold a dataset
+            return None
 
     def lineage(self, limit: int = 64) -> list[Dataset]:
         """This dataset and the complete datasets it was made from, oldest first."""
         chain, seen = [self], {self.url}
         while len(chain) < limit:
-            try:
-                parent = chain[-1].parent()
-                if parent is None or parent.url in seen or not parent.is_complete():
-                    break
-            except (OSError, ValueError):
+            parent = chain[-1].parent()
+            if parent is None or parent.url in seen:
                 break
             chain.append(parent)
             seen.add(parent.url)
