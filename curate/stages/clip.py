@@ -115,6 +115,15 @@ class ClipStage(Stage):
         wanted = "plan" if self.config.top_fraction is not None else "apply"
         return self.config.device if phase == wanted else None
 
+    def models(self) -> list[tuple[str, str, str | None]]:
+        return [("open_clip", self.config.model, self.config.pretrained)]
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        embeddings = {schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING}
+        # without embeddings: true the output drops them, even those the input carried
+        return (columns | {schema.CLIP_SCORE} | embeddings) if self.config.embeddings \
+            else (columns | {schema.CLIP_SCORE}) - embeddings
+
     def setup(self) -> None:
         # With top_fraction the plan already scored every shard; the apply only reads those scores.
         if self.config.top_fraction is None:
@@ -144,14 +153,14 @@ class ClipStage(Stage):
             self.concept_emb = self.clip.encode_texts(list(cfg.concepts))
 
     # -- scoring ------------------------------------------------------------------------------------
-    def score(self, table: pa.Table, ctx: ShardContext | None = None) -> pa.Table:
-        """New columns for ``table``'s rows: clip_score (null if undecodable), embeddings, clip_concept."""
+    def score(self, table: pa.Table, ds: Dataset, ctx: ShardContext | None = None) -> pa.Table:
+        """New columns for ``table``'s rows (rows of ``ds``): clip_score (null if undecodable), embeddings, clip_concept."""
         from curate.models.clip import embed_images
 
         self.load_model()
         cfg = self.config
         t0 = time.perf_counter()
-        images = read_images(table)
+        images = read_images(table, ds)
         t1 = time.perf_counter()
         img, ok = embed_images(self.clip, images, self.decoder, cfg.batch_size)
         t2 = time.perf_counter()
@@ -213,7 +222,7 @@ class ClipStage(Stage):
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         cfg = self.config
         if cfg.top_fraction is None:
-            scored = self.score(table, ctx)
+            scored = self.score(table, ctx.input, ctx)
             threshold = None
         else:
             threshold = ctx.output.read_json(PLAN_DIR, PLAN_SUBDIR, "threshold.json")
@@ -255,10 +264,12 @@ class ClipStage(Stage):
             return False
         if (cfg.embeddings or cfg.export_npy) and not {schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING} <= set(names):
             return False
-        made_by = [d.manifest() for d in (inp.lineage() if inp.is_complete() else []) if d.manifest().get("stage") == NAME]
-        if not made_by:
+        from curate.lineage import lineage
+
+        manifest = next((d.manifest() for d in lineage(inp).datasets if (d.manifest() or {}).get("stage") == NAME),
+                        None)
+        if manifest is None:
             return False
-        manifest = made_by[-1]  # the nearest clip run up the lineage
         made = manifest.get("config") or {}
         return (made.get("model"), made.get("pretrained")) == (cfg.model, cfg.pretrained)
 
@@ -359,9 +370,11 @@ def _score_shard(item: tuple[str, str, str, int]) -> tuple[int, str | None]:
         return n, None
     table = inp.read_shard(n)
     stage = _worker_stage(cfg_json)
-    scored = stage.score(table)
+    scored = stage.score(table, inp)
     scored = scored.add_column(0, schema.UID, table.column(schema.UID))
-    out.write_table(scored, *name)
+    buf = io.BytesIO()
+    pq.write_table(scored, buf, compression="zstd")
+    out.write_bytes(buf.getvalue(), *name)
     return n, stage.clip.device
 
 

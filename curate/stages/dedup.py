@@ -188,7 +188,7 @@ def _write_atomic(ds: Dataset, table: pa.Table, path: str) -> None:
     ds.write_table(table, posixpath.relpath(path, ds.root))
 
 
-# Long: one read of the shard computes every key (sha256, pHash, caption), so no image is decoded twice.
+# Over 80 lines: one read of the shard computes every key (sha256, pHash, caption), so no image is decoded twice.
 def _scan_shard(job: _ScanJob) -> dict[str, int]:
     """Phase 1 on one input shard: the keys file (skipped when a previous attempt wrote it)."""
     cfg = DedupConfig(**job.config)
@@ -229,8 +229,8 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
     ]
     if missing:
         # only the rows without a hash (or colour signature) are read back from their tars
-        ptr = inp.read_shard(job.shard, columns=list(schema.POINTER_COLUMNS)).take(missing)
-        blobs = read_images(ptr)
+        ptr = inp.read_shard(job.shard, columns=[*schema.POINTER_COLUMNS, schema.SHA256]).take(missing)
+        blobs = read_images(ptr, inp)
         new = phash.signatures_bytes(blobs, max_pixels=cfg.max_pixels)
         for i, blob, sig in zip(missing, blobs, new, strict=True):
             if sig is not None and (hashes[i] is None or colors[i] is None or crops[i] is None):
@@ -717,6 +717,11 @@ class DedupStage(Stage):
     name = NAME
     Config = DedupConfig
 
+    def needs(self) -> dict[str, str]:
+        if self.config.confirm != "clip":
+            return {}
+        return {schema.IMAGE_EMBEDDING: "set embeddings: true on a clip step before it, or confirm: color"}
+
     def check(self, input: Dataset | None) -> None:
         assert input is not None
         schema_ = input.schema()
@@ -802,7 +807,7 @@ class DedupStage(Stage):
         self._decide(ctx, cfg, shards, offsets, edges, undecodable)
         return shards
 
-    # Long: the duplicate kinds are settled in one pass over the clusters in the keep rule's order;
+    # Over 80 lines: the duplicate kinds are settled in one pass over the clusters in the keep rule's order;
     # splitting it needs the cluster state moved into its own class.
     def _decide(
         self,

@@ -286,7 +286,7 @@ class DownloadStage(Stage):
                 self._take_over(ctx.output, source, [u for u, s in zip(uids, retry_of, strict=True) if s == source])
         return out
 
-    # Long: the shard's event loop; fetches, decodes in threads and in-order tar writes share one
+    # Over 80 lines: the shard's event loop; fetches, decodes in threads and in-order tar writes share one
     # reorder buffer, and splitting it needs that state moved into its own class.
     async def _download(self, table: pa.Table, dup: list[bool], ctx: ShardContext):
         from curate.fetch import Fetcher
@@ -314,7 +314,7 @@ class DownloadStage(Stage):
         def cpu(data: bytes) -> tuple[Any, str | None, int | None, float]:
             p = process_image(data, cfg.image, keep_image=self._phash is not None)
             sha = hashlib.sha256(p.data).hexdigest() if p.data is not None else None
-            ph, t = (None, None), 0.0
+            ph, t = (None, None, None), 0.0
             if p.image is not None:
                 t = time.perf_counter()
                 try:
