@@ -368,10 +368,14 @@ class Dataset:
         attempt = attempt or new_attempt()
         exts = self._stage(n, kept, rejects, stats, attempt, tar_written, idx_text)
         record = {"attempt": attempt, "files": exts}
-        if not self._claim(n, record):
+        won = self._claim(n, record)
+        if not won and not self.recover_shard(n) and not self.is_committed(n):
+            # a claim whose attempt's files are gone (deleted by hand): it can never finish
+            self._drop_record(n, self.read_json(SHARDS, f"{self.shard_name(n)}.{RECORD_EXT}") or {})
+            won = self._claim(n, record)
+        if not won:
             for ext in exts:
                 self.delete(tmp_name(self.shard_path(n, ext), attempt))
-            self.recover_shard(n)
             return self.stats(n)
         self._publish(n, record)
         return stats
@@ -420,7 +424,18 @@ class Dataset:
         return [*exts, "parquet", "rejects.parquet", STATS_EXT]
 
     def _claim(self, n: int, record: dict[str, Any]) -> bool:
-        """Create shard ``n``'s commit record if there is none; False when another attempt has it."""
+        """Create shard ``n``'s commit record if there is none and the shard is not committed; False
+        when another attempt has it or has finished (its record is dropped once its files are in place,
+        so the stats file is checked again after the record is created)."""
+        if self.is_committed(n):
+            return False
+        won = self._create_record(n, record)
+        if won and self.is_committed(n):
+            self._drop_record(n, record)
+            return False
+        return won
+
+    def _create_record(self, n: int, record: dict[str, Any]) -> bool:
         final = self.shard_path(n, RECORD_EXT)
         data = _json_bytes(record)
         if _is_local(self.fs):
@@ -457,6 +472,13 @@ class Dataset:
                 pass
         self.sync_dir(self.path(SHARDS))
         self.sync_dir(self.path(REJECTS))
+        self._drop_record(n, record)
+
+    def _drop_record(self, n: int, record: dict[str, Any]) -> None:
+        """Delete shard ``n``'s commit record if it is still ``record`` (not a newer one)."""
+        current = self.read_json(SHARDS, f"{self.shard_name(n)}.{RECORD_EXT}")
+        if current is not None and current.get("attempt") == record.get("attempt"):
+            self.delete(self.shard_path(n, RECORD_EXT))
 
     def recover_shard(self, n: int) -> bool:
         """Finish a commit or rewrite of shard ``n`` left half done; True when one was finished."""
@@ -479,8 +501,11 @@ class Dataset:
         return sorted(done)
 
     def clear_shard(self, n: int) -> None:
-        """Remove every file of an uncommitted, unclaimed shard, left by a killed attempt."""
-        if self.is_committed(n) or self.fs.exists(self.shard_path(n, RECORD_EXT)):
+        """Remove every file of an uncommitted shard, left by a killed attempt. A commit that was
+        decided (its record names staged files that are all there) is finished instead."""
+        if self.recover_shard(n):
+            return
+        if self.is_committed(n):
             raise DatasetError(f"refusing to clear committed shard {self.shard_name(n)} of {self.url}")
         prefix = self.shard_name(n) + "."
         for folder in (SHARDS, REJECTS):
