@@ -32,6 +32,39 @@ def gather_with_grad(x: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()))
 
 
+class _ScaledCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the rows of ``scale * a @ b.T`` against column ``labels``.
+
+    Same value and gradients as ``F.cross_entropy(scale * a @ b.T, labels)``, but autograd keeps only
+    ``a``, ``b`` and one log-sum-exp per row: the (n, N) logits are rebuilt in the backward and turned
+    into the gradient in place, so one (n, N) fp32 matrix exists at a time instead of the logits, the
+    log-softmax and two gradients of that size.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, labels):
+        logits = (a @ b.T).float().mul_(scale.float())
+        rows = torch.arange(len(labels), device=labels.device)
+        picked = logits[rows, labels]
+        lse = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(a, b, scale, labels, lse)
+        return (lse - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, scale, labels, lse = ctx.saved_tensors
+        n = len(labels)
+        # softmax - one_hot, scaled by d(loss)/d(mean): the gradient w.r.t. the scaled logits
+        p = (a @ b.T).float().mul_(scale.float()).sub_(lse[:, None]).exp_()
+        p[torch.arange(n, device=p.device), labels] -= 1
+        p.mul_(grad / n)
+        pb = p @ b.float()  # (n, D)
+        grad_a = (pb * scale.float()).to(a.dtype)
+        grad_b = (p.T @ a.float()).mul_(scale.float()).to(b.dtype)
+        grad_scale = (pb * a.float()).sum().to(scale.dtype).reshape(scale.shape)
+        return grad_a, grad_b, grad_scale, None
+
+
 class Loss:
     """The recipe's loss for one rank; see the module docstring for the maths."""
 
@@ -47,19 +80,21 @@ class Loss:
         """This rank's share of the full-batch contrastive loss, weighted (rows: this rank's pairs)."""
         n = image_features.shape[0]
         all_text = gather_with_grad(text_features, self.world)
-        logits = logit_scale * image_features @ all_text.T  # (n, N): this rank's rows only
+        # Logits are (n, N): this rank's rows only. They are left unnamed, so each direction's logits are
+        # freed once its log-softmax has its output (which is all the backward keeps).
         if self.kind == "sigmoid":
             if logit_bias is None:
                 raise ValueError("the sigmoid loss needs a model with a logit_bias")
-            logits = logits + logit_bias
-            signs = -torch.ones_like(logits)
-            signs[torch.arange(n), torch.arange(n) + self.rank * n] = 1.0
-            loss = -F.logsigmoid(signs * logits.float()).sum() / n
+            logits = (logit_scale * image_features @ all_text.T + logit_bias).float()
+            # z * logit with z = -1 everywhere but the matching pairs (+1)
+            logits = -logits.index_put((torch.arange(n), torch.arange(n) + self.rank * n),
+                                       -logits.diagonal(self.rank * n), accumulate=False)
+            loss = -F.logsigmoid(logits).sum() / n
         else:
             all_image = gather_with_grad(image_features, self.world)
-            labels = torch.arange(n, device=logits.device) + self.rank * n
-            per_text = logit_scale * text_features @ all_image.T
-            loss = (F.cross_entropy(logits.float(), labels) + F.cross_entropy(per_text.float(), labels)) / 2
+            labels = torch.arange(n, device=image_features.device) + self.rank * n
+            loss = (_ScaledCrossEntropy.apply(image_features, all_text, logit_scale, labels)
+                    + _ScaledCrossEntropy.apply(text_features, all_image, logit_scale, labels)) / 2
         return self.contrastive_weight * loss
 
     def caption_tokens(self, texts: torch.Tensor) -> int:

@@ -315,3 +315,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert model.visual.transformer.grad_checkpointing
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_softmax_loss_value_and_gradients_match_plain_cross_entropy():
+    # Independent oracle: torch's cross-entropy over the full logits, both directions, halved.
+    from trainer.loss import Loss
+
+    torch.manual_seed(2)
+    leaves = [torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).requires_grad_() for _ in range(2)]
+    scale = torch.tensor(7.0, requires_grad=True)
+    got = Loss(kind="softmax", contrastive_weight=1.0, caption_weight=0.0, pad_id=0).contrastive(*leaves, scale)
+    got_grads = torch.autograd.grad(got, [*leaves, scale])
+    img, txt = leaves
+    logits = scale * img @ txt.T
+    labels = torch.arange(6)
+    ref = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    ref_grads = torch.autograd.grad(ref, [*leaves, scale])
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
