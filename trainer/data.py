@@ -448,7 +448,7 @@ class _Batches:
         samples = self.source.samples_at(positions)
         blobs = fetch(samples)
         pixels, bad = [], []
-        for p, s, (image, _) in zip(positions, samples, blobs, strict=True):
+        for p, (image, _) in zip(positions, blobs, strict=True):
             try:
                 aug = augment_params(self.cfg, self.seed, p, image_size_of(image)) if self.train else None
                 pixels.append(torch_pixels(image, aug, self.cfg, self.image_size))
@@ -578,7 +578,7 @@ class DaliLoader:
         try:
             (images,) = self.pipe.run()
         except RuntimeError:
-            found = [f"{s.tar}::{s.key}" for samples, blobs in self._fed for s, (image, _) in zip(samples, blobs)
+            found = [f"{s.tar}::{s.key}" for samples, blobs in self._fed for s, (image, _) in zip(samples, blobs, strict=True)
                      if _is_bad(image)]
             if not found:
                 raise

@@ -43,26 +43,32 @@ class _ScaledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, scale, labels):
-        logits = (a @ b.T).float().mul_(scale.float())
-        rows = torch.arange(len(labels), device=labels.device)
-        picked = logits[rows, labels]
-        lse = torch.logsumexp(logits, dim=1)
-        ctx.save_for_backward(a, b, scale, labels, lse)
+        ctx.save_for_backward(a, b, scale, labels)
+        with torch.autocast(a.device.type, enabled=False):  # fp32 logits in both passes, so they agree
+            logits = _logits(a, b, scale)
+            picked = logits[torch.arange(len(labels), device=labels.device), labels]
+            lse = torch.logsumexp(logits, dim=1)
+        ctx.lse = lse
         return (lse - picked).mean()
 
     @staticmethod
     def backward(ctx, grad):
-        a, b, scale, labels, lse = ctx.saved_tensors
+        a, b, scale, labels = ctx.saved_tensors
         n = len(labels)
-        # softmax - one_hot, scaled by d(loss)/d(mean): the gradient w.r.t. the scaled logits
-        p = (a @ b.T).float().mul_(scale.float()).sub_(lse[:, None]).exp_()
-        p[torch.arange(n, device=p.device), labels] -= 1
-        p.mul_(grad / n)
-        pb = p @ b.float()  # (n, D)
-        grad_a = (pb * scale.float()).to(a.dtype)
-        grad_b = (p.T @ a.float()).mul_(scale.float()).to(b.dtype)
-        grad_scale = (pb * a.float()).sum().to(scale.dtype).reshape(scale.shape)
+        with torch.autocast(a.device.type, enabled=False):
+            # softmax - one_hot, times d(loss)/d(logit) of the mean: the gradient w.r.t. the scaled logits
+            p = _logits(a, b, scale).sub_(ctx.lse[:, None]).exp_()
+            p[torch.arange(n, device=p.device), labels] -= 1
+            p.mul_(grad.float() / n)
+            pb = p @ b.float()  # (n, D)
+            grad_a = (pb * scale.float()).to(a.dtype)
+            grad_b = (p.T @ a.float()).mul_(scale.float()).to(b.dtype)
+            grad_scale = (pb * a.float()).sum().to(scale.dtype).reshape(scale.shape)
         return grad_a, grad_b, grad_scale, None
+
+
+def _logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (a.float() @ b.float().T).mul_(scale.float())
 
 
 class Loss:

@@ -331,6 +331,6 @@ def test_softmax_loss_value_and_gradients_match_plain_cross_entropy():
     labels = torch.arange(6)
     ref = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
     ref_grads = torch.autograd.grad(ref, [*leaves, scale])
-    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
     for g, r in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
