@@ -254,11 +254,12 @@ class Source:
         lo, hi = w * self.window, min((w + 1) * self.window, n)
         if not self.shuffle:
             return np.arange(lo, hi)
-        if self._epoch is None or self._epoch[0] != epoch:
+        current = self._epoch  # read once: the DALI loader's reader threads share this object
+        if current is None or current[0] != epoch:
             perm = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self._block_start))
             lengths = self._block_len[perm]
-            self._epoch = (epoch, self._block_start[perm], np.cumsum(lengths), lengths)
-        _, starts, ends, lengths = self._epoch
+            current = self._epoch = (epoch, self._block_start[perm], np.cumsum(lengths), lengths)
+        _, starts, ends, lengths = current
         pos = np.arange(lo, hi)
         b = np.searchsorted(ends, pos, side="right")  # the block each position falls in
         idx = starts[b] + pos - (ends[b] - lengths[b])

@@ -502,6 +502,9 @@ def load_checkpoint(path: Path, model, optimizer, recipe: Recipe, dist: Dist) ->
                    options=StateDictOptions(full_state_dict=True))
     # The data position is global (the same on every rank), so any world size continues the stream where
     # it stopped; samples found broken by any rank are known to all.
+    if any("position" not in s for s in ckpt["loaders"]):
+        raise SystemExit(f"{path} was written by an older trainer whose data order cannot be continued; "
+                         "use another --output or --resume never")
     positions = {s["position"] for s in ckpt["loaders"]}
     if len(positions) != 1:
         raise SystemExit(f"{path}: the ranks' data positions differ ({sorted(positions)}); the checkpoint is damaged")
