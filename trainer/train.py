@@ -146,7 +146,12 @@ def build_model(recipe: Recipe, cfg: dict, device: torch.device) -> torch.nn.Mod
         if path and not os.path.isfile(path):
             raise SetupError(f"pretrained weights not found: {path}")
     tag = m.pretrained if m.pretrained and not _is_path(m.pretrained) else None  # open_clip's own (strict)
-    model = open_clip.create_model(m.name, pretrained=tag, device=device, output_dict=True, **kwargs)
+    try:
+        model = open_clip.create_model(m.name, pretrained=tag, device=device, output_dict=True, **kwargs)
+    except (RuntimeError, OSError) as e:
+        if tag is None:
+            raise
+        raise SetupError(f"model.pretrained={tag} could not be loaded for {m.name}: {str(e).splitlines()[0]}") from e
     if m.pretrained and _is_path(m.pretrained):
         load_strict(model, read_state_dict(m.pretrained), f"model.pretrained={m.pretrained}", m)
     if m.pretrained_image:
@@ -321,7 +326,7 @@ def train_step(model, loss: Loss, micro: list[tuple[torch.Tensor, torch.Tensor]]
 
     Gradients are accumulated into ``.grad`` (the caller zeroes them and steps the optimiser).
     """
-    tokens = sum(loss.caption_tokens(t) for _, t in micro)
+    tokens = sum(loss.caption_tokens(t) for _, t in micro) if loss.caption_weight else 0
     # Pass 1 (only with accumulation): every micro-batch's embeddings without gradients, to stand in for
     # the others in pass 2. CoCa's full-vocabulary logits are dropped at once, never cached.
     cached: dict[str, list[torch.Tensor]] = {}
