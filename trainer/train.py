@@ -45,7 +45,7 @@ from trainer.schedule import set_lr, warmup_cosine
 log = logging.getLogger("trainer")
 
 
-class SetupError(Exception):
+class SetupError(ValueError):
     """A recipe that cannot run as asked (weights that do not fit, a loss the model cannot take): one line."""
 
 
