@@ -479,7 +479,10 @@ def retrieval_batches(val_shards, transform, batch: int, limit: int):
     """``batches_of(lo, hi)`` over the first ``limit`` samples of held-out shards, for ``retrieval``."""
     from trainer.data import Batch, index_samples
 
-    samples = index_samples(val_shards)[:limit]
+    samples = index_samples(val_shards)
+    if samples and isinstance(samples[0], list):  # one list per shard
+        samples = [s for shard in samples for s in shard]
+    samples = samples[:limit]
 
     def batches_of(lo: int, hi: int):
         items = [Item(s.tar, s.image[0], s.image[1], 0) for s in samples[lo:hi]]

@@ -417,8 +417,9 @@ def evaluate(model, tokenizer: Tokenizer, recipe: Recipe, val_shards, zeroshot_s
     """Held-out retrieval (recall@1/5/10, mean/median rank) and each zero-shot set's top-1/top-5; every
     rank encodes its own part of each set (trainer/eval.py)."""
     from trainer import eval as evalmod
+    from trainer.config import NORMALIZE
 
-    transform = datamod.torch_transform(recipe.data, image_size, train=False)
+    transform = evalmod.eval_transform(image_size, *NORMALIZE[recipe.data.normalize], recipe.data.interpolation)
     batch = recipe.eval.batch_size
     metrics: dict[str, float] = {}
     if val_shards is not None:

@@ -76,3 +76,23 @@ def write_cls_tars(root: Path, items: list[tuple[str, int]], per_tar: int = 12) 
                 w.add(f"{n:05d}{i:04d}", {"jpg": Path(path).read_bytes(), "cls": str(label),
                                           "json": json.dumps({"label": label})})
             w.close()
+
+
+def read_pairs(dataset: str | Path) -> list[tuple[str, bytes, str]]:
+    """(key, image bytes, caption) of every sample of a dataset's tars, in shard and member order."""
+    import tarfile
+
+    root = Path(dataset)
+    folder = root / "shards" if (root / "shards").is_dir() else root
+    out = []
+    for tar in sorted(folder.glob("*.tar")):
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(tar) as tf:
+            for info in tf:
+                if info.isreg():
+                    key, _, ext = info.name.partition(".")
+                    members.setdefault(key, {})[ext] = tf.extractfile(info).read()
+        for key, m in members.items():
+            image = next(m[e] for e in ("jpg", "jpeg", "png", "webp") if e in m)
+            out.append((key, image, m["txt"].decode("utf-8")))
+    return out

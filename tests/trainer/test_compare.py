@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from realsets import read_pairs
 
 from curate.cli import main as curate_main
 from curate.compare import RECALLS
@@ -33,12 +34,9 @@ def _cmd(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_shapes_variants_share_images_and_differ_in_half_the_captions(variants):
-    from trainer.data import find_shards, index_samples, read_member
-
-    a = index_samples(find_shards(variants / "clean"))
-    b = index_samples(find_shards(variants / "shuffled"))
-    assert [read_member(s.tar, s.image) for s in a] == [read_member(s.tar, s.image) for s in b]
-    moved = sum(read_member(x.tar, x.text) != read_member(y.tar, y.text) for x, y in zip(a, b, strict=True))
+    a, b = read_pairs(variants / "clean"), read_pairs(variants / "shuffled")
+    assert [x[1] for x in a] == [y[1] for y in b]
+    moved = sum(x[2] != y[2] for x, y in zip(a, b, strict=True))
     assert 0.35 * len(a) <= moved <= 0.5 * len(a)  # half are permuted; a few land on an equal caption
 
 
@@ -154,8 +152,6 @@ def test_variants_from_one_pipeline_differ_in_the_varied_setting_only(ray_sessio
 
     from curate.compare import pipeline_variants
     from curate.dataset import Dataset
-    from trainer.data import find_shards, index_samples, read_member
-
     write_shapes(tmp_path / "src", 2, seed=1)
     pipe = tmp_path / "pipe.yaml"
     pipe.write_text(yaml.safe_dump({
@@ -168,7 +164,7 @@ def test_variants_from_one_pipeline_differ_in_the_varied_setting_only(ray_sessio
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "export-caption_min_chars-14", "export-caption_min_chars-4", "filter-caption_min_chars-14",
         "filter-caption_min_chars-4", "import"]  # the step before the varied one ran once, shared
-    captions = [[read_member(s.tar, s.text).decode() for s in index_samples(find_shards(v.path))] for v in variants]
+    captions = [[c for _, _, c in read_pairs(v.path)] for v in variants]
     assert len(captions[0]) == 48
     assert sorted(captions[1]) == sorted(c for c in captions[0] if len(c) >= 14) and len(captions[1]) < 48
     assert Dataset(str(tmp_path / "out" / "filter-caption_min_chars-14")).manifest()["config"]["caption_min_chars"] == 14

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import COLORS, SHAPES, TINY, _image, read_metrics
-from realsets import write_cls_tars, write_imagefolder
+from realsets import read_pairs, write_cls_tars, write_imagefolder
 
 from trainer import eval as E
 from trainer.train import main as train_main
@@ -123,20 +123,18 @@ def test_retrieval_recall_and_ranks_match_a_direct_computation(trained, dataset)
     import open_clip
     from PIL import Image
 
-    from trainer.data import find_shards, index_samples, read_member
-
     _, evals = read_metrics(trained)
     final = evals[-1]
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{trained / 'model'}")
     model.eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{trained / 'model'}")
-    samples = index_samples(find_shards(dataset["val"], None))
+    pairs = read_pairs(dataset["val"])
     import io
 
     with torch.no_grad():
-        img = model.encode_image(torch.stack([preprocess(Image.open(io.BytesIO(read_member(s.tar, s.image))))
-                                              for s in samples]), normalize=True)
-        txt = model.encode_text(tokenizer([read_member(s.tar, s.text).decode() for s in samples]), normalize=True)
+        img = model.encode_image(torch.stack([preprocess(Image.open(io.BytesIO(b))) for _, b, _ in pairs]),
+                                 normalize=True)
+        txt = model.encode_text(tokenizer([c for _, _, c in pairs]), normalize=True)
     sims = (img @ txt.T).numpy()
     for name, s in (("image_to_text", sims), ("text_to_image", sims.T)):
         ranks = np.array([1 + (row > row[i]).sum() for i, row in enumerate(s)])
