@@ -141,3 +141,37 @@ def count_row(source, position: int) -> dict[str, float]:
     if not isinstance(source, MixSource):
         return {}
     return {f"data/{k}_samples": v for k, v in source.counts(position).items()}
+
+
+def resolve(specs: Sequence[str], recipe):
+    """(recipe, first dataset) from ``--data`` specs and the recipe's ``data.mix``.
+
+    Several ``--data`` or one with a weight become the recipe's mix (so the run records it and a resume
+    with another mix is refused); one plain ``--data`` is a single dataset; none takes the recipe's mix."""
+    from trainer.config import MixEntry
+
+    if not specs:
+        if not recipe.data.mix:
+            raise ValueError("no data: give --data EXPORT (or several: --data A:0.7 --data B:0.3) or data.mix")
+        return recipe, recipe.data.mix[0].path
+    parts = parse_data(specs)
+    if len(parts) == 1 and parts[0].path == specs[0]:  # one dataset, no weight
+        if recipe.data.mix:
+            raise ValueError("the recipe has data.mix and --data names one dataset: give one or the other")
+        return recipe, parts[0].path
+    mix = [MixEntry(path=p.path, weight=p.weight) for p in parts]
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"mix": mix})}), parts[0].path
+
+
+def make_source(recipe, data: str, seed: int):
+    """The training source: the one dataset, or a ``MixSource`` over the recipe's ``data.mix``."""
+    from trainer import data as datamod
+
+    if not recipe.data.mix:
+        return datamod.make_source(datamod.find_shards(data), recipe.data, seed=seed)
+    parts = parse_data([f"{e.path}:{e.weight!r}" for e in recipe.data.mix])
+    # each dataset its own order: seeds drawn from (seed, index), not the same permutation for all
+    sources = [datamod.make_source(datamod.find_shards(p.path), recipe.data,
+                                   seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+               for i, p in enumerate(parts)]
+    return MixSource(parts, sources, seed=seed)

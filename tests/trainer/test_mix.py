@@ -79,3 +79,74 @@ def test_parse_data():
     for bad in ("/x/a:0", "/x/a:-1", "/x/a:nan"):
         with pytest.raises(ValueError, match="positive number"):
             parse_data([bad])
+
+
+# ---------------------------------------------------------------- with the trainer
+
+
+@pytest.fixture(scope="module")
+def two_exports(tmp_path_factory):
+    from conftest import PAIRS, write_dataset
+
+    root = tmp_path_factory.mktemp("mix")
+    a = write_dataset(root / "A", PAIRS[:12] * 2, per_shard=12, seed=1)  # 24 samples
+    b = write_dataset(root / "B", PAIRS[12:] * 4, per_shard=24, seed=2)  # 48 samples
+    return root, set(a), set(b)
+
+
+def test_mixing_real_exports_draws_70_30_with_replacement(two_exports):
+    from trainer.config import load_recipe
+    from trainer.mix import MixSource, make_source, resolve
+
+    root, keys_a, keys_b = two_exports
+    recipe, first = resolve([f"{root / 'A'}:0.7", f"{root / 'B'}:0.3"], load_recipe(None))
+    assert first == str(root / "A") and [(e.path, e.weight) for e in recipe.data.mix] == [
+        (str(root / "A"), 0.7), (str(root / "B"), 0.3)]
+    source = make_source(recipe, first, seed=0)
+    assert isinstance(source, MixSource)
+    samples = source.samples_at(range(2000))
+    from_a = [s for s in samples if s.tar.startswith(str(root / "A"))]
+    assert abs(len(from_a) / 2000 - 0.7) <= 0.02
+    assert {s.key for s in from_a} == keys_a  # A (24 samples) is repeated: ~58 times each
+    assert {s.key for s in samples if s not in from_a} == keys_b
+    assert source.counts(2000) == {"A": len(from_a), "B": 2000 - len(from_a)}
+
+
+def test_a_mixed_run_logs_counts_and_resumes_exactly(two_exports, tmp_path):
+    import json
+
+    from conftest import TINY, read_metrics
+
+    from trainer.train import main
+
+    root, _, _ = two_exports
+    data = ["--data", f"{root / 'A'}:0.7", "--data", f"{root / 'B'}:0.3"]
+    sets = [*TINY, "data.loader=torch", "train.steps=8", "train.global_batch=8", "optim.lr=1e-3"]
+    assert main([*data, "--output", str(tmp_path / "full"), "--set", *sets]) == 0
+    assert main([*data, "--output", str(tmp_path / "cut"), "--set", *sets, "train.stop_at=4"]) == 0
+    assert main([*data, "--output", str(tmp_path / "cut"), "--set", *sets]) == 0
+    full, _ = read_metrics(tmp_path / "full")
+    cut, _ = read_metrics(tmp_path / "cut")
+    assert [r["loss"] for r in cut] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+    last = full[-1]
+    assert last["data/A_samples"] + last["data/B_samples"] == 64
+    # what the logged counts say is what the stream handed out in those 64 positions
+    from trainer.config import Recipe
+    from trainer.mix import make_source
+
+    recipe = json.loads((tmp_path / "full" / "recipe.json").read_text())
+    handed = make_source(Recipe.model_validate(recipe), str(root / "A"), seed=0).samples_at(range(64))
+    assert last["data/A_samples"] == sum(s.tar.startswith(str(root / "A")) for s in handed)
+    assert [m["weight"] for m in recipe["data"]["mix"]] == [0.7, 0.3]
+    # a resume with another mix is refused
+    other = ["--data", f"{root / 'A'}:0.5", "--data", f"{root / 'B'}:0.5"]
+    with pytest.raises(SystemExit, match="different recipe"):
+        main([*other, "--output", str(tmp_path / "full"), "--set", *sets, "train.steps=9"])
+
+
+def test_data_mistakes_exit_2(two_exports, tmp_path):
+    from trainer.train import main
+
+    root, _, _ = two_exports
+    for data in (["--data", f"{root / 'A'}:0"], ["--data", f"{root / 'A'}:0.7", "--data", str(tmp_path / "none")], []):
+        assert main([*data, "--output", str(tmp_path / "x"), "--set", "model.tiny=true"]) == 2, data
