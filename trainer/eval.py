@@ -99,7 +99,7 @@ def load_classnames(spec: str | None) -> list[str] | None:
     return names
 
 
-def _label_index(value, names: list[str] | None, where: str) -> int | str:
+def _label_index(value, where: str) -> int | str:
     """An int label as it is; a digit string as an int; any other string is a class name."""
     if isinstance(value, (int, np.integer)):
         return int(value)
@@ -133,7 +133,7 @@ def _tar_items(tars: list[Path], label: str) -> list[tuple[str, int, int, int | 
                     value = meta[label]
                 else:
                     raise ValueError(f"{where}: no .cls member and no .json to read the label {label!r} from")
-                out.append((str(tar), image.offset_data, image.size, _label_index(value, None, where)))
+                out.append((str(tar), image.offset_data, image.size, _label_index(value, where)))
     return out
 
 
@@ -151,7 +151,7 @@ def _dataset_items(root: str, label: str) -> list[tuple[str, int, int, int | str
         if missing:
             raise ValueError(f"{root}: shard {n} has no image pointers ({', '.join(missing)})")
         rows = zip(*(table.column(c).to_pylist() for c in [*cols, label]), strict=True)
-        out.extend((t, o, n_, _label_index(v, None, f"{root} shard {n}")) for t, o, n_, v in rows)
+        out.extend((t, o, n_, _label_index(v, f"{root} shard {n}")) for t, o, n_, v in rows)
     return out
 
 
@@ -561,9 +561,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_metrics(run: Path, row: dict, tensorboard: bool) -> None:
+    """Append the row to ``metrics.jsonl``, replacing the row an earlier run of the same eval wrote (same
+    step, same keys), so a rerun leaves the file as one run would."""
     run.mkdir(parents=True, exist_ok=True)
-    with (run / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    keep = [line for line in lines if line.strip() and not _same_eval(json.loads(line), row)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in [*keep, json.dumps(row)]))
+    os.replace(tmp, path)
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -571,6 +577,10 @@ def write_metrics(run: Path, row: dict, tensorboard: bool) -> None:
             for k, v in row.items():
                 if k != "step":
                     tb.add_scalar(k, v, row["step"])
+
+
+def _same_eval(old: dict, new: dict) -> bool:
+    return old.get("step") == new.get("step") and old.keys() == new.keys()
 
 
 if __name__ == "__main__":

@@ -327,7 +327,7 @@ class DownloadStage(Stage):
         def cpu(data: bytes) -> tuple[Any, str | None, int | None, float]:
             p = process_image(data, cfg.image, keep_image=self._phash is not None)
             sha = hashlib.sha256(p.data).hexdigest() if p.data is not None else None
-            ph, t = (None, None), 0.0
+            ph, t = (None, None, None), 0.0
             if p.image is not None:
                 t = time.perf_counter()
                 try:

@@ -15,7 +15,7 @@ from importer_builders import image_bytes, import_direct, raw_tar, write_img2dat
 
 from curate import schema
 from curate.dataset import Dataset, read_images
-from curate.phash import phash_bytes
+from curate.phash import phash_bytes, signatures_bytes
 from curate.wds import parse_index
 
 
@@ -82,6 +82,8 @@ def test_import_webdataset_library_folder(wds_folder, tmp_path):
         assert (r[schema.WIDTH], r[schema.HEIGHT]) == (96, 64)
         assert (r[schema.ORIGINAL_WIDTH], r[schema.ORIGINAL_HEIGHT]) == (96, 64)
         assert r[schema.PHASH] == phash_bytes([data])[0]  # the hash dedup would compute from bytes
+        # the colour signature and crop hashes, from the same decode, equal what dedup's rehash computes
+        assert (r[schema.COLOR_SIG], r[schema.PHASH_CROPS]) == signatures_bytes([data])[0][1:]
         assert Path(r[schema.IMAGE_TAR]).is_absolute() and r[schema.IMAGE_TAR].startswith(str(folder))
         assert len(r[schema.UID]) == 32
     assert len(set(t.column(schema.UID).to_pylist())) == 12
