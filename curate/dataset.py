@@ -28,8 +28,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import schema
-
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
@@ -168,6 +166,7 @@ class Dataset:
     def refresh(self) -> None:
         self._manifest = None
         self._digits = None
+        self._lineage = None  # curate.lineage's cache: a new manifest may name another input
         self.fs.invalidate_cache()
 
     def shard_ids(self) -> list[int]:
@@ -301,35 +300,12 @@ def empty_like(table: pa.Table) -> pa.Table:
 
 
 # -- image bytes behind pointers ----------------------------------------------------------------
-def read_images(table: pa.Table) -> list[bytes | None]:
-    """Image bytes for each row of ``table`` (aligned), via image_tar / image_offset / image_length.
+def read_images(table: pa.Table, ds: Dataset, why: list[str | None] | None = None) -> list[bytes | None]:
+    """Image bytes for each row of ``table``, rows of ``ds`` (aligned); None where refused. The pointers
+    are confined to ``ds``'s lineage and checked (tar member, sha256): see :mod:`curate.lineage`."""
+    from curate.lineage import read_images as confined
 
-    Each tar is opened once and read in offset order. A row whose pointer is missing or whose range
-    lies beyond the end of the tar gets None; the caller decides what that means for the row.
-    """
-    n = table.num_rows
-    out: list[bytes | None] = [None] * n
-    if n == 0 or schema.IMAGE_TAR not in table.column_names:
-        return out
-    tars = table.column(schema.IMAGE_TAR).to_pylist()
-    offsets = table.column(schema.IMAGE_OFFSET).to_pylist()
-    lengths = table.column(schema.IMAGE_LENGTH).to_pylist()
-    by_tar: dict[str, list[int]] = {}
-    for i, t in enumerate(tars):
-        if t is not None and offsets[i] is not None and lengths[i] is not None:
-            by_tar.setdefault(t, []).append(i)
-    for tar, rows in by_tar.items():
-        rows.sort(key=lambda i: offsets[i])
-        fs, path = url_to_fs(tar)
-        try:
-            with fs.open(path, "rb") as f:
-                for i in rows:
-                    f.seek(offsets[i])
-                    data = f.read(lengths[i])
-                    out[i] = data if len(data) == lengths[i] else None
-        except FileNotFoundError:
-            log.warning("image tar %s is missing", tar)
-    return out
+    return confined(table, ds, why)
 
 
 def sha256_hex(data: bytes) -> str:

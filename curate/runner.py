@@ -524,11 +524,14 @@ def prepare(
         input_id = {"url": input if "://" in input else os.path.abspath(input)}
     # files the config names and models against the input: refused here, before anything is written
     stage_cls(cfg).check(Dataset(input) if stage_cls.reads_dataset else None)
-    record = {
+    from curate.redact import redact
+
+    # what is recorded (run.json, the manifest) never holds a URL's password or a signed query
+    record = redact({
         "stage": stage,
         "config": resolved(cfg),
         "input": input_id,
-    }
+    })
     if check:
         check_output(Dataset(output), record)
     return stage_cls, cfg, record
@@ -624,6 +627,7 @@ def _run_stage(stage, input, output, config, sets, options, config_file, progres
         # this very run is still skipped (complete) or resumed (unfinished).
         if not options.overwrite:
             raise
+        refuse_foreign_overwrite(out)
         _remove_tree(out)
         out.refresh()
         state = check_output(out, record)
@@ -800,6 +804,8 @@ def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any],
         "stage": record["stage"],
         "config": record["config"],
         "input": record["input"],
+        # where it was written: a copy read elsewhere rebases its pointers from here (curate.lineage)
+        "location": out.url,
         "run": record,
         "code_version": curate.__version__,
         "owns_images": stage_cls.writes_images,
@@ -830,6 +836,14 @@ def _altered(by_shard: dict[str, Any]) -> dict[str, Any]:
     if rows <= MANIFEST_ALTERED_UIDS:
         out["uids"] = sorted(u for a in by_shard.values() for u in a.get("uids", []))
     return out
+
+
+def refuse_foreign_overwrite(out: Dataset) -> None:
+    """--overwrite deletes only a curate dataset (one with a manifest or a run record): a folder
+    curate did not write is refused with one line, nothing deleted."""
+    if out.manifest() is None and out.read_json(PLAN_DIR, "run.json") is None:
+        raise ConfigError(f"--overwrite: {out.url} is not a curate dataset (no _manifest.json or _plan/run.json), "
+                          "and curate deletes only what it wrote; choose another --output or empty it yourself")
 
 
 def _remove_tree(out: Dataset) -> None:

@@ -136,6 +136,21 @@ class Stage:
         config names can be read, a model fits the input's embeddings). Raise
         ``curate.config.ConfigError`` with one line saying what is wrong and how to fix it."""
 
+    def needs(self) -> dict[str, str]:
+        """Columns this config reads from its input, each with the fix to name when no earlier step of a
+        pipeline writes it; ``curate run`` checks every step against the steps before it, before any work."""
+        return {}
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        """The columns of this stage's output given its input's. Only columns a stage adds or drops
+        matter: the pipeline check follows what later steps ``need`` through them."""
+        return columns
+
+    def models(self) -> list[tuple[str, str, str | None]]:
+        """The models this config loads, as ``("open_clip", model, pretrained)`` or
+        ``("transformers", model, revision)``, for ``curate models`` to fetch ahead of a run."""
+        return []
+
     def plan(self, ctx: PlanContext) -> list[int] | None:
         """Global step before the per-shard apply. Return the shard numbers to apply, or None to
         apply once per committed shard of the input dataset."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -735,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
                       int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))), visible)
     except ValueError as e:
         log.error("bad recipe: %s", e)
+        return 2
+    if recipe.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        log.error("bad recipe: train.tensorboard=true needs the tensorboard package: pip install 'curate[tensorboard]'")
         return 2
     try:  # fail before any model is built when the data is not there
         recipe, data = mixmod.resolve(args.data, recipe)

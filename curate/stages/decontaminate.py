@@ -149,7 +149,7 @@ def _iter_blobs(ref: Reference, batch: int = 256):
         for _, t in ds.iter_shards():
             hashes = t.column(schema.PHASH).to_pylist() if schema.PHASH in t.column_names else None
             emb = t.column(schema.IMAGE_EMBEDDING) if schema.IMAGE_EMBEDDING in t.column_names else None
-            blobs = read_images(t) if hashes is None or any(h is None for h in hashes) else [None] * t.num_rows
+            blobs = read_images(t, ds) if hashes is None or any(h is None for h in hashes) else [None] * t.num_rows
             yield t.column(schema.UID).to_pylist(), blobs, hashes, emb
         return
     if kind in ("tar", "tars"):
@@ -280,7 +280,7 @@ class DecontaminateStage(Stage):
         todo = [i for i, h in enumerate(hashes) if h is None]
         if todo:
             t = time.perf_counter()
-            for i, h in zip(todo, phash_bytes(read_images(table.take(todo))), strict=True):
+            for i, h in zip(todo, phash_bytes(read_images(table.take(todo), ctx.input)), strict=True):
                 hashes[i] = h
             ctx.add_time("phash", time.perf_counter() - t)
         have = np.array([h is not None for h in hashes], dtype=bool)

@@ -231,8 +231,8 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
     ]
     if missing:
         # only the rows without a hash (or colour signature) are read back from their tars
-        ptr = inp.read_shard(job.shard, columns=list(schema.POINTER_COLUMNS)).take(missing)
-        blobs = read_images(ptr)
+        ptr = inp.read_shard(job.shard, columns=[*schema.POINTER_COLUMNS, schema.SHA256]).take(missing)
+        blobs = read_images(ptr, inp)
         new = phash.signatures_bytes(blobs, max_pixels=cfg.max_pixels)
         for i, blob, sig in zip(missing, blobs, new, strict=True):
             if sig is not None and (hashes[i] is None or colors[i] is None or crops[i] is None):
@@ -722,6 +722,11 @@ def missing_confirmation(cfg: DedupConfig, columns: list[str]) -> str | None:
 class DedupStage(Stage):
     name = NAME
     Config = DedupConfig
+
+    def needs(self) -> dict[str, str]:
+        if self.config.confirm != "clip":
+            return {}
+        return {schema.IMAGE_EMBEDDING: "set embeddings: true on a clip step before it, or confirm: color"}
 
     def check(self, input: Dataset | None) -> None:
         assert input is not None

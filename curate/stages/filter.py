@@ -71,9 +71,6 @@ class Blocklist(Frozen):
                 raise ValueError(f"bad regex {r!r}: {e}") from None
         return v
 
-    def empty(self) -> bool:
-        return not any(getattr(self, f) for f in type(self).model_fields)
-
 
 def _read_lines(url: str) -> list[str]:
     with fsspec.open(url, "rt", encoding="utf-8") as f:

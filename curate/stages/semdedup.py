@@ -80,6 +80,9 @@ class SemDedupStage(Stage):
 
     config: SemDedupConfig
 
+    def needs(self) -> dict[str, str]:
+        return {schema.IMAGE_EMBEDDING: "set embeddings: true on the last clip step before it"}
+
     def model_device(self, phase: str) -> str | None:
         # The plan's k-means asks for a GPU only where faiss can use one (the faiss-gpu build).
         if phase != "plan":

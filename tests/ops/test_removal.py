@@ -47,7 +47,7 @@ def _rows(ds: Dataset) -> dict[str, dict]:
     out = {}
     for folder, it in (("kept", ds.iter_shards()), ("rejected", ds.iter_rejects())):
         for _, t in it:
-            blobs = read_images(t)
+            blobs = read_images(t, ds)
             for row, blob in zip(t.to_pylist(), blobs, strict=True):
                 row.pop(schema.IMAGE_OFFSET, None)
                 out[row[schema.UID]] = {"row": row, "bytes": blob, "where": folder}
