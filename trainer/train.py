@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from trainer import data as datamod
+from trainer import mix as mixmod
 from trainer.config import TINY_OVERRIDES, ModelConfig, Recipe, TokenizerConfig, deep_merge, load_recipe
 from trainer.loss import Loss
 from trainer.schedule import set_lr, warmup_cosine
@@ -609,7 +610,7 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
             shutil.rmtree(out / "checkpoints")
 
     micro = recipe.micro_batch(dist.world)
-    source = datamod.make_source(datamod.find_shards(data), recipe.data, seed=recipe.train.seed)
+    source = mixmod.make_source(recipe, data, seed=recipe.train.seed)
     loader = datamod.make_loader(
         recipe.data.loader, source, recipe.data, state=loader_state, image_size=image_size,
         batch_size=micro, rank=dist.rank, world=dist.world, seed=recipe.train.seed,
@@ -681,7 +682,8 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
         if step % recipe.train.log_every == 0 or step == stop:
             elapsed = time.perf_counter() - t_log
             last = {"step": step, "lr": lr, **losses, "logit_scale": _full(unwrap(model).logit_scale).exp().item(),
-                    "samples_per_s": samples / elapsed, "data_wait_frac": wait / elapsed}
+                    "samples_per_s": samples / elapsed, "data_wait_frac": wait / elapsed,
+                    **mixmod.count_row(source, loader.state()["position"])}
             emit(last)
             if dist.main:
                 log.info("step %d loss %.4f lr %.3g %.1f samples/s (data wait %.0f%%)", step, losses["loss"], lr,
@@ -711,7 +713,9 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="exported dataset directory (shards/*.tar + .idx + sizes.json)")
+    p.add_argument("--data", action="append", default=[], metavar="EXPORT[:WEIGHT]",
+                   help="exported dataset (shards/*.tar + .idx + sizes.json); repeat with weights to mix "
+                        "several: --data A:0.7 --data B:0.3 (sampled with replacement)")
     p.add_argument("--recipe", help="recipe YAML (trainer/recipes/*.yaml); defaults if omitted")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. model.tiny=true train.global_batch=8 (repeatable)")
@@ -742,16 +746,18 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad recipe: train.tensorboard=true needs the tensorboard package: pip install 'curate[tensorboard]'")
         return 2
     try:  # fail before any model is built when the data is not there
-        datamod.find_shards(args.data)
+        recipe, data = mixmod.resolve(args.data, recipe)
+        for path in [e.path for e in recipe.data.mix] or [data]:
+            datamod.find_shards(path)
         if args.val_data:
-            datamod.find_val(args.data, args.val_data)
+            datamod.find_val(data, args.val_data)
         load_zeroshot_sets(recipe)
     except (OSError, ValueError) as e:
         log.error("bad data: %s", e)
         return 2
     output = args.output or str(Path("runs") / recipe.name)
     try:
-        result = train(recipe, data=args.data, output=output, val=args.val_data, resume=args.resume)
+        result = train(recipe, data=data, output=output, val=args.val_data, resume=args.resume)
     except SetupError as e:
         log.error("cannot train: %s", e)
         return 2
