@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import re
 import warnings
 from typing import Literal
 
@@ -126,11 +127,20 @@ class Processed:
     resize_seconds: float = 0.0
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def error_text(e: BaseException) -> str:
+    """``Type: message`` of a decoder's exception, without object reprs (Pillow names the stream it
+    read, ``<_io.BytesIO object at 0x7f...>``): reasons are data, the same on every run."""
+    return f"{type(e).__name__}: {_OBJECT_REPR.sub('the image', str(e))}"
+
+
 class ImageRejected(ValueError):
     """The bytes are an image we refuse to store; ``status`` is the img2dataset-style status."""
 
     def __init__(self, status: str, message: str, why: str = "undecodable"):
-        super().__init__(message)
+        super().__init__(_OBJECT_REPR.sub("the image", message))
         self.status = status
         self.why = why  # "too_many_pixels" or "undecodable": the reason for callers without statuses
 
@@ -176,7 +186,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise ImageRejected("failed_to_decode", "not an image in an accepted format "
                                 f"({', '.join(allowed)})") from None
         except Exception as e:  # noqa: BLE001 - any parser error means "not an image we can read"
-            raise ImageRejected("failed_to_decode", f"not a decodable image: {type(e).__name__}: {e}") from None
+            raise ImageRejected("failed_to_decode", f"not a decodable image: {error_text(e)}") from None
     if img.format not in allowed and not any(img.format in _ALSO.get(f, ()) for f in allowed):
         raise ImageRejected("failed_to_decode", f"image format {img.format} is not accepted")
     w, h = img.size
@@ -209,7 +219,7 @@ def probe(data: bytes, cfg: ImageConfig) -> Image.Image:
         # Frame counts come from the container headers (GIF/TIFF/APNG/WebP), not from decoding.
         frames = int(getattr(img, "n_frames", 1) or 1)
     except Exception as e:  # noqa: BLE001
-        raise ImageRejected("failed_to_decode", f"unreadable frames: {type(e).__name__}: {e}") from None
+        raise ImageRejected("failed_to_decode", f"unreadable frames: {error_text(e)}") from None
     if frames > 1:
         img.seek(0)
     if w * h * frames > cfg.max_total_pixels:
@@ -267,7 +277,7 @@ def process_image(data: bytes, cfg: ImageConfig, keep_image: bool = False) -> Pr
         try:
             img.load()
         except Exception as e:  # noqa: BLE001 - truncated / corrupt data
-            raise ImageRejected("failed_to_decode", f"decode error: {type(e).__name__}: {e}") from None
+            raise ImageRejected("failed_to_decode", f"decode error: {error_text(e)}") from None
         if orientation != 1:
             img = ImageOps.exif_transpose(img)
         t1 = time.perf_counter()
@@ -314,7 +324,7 @@ def process_image(data: bytes, cfg: ImageConfig, keep_image: bool = False) -> Pr
     except ImageRejected as e:
         return Processed(status=e.status, error=str(e), decode_seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - a per-row failure is data, never a crashed shard
-        return Processed(status="failed_to_resize", error=f"{type(e).__name__}: {e}",
+        return Processed(status="failed_to_resize", error=error_text(e),
                          decode_seconds=time.perf_counter() - t0)
 
 

@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 
 from curate import schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, read_images, url_to_fs, write_parquet
+from curate.dataset import PLAN_DIR, Dataset, read_images, url_to_fs
 from curate.stage import Frozen, PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,7 @@ class DecontaminateStage(Stage):
             raise ConfigError("decontaminate: no reference image decodes and none has an embedding; "
                               "nothing to check against")
         out = ctx.output
-        out.fs.makedirs(out.path(PLAN_DIR, PLAN_SUBDIR), exist_ok=True)
-        write_parquet(table, out.path(PLAN_DIR, PLAN_SUBDIR, REFERENCE_FILE), out.fs)
+        out.write_table(table, PLAN_DIR, PLAN_SUBDIR, REFERENCE_FILE)
         summary = {"sets": summary, "radius": self.config.radius, "clip_threshold": self.config.clip_threshold,
                    "seconds": time.perf_counter() - t}
         out.write_json(summary, PLAN_DIR, PLAN_SUBDIR, SUMMARY_FILE)

@@ -47,7 +47,7 @@ from pydantic import Field, field_validator
 from curate import phash, schema
 from curate.config import ConfigError
 from curate.dataset import PLAN_DIR, Dataset, to_url, uid_for, url_to_fs
-from curate.images import SAFE_FORMATS, ImageFormat, ImageRejected, open_image
+from curate.images import SAFE_FORMATS, ImageFormat, ImageRejected, error_text, open_image
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 from curate.wds import IDX_VERSION, TarScan, iter_tar
 
@@ -292,7 +292,7 @@ def _decode(data: bytes, cfg: ImportConfig, signature) -> tuple[int, int, tuple[
         phash.draft(img)
         img.load()
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data
-        raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
+        raise _Reject("undecodable", error_text(e)) from None
     return w, h, (signature(img) if signature is not None else None)
 
 
@@ -432,6 +432,7 @@ class ImportStage(Stage):
     name = STAGE
     Config = ImportConfig
     reads_dataset = False
+    fingerprints_input = True
 
     def __init__(self, config: ImportConfig):
         super().__init__(config)

@@ -1,4 +1,4 @@
-"""recaption: a vision-language model writes a new caption for every image (DESIGN §4).
+"""recaption: a vision-language model writes a new caption for every image (ARCHITECTURE §4).
 
 Runs as an actor pool holding the model (``uses_model``); one call per shard, so a killed run redoes
 only the shards that were not committed. Per shard, rows are batched (:meth:`VLM.plan_batches`:
