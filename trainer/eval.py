@@ -561,9 +561,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_metrics(run: Path, row: dict, tensorboard: bool) -> None:
+    """Append the row to ``metrics.jsonl``, replacing the row an earlier run of the same eval wrote (same
+    step, same keys), so a rerun leaves the file as one run would."""
     run.mkdir(parents=True, exist_ok=True)
-    with (run / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    keep = [line for line in lines if line.strip() and not _same_eval(json.loads(line), row)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in [*keep, json.dumps(row)]))
+    os.replace(tmp, path)
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -571,6 +577,10 @@ def write_metrics(run: Path, row: dict, tensorboard: bool) -> None:
             for k, v in row.items():
                 if k != "step":
                     tb.add_scalar(k, v, row["step"])
+
+
+def _same_eval(old: dict, new: dict) -> bool:
+    return old.get("step") == new.get("step") and old.keys() == new.keys()
 
 
 if __name__ == "__main__":

@@ -234,9 +234,17 @@ def test_01_every_cluster_manifest_requires_a_token_for_the_job_api():
             assert "export RAY_AUTH_MODE=token" in text and "RAY_AUTH_MODE=disabled" not in text, path
             continue
         docs = [d for d in yaml.safe_load_all(text) if d]
-        if any(d.get("kind") in ("RayCluster", "RayJob") for d in docs):
-            flags = [f for d in docs for f in _env_token(d)]
-            assert flags and all(flags), f"{path.name}: a container starts Ray without RAY_AUTH_MODE=token"
+        for d in docs:
+            # a RayJob with rayClusterSpec starts a cluster; one with a clusterSelector uses an existing one
+            spec = d.get("spec", {}) if d.get("kind") == "RayCluster" else \
+                d.get("spec", {}).get("rayClusterSpec") if d.get("kind") == "RayJob" else None
+            if not spec:
+                continue
+            # KubeRay's own token mode (the operator makes every Ray container use it), or each
+            # container's environment
+            flags = _env_token(spec)
+            assert (spec.get("authOptions") or {}).get("mode") == "token" or (flags and all(flags)), \
+                f"{path.name}: {d['metadata']['name']} starts Ray without token auth"
         for cmd in _ray_start_commands(path):
             assert "RAY_AUTH_MODE=token" in cmd, f"{path.name}: {cmd!r} starts Ray without token auth"
     aws = yaml.safe_load((ROOT / "infra" / "aws-cluster.yaml").read_text())

@@ -213,3 +213,35 @@ def test_a_drafted_jpeg_keeps_its_colour():
     lab = rgb2lab(np.array([[(200, 30, 30)]], np.uint8))[0, 0]
     cells = np.frombuffer(sig, np.uint8).reshape(16, 3).astype(int)
     assert np.abs(cells[:, 1] - (lab[1] + 128)).max() <= 3 and np.abs(cells[:, 2] - (lab[2] + 128)).max() <= 3
+
+
+def test_srgb_to_lab_equals_scikit_image():
+    # a grid over the cube plus the dark colours where sRGB's curve switches from linear to power
+    v = [0, 1, 3, 5, 8, 10, 11, 12, 20, 64, 128, 200, 254, 255]
+    rgb = np.array([(r, g, b) for r in v for g in v[::3] for b in v[::2]], np.uint8)
+    ours = phash._srgb_to_lab(rgb.astype(np.float64))
+    ref = rgb2lab(rgb[None])[0]
+    assert np.abs(ours - ref).max() < 0.05
+
+
+def test_grey_images_get_a_neutral_colour_signature():
+    for mode, img in (("L", Image.new("L", (64, 64), 128)), ("LA", Image.new("LA", (64, 64), (128, 255))),
+                      ("I;16", Image.new("L", (64, 64), 128).convert("I;16"))):
+        _, sig, _ = phash.signature_pil(img)
+        cells = np.frombuffer(sig, np.uint8).reshape(16, 3).astype(int)
+        lab = rgb2lab(np.array([[(128, 128, 128)]], np.uint8))[0, 0]
+        assert np.abs(cells[:, 0] - round(lab[0] * 2.55)).max() <= 1, mode
+        assert set(cells[:, 1].tolist()) <= {127, 128, 129} and set(cells[:, 2].tolist()) <= {127, 128, 129}, mode
+
+
+def test_a_batch_gives_each_image_its_own_three_signals():
+    rng = np.random.default_rng(6)
+    blobs = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (50 + 10 * i, 70, 3), dtype=np.uint8)).save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    batch = phash.signatures_bytes([blobs[0], None, *blobs[1:], b"junk"])
+    single = [phash.signatures_bytes([b])[0] for b in blobs]
+    assert batch == [single[0], None, *single[1:], None]
+    assert all(len(s[1]) == phash.COLOR_BYTES and len(s[2]) == phash.CROP_BYTES for s in single)

@@ -104,11 +104,17 @@ def test_zeroshot_top1_equals_open_clips_own_zero_shot_code(trained, sets):
                      str(root / "classnames.txt"), "--templates", str(root / "templates.txt"), "--output", str(out),
                      "--tensorboard", *extra])
         assert rc == 0
-        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        row = json.loads(rows[-1])
         assert row["step"] == 60
         assert row[f"zeroshot/{layout}/top1"] == pytest.approx(top1, abs=1e-6), layout
         assert row[f"zeroshot/{layout}/top5"] == pytest.approx(top5, abs=1e-6), layout
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # a rerun of the same eval replaces its row instead of adding a second one
+    assert E.main(["--checkpoint", str(trained), "--zeroshot", str(root / "real"), "--classnames",
+                   str(root / "classnames.txt"), "--templates", str(root / "templates.txt"), "--output",
+                   str(root / "standalone-real")]) == 0
+    assert len((root / "standalone-real" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_zeroshot_on_learned_colours_is_far_above_chance(trained):

@@ -117,3 +117,86 @@ def test_accumulated_step_equals_one_whole_batch_step(k):
         # the temperature's gradient is counted once, not once per micro-batch
         torch.testing.assert_close(grads[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
     assert want["logit_scale"].abs() > 1e-4  # so the check above can see a k-fold count
+
+
+class SyncToy(Toy):
+    """Records, per forward pass, whether gradient sync was on: DDP's ``no_sync`` context, or FSDP2's
+    ``set_requires_gradient_sync`` switch (``style``), and outputs a logit bias as SigLIP models do."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-1.0))
+        self.sync, self.seen, self.style = True, [], style
+
+    @contextlib.contextmanager
+    def _no_sync(self):
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+    def __getattr__(self, name):
+        if name == "no_sync" and self.__dict__.get("style") == "ddp":
+            return self._no_sync
+        if name == "set_requires_gradient_sync" and self.__dict__.get("style") == "fsdp":
+            return lambda on: self.__dict__.__setitem__("sync", on)
+        return super().__getattr__(name)
+
+    def forward(self, images, texts):
+        self.seen.append(self.sync)
+        return {**super().forward(images, texts), "logit_bias": self.logit_bias}
+
+
+@pytest.mark.parametrize("style", ["ddp", "fsdp", "none"])
+def test_gradients_sync_on_the_last_micro_batch_only(style):
+    loss = make_loss(load_recipe(None, []), Dist(), is_coca=False, pad_id=0)
+    g = torch.Generator().manual_seed(3)
+    images, texts = torch.randn(8, 6, generator=g), torch.randint(0, 20, (8, 3), generator=g)
+    model = SyncToy(style)
+    micro = [(images[i:i + 2], texts[i:i + 2]) for i in range(0, 8, 2)]
+    got = train_step(model, loss, micro, contextlib.nullcontext)
+    # pass 1 (no gradients) then pass 2: sync off for every backward but the last
+    off = style != "none"
+    assert model.seen == [True] * 4 + [not off] * 3 + [True]
+    assert model.sync is True  # switched back on afterwards
+    whole = SyncToy(style)
+    want = train_step(whole, loss, [(images, texts)], contextlib.nullcontext)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+
+class CocaToy(Toy):
+    """A toy CoCa: also next-token logits over a 20-token vocabulary and the labels they predict."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(5, 20)
+
+    def forward(self, images, texts):
+        out = super().forward(images, texts)
+        tokens = self.txt(texts) + self.img(images)[:, None, :]
+        return {**out, "logits": self.head(tokens)[:, :-1], "labels": texts[:, 1:]}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_coca_step_reports_both_losses_and_accumulates_exactly(k):
+    r = load_recipe(None, ["loss.caption_weight=2.0"])
+    loss = make_loss(r, Dist(), is_coca=True, pad_id=0)
+    g = torch.Generator().manual_seed(4)
+    images, texts = torch.randn(4, 6, generator=g), torch.randint(0, 20, (4, 5), generator=g)
+    whole_model = CocaToy()
+    whole = train_step(whole_model, loss, [(images, texts)], contextlib.nullcontext)
+    assert set(whole) == {"loss", "contrastive_loss", "caption_loss"}
+    assert whole["loss"] == pytest.approx(whole["contrastive_loss"] + whole["caption_loss"], rel=1e-6)
+    with torch.no_grad():
+        out = whole_model(images, texts)
+        cap = F.cross_entropy(out["logits"].reshape(-1, 20), out["labels"].reshape(-1), ignore_index=0)
+    assert whole["caption_loss"] == pytest.approx(2.0 * cap.item(), rel=1e-5)
+    model = CocaToy()
+    step = 4 // k
+    got = train_step(model, loss, [(images[i:i + step], texts[i:i + step]) for i in range(0, 4, step)],
+                     contextlib.nullcontext)
+    assert got == pytest.approx(whole, rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, dict(whole_model.named_parameters())[name].grad, rtol=1e-4,
+                                   atol=1e-6, msg=name)
