@@ -268,6 +268,10 @@ class Dataset:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
+    def plan_store(self, sub: str) -> PlanStore:
+        """The files a stage keeps under ``_plan/<sub>/`` (ARCHITECTURE §4)."""
+        return PlanStore(self, sub)
+
     # -- state --------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any] | None:
         if self._manifest is None:
@@ -659,6 +663,50 @@ def empty_like(table: pa.Table) -> pa.Table:
     return table.schema.empty_table()
 
 # -- image bytes behind pointers ----------------------------------------------------------------
+class PlanStore:
+    """One stage's plan files in an output dataset: ``_plan/<sub>/...``, what its plan computed once
+    and its shards read (keys, decisions, thresholds, reference hashes). Every write goes through the
+    dataset's one writer (a temp name, then a rename; fsynced when the dataset is durable), every
+    delete through its failpoint, and ``--overwrite`` removes the store with the rest of ``_plan/``.
+    Stages name their files relative to the store and never build ``_plan`` paths themselves."""
+
+    def __init__(self, ds: Dataset, sub: str):
+        self.ds, self.sub = ds, sub
+
+    def path(self, *parts: str) -> str:
+        return self.ds.path(PLAN_DIR, self.sub, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.ds.fs.exists(self.path(*parts))
+
+    def write_table(self, table: pa.Table, *parts: str, row_group_sizes: Sequence[int] | None = None) -> None:
+        self.ds.write_table(table, PLAN_DIR, self.sub, *parts, row_group_sizes=row_group_sizes)
+
+    def read_table(self, *parts: str, columns: Sequence[str] | None = None, filters: Any = None) -> pa.Table:
+        return pq.read_table(self.path(*parts), columns=None if columns is None else list(columns),
+                             filters=filters, filesystem=self.ds.fs)
+
+    def read_schema(self, *parts: str) -> pa.Schema:
+        return pq.read_schema(self.path(*parts), filesystem=self.ds.fs)
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.ds.write_json(obj, PLAN_DIR, self.sub, *parts)
+
+    def read_json(self, *parts: str) -> Any | None:
+        return self.ds.read_json(PLAN_DIR, self.sub, *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        self.ds.write_bytes(data, PLAN_DIR, self.sub, *parts)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.ds.fs.open(self.path(*parts), "rb") as f:
+            return f.read()
+
+    def delete(self, *parts: str) -> None:
+        """Remove a file or folder of the store (intermediate files once they are used)."""
+        self.ds.delete(self.path(*parts), recursive=True)
+
+
 def read_images(table: pa.Table, ds: Dataset, why: list[str | None] | None = None) -> list[bytes | None]:
     """Image bytes for each row of ``table``, rows of ``ds`` (aligned); None where refused. The pointers
     are confined to ``ds``'s lineage and checked (tar member, sha256): see :mod:`curate.lineage`."""

@@ -21,7 +21,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from curate.dataset import Dataset
+    from curate.dataset import Dataset, PlanStore
     from curate.wds import TarWriter
 
 
@@ -74,6 +74,10 @@ class PlanContext:
     # model uses one), so whatever ``fn`` caches per process (a loaded model) serves many items.
     map: Callable[..., list[Any]]
 
+    def plan_store(self, sub: str) -> PlanStore:
+        """The stage's own plan files in the output (``_plan/<sub>/``)."""
+        return self.output.plan_store(sub)
+
 
 @dataclasses.dataclass
 class ShardContext:
@@ -96,6 +100,10 @@ class ShardContext:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     on_rows: Callable[[int], None] | None = None  # set by the runner when someone watches progress
+
+    def plan_store(self, sub: str) -> PlanStore:
+        """The stage's own plan files in the output (``_plan/<sub>/``), as its plan wrote them."""
+        return self.output.plan_store(sub)
 
     def rows_done(self, n: int) -> None:
         """Tell the driver how many of this shard's rows are finished, for progress only (the

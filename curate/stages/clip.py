@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from curate import schema
-from curate.dataset import PLAN_DIR, Dataset, read_images, to_url, url_to_fs
+from curate.dataset import Dataset, read_images, to_url, url_to_fs
 from curate.stage import PlanContext, Resources, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class ClipStage(Stage):
             files = [to_url(ctx.input.fs, ctx.input.shard_path(n, "parquet")) for n in shards]
             threshold = top_threshold(files, self.config.top_fraction, ctx.map)
             threshold["source"] = "input"
-            ctx.output.write_json(threshold, PLAN_DIR, PLAN_SUBDIR, "threshold.json")
+            ctx.plan_store(PLAN_SUBDIR).write_json(threshold, "threshold.json")
             log.info("clip top_fraction %s over the input's own scores: keep %d of %d", self.config.top_fraction,
                      threshold["keep"], threshold["scored"])
             return shards
@@ -207,13 +207,14 @@ class ClipStage(Stage):
         # one); the apply that follows reads the cached scores and needs no model at all.
         scored = ctx.map(_score_shard, [(cfg_json, ctx.input.url, ctx.output.url, n) for n in shards], model=True)
         t_score = time.perf_counter() - t
-        files = [ctx.output.url_of(*_score_file(ctx.input, n)) for n in shards]
+        store = ctx.plan_store(PLAN_SUBDIR)
+        files = [to_url(ctx.output.fs, store.path(_score_file(ctx.input, n))) for n in shards]
         threshold = top_threshold(files, self.config.top_fraction, ctx.map)
         threshold["score_seconds"] = t_score
         # where the scores were computed ("cuda:0", "cpu"; None: a previous attempt's file was reused)
         threshold["score_devices"] = sorted({str(d) for _, d in scored})
         threshold["source"] = "plan"
-        ctx.output.write_json(threshold, PLAN_DIR, PLAN_SUBDIR, "threshold.json")
+        ctx.plan_store(PLAN_SUBDIR).write_json(threshold, "threshold.json")
         log.info("clip top_fraction %s: keep %d of %d scored rows (threshold %s)", self.config.top_fraction,
                  threshold["keep"], threshold["scored"], threshold["score"])
         return shards
@@ -225,15 +226,15 @@ class ClipStage(Stage):
             scored = self.score(table, ctx.input, ctx)
             threshold = None
         else:
-            threshold = ctx.output.read_json(PLAN_DIR, PLAN_SUBDIR, "threshold.json")
+            threshold = ctx.plan_store(PLAN_SUBDIR).read_json("threshold.json")
             if threshold is None:
                 raise RuntimeError(f"{ctx.output.url}: clip threshold.json missing; rerun with --overwrite")
             if threshold["source"] == "input":
                 scored = pa.table({})  # the input's own clip_score (and embeddings) stay as they are
             else:
                 assert ctx.input is not None
-                path = ctx.output.path(*_score_file(ctx.input, ctx.shard))
-                scored = pq.read_table(path, filesystem=ctx.output.fs)
+                path = _score_file(ctx.input, ctx.shard)
+                scored = ctx.plan_store(PLAN_SUBDIR).read_table(path)
                 if scored.column(schema.UID).to_pylist() != table.column(schema.UID).to_pylist():
                     raise RuntimeError(f"plan scores {path} do not match input shard {ctx.shard}; "
                                        "rerun with --overwrite")
@@ -316,7 +317,7 @@ class ClipStage(Stage):
             "concept_action": cfg.concept_action,
         }
         if cfg.top_fraction is not None:
-            th = output.read_json(PLAN_DIR, PLAN_SUBDIR, "threshold.json") or {}
+            th = output.plan_store(PLAN_SUBDIR).read_json("threshold.json") or {}
             info["top_fraction"] = {
                 "fraction": cfg.top_fraction, "keep": th.get("keep"), "of_scored": th.get("scored"),
                 "threshold_score": th.get("score"),
@@ -331,8 +332,9 @@ class ClipStage(Stage):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def _score_file(inp: Dataset, n: int) -> tuple[str, ...]:
-    return (PLAN_DIR, PLAN_SUBDIR, "scores", f"{inp.shard_name(n)}.parquet")
+def _score_file(inp: Dataset, n: int) -> str:
+    """Input shard n's scores, in the clip plan store."""
+    return f"scores/{inp.shard_name(n)}.parquet"
 
 
 def _embedding_array(x: np.ndarray, ok: np.ndarray) -> pa.Array:
@@ -364,9 +366,9 @@ def _score_shard(item: tuple[str, str, str, int]) -> tuple[int, str | None]:
     returns (n, the model's device, or None when the file was there)."""
     cfg_json, input_url, output_url, n = item
     inp = Dataset(input_url)
-    out = Dataset(output_url)
+    store = Dataset(output_url).plan_store(PLAN_SUBDIR)
     name = _score_file(inp, n)
-    if out.exists(*name):
+    if store.exists(name):
         return n, None
     table = inp.read_shard(n)
     stage = _worker_stage(cfg_json)
@@ -374,7 +376,7 @@ def _score_shard(item: tuple[str, str, str, int]) -> tuple[int, str | None]:
     scored = scored.add_column(0, schema.UID, table.column(schema.UID))
     buf = io.BytesIO()
     pq.write_table(scored, buf, compression="zstd")
-    out.write_bytes(buf.getvalue(), *name)
+    store.write_bytes(buf.getvalue(), name)
     return n, stage.clip.device
 
 

@@ -30,12 +30,11 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from curate import schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, read_images, url_to_fs
+from curate.dataset import Dataset, read_images, url_to_fs
 from curate.stage import Frozen, PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -236,11 +235,11 @@ class DecontaminateStage(Stage):
         if not any(s["hashed"] or s["embeddings"] for s in summary.values()):
             raise ConfigError("decontaminate: no reference image decodes and none has an embedding; "
                               "nothing to check against")
-        out = ctx.output
-        out.write_table(table, PLAN_DIR, PLAN_SUBDIR, REFERENCE_FILE)
+        store = ctx.plan_store(PLAN_SUBDIR)
+        store.write_table(table, REFERENCE_FILE)
         summary = {"sets": summary, "radius": self.config.radius, "clip_threshold": self.config.clip_threshold,
                    "seconds": time.perf_counter() - t}
-        out.write_json(summary, PLAN_DIR, PLAN_SUBDIR, SUMMARY_FILE)
+        store.write_json(summary, SUMMARY_FILE)
         log.info("decontaminate: %d reference images in %d set(s)", table.num_rows, len(summary["sets"]))
         return None
 
@@ -248,10 +247,10 @@ class DecontaminateStage(Stage):
         if self._ref is None:
             from curate.hashindex import HashIndex
 
-            path = out.path(PLAN_DIR, PLAN_SUBDIR, REFERENCE_FILE)
-            if not out.fs.exists(path):
+            store = out.plan_store(PLAN_SUBDIR)
+            if not store.exists(REFERENCE_FILE):
                 raise RuntimeError(f"{out.url}: decontaminate reference {REFERENCE_FILE} is missing; rerun with --overwrite")
-            t = pq.read_table(path, filesystem=out.fs)
+            t = store.read_table(REFERENCE_FILE)
             labels = [f"{s}:{i}" for s, i in zip(t.column(_SET).to_pylist(), t.column(_ITEM).to_pylist(), strict=True)]
             sets = t.column(_SET).to_pylist()
             hashes = t.column(_HASH).to_pylist()
@@ -326,13 +325,13 @@ class DecontaminateStage(Stage):
         return table
 
     def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
-        return {"references": (output.read_json(PLAN_DIR, PLAN_SUBDIR, SUMMARY_FILE) or {}).get("sets"),
+        return {"references": (output.plan_store(PLAN_SUBDIR).read_json(SUMMARY_FILE) or {}).get("sets"),
                 "radius": self.config.radius, "clip_threshold": self.config.clip_threshold}
 
 
 def hits_table(ds: Dataset) -> list[dict[str, Any]] | None:
     """Per reference set of a decontaminate output: path, images, hits (for the report)."""
-    summary = ds.read_json(PLAN_DIR, PLAN_SUBDIR, SUMMARY_FILE)
+    summary = ds.plan_store(PLAN_SUBDIR).read_json(SUMMARY_FILE)
     manifest = ds.manifest() or {}
     if summary is None or manifest.get("stage") != NAME:
         return None

@@ -34,11 +34,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate import schema
-from curate.dataset import PLAN_DIR, Dataset
+from curate.dataset import Dataset
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -118,18 +117,17 @@ class SemDedupStage(Stage):
                                           for g in range(groups)])
             summary["duplicates"] = int(sum(dups))
             summary["groups"] = groups
-        ctx.output.write_json(summary, PLAN_DIR, SUB, "summary.json")
+        ctx.plan_store(SUB).write_json(summary, "summary.json")
         log.info("semdedup: %d rows, %d clusters, %d duplicates", total, summary["clusters"],
                  summary["duplicates"])
         return shards
 
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
-        out = ctx.output
-        summary = out.read_json(PLAN_DIR, SUB, "summary.json") or {}
+        store = ctx.plan_store(SUB)
+        summary = store.read_json("summary.json") or {}
         dup_of: list[str | None] = [None] * table.num_rows
         for g in range(int(summary.get("groups", 0))):
-            path = out.path(PLAN_DIR, SUB, "drops", f"{g:05d}.parquet")
-            t = pq.read_table(path, filesystem=out.fs, filters=[("shard", "=", ctx.shard)])
+            t = store.read_table("drops", f"{g:05d}.parquet", filters=[("shard", "=", ctx.shard)])
             for row, d in zip(t.column("row").to_pylist(), t.column(schema.DUP_OF).to_pylist(), strict=True):
                 dup_of[row] = d
         table = schema.with_column(table, schema.DUP_OF, pa.array(dup_of, pa.string()))
@@ -139,13 +137,13 @@ class SemDedupStage(Stage):
 
 
     def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
-        summary = output.read_json(PLAN_DIR, SUB, "summary.json")
+        store = output.plan_store(SUB)
+        summary = store.read_json("summary.json")
         if summary is None:
             return None
         as_dup, represents = None, []
         for g in range(int(summary.get("groups", 0))):
-            t = pq.read_table(output.path(PLAN_DIR, SUB, "drops", f"{g:05d}.parquet"), filesystem=output.fs,
-                              columns=[schema.UID, schema.DUP_OF, "similarity"])
+            t = store.read_table("drops", f"{g:05d}.parquet", columns=[schema.UID, schema.DUP_OF, "similarity"])
             for r in t.filter(pc.equal(t.column(schema.UID), uid)).to_pylist():
                 as_dup = r
             represents += t.filter(pc.equal(t.column(schema.DUP_OF), uid)).to_pylist()
@@ -227,7 +225,7 @@ def _assign(job: _Job) -> int:
 
 
 def _write(ds: Dataset, table: pa.Table, *parts: str) -> None:
-    ds.write_table(table, PLAN_DIR, SUB, *parts)
+    ds.plan_store(SUB).write_table(table, *parts)
 
 
 def _dedup_group(job: _Job) -> int:
@@ -236,7 +234,7 @@ def _dedup_group(job: _Job) -> int:
     ds = Dataset(job.output_url)
     parts = []
     for n in job.shards:
-        t = pq.read_table(ds.path(PLAN_DIR, SUB, "assign", f"{n:05d}.parquet"), filesystem=ds.fs)
+        t = ds.plan_store(SUB).read_table("assign", f"{n:05d}.parquet")
         parts.append(t.filter(pa.array(t.column("cluster").to_numpy() % job.groups == job.group)))
     t = pa.concat_tables(parts) if parts else pa.table({})
     drops: dict[str, list] = {"shard": [], "row": [], schema.UID: [], schema.DUP_OF: [], "similarity": []}

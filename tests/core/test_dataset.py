@@ -147,3 +147,27 @@ def test_conform_casts_known_columns_and_keeps_extras():
     assert c.schema.field(schema.WIDTH).type == pa.int32()
     assert pa.types.is_dictionary(c.schema.field(schema.IMAGE_TAR).type)
     assert c.schema.field("extra").type == pa.float64()
+
+
+def test_plan_store_keeps_a_stages_files_under_its_own_plan_folder(tmp_path):
+    """A stage's plan files land (atomically, no temp file left) under _plan/<stage>/ of its output,
+    read back as written; delete removes one file or a whole folder of the store and nothing else."""
+    ds = Dataset(str(tmp_path / "out"))
+    store = ds.plan_store("dedup")
+    table = pa.table({"a": [1, 2, 3], "shard": [0, 1, 0]})
+    store.write_table(table, "keys", "00000000.parquet")
+    store.write_json({"threshold": 0.25}, "threshold.json")
+    store.write_bytes(b"\x00\x01", "parts", "p0.npz")
+    root = tmp_path / "out" / "_plan" / "dedup"
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+        "keys/00000000.parquet", "parts/p0.npz", "threshold.json"]
+    assert store.read_table("keys", "00000000.parquet").equals(table)
+    assert store.read_table("keys", "00000000.parquet", columns=["a"], filters=[("shard", "=", 0)]).column(
+        "a").to_pylist() == [1, 3]
+    assert store.read_json("threshold.json") == {"threshold": 0.25} and store.read_json("none.json") is None
+    assert store.read_bytes("parts", "p0.npz") == b"\x00\x01" and store.exists("parts", "p0.npz")
+    other = ds.plan_store("clip")
+    other.write_json({}, "threshold.json")
+    store.delete("parts")
+    assert not store.exists("parts") and store.exists("threshold.json") and other.exists("threshold.json")
+    assert store.path("x") == str(root / "x")
