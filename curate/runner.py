@@ -209,6 +209,13 @@ def _slots(res) -> int:
     return max(1, int(total.get("CPU", 1) // res.num_cpus))
 
 
+def _plan_slots(stage: Stage) -> int:
+    """Shard tasks the cluster runs at once for a stage whose apply loads no model (1 otherwise)."""
+    if stage.model_device("apply") is not None:
+        return 1
+    return _slots(stage.config.resources.model_copy(update={"num_gpus": 0.0}))
+
+
 def _ray_options(res) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     if res.memory_gb:
@@ -653,7 +660,7 @@ def _run_stage(stage, input, output, config, sets, options, config_file, progres
         tracker.planning()
         pctx = PlanContext(
             input_path=input, input=inp, output=out, plan_dir=out.path(PLAN_DIR), options=options,
-            map=plan_map(driver_stage),
+            map=plan_map(driver_stage), slots=_plan_slots(driver_stage),
         )
         t = time.perf_counter()
         ids = driver_stage.plan(pctx)
