@@ -9,8 +9,10 @@ Plan (once, over the whole input):
    any rule holds): rows with equal exact keys; pHash pairs within ``radius`` (multi-index hashing,
    ``curate.neardup``); near pairs within groups of equal exact keys; MinHash caption pairs.
    ``engine``: ``sort`` (numpy, one process), ``faiss`` (faiss binary hash indexes, one process) or
-   ``distributed`` (every shard's rows partitioned by (table, key) / by exact key, one Ray task per
-   partition, so no process holds all hashes); they find the same pairs.
+   ``distributed``: a pHash rule runs as tasks that each read the pHash column and search some tables
+   (or one table's block of keys), writing only pairs of hash values; the rows of those values are
+   read back once to give row pairs (``near_pairs_distributed``). Rules with an exact key partition
+   rows by key, one Ray task per partition. No process holds all rows; all engines find the same pairs.
 3. confirmation: a pHash pair counts only when a second signal agrees (``confirm``): the colour
    signatures stored beside the pHash (mean Delta-E <= ``color_threshold``) or the CLIP image
    embeddings (cosine >= ``clip_threshold``); rows identical in pHash and colour need none.
@@ -85,6 +87,9 @@ class DedupConfig(StageConfig):
     # auto: one process up to this many rows, distributed beyond
     local_max_rows: int = Field(50_000_000, ge=1)
     rows_per_partition: int = Field(4_000_000, ge=1000)
+    # distributed pHash rules: a task holds at most this many hashes (~40 B each while it sorts);
+    # beyond, each table's keys are cut into blocks of about this size, one task per (table, block).
+    hashes_per_task: int = Field(100_000_000, ge=1000)
     blocks: int | None = Field(None, ge=1, le=neardup.MAX_BLOCKS)  # None: chosen by cost model
     caption_min_chars: int = Field(1, ge=1)  # shorter normalised captions never count as duplicates
     caption_jaccard: float = Field(0.8, gt=0, le=1)
@@ -468,10 +473,7 @@ def _partition_shard(job: _PartJob) -> int:
             if scheme is None:  # radius 0: identical hashes (and colours), an exact key
                 key = _mix2(list(groups.T))
             else:
-                pieces = neardup.partition_rows(scheme, gids[valid], h[valid], job.parts, groups[valid])
-                for q, piece in enumerate(pieces):
-                    _save_npz(out, _part_path(out, r, q, job.shard), piece)
-                continue
+                continue  # the hash-table tasks read this rule's column themselves (_near_unit)
         p = (neardup._mix(key[:, 0] ^ key[:, 1]) % np.uint64(job.parts)).astype(np.int64)
         for q in range(job.parts):
             sel = valid & (p == q)
@@ -551,6 +553,135 @@ def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
     else:
         a, b = neardup.equal_key_pairs(ids, key)
     return job.rule, a, b
+
+
+# -- distributed near pairs without a shuffle ------------------------------------------------------
+def _unit_rule(cfg: DedupConfig, rule: str) -> bool:
+    """A pHash rule with no exact kind: its pairs come from tasks that read the hash column."""
+    kinds = rule.split("+")
+    return "near" in kinds and cfg.radius > 0 and not {"exact", "caption"} & set(kinds)
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnitJob:
+    output_url: str
+    rule: int
+    unit: int
+    tables: tuple[int, ...]
+    block: int
+    blocks: int  # key blocks per table (1: the unit holds the whole column)
+    scheme_blocks: int  # bit blocks of the multi-index scheme
+    radius: int
+    shards: tuple[int, ...]
+
+
+def _unit_path(out: Dataset, rule: int, name: str) -> str:
+    return _plan_path(out, "near", f"r{rule}", name)
+
+
+def _read_hashes(out: Dataset, shard: int) -> np.ndarray:
+    t = pq.read_table(_plan_path(out, "keys", f"{shard:08d}.parquet"), columns=[schema.PHASH], filesystem=out.fs)
+    h, valid = _u64(t.column(0))
+    return h[valid]
+
+
+def _near_unit(job: _UnitJob) -> int:
+    """One unit of the near engine: read the pHash column shard by shard, keep this unit's key
+    block, and write the pairs of hash values its tables own (plus repeated values, for table 0).
+    Skipped when an earlier attempt wrote the file. Returns the bytes written."""
+    out = Dataset(job.output_url)
+    path = _unit_path(out, job.rule, f"u{job.unit:06d}.npz")
+    if out.fs.exists(path):
+        return int(out.fs.size(path))
+    scheme = neardup.Scheme(job.radius, job.scheme_blocks)
+    held: dict[int, list[np.ndarray]] = {t: [] for t in job.tables}
+    for n in job.shards:
+        h = _read_hashes(out, n)
+        for t in job.tables:
+            held[t].append(h if job.blocks == 1 else h[neardup.in_block(scheme, h, t, job.block, job.blocks)])
+            if job.blocks == 1:
+                break  # one column serves every table of the unit
+    arrays: dict[str, np.ndarray] = {}
+    if job.blocks == 1:
+        column = np.concatenate(held[job.tables[0]] or [np.empty(0, np.uint64)])
+        del held
+        arrays["a"], arrays["b"] = neardup.hash_pairs(scheme, column, job.tables)
+        if 0 in job.tables:
+            arrays["repeated"] = neardup.repeated(column)
+    else:
+        (t,) = job.tables
+        column = np.concatenate(held[t] or [np.empty(0, np.uint64)])
+        arrays["a"], arrays["b"] = neardup.hash_pairs(scheme, column, [t])
+        if t == 0:  # equal values share every key, so each block of table 0 sees a repeat whole
+            arrays["repeated"] = neardup.repeated(column)
+    _save_npz(out, path, arrays)
+    return int(out.fs.size(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class _NearRowsJob:
+    output_url: str
+    rule: int
+    shard: int
+    offset: int
+    color: bool
+
+
+def _near_rows(job: _NearRowsJob) -> dict[str, np.ndarray]:
+    """The rows of one shard whose pHash is in a pair or repeats: global id, pHash, identity."""
+    out = Dataset(job.output_url)
+    wanted = _load_npz(out, _unit_path(out, job.rule, "wanted.npz"))["values"]
+    cols = [schema.PHASH, schema.COLOR_SIG] if job.color else [schema.PHASH]
+    keys = pq.read_table(_plan_path(out, "keys", f"{job.shard:08d}.parquet"), columns=cols, filesystem=out.fs)
+    h, valid = _u64(keys.column(schema.PHASH))
+    hit = valid & np.isin(h, wanted)
+    rows = np.flatnonzero(hit)
+    groups = _near_groups_cols(keys, h, job.color)
+    return {"id": job.offset + rows.astype(np.int64), "hash": h[rows],
+            "group": groups[rows] if groups is not None else np.empty((0, 1), np.uint64)}
+
+
+def _near_groups_cols(keys: pa.Table, h: np.ndarray, color: bool) -> np.ndarray | None:
+    if not color:
+        return None
+    c, _ = _colors(keys.column(schema.COLOR_SIG))
+    return np.column_stack([h, np.ascontiguousarray(c).view(np.uint64)])
+
+
+def _load_npz(out: Dataset, path: str) -> dict[str, np.ndarray]:
+    import io
+
+    with out.fs.open(path, "rb") as f:
+        z = np.load(io.BytesIO(f.read()))
+        return {k: z[k] for k in z.files}
+
+
+def near_pairs_distributed(ctx: PlanContext, cfg: DedupConfig, rule: int, shards: list[int],
+                           offsets: dict[int, int], total: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of one near rule with tasks that read the pHash column (``neardup.hash_units``): bytes
+    written are the pairs of hash values and the values wanted back, never rows x tables."""
+    out = ctx.output
+    scheme = neardup.Scheme(cfg.radius, blocks)
+    units = neardup.hash_units(len(scheme.tables), total, cfg.hashes_per_task, ctx.slots)
+    jobs = [_UnitJob(out.url, rule, u, tables, block, nblocks, blocks, cfg.radius, tuple(shards))
+            for u, (tables, block, nblocks) in enumerate(units)]
+    written = sum(ctx.map(_near_unit, jobs))
+    parts = [_load_npz(out, _unit_path(out, rule, f"u{u:06d}.npz")) for u in range(len(jobs))]
+    pa_ = np.concatenate([p["a"] for p in parts] or [np.empty(0, np.uint64)])
+    pb_ = np.concatenate([p["b"] for p in parts] or [np.empty(0, np.uint64)])
+    wanted = np.unique(np.concatenate([pa_, pb_, *(p["repeated"] for p in parts if "repeated" in p)]))
+    del parts
+    path = _unit_path(out, rule, "wanted.npz")
+    _save_npz(out, path, {"values": wanted})
+    written += int(out.fs.size(path))
+    color = cfg.confirm == "color"
+    got = ctx.map(_near_rows, [_NearRowsJob(out.url, rule, n, offsets[n], color) for n in shards])
+    ids = np.concatenate([g["id"] for g in got] or [np.empty(0, np.int64)])
+    hashes = np.concatenate([g["hash"] for g in got] or [np.empty(0, np.uint64)])
+    groups = np.concatenate([g["group"] for g in got]) if color and got else None
+    log.info("dedup near (rule %d): %d units, %d hash pairs, %d rows read back, %d bytes written",
+             rule, len(jobs), len(pa_), len(ids), written)
+    return neardup.resolve_hash_pairs(pa_, pb_, ids, hashes, groups)
 
 
 # -- keep policy, decisions --------------------------------------------------------------------
@@ -658,21 +789,22 @@ class DedupStage(Stage):
 
         undecodable = np.empty(0, np.int64)
         if engine == "distributed":
-            tables_ = len(neardup.tables(blocks, cfg.radius)) if blocks else 1
-            parts = neardup.partitions_for(total, tables_, cfg.rows_per_partition)
-            ctx.map(
-                _partition_shard, [_PartJob(out.url, n, offsets[n], parts, blocks, cfg_dict) for n in shards]
-            )
-            jobs = [
-                _ReduceJob(out.url, r, q, tuple(shards), blocks, cfg_dict)
-                for r in range(len(cfg.rules))
-                for q in range(parts)
-            ]
-            res = ctx.map(_reduce_partition, jobs)
-            # the shuffle files are rows x tables: intermediate only, removed once reduced
-            parts_dir = _plan_path(out, "parts")
-            if out.fs.exists(parts_dir):
-                out.fs.rm(parts_dir, recursive=True)
+            unit_rules = [r for r, rule in enumerate(cfg.rules) if _unit_rule(cfg, rule)]
+            shuffled = [r for r in range(len(cfg.rules)) if r not in unit_rules]
+            res: list[tuple[int, np.ndarray, np.ndarray]] = []
+            if shuffled:  # exact keys and captions: one row per rule to its key's partition
+                parts = neardup.partitions_for(total, len(shuffled), cfg.rows_per_partition)
+                ctx.map(
+                    _partition_shard, [_PartJob(out.url, n, offsets[n], parts, blocks, cfg_dict) for n in shards]
+                )
+                jobs = [_ReduceJob(out.url, r, q, tuple(shards), blocks, cfg_dict) for r in shuffled for q in range(parts)]
+                res = ctx.map(_reduce_partition, jobs)
+            for r in unit_rules:
+                res.append((r, *near_pairs_distributed(ctx, cfg, r, shards, offsets, total, blocks)))
+            # intermediate only, removed once reduced
+            for sub in ("parts", "near"):
+                if out.fs.exists(_plan_path(out, sub)):
+                    out.fs.rm(_plan_path(out, sub), recursive=True)
             edges = [
                 (
                     np.concatenate([a for rr, a, _ in res if rr == r] or [np.empty(0, np.int64)]),
