@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import posixpath
 import re
 import unicodedata
@@ -84,8 +85,9 @@ class DedupConfig(StageConfig):
     # drop: rows whose image does not decode are rejected as dedup:undecodable; keep: kept, null phash.
     undecodable: Literal["drop", "keep"] = "drop"
     engine: Literal["auto", "sort", "faiss", "distributed"] = "auto"
-    # auto: one process up to this many rows, distributed beyond
-    local_max_rows: int = Field(50_000_000, ge=1)
+    # auto: one process up to this many rows, distributed beyond; None: as many as the driver's
+    # available memory holds at LOCAL_BYTES_PER_ROW (a 64 GB head: ~160M rows).
+    local_max_rows: int | None = Field(None, ge=1)
     rows_per_partition: int = Field(4_000_000, ge=1000)
     # distributed pHash rules: a task holds at most this many hashes (~40 B each while it sorts);
     # beyond, each table's keys are cut into blocks of about this size, one task per (table, block).
@@ -555,6 +557,30 @@ def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
     return job.rule, a, b
 
 
+# The one-process plan holds every shard's keys table (uid, sha and caption keys, pHash, colour
+# signature: ~200 B a row in Arrow) and the pair search's arrays (~75 B a row at 10M, bench/near_dup.py).
+LOCAL_BYTES_PER_ROW = 400
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable), or its free pages where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def local_limit(cfg: DedupConfig) -> int:
+    """Rows the one-process engine takes before ``auto`` goes distributed."""
+    if cfg.local_max_rows is not None:
+        return cfg.local_max_rows
+    return max(1_000_000, available_memory() // LOCAL_BYTES_PER_ROW)
+
+
 # -- distributed near pairs without a shuffle ------------------------------------------------------
 def _unit_rule(cfg: DedupConfig, rule: str) -> bool:
     """A pHash rule with no exact kind: its pairs come from tasks that read the hash column."""
@@ -781,7 +807,7 @@ class DedupStage(Stage):
             total += rows[n]
         engine = cfg.engine
         if engine == "auto":
-            engine = "sort" if total <= cfg.local_max_rows else "distributed"
+            engine = "sort" if total <= local_limit(cfg) else "distributed"
         blocks = cfg.blocks or neardup.choose_blocks(max(total, 2), cfg.radius) if cfg.radius > 0 else 0
         log.info(
             "dedup plan: %d rows in %d shards, engine %s, radius %d", total, len(shards), engine, cfg.radius
