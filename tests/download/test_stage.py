@@ -295,7 +295,7 @@ def test_progress_counts_rows_inside_a_running_shard(server, tmp_path, ray_sessi
 
     n = 40
     inp = url_list(tmp_path, server, [f"/delay/150?{i}" for i in range(n)])
-    cfg = config(server, fetch={"connections": 4, "per_host_connections": 4}).model_dump(mode="json")
+    cfg = config(server, min_shards=1, fetch={"connections": 4, "per_host_connections": 4}).model_dump(mode="json")
     seen = []
     summary = run_stage("download", inp, str(tmp_path / "out"), config=cfg, progress=seen.append)
     assert summary["rows_in"] == n and summary["kept"] == n
