@@ -18,8 +18,9 @@ Near duplicates, two real sets, built once under bench/.cache/decisions/ (determ
 
 A drop is right when the dropped row and the row it is recorded as a duplicate of come from the same
 picture (family); precision = right drops / drops, recall = right drops / (family members - 1).
-"beyond radius" counts drops farther from their ``dup_of`` than the radius. Ours: the real stages
-(``import`` computes the pHash and colour signature from its decode, ``dedup`` with its defaults)
+"beyond radius" counts drops farther from their ``dup_of`` than the radius (for ours: the full-image
+pHash distance, or the crop-aligned one where dedup's crop matching linked the pair). Ours: the real stages
+(``import`` computes the pHash, colour signature and crop hashes from its decode, ``dedup`` with its defaults)
 through the runner on an embedded Ray. Baseline: ``imagehash.phash`` of every image (as imagehash
 reads it: alpha dropped) and connected components of the pairs within the same radius, keeping the
 largest image of each component.
@@ -242,22 +243,28 @@ def _write_tars(items: list[dict], folder: Path, per_tar: int = 1000) -> None:
             w.close()
 
 
-def run_ours(items: list[dict], work: Path) -> tuple[dict[int, int | None], dict[int, int], float]:
-    """(dup_of item index per item or None, pHash per item, seconds) from import + dedup."""
+def run_ours(
+    items: list[dict], work: Path, **overrides
+) -> tuple[dict[int, int | None], dict[int, int], float]:
+    """(dup_of item index per item or None, pHash per item, seconds) from import + dedup (the import
+    is reused when ``work`` already holds it: a dedup setting sweep)."""
     from curate.dataset import Dataset
     from curate.runner import run_stage
 
-    _write_tars(items, work / "tars")
     t = time.perf_counter()
-    run_stage("import", str(work / "tars"), str(work / "imported"))
-    run_stage("dedup", str(work / "imported"), str(work / "deduped"))
+    if not (work / "imported").exists():
+        _write_tars(items, work / "tars")
+        t = time.perf_counter()
+        run_stage("import", str(work / "tars"), str(work / "imported"))
+    name = "deduped" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    run_stage("dedup", str(work / "imported"), str(work / name), config=overrides or None)
     seconds = time.perf_counter() - t
-    ds = Dataset(str(work / "deduped"))
-    cols = [schema.UID, schema.PHASH, schema.DUP_OF]
+    ds = Dataset(str(work / name))
+    cols = [schema.UID, schema.PHASH, schema.PHASH_CROPS, schema.DUP_OF]
     rows = [r for _, tb in ds.iter_shards(cols) for r in tb.to_pylist()]
     rows += [r for _, tb in ds.iter_rejects([*cols, schema.DROP_REASON]) for r in tb.to_pylist()]
     dup = {int(r[schema.UID], 16): (int(r[schema.DUP_OF], 16) if r[schema.DUP_OF] else None) for r in rows}
-    hashes = {int(r[schema.UID], 16): r[schema.PHASH] for r in rows}
+    hashes = {int(r[schema.UID], 16): (r[schema.PHASH], r[schema.PHASH_CROPS]) for r in rows}
     return dup, hashes, seconds
 
 
@@ -282,7 +289,20 @@ def run_imagehash(items: list[dict]) -> tuple[dict[int, int | None], dict[int, i
         for m in members:
             if m != keeper:
                 dup[m] = keeper
-    return dup, {i: int(h) for i, h in enumerate(hashes)}, seconds
+    return dup, {i: (int(h), None) for i, h in enumerate(hashes)}, seconds
+
+
+def _reach(a: tuple, b: tuple) -> int:
+    """pHash bits between two rows: full images, or one's crop hash to the other's full image
+    (dedup's crop matching) when that is closer; 65 when a hash is missing."""
+    if a[0] is None or b[0] is None:
+        return 65
+    bits = phash.hamming(a[0], b[0])
+    for crops, full in ((a[1], b[0]), (b[1], a[0])):
+        if crops is not None:
+            c, _ = phash.crops_from_bytes([crops])
+            bits = min(bits, int(phash.crop_distance(c, np.array([full], np.uint64))[0]))
+    return bits
 
 
 def score(items: list[dict], dup: dict[int, int | None], hashes: dict[int, int]) -> dict:
@@ -292,8 +312,7 @@ def score(items: list[dict], dup: dict[int, int | None], hashes: dict[int, int])
     drops = [(i, d) for i, d in dup.items() if d is not None]
     right = [(i, d) for i, d in drops if fam[i] == fam[d]]
     wrong = [(i, d) for i, d in drops if fam[i] != fam[d]]
-    beyond = sum(1 for i, d in drops if hashes[i] is None or hashes[d] is None
-                 or phash.hamming(hashes[i], hashes[d]) > RADIUS)
+    beyond = sum(1 for i, d in drops if _reach(hashes[i], hashes[d]) > RADIUS)
     p = len(right) / len(drops) if drops else 1.0
     r = len(right) / positives if positives else 1.0
     by_kind = collections.Counter(items[i]["kind"] for i, _ in right)
@@ -320,9 +339,13 @@ def _table(name: str, ours: dict, base: dict, secs: tuple[float, float]) -> None
         print(f"  wrong drop (curate): {w[0]} [{w[1]}] as dup of {w[2]} [{w[3]}]")
 
 
-def near_dup(items: list[dict], name: str) -> tuple[dict, dict]:
+def near_dup(items: list[dict], name: str, sweep: list[int]) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         dup, hashes, t_ours = run_ours(items, Path(tmp))
+        for cr in sweep:
+            s = score(items, *run_ours(items, Path(tmp), crop_radius=cr)[:2])
+            print(f"  crop_radius {cr}: drops {s['drops']} wrong {s['wrong']} precision {s['precision']:.4f} "
+                  f"recall {s['recall']:.4f} F1 {s['f1']:.4f} recall by edit {s['recall_by_kind']}")
     bdup, bhashes, t_base = run_imagehash(items)
     ours, base = score(items, dup, hashes), score(items, bdup, bhashes)
     n_fam = len({it["family"] for it in items})
@@ -339,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recolours", type=int, default=200)
     ap.add_argument("--photos-per-source", type=int, default=4)
     ap.add_argument("--skip-language", action="store_true")
+    ap.add_argument("--crop-radii", default="0,4,6",
+                    help="dedup crop_radius values to score besides the default (comma list; '' for none)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -349,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     clip = clipart_set(args.originals, args.planted, args.per_folder, args.recolours)
     photos = photo_set(args.photos_per_source)
     print(f"data built in {time.perf_counter() - t:.1f} s")
-    ours_c, base_c = near_dup(clip, "clip art (openclipart-png)")
-    near_dup(photos, "photos (wallpapers + scikit-image)")
+    sweep = [int(x) for x in args.crop_radii.split(",") if x.strip()]
+    ours_c, base_c = near_dup(clip, "clip art (openclipart-png)", sweep)
+    near_dup(photos, "photos (wallpapers + scikit-image)", sweep)
     if not args.skip_language:
         import lang_id
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from curate import schema, stages
 from curate.dataset import Dataset
 
-_HIDDEN = (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING, schema.COLOR_SIG)
+_HIDDEN = (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING, schema.COLOR_SIG, schema.PHASH_CROPS)
 
 
 def describe(ds: Dataset, rows: int = 5) -> str:
@@ -123,7 +123,8 @@ def _member_note(detail: dict[str, Any], uid: str) -> str:
     if not me or me.get("distance") is None:
         return ""
     confirm = f", confirm {me['confirm']:.2f}" if me.get("confirm") is not None else ""
-    return f" ({me['distance']} bits from the kept row{confirm})"
+    where = "a crop of " if me.get("crop") else ""
+    return f" ({me['distance']} bits from {where}the kept row{confirm})"
 
 
 def trace(ds: Dataset, uid: str) -> dict[str, Any]:

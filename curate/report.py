@@ -266,7 +266,7 @@ def _items(table: pa.Table, note_col: str | None = None) -> list[dict[str, Any]]
     cols = table.column_names
     out = []
     for i, row in enumerate(table.select([c for c in cols if c not in (
-            schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING, schema.COLOR_SIG)]).to_pylist()):
+            schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING, schema.COLOR_SIG, schema.PHASH_CROPS)]).to_pylist()):
         note = []
         if note_col and row.get(note_col):
             note.append(str(row[note_col]))
@@ -364,7 +364,8 @@ def _member_note(kept: bool, reason: str | None, detail: dict[str, Any] | None) 
         return "kept"
     parts = [reason or "duplicate"]
     if detail and detail.get("distance") is not None:
-        parts.append(f"{detail['distance']} bits from the kept row")
+        where = "a crop of " if detail.get("crop") else ""
+        parts.append(f"{detail['distance']} bits from {where}the kept row")
     if detail and detail.get("confirm") is not None:
         parts.append(f"{detail.get('signal') or 'confirmation'} {detail['confirm']:.2f}")
     return ", ".join(parts)

@@ -33,6 +33,7 @@ IMAGE_FORMAT = "image_format"  # member extension: jpg, png, webp
 # dedup
 PHASH = "phash"
 COLOR_SIG = "color_sig"  # 4x4 grid of mean CIELAB colours, 48 bytes, from the same decode as the pHash
+PHASH_CROPS = "phash_crops"  # pHashes of 5 crops keeping 97% of each side (corners, centre), 40 bytes
 DUP_OF = "dup_of"
 
 # clip
@@ -106,6 +107,7 @@ TYPES: dict[str, pa.DataType] = {
     IMAGE_FORMAT: pa.string(),
     PHASH: pa.uint64(),
     COLOR_SIG: pa.binary(48),
+    PHASH_CROPS: pa.binary(40),
     DUP_OF: pa.string(),
     CLIP_SCORE: pa.float32(),
     CLIP_CONCEPT: pa.string(),

@@ -71,6 +71,7 @@ _ROW, _SHA_HI, _SHA_LO, _CAP_HI, _CAP_LO, _PIXELS, _SIG = (
 )
 _GID, _KIND, _CLUSTER, _KEPT = "gid", "kind", "cluster", "kept"
 _DISTANCE, _CONFIRM = "distance", "confirm"  # to the kept row: pHash bits; Delta-E or cosine
+_CROP = "crop"  # the distance is from one row's crop hash to the other's full image (crop matching)
 _MERSENNE = (1 << 61) - 1
 
 
@@ -110,7 +111,14 @@ class DedupConfig(StageConfig):
     color_threshold: float = Field(8.0, gt=0, le=100)
     # CLIP image-embedding cosine at or above which a pHash pair is confirmed (confirm: clip).
     clip_threshold: float = Field(0.9, ge=-1, le=1)
-    # Compute missing colour signatures from the image bytes (datasets written before they existed).
+    # Crop matching: a pair also counts as near when one row's crop hashes (97% of each side: corners,
+    # centre; see phash.CROP_FRACTION) are within crop_radius of the other's full-image pHash, so a
+    # copy cut by 1-5% is found. 0 turns it off; at most radius. 3 adds no wrong drop on the labelled
+    # sets of bench/decisions.py (crop recall 64 -> 110 of 120 on clip art); 4-6 find more crops but
+    # add wrong clip-art drops (the table in BENCHMARKS.md).
+    crop_radius: int = Field(3, ge=0, le=20)
+    # Compute missing colour signatures and crop hashes from the image bytes (datasets written before
+    # they existed).
     rehash: bool = False
 
     @model_validator(mode="after")
@@ -119,7 +127,14 @@ class DedupConfig(StageConfig):
             raise ValueError(f"blocks ({self.blocks}) must be > radius ({self.radius}): pigeonhole needs it")
         if self.minhash_bands > self.minhash_perms:
             raise ValueError("minhash_bands must be <= minhash_perms")
+        if self.crop_radius > self.radius:
+            raise ValueError(f"crop_radius ({self.crop_radius}) must be <= radius ({self.radius})")
         return self
+
+    @property
+    def crops(self) -> bool:
+        """Whether near rules also match crops (crop_radius > 0 and some rule has near)."""
+        return self.crop_radius > 0 and self.radius > 0 and any("near" in r.split("+") for r in self.rules)
 
     @field_validator("rules")
     @classmethod
@@ -197,6 +212,7 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
         schema.SHA256,
         schema.PHASH,
         schema.COLOR_SIG,
+        schema.PHASH_CROPS,
         schema.CAPTION,
         schema.WIDTH,
         schema.HEIGHT,
@@ -208,14 +224,17 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
     have = set(t.column_names)
     hashes = t.column(schema.PHASH).to_pylist() if schema.PHASH in have else [None] * n
     colors = t.column(schema.COLOR_SIG).to_pylist() if schema.COLOR_SIG in have else [None] * n
+    crops = t.column(schema.PHASH_CROPS).to_pylist() if schema.PHASH_CROPS in have else [None] * n
     shas = t.column(schema.SHA256).to_pylist() if schema.SHA256 in have else [None] * n
     need_color = cfg.confirm == "color" and cfg.rehash
+    need_crops = cfg.crops and cfg.rehash
     missing = [
         i
         for i in range(n)
         if hashes[i] is None
         or ("exact" in kinds and shas[i] is None)
         or (need_color and colors[i] is None)
+        or (need_crops and crops[i] is None)
     ]
     if missing:
         # only the rows without a hash (or colour signature) are read back from their tars
@@ -223,8 +242,8 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
         blobs = read_images(ptr)
         new = phash.signatures_bytes(blobs, max_pixels=cfg.max_pixels)
         for i, blob, sig in zip(missing, blobs, new, strict=True):
-            if sig is not None and (hashes[i] is None or colors[i] is None):
-                hashes[i], colors[i] = sig
+            if sig is not None and (hashes[i] is None or colors[i] is None or crops[i] is None):
+                hashes[i], colors[i], crops[i] = sig
             if shas[i] is None and blob is not None and sig is not None:
                 shas[i] = sha256_hex(blob)
     sha_hi, sha_lo = [], []
@@ -244,6 +263,7 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
         schema.UID: t.column(schema.UID),
         schema.PHASH: pa.array(hashes, pa.uint64()),
         schema.COLOR_SIG: pa.array(colors, schema.TYPES[schema.COLOR_SIG]),
+        schema.PHASH_CROPS: pa.array(crops, schema.TYPES[schema.PHASH_CROPS]),
         _SHA_HI: pa.array(sha_hi, pa.uint64()),
         _SHA_LO: pa.array(sha_lo, pa.uint64()),
         _CAP_HI: pa.array([k[0] for k in cap_keys], pa.uint64()),
@@ -290,6 +310,67 @@ def _near_groups(cfg: DedupConfig, keys: pa.Table, h: np.ndarray) -> np.ndarray 
         return None
     c, _ = _colors(keys.column(schema.COLOR_SIG))
     return np.column_stack([h, np.ascontiguousarray(c).view(np.uint64)])
+
+
+def _crops(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop hashes as (N, CROP_COUNT) uint64 (zeros where null) and their validity."""
+    arr = col.combine_chunks()
+    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    arr = pc.fill_null(arr, pa.scalar(bytes(phash.CROP_BYTES), arr.type))
+    data = np.frombuffer(arr.buffers()[1], dtype="<u8")
+    start = arr.offset * phash.CROP_COUNT
+    words = data[start : start + len(arr) * phash.CROP_COUNT].reshape(-1, phash.CROP_COUNT)
+    return words.astype(np.uint64), valid
+
+
+# Crop matching (``crop_radius``): for a near rule every row enters the pair search as its full-image
+# pHash and its CROP_COUNT crop hashes. An entry's id is the row's gid shifted left by _ENTRY_BITS
+# plus the entry's index (0: the full image, 1..CROP_COUNT: a crop). Crop entries carry a group word of
+# their own, so the engines' collapse of identical rows (a class, star-linked) only ever merges full
+# images, exactly as without crops. ``_rows_of`` maps entry pairs back to row pairs, keeping those
+# between two rows with at least one full image (crop to crop says nothing); whether a crop pair is
+# within crop_radius is checked with the confirmation, in ``_decide``. Every engine gets the same
+# entries, so sort, faiss and distributed still give identical decisions.
+_ENTRY_BITS = 3
+
+
+def _entries(
+    cfg: DedupConfig,
+    keys: pa.Table,
+    gids: np.ndarray,
+    h: np.ndarray,
+    groups: np.ndarray | None,
+    valid: np.ndarray,
+    key: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(entry ids, hashes, groups, exact keys) of the valid rows for a near rule's pair search."""
+    ids, hv = gids[valid], h[valid]
+    g = None if groups is None else groups[valid]
+    k = None if key is None else key[valid]
+    if not cfg.crops or schema.PHASH_CROPS not in keys.column_names:
+        return ids, hv, g, k
+    crops, ok = _crops(keys.column(schema.PHASH_CROPS))
+    sel = np.flatnonzero(ok[valid])
+    cid = ((ids[sel, None] << _ENTRY_BITS) + np.arange(1, phash.CROP_COUNT + 1)).reshape(-1)
+    g = hv[:, None] if g is None else g.reshape(len(ids), g.shape[1] if g.ndim == 2 else 1)
+    words = np.concatenate([g, np.repeat(g[sel], phash.CROP_COUNT, axis=0)])
+    own = np.concatenate([np.zeros(len(ids), np.uint64), cid.astype(np.uint64)])
+    return (
+        np.concatenate([ids << _ENTRY_BITS, cid]),
+        np.concatenate([hv, crops[valid][sel].reshape(-1)]),
+        np.column_stack([words, own]),
+        None if k is None else np.concatenate([k, np.repeat(k[sel], phash.CROP_COUNT, axis=0)]),
+    )
+
+
+def _rows_of(cfg: DedupConfig, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs of the entry pairs a near rule's search found (see ``_entries``)."""
+    if not cfg.crops:
+        return a, b
+    mask = (1 << _ENTRY_BITS) - 1
+    ra, rb, ka, kb = a >> _ENTRY_BITS, b >> _ENTRY_BITS, a & mask, b & mask
+    keep = (ra != rb) & ((ka == 0) | (kb == 0))
+    return ra[keep], rb[keep]
 
 
 def _mix2(parts: list[np.ndarray]) -> np.ndarray:
@@ -399,11 +480,12 @@ def _edges_local(
                 out.append(neardup.equal_key_pairs(gids[valid], g))
             elif key is None:
                 find = neardup.near_pairs_faiss if engine == "faiss" else neardup.near_pairs_sort
-                a, b = find(h[valid], cfg.radius, cfg.blocks, g)
-                ids = gids[valid]
-                out.append((ids[a], ids[b]))
+                ids, eh, eg, _ = _entries(cfg, keys, gids, h, groups, valid)
+                a, b = find(eh, cfg.radius, cfg.blocks, eg)
+                out.append(_rows_of(cfg, ids[a], ids[b]))
             else:
-                out.append(_near_in_groups(gids[valid], key[valid], h[valid], cfg.radius, g))
+                ids, eh, eg, ek = _entries(cfg, keys, gids, h, groups, valid, key)
+                out.append(_rows_of(cfg, *_near_in_groups(ids, ek, eh, cfg.radius, eg)))
         elif "caption_near" in kinds:
             sigs, valid = _sigs(keys, valid, cfg.minhash_perms)
             per = cfg.minhash_perms // cfg.minhash_bands
@@ -476,13 +558,17 @@ def _partition_shard(job: _PartJob) -> int:
                 key = _mix2(list(groups.T))
             else:
                 continue  # the hash-table tasks read this rule's column themselves (_near_unit)
-        p = (neardup._mix(key[:, 0] ^ key[:, 1]) % np.uint64(job.parts)).astype(np.int64)
+        if "near" in kinds:
+            ids, eh, eg, ek = _entries(cfg, keys, gids, h, groups, valid, key)
+        else:
+            ids, eh, eg, ek = gids[valid], h[valid], groups[valid], key[valid]
+        p = (neardup._mix(ek[:, 0] ^ ek[:, 1]) % np.uint64(job.parts)).astype(np.int64)
         for q in range(job.parts):
-            sel = valid & (p == q)
+            sel = p == q
             _save_npz(
                 out,
                 _part_path(out, r, q, job.shard),
-                {"id": gids[sel], "key": key[sel], "hash": h[sel], "group": groups[sel]},
+                {"id": ids[sel], "key": ek[sel], "hash": eh[sel], "group": eg[sel]},
             )
     return job.shard
 
@@ -545,13 +631,13 @@ def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
         return job.rule, np.concatenate([e, *(a for a, _ in res)]), np.concatenate([e, *(b for _, b in res)])
     if "near" in kinds and "key" not in (pieces[0] if pieces else {"key": 1}):
         a, b = neardup.pairs_in_partition(neardup.Scheme(cfg.radius, job.blocks), pieces)
-        return job.rule, a, b
+        return job.rule, *_rows_of(cfg, a, b)
     ids = np.concatenate([p["id"] for p in pieces]).astype(np.int64)
     key = np.concatenate([p["key"] for p in pieces]).reshape(-1, 2).astype(np.uint64)
     h = np.concatenate([p["hash"] for p in pieces]).astype(np.uint64)
     if "near" in kinds:
         g = np.concatenate([p["group"] for p in pieces]).astype(np.uint64)
-        a, b = _near_in_groups(ids, key, h, cfg.radius, g)
+        a, b = _rows_of(cfg, *_near_in_groups(ids, key, h, cfg.radius, g))
     else:
         a, b = neardup.equal_key_pairs(ids, key)
     return job.rule, a, b
@@ -597,18 +683,30 @@ class _UnitJob:
     block: int
     blocks: int  # key blocks per table (1: the unit holds the whole column)
     scheme_blocks: int  # bit blocks of the multi-index scheme
-    radius: int
     shards: tuple[int, ...]
+    config: dict[str, Any]
 
 
 def _unit_path(out: Dataset, rule: int, name: str) -> str:
     return _plan_path(out, "near", f"r{rule}", name)
 
 
-def _read_hashes(out: Dataset, shard: int) -> np.ndarray:
-    t = pq.read_table(_plan_path(out, "keys", f"{shard:08d}.parquet"), columns=[schema.PHASH], filesystem=out.fs)
-    h, valid = _u64(t.column(0))
-    return h[valid]
+def _shard_entries(cfg: DedupConfig, out: Dataset, shard: int, offset: int, identity: bool):
+    """One shard's pair-search entries for a near rule (``_entries``: the pHash, and the crops'
+    where crops match), read from its keys file: (entry ids, hashes, identity words or None)."""
+    cols = [schema.PHASH]
+    if cfg.crops:
+        cols.append(schema.PHASH_CROPS)
+    if identity and cfg.confirm == "color":
+        cols.append(schema.COLOR_SIG)
+    path = _plan_path(out, "keys", f"{shard:08d}.parquet")
+    keys = pq.read_table(path, columns=[c for c in cols if c in pq.read_schema(path, filesystem=out.fs).names],
+                         filesystem=out.fs)
+    h, valid = _u64(keys.column(schema.PHASH))
+    groups = _near_groups(cfg, keys, h) if identity else None
+    gids = offset + np.arange(keys.num_rows, dtype=np.int64)
+    ids, eh, eg, _ = _entries(cfg, keys, gids, h, groups, valid)
+    return ids, eh, eg if identity else None
 
 
 def _near_unit(job: _UnitJob) -> int:
@@ -619,10 +717,11 @@ def _near_unit(job: _UnitJob) -> int:
     path = _unit_path(out, job.rule, f"u{job.unit:06d}.npz")
     if out.fs.exists(path):
         return int(out.fs.size(path))
-    scheme = neardup.Scheme(job.radius, job.scheme_blocks)
+    cfg = DedupConfig(**job.config)
+    scheme = neardup.Scheme(cfg.radius, job.scheme_blocks)
     held: dict[int, list[np.ndarray]] = {t: [] for t in job.tables}
     for n in job.shards:
-        h = _read_hashes(out, n)
+        _, h, _ = _shard_entries(cfg, out, n, 0, identity=False)
         for t in job.tables:
             held[t].append(h if job.blocks == 1 else h[neardup.in_block(scheme, h, t, job.block, job.blocks)])
             if job.blocks == 1:
@@ -650,28 +749,17 @@ class _NearRowsJob:
     rule: int
     shard: int
     offset: int
-    color: bool
+    config: dict[str, Any]
 
 
 def _near_rows(job: _NearRowsJob) -> dict[str, np.ndarray]:
-    """The rows of one shard whose pHash is in a pair or repeats: global id, pHash, identity."""
+    """The entries of one shard whose hash is in a pair or repeats: entry id, hash, identity."""
+    cfg = DedupConfig(**job.config)
     out = Dataset(job.output_url)
     wanted = _load_npz(out, _unit_path(out, job.rule, "wanted.npz"))["values"]
-    cols = [schema.PHASH, schema.COLOR_SIG] if job.color else [schema.PHASH]
-    keys = pq.read_table(_plan_path(out, "keys", f"{job.shard:08d}.parquet"), columns=cols, filesystem=out.fs)
-    h, valid = _u64(keys.column(schema.PHASH))
-    hit = valid & np.isin(h, wanted)
-    rows = np.flatnonzero(hit)
-    groups = _near_groups_cols(keys, h, job.color)
-    return {"id": job.offset + rows.astype(np.int64), "hash": h[rows],
-            "group": groups[rows] if groups is not None else np.empty((0, 1), np.uint64)}
-
-
-def _near_groups_cols(keys: pa.Table, h: np.ndarray, color: bool) -> np.ndarray | None:
-    if not color:
-        return None
-    c, _ = _colors(keys.column(schema.COLOR_SIG))
-    return np.column_stack([h, np.ascontiguousarray(c).view(np.uint64)])
+    ids, eh, eg = _shard_entries(cfg, out, job.shard, job.offset, identity=True)
+    hit = np.isin(eh, wanted)
+    return {"id": ids[hit], "hash": eh[hit], "group": eg[hit] if eg is not None else None}
 
 
 def _load_npz(out: Dataset, path: str) -> dict[str, np.ndarray]:
@@ -688,8 +776,10 @@ def near_pairs_distributed(ctx: PlanContext, cfg: DedupConfig, rule: int, shards
     written are the pairs of hash values and the values wanted back, never rows x tables."""
     out = ctx.output
     scheme = neardup.Scheme(cfg.radius, blocks)
-    units = neardup.hash_units(len(scheme.tables), total, cfg.hashes_per_task, ctx.slots)
-    jobs = [_UnitJob(out.url, rule, u, tables, block, nblocks, blocks, cfg.radius, tuple(shards))
+    entries = total * (1 + (phash.CROP_COUNT if cfg.crops else 0))
+    units = neardup.hash_units(len(scheme.tables), entries, cfg.hashes_per_task, ctx.slots)
+    cfg_dict = cfg.model_dump(mode="json")
+    jobs = [_UnitJob(out.url, rule, u, tables, block, nblocks, blocks, tuple(shards), cfg_dict)
             for u, (tables, block, nblocks) in enumerate(units)]
     written = sum(ctx.map(_near_unit, jobs))
     parts = [_load_npz(out, _unit_path(out, rule, f"u{u:06d}.npz")) for u in range(len(jobs))]
@@ -700,14 +790,14 @@ def near_pairs_distributed(ctx: PlanContext, cfg: DedupConfig, rule: int, shards
     path = _unit_path(out, rule, "wanted.npz")
     _save_npz(out, path, {"values": wanted})
     written += int(out.fs.size(path))
-    color = cfg.confirm == "color"
-    got = ctx.map(_near_rows, [_NearRowsJob(out.url, rule, n, offsets[n], color) for n in shards])
+    got = ctx.map(_near_rows, [_NearRowsJob(out.url, rule, n, offsets[n], cfg_dict) for n in shards])
     ids = np.concatenate([g["id"] for g in got] or [np.empty(0, np.int64)])
     hashes = np.concatenate([g["hash"] for g in got] or [np.empty(0, np.uint64)])
-    groups = np.concatenate([g["group"] for g in got]) if color and got else None
-    log.info("dedup near (rule %d): %d units, %d hash pairs, %d rows read back, %d bytes written",
+    with_groups = [g["group"] for g in got if g["group"] is not None]
+    groups = np.concatenate(with_groups) if with_groups else None
+    log.info("dedup near (rule %d): %d units, %d hash pairs, %d entries read back, %d bytes written",
              rule, len(jobs), len(pa_), len(ids), written)
-    return neardup.resolve_hash_pairs(pa_, pb_, ids, hashes, groups)
+    return _rows_of(cfg, *neardup.resolve_hash_pairs(pa_, pb_, ids, hashes, groups))
 
 
 # -- keep policy, decisions --------------------------------------------------------------------
@@ -762,17 +852,25 @@ def _confirms(cfg: DedupConfig) -> bool:
 
 
 def missing_confirmation(cfg: DedupConfig, columns: list[str]) -> str | None:
-    """Why the input cannot confirm near pairs as configured (one line with the fix), or None."""
+    """Why the input cannot confirm or crop-match near pairs as configured (one line with the
+    fix), or None."""
+    # Without a stored pHash the scan hashes the bytes and gets every signal from that decode.
+    stored = schema.PHASH in columns and not cfg.rehash
+    lacks = []  # (column, what it is for, the setting that does without it)
+    if _confirms(cfg) and cfg.confirm == "color" and stored and schema.COLOR_SIG not in columns:
+        lacks.append((schema.COLOR_SIG, "near duplicates cannot be confirmed", "confirm=none"))
+    if cfg.crops and stored and schema.PHASH_CROPS not in columns:
+        lacks.append((schema.PHASH_CROPS, "cropped copies cannot be matched", "crop_radius=0"))
+    if lacks:
+        return (
+            f"dedup: the input has no {' or '.join(c for c, _, _ in lacks)} column (written before "
+            f"{'they' if len(lacks) > 1 else 'it'} existed), so {' and '.join(w for _, w, _ in lacks)}; "
+            "rerun import/download, or add --set rehash=true to compute "
+            f"{'them' if len(lacks) > 1 else 'it'} from the image bytes, or "
+            + " ".join(f"--set {s}" for _, _, s in lacks)
+        )
     if not _confirms(cfg):
         return None
-    # Without a stored pHash the scan hashes the bytes and gets both signals from that decode.
-    stored = schema.PHASH in columns
-    if cfg.confirm == "color" and stored and schema.COLOR_SIG not in columns and not cfg.rehash:
-        return (
-            f"dedup: the input has no {schema.COLOR_SIG} column (written before colour signatures "
-            "existed), so near duplicates cannot be confirmed; rerun import/download, or add "
-            "--set rehash=true to compute it from the image bytes, or --set confirm=none"
-        )
     if cfg.confirm == "clip" and schema.IMAGE_EMBEDDING not in columns:
         return (
             f"dedup: confirm=clip needs the {schema.IMAGE_EMBEDDING} column; run `clip` with "
@@ -906,6 +1004,25 @@ class DedupStage(Stage):
         clip = np.nan_to_num(np.asarray(clip, dtype=np.float64), nan=-np.inf)
         color, color_ok = _colors(keys.column(schema.COLOR_SIG)) if m else (np.empty((0, 48)), empty)
         emb = np.concatenate([x["emb"] for x in mem]) if use_clip and mem else None
+        crops = None
+        if m and cfg.crops and schema.PHASH_CROPS in keys.column_names:
+            crops = _crops(keys.column(schema.PHASH_CROPS))
+
+        def reach(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """pHash bits between node positions a and b, and whether that is crop-aligned: the
+            full-image distance, or (crop matching) one's crop to the other's full image when the
+            full images are beyond the radius and the crop is within crop_radius."""
+            full = phash.hamming_np(ph[a], ph[b]).astype(np.int64)
+            if crops is None:
+                return full, np.zeros(len(a), dtype=bool)
+            c, ok = crops
+            far = np.int64(phash.HASH_SIZE * phash.HASH_SIZE + 1)
+            cd = np.minimum(
+                np.where(ok[a], phash.crop_distance(c[a], ph[b]), far),
+                np.where(ok[b], phash.crop_distance(c[b], ph[a]), far),
+            ).astype(np.int64)
+            aligned = (full > cfg.radius) & (cd <= cfg.crop_radius)
+            return np.where(aligned, cd, full), aligned
 
         def confirmation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             """The second signal between node positions a and b (Delta-E, or cosine)."""
@@ -931,7 +1048,8 @@ class DedupStage(Stage):
                 same = np.ones(0, dtype=bool)
             near = ~same
             if "near" in kinds:
-                near &= confirmed(a, b)
+                bits, aligned = reach(a, b)
+                near &= (bits <= cfg.radius) & (~aligned | (bits <= cfg.crop_radius)) & confirmed(a, b)
             split.append((a[same], b[same], a[near], b[near]))
         # keep policy: best first, ties by position (gid)
         if cfg.keep == "resolution":
@@ -945,9 +1063,10 @@ class DedupStage(Stage):
         kept = leader == pos
         in_cluster = ~kept | np.isin(pos, leader[~kept])
         distance = np.full(m, -1, dtype=np.int64)
+        cropped = np.zeros(m, dtype=bool)
         score = np.full(m, np.nan)
         d = ~kept
-        distance[d] = phash.hamming_np(ph[d], ph[leader[d]]).astype(np.int64)
+        distance[d], cropped[d] = reach(pos[d], leader[d])
         if _confirms(cfg) and d.any():
             score[d] = confirmation(pos[d], leader[d])
         rules = [*cfg.rules, ""]
@@ -965,6 +1084,7 @@ class DedupStage(Stage):
                 schema.PHASH: pa.array(ph[c], pa.uint64()),
                 _PIXELS: pa.array(pixels[c], pa.int64()),
                 _DISTANCE: pa.array(np.where(distance[c] >= 0, distance[c], None).tolist(), pa.int32()),
+                _CROP: pa.array(cropped[c]),
                 _CONFIRM: pa.array(
                     [None if np.isnan(x) or np.isinf(x) else float(x) for x in score[c].tolist()], pa.float32()
                 ),
@@ -992,7 +1112,7 @@ class DedupStage(Stage):
         out = ctx.output
         keys = pq.read_table(
             _plan_path(out, "keys", f"{ctx.shard:08d}.parquet"),
-            columns=[schema.UID, schema.PHASH, schema.COLOR_SIG],
+            columns=[schema.UID, schema.PHASH, schema.COLOR_SIG, schema.PHASH_CROPS],
             filesystem=out.fs,
         )
         if keys.num_rows != table.num_rows or not keys.column(schema.UID).equals(table.column(schema.UID)):
@@ -1014,6 +1134,8 @@ class DedupStage(Stage):
         ctx.stats["duplicates"] = sum(1 for d in dup_of if d is not None)
         table = schema.with_column(table, schema.PHASH, keys.column(schema.PHASH))
         table = schema.with_column(table, schema.COLOR_SIG, keys.column(schema.COLOR_SIG))
+        if keys.column(schema.PHASH_CROPS).null_count < keys.num_rows or schema.PHASH_CROPS in table.column_names:
+            table = schema.with_column(table, schema.PHASH_CROPS, keys.column(schema.PHASH_CROPS))
         table = schema.with_column(table, schema.DUP_OF, pa.array(dup_of, pa.string()))
         return schema.with_column(table, schema.DROP_REASON, pa.array(reasons, pa.string()))
 
@@ -1028,9 +1150,8 @@ class DedupStage(Stage):
             return {"duplicate_cluster": None, "note": "no duplicate of this sample was found"}
         cluster = hit.column(_CLUSTER)[0].as_py()
         members = t.filter(pc.equal(t.column(_CLUSTER), cluster))
-        rows = members.select(
-            [schema.UID, _KEPT, _KIND, schema.DUP_OF, _DISTANCE, _CONFIRM, schema.PHASH, _PIXELS]
-        ).to_pylist()
+        cols = [schema.UID, _KEPT, _KIND, schema.DUP_OF, _DISTANCE, _CONFIRM, schema.PHASH, _PIXELS]
+        rows = members.select([c for c in [*cols, _CROP] if c in members.column_names]).to_pylist()
         for r in rows:
             r[schema.PHASH] = None if r[schema.PHASH] is None else phash.to_hex(r[schema.PHASH])
             if r[schema.PHASH] is not None:
@@ -1048,6 +1169,8 @@ class DedupStage(Stage):
 
 def _rule_text(cfg: DedupConfig) -> str:
     text = f"each dropped member is within radius {cfg.radius} of the kept one (distance: pHash bits)"
+    if cfg.crops:
+        text += f", or a crop of one within {cfg.crop_radius} of the other (crop: true)"
     if _confirms(cfg):
         signal = "colour Delta-E" if cfg.confirm == "color" else "CLIP cosine"
         text += f", confirmed by {cfg.confirm} (confirm: {signal})"
@@ -1055,12 +1178,14 @@ def _rule_text(cfg: DedupConfig) -> str:
 
 
 def cluster_members(output: Dataset) -> dict[str, dict[str, Any]]:
-    """uid -> {kept, kind, distance, confirm} for every member of a duplicate cluster of a finished
+    """uid -> {kept, kind, distance, confirm, crop} for every member of a duplicate cluster of a finished
     dedup output (the report shows them); empty when the plan files are gone."""
     path = _plan_path(output, "clusters.parquet")
     if not output.fs.exists(path):
         return {}
-    t = pq.read_table(path, columns=[schema.UID, _KEPT, _KIND, _DISTANCE, _CONFIRM], filesystem=output.fs)
+    cols = [schema.UID, _KEPT, _KIND, _DISTANCE, _CONFIRM, _CROP]
+    have = pq.read_schema(path, filesystem=output.fs).names
+    t = pq.read_table(path, columns=[c for c in cols if c in have], filesystem=output.fs)
     confirm = ((output.manifest() or {}).get("config") or {}).get("confirm")
     signal = {"color": "colour Delta-E", "clip": "CLIP cosine"}.get(confirm)
     return {r.pop(schema.UID): {**r, "signal": signal} for r in t.to_pylist()}

@@ -291,7 +291,7 @@ class DownloadStage(Stage):
             schema.KEY, schema.STATUS, schema.ERROR_MESSAGE, schema.WIDTH, schema.HEIGHT,
             schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.SHA256, schema.IMAGE_TAR,
             schema.IMAGE_OFFSET, schema.IMAGE_LENGTH, schema.IMAGE_FORMAT, schema.PHASH, schema.COLOR_SIG,
-            schema.DROP_REASON)}
+            schema.PHASH_CROPS, schema.DROP_REASON)}
         for r in results:
             for c in cols:
                 cols[c].append(r.get(c))
@@ -345,7 +345,7 @@ class DownloadStage(Stage):
             if p.image is not None:
                 t = time.perf_counter()
                 try:
-                    ph = self._phash(p.image)  # (pHash, colour signature) from this decode
+                    ph = self._phash(p.image)  # (pHash, colour signature, crop hashes) from this decode
                 except Exception:  # noqa: BLE001 - a hash failure must not lose the image
                     log.debug("phash failed", exc_info=True)
                 t = time.perf_counter() - t
@@ -409,7 +409,7 @@ class DownloadStage(Stage):
                                 schema.ORIGINAL_WIDTH: p.original_width,
                                 schema.ORIGINAL_HEIGHT: p.original_height,
                                 schema.SHA256: sha, schema.IMAGE_FORMAT: p.ext,
-                                schema.PHASH: ph[0], schema.COLOR_SIG: ph[1],
+                                schema.PHASH: ph[0], schema.COLOR_SIG: ph[1], schema.PHASH_CROPS: ph[2],
                                 "_bytes": p.data,
                             })
                     if r[schema.STATUS] != schema.STATUS_SUCCESS:

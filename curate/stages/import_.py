@@ -71,6 +71,7 @@ _COMPUTED = {
     schema.IMAGE_FORMAT,
     schema.PHASH,
     schema.COLOR_SIG,
+    schema.PHASH_CROPS,
     schema.KEY,
     schema.DROP_REASON,
 }
@@ -99,6 +100,7 @@ _ORDER = (
     schema.ORIGINAL_SHA256,
     schema.PHASH,
     schema.COLOR_SIG,
+    schema.PHASH_CROPS,
     schema.IMAGE_TAR,
     schema.IMAGE_OFFSET,
     schema.IMAGE_LENGTH,
@@ -582,6 +584,7 @@ class ImportStage(Stage):
         if cfg.compute_phash:
             out = schema.with_column(out, schema.PHASH, [None if x is None else x[0] for x in sigs])
             out = schema.with_column(out, schema.COLOR_SIG, [None if x is None else x[1] for x in sigs])
+            out = schema.with_column(out, schema.PHASH_CROPS, [None if x is None else x[2] for x in sigs])
         out = schema.with_column(out, schema.IMAGE_TAR, [entry["tar"]] * n, pa.string())
         out = schema.with_column(out, schema.ERROR_MESSAGE, errors)
         out = schema.with_column(

@@ -2,7 +2,7 @@
 
 ``build_corpus`` returns samples (bytes, ext, caption, truth) where ``truth`` names the original a
 made duplicate comes from and how it was made (resized, re-encoded at low JPEG quality, slightly
-cropped, brightness-shifted, text overlay, exact copy under another URL); ``write_dataset`` writes
+cropped (centred, or 3% off two edges), brightness-shifted, text overlay, exact copy under another URL); ``write_dataset`` writes
 them as a download-like dataset (tars + parquet, committed through the real Dataset code), spreading
 each duplicate into a different shard from its original.
 """
@@ -22,7 +22,7 @@ from curate.dataset import Dataset, uid_for
 from curate.testing.datasets import IMAGE, write_image_dataset
 
 CORPUS = Path(__file__).resolve().parents[2] / "demo" / "corpus"
-EDITS = ("resized", "jpeg_q30", "crop2", "bright", "text")
+EDITS = ("resized", "jpeg_q30", "crop2", "corner3", "bright", "text")
 
 
 @dataclass
@@ -63,6 +63,8 @@ def edit(img: Image.Image, how: str) -> Image.Image:
     if how == "crop2":
         dx, dy = max(1, w // 50), max(1, h // 50)
         return img.crop((dx, dy, w - dx, h - dy))
+    if how == "corner3":  # 3% cut off the left and the top: the picture moves under the hash grid
+        return img.crop((max(1, round(w * 0.03)), max(1, round(h * 0.03)), w, h))
     if how == "bright":
         return ImageEnhance.Brightness(img).enhance(1.15)
     if how == "text":

@@ -37,9 +37,10 @@ def _flip(h: int, bits: range) -> int:
     return h
 
 
-def _row(i: int, h: int, size: int, color: bytes = GREY, **extra) -> dict:
+def _row(i: int, h: int, size: int, color: bytes = GREY, crops: list[int] | None = None, **extra) -> dict:
     return {schema.UID: f"{i:032x}", schema.CAPTION: f"row {i}", IMAGE: _png(i), schema.IMAGE_FORMAT: "png",
-            schema.WIDTH: size, schema.HEIGHT: size, schema.PHASH: h, schema.COLOR_SIG: color, **extra}
+            schema.WIDTH: size, schema.HEIGHT: size, schema.PHASH: h, schema.COLOR_SIG: color,
+            schema.PHASH_CROPS: None if crops is None else phash.crops_to_bytes(crops), **extra}
 
 
 def _decisions(tables: dict[int, pa.Table]) -> dict[str, tuple[str | None, str | None]]:
@@ -129,7 +130,7 @@ def recoloured(tmp_path_factory):
 
 def test_recoloured_pair_is_not_a_duplicate(recoloured, tmp_path):
     red, green = _equal_luma_pair()
-    (hr, cr), (hg, cg) = phash.signatures_bytes([red, green])
+    (hr, cr, _), (hg, cg, _) = phash.signatures_bytes([red, green])
     assert phash.hamming(hr, hg) <= 2  # pHash alone calls them duplicates...
     assert phash.color_distance(np.frombuffer(cr, np.uint8), np.frombuffer(cg, np.uint8))[0] > 8
     got = _decisions(run_inline(recoloured, tmp_path / "color"))
@@ -201,12 +202,18 @@ def test_missing_color_column_is_named_with_the_fix():
     cfg = DedupConfig()
     why = missing_confirmation(cfg, [schema.UID, schema.PHASH])
     assert why is not None and "rehash=true" in why and "rerun import/download" in why
-    assert missing_confirmation(cfg, [schema.UID, schema.PHASH, schema.COLOR_SIG]) is None
-    assert missing_confirmation(cfg, [schema.UID]) is None  # no stored hash: both come from the bytes
+    assert "color_sig or phash_crops" in why and "--set confirm=none --set crop_radius=0" in why
+    assert missing_confirmation(cfg, [schema.UID, schema.PHASH, schema.COLOR_SIG, schema.PHASH_CROPS]) is None
+    only_crops = missing_confirmation(cfg, [schema.UID, schema.PHASH, schema.COLOR_SIG])
+    assert "no phash_crops column" in only_crops and only_crops.endswith("--set crop_radius=0")
+    assert missing_confirmation(DedupConfig(crop_radius=0), [schema.UID, schema.PHASH, schema.COLOR_SIG]) is None
+    assert "no color_sig column" in missing_confirmation(cfg, [schema.UID, schema.PHASH, schema.PHASH_CROPS])
+    assert missing_confirmation(cfg, [schema.UID]) is None  # no stored hash: all come from the bytes
     assert missing_confirmation(DedupConfig(rehash=True), [schema.UID, schema.PHASH]) is None
-    assert missing_confirmation(DedupConfig(confirm="none"), [schema.UID, schema.PHASH]) is None
+    assert missing_confirmation(DedupConfig(confirm="none", crop_radius=0), [schema.UID, schema.PHASH]) is None
+    assert "no phash_crops column" in missing_confirmation(DedupConfig(confirm="none"), [schema.UID, schema.PHASH])
     assert missing_confirmation(DedupConfig(rules=["exact"]), [schema.UID, schema.PHASH]) is None
-    assert "embeddings=true" in missing_confirmation(DedupConfig(confirm="clip"), [schema.PHASH, schema.COLOR_SIG])
+    assert "embeddings=true" in missing_confirmation(DedupConfig(confirm="clip"), [schema.PHASH, schema.PHASH_CROPS])
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +234,7 @@ def test_cli_refuses_old_dataset_in_one_line_before_ray(old_dataset, tmp_path):
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     err = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(err) == 1 and "no color_sig column" in err[0] and "rehash=true" in err[0], r.stderr
+    assert len(err) == 1 and "no color_sig or phash_crops column" in err[0] and "rehash=true" in err[0], r.stderr
     assert "RAY False" in r.stdout
     assert not (tmp_path / "out").exists()
 
@@ -238,6 +245,7 @@ def test_rehash_computes_the_signature_and_confirms(old_dataset, tmp_path):
     # stored hashes are kept where they exist: only the colour came from the bytes
     t = run_inline(old_dataset, tmp_path / "out2", rehash=True)[0]
     assert t.column(schema.COLOR_SIG).null_count == 0
+    assert t.column(schema.PHASH_CROPS).null_count == 0
 
 
 def test_explain_shows_distance_and_confirmation(chain, tmp_path):
@@ -274,3 +282,61 @@ def test_report_and_inspect_show_dedup_clusters_with_distances(chain, tmp_path, 
     got = trace(Dataset(later), B)
     assert got["verdict"] == f"dropped at dedup: near: duplicate of {A} (5 bits from the kept row, confirm 0.00)"
     assert trace(Dataset(later), A)["verdict"] == f"kept in {Dataset(later).url}"
+
+
+# -- crop matching -------------------------------------------------------------------------------
+H_FAR = _flip(H_A, range(20, 32))  # 12 bits from A: no full-image pair
+
+
+def _crop_rows(crop_bits: int, color: bytes = GREY, crop_of_far: bool = False) -> list[dict]:
+    """A (largest) and B whose full hash is 12 bits away but one of whose crops is ``crop_bits``
+    from A's full hash; with crop_of_far, C's crop matches B's crop only (a crop-to-crop pair)."""
+    crops_b = [_flip(H_FAR, range(40, 50 + i)) for i in range(4)] + [_flip(H_A, range(40, 40 + crop_bits))]
+    rows = [_row(0, H_A, 300, crops=[_flip(H_A, range(50, 60 + i)) for i in range(5)]),
+            _row(1, H_FAR, 200, color=color, crops=crops_b)]
+    if crop_of_far:
+        rows.append(_row(2, _flip(H_A, range(0, 14)), 100, crops=[crops_b[4]] * 5))
+    return rows
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("crop_bits", "crop_radius", "dropped"), [
+    (3, 3, True), (2, 3, True), (4, 3, False), (4, 4, True), (0, 0, False)])
+def test_crop_hash_links_a_cropped_copy_at_its_limit(tmp_path, engine, crop_bits, crop_radius, dropped):
+    ds = write_image_dataset(str(tmp_path / "in"), [_crop_rows(crop_bits)])
+    got = _decisions(run_inline(ds, tmp_path / "out", engine=engine, crop_radius=crop_radius,
+                                rows_per_partition=1000))
+    assert got[A] == (None, None)
+    assert got[B] == (("dedup:near", A) if dropped else (None, None))
+
+
+def test_crop_pair_needs_the_colour_and_a_full_image(tmp_path):
+    # recoloured B: its crop matches A's structure but the colours disagree
+    red = bytes([128, 200, 200] * 16)
+    ds = write_image_dataset(str(tmp_path / "in"), [_crop_rows(1, color=red)])
+    assert _decisions(run_inline(ds, tmp_path / "out"))[B] == (None, None)
+    # C shares only a crop with B's crop (no full image within reach of either): not a pair
+    ds = write_image_dataset(str(tmp_path / "in2"), [_crop_rows(5, crop_of_far=True)])
+    got = _decisions(run_inline(ds, tmp_path / "out2", crop_radius=4))
+    assert got[C] == (None, None) and got[B] == (None, None)
+
+
+def test_explain_names_a_crop_match(tmp_path):
+    from curate.stages.dedup import DedupStage
+
+    ds = write_image_dataset(str(tmp_path / "in"), [_crop_rows(2)])
+    run_inline(ds, tmp_path / "out")
+    info = DedupStage(DedupConfig()).explain(Dataset(str(tmp_path / "out")), B)
+    members = {m[schema.UID]: m for m in info["members"]}
+    assert members[B]["distance"] == 2 and members[B]["crop"] is True
+    assert "a crop of one within 3" in info["rule"]
+    # a full-image pair is not called a crop match
+    run_inline(write_image_dataset(str(tmp_path / "in2"), [[_row(0, H_A, 300), _row(1, H_B, 200)]]),
+               tmp_path / "out2")
+    info = DedupStage(DedupConfig()).explain(Dataset(str(tmp_path / "out2")), B)
+    assert {m[schema.UID]: m["crop"] for m in info["members"]}[B] is False
+
+
+def test_crop_radius_above_radius_is_refused():
+    with pytest.raises(ValueError, match="crop_radius"):
+        DedupConfig(radius=2, crop_radius=3)

@@ -139,3 +139,31 @@ def test_alpha_is_composited_over_white_not_dropped():
     buf = io.BytesIO()
     hidden.save(buf, "PNG")
     assert phash.signatures_bytes([buf.getvalue()])[0] == phash.signature_pil(seen)
+
+
+def test_crop_hashes_are_the_hashes_of_the_crops():
+    """The five crop hashes are the pHashes of the corners and the centre keeping 97% of each side
+    (boxes computed here by hand), in that order, and both paths (decoded image, bytes) agree."""
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 255, (150, 300, 3), dtype=np.uint8)).resize((600, 300))
+    w, h = img.size  # 600 x 300: reduced by 2 to 300 x 150 before hashing
+    small = img.reduce(2)
+    sw, sh = small.size
+    cw, ch = round(sw * 0.97), round(sh * 0.97)
+    boxes = [(0, 0, cw, ch), (sw - cw, 0, sw, ch), (0, sh - ch, cw, sh), (sw - cw, sh - ch, sw, sh),
+             ((sw - cw) // 2, (sh - ch) // 2, (sw - cw) // 2 + cw, (sh - ch) // 2 + ch)]
+    want = [phash.phash_pil(small.crop(b)) for b in boxes]
+    full, _, crops = phash.signature_pil(img)
+    assert list(np.frombuffer(crops, "<u8")) == want
+    assert full == phash.phash_pil(img) and full not in want
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    assert phash.signatures_bytes([buf.getvalue()])[0] == (full, phash.signature_pil(img)[1], crops)
+
+
+def test_crop_distance_is_the_closest_crop():
+    crops = np.array([[0b1111, 0b1, 0b11, 0, 0b111]], dtype=np.uint64)
+    assert phash.crop_distance(crops, np.array([0b1000000], np.uint64)).tolist() == [1]
+    assert phash.crop_distance(crops, np.array([0b1111], np.uint64)).tolist() == [0]
+    h, ok = phash.crops_from_bytes([phash.crops_to_bytes([1, 2, 3, 4, 2**64 - 1]), None, b"short"])
+    assert h[0].tolist() == [1, 2, 3, 4, 2**64 - 1] and ok.tolist() == [True, False, False]
