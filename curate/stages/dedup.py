@@ -719,26 +719,32 @@ def _near_unit(job: _UnitJob) -> int:
         return int(out.fs.size(path))
     cfg = DedupConfig(**job.config)
     scheme = neardup.Scheme(cfg.radius, job.scheme_blocks)
-    held: dict[int, list[np.ndarray]] = {t: [] for t in job.tables}
+    # blocks == 1: one column serves every table of the unit; else each table keeps its block's rows
+    own = job.tables[:1] if job.blocks == 1 else job.tables
+    held: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {t: [] for t in own}
     for n in job.shards:
-        _, h, _ = _shard_entries(cfg, out, n, 0, identity=False)
-        for t in job.tables:
-            held[t].append(h if job.blocks == 1 else h[neardup.in_block(scheme, h, t, job.block, job.blocks)])
-            if job.blocks == 1:
-                break  # one column serves every table of the unit
-    arrays: dict[str, np.ndarray] = {}
-    if job.blocks == 1:
-        column = np.concatenate(held[job.tables[0]] or [np.empty(0, np.uint64)])
-        del held
-        arrays["a"], arrays["b"] = neardup.hash_pairs(scheme, column, job.tables)
-        if 0 in job.tables:
-            arrays["repeated"] = neardup.repeated(column)
-    else:
-        (t,) = job.tables
-        column = np.concatenate(held[t] or [np.empty(0, np.uint64)])
-        arrays["a"], arrays["b"] = neardup.hash_pairs(scheme, column, [t])
-        if t == 0:  # equal values share every key, so each block of table 0 sees a repeat whole
-            arrays["repeated"] = neardup.repeated(column)
+        ids, h, _ = _shard_entries(cfg, out, n, 0, identity=False)
+        full = (ids & ((1 << _ENTRY_BITS) - 1)) == 0  # the image's own pHash, not a crop's
+        for t in own:
+            sel = neardup.in_block(scheme, h, t, job.block, job.blocks)
+            held[t].append((h[sel], full[sel]))
+    a_, b_, rep = [], [], []
+    for t in own:
+        column = np.concatenate([c for c, _ in held[t]] or [np.empty(0, np.uint64)])
+        full = np.concatenate([f for _, f in held[t]] or [np.empty(0, bool)])
+        del held[t]
+        a, b = neardup.hash_pairs(scheme, column, job.tables if job.blocks == 1 else [t])
+        if cfg.crops:  # a pair of crop hashes only links crops, which _rows_of drops: not written
+            fulls = column[full]
+            keep = np.isin(a, fulls) | np.isin(b, fulls)
+            a, b = a[keep], b[keep]
+        a_.append(a)
+        b_.append(b)
+        if 0 in (job.tables if job.blocks == 1 else (t,)):
+            rep.append(neardup.repeated(column))  # equal values share every key: table 0 sees each whole
+    arrays = {"a": np.concatenate(a_), "b": np.concatenate(b_)}
+    if rep:
+        arrays["repeated"] = np.concatenate(rep)
     _save_npz(out, path, arrays)
     return int(out.fs.size(path))
 

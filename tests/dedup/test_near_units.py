@@ -4,6 +4,7 @@ process engine, bytes written bounded by the pairs, and the memory-sized one-pro
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from dedup_data import build_corpus, write_dataset
 
@@ -47,17 +48,23 @@ def test_units_decide_like_the_sort_engine(dataset, tmp_path, slots, hashes_per_
     got = _run(dataset, tmp_path / "dist", slots, written, engine="distributed", hashes_per_task=hashes_per_task)
     assert got == want
     assert sum(1 for v in want.values() if v[1]) > 40
-    rows = sum(dataset.stats(n)["rows_out"] for n in dataset.shard_ids())
-    cfg = DedupConfig()
-    tables = len(neardup.tables(neardup.choose_blocks(rows, cfg.radius), cfg.radius))
+    # the entries searched: every row's pHash and its crops' (oracle for the pairs: brute force)
+    out = Dataset(str(tmp_path / "dist"))
+    keys = pq.read_table(out.path("_plan", "dedup", "keys"), columns=[schema.PHASH, schema.PHASH_CROPS])
+    h = keys.column(schema.PHASH).drop_null().to_numpy()
+    crops = np.concatenate([np.frombuffer(b, "<u8") for b in keys.column(schema.PHASH_CROPS).drop_null().to_pylist()])
+    entries = np.concatenate([h, crops])
+    assert len(crops) == 5 * len(h) > 0
+    values = np.unique(entries)
+    value_pairs = len(neardup.near_pairs_bruteforce(values, DedupConfig().radius)[0])
+    tables = len(neardup.tables(neardup.choose_blocks(len(h), DedupConfig().radius), DedupConfig().radius))
     units = len(written)
-    assert units == (min(slots, tables) if hashes_per_task > rows else tables * -(-rows // hashes_per_task))
-    # what the shuffle wrote (17 B per row per table) vs the units: pair files, a few hundred bytes of
-    # container each; pairs here are at most all planted duplicates, 16 B each
-    assert sum(written) <= 600 * units + 16 * rows * 2
-    assert sum(written) < 17 * rows * tables / 4
-    assert np.all(np.asarray(written) > 0)
-
+    assert units == (min(slots, tables) if hashes_per_task > len(entries) else
+                     tables * -(-len(entries) // hashes_per_task))
+    # bytes written: the pairs of values (16 B, at most all within the radius), the repeated values,
+    # a few hundred bytes of container per file; the shuffle wrote 17 B per entry per table
+    assert 0 < sum(written) <= 600 * units + 16 * value_pairs + 8 * len(entries)
+    assert sum(written) < 17 * len(entries) * tables / 4
 
 def test_one_process_limit_follows_memory():
     assert dedup.local_limit(DedupConfig(local_max_rows=123)) == 123
