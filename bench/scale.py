@@ -8,7 +8,7 @@ memory of the driver and of the whole process tree (driver + Ray + workers; sums
 0.1 s). Per-sample figures (stage seconds / N, peak tree memory / N) are printed per N, so a flat
 curve reads as equal columns.
 
-    .venv/bin/python bench/scale.py [--rows 100000 400000] [--near-dup-hashes 20000000]
+    .venv/bin/python bench/scale.py [--rows 100000 400000] [--near-dup-hashes 20000000] [--shuffle-quality]
 
 ``--near-dup-hashes H``: the distributed near-dup engine on a local 3-node cluster
 (infra/local-cluster.sh, head + 2 workers): H random pHashes (with planted near pairs) in keys files,
@@ -271,6 +271,26 @@ def near_dup_cluster(hashes: int, shards: int) -> dict:
     return res
 
 
+# -- export's windowed shuffle: what the window costs ---------------------------------------------
+def shuffle_quality(shards: int, rows: int, window: int, contiguous: bool = False, seed: int = 0) -> tuple[float, float]:
+    """(r over all rows, worst |r| inside a window) between input and output positions, from the
+    export plan's own functions; ``contiguous``: windows of consecutive shards (no seeded order)."""
+    import numpy as np
+
+    from curate.stages.export import permute, place_windows, position_correlation, windows_of
+
+    ids = list(range(shards))
+    wins = [ids[i:i + window] for i in range(0, shards, window)] if contiguous else windows_of(ids, window, seed)
+    a, b = [], []
+    for p in place_windows(wins, {n: (rows, 0) for n in ids}):
+        local = permute(np.arange(p.offset[0], p.offset[0] + rows, dtype=np.uint64), p.count[0], seed, 2 * p.window)
+        a.append(p.shard * rows + np.arange(rows))
+        b.append(p.base[0] + local.astype(np.int64))
+    x, y = np.concatenate(a), np.concatenate(b)
+    worst = max(abs(position_correlation(x[m], y[m])) for m in (np.isin(x // rows, w) for w in wins))
+    return position_correlation(x, y), worst
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 400_000])
@@ -278,8 +298,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run the distributed near-dup engine on a local 3-node cluster at this many hashes")
     ap.add_argument("--near-dup-shards", type=int, default=100)
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--shuffle-quality", action="store_true",
+                    help="print export's windowed-shuffle position correlations (docs/SCALING.md)")
     args = ap.parse_args(argv)
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    if args.shuffle_quality:
+        print("input shards x rows, window: r(all rows), worst |r| in a window; contiguous windows r(all)")
+        for m, rows, w in ((60, 50, 6), (1000, 1000, 64), (4000, 500, 64), (1000, 1000, 16)):
+            r, worst = shuffle_quality(m, rows, w)
+            print(f"  {m} x {rows}, W {w}: {r:.4f}, {worst:.4f}; {shuffle_quality(m, rows, w, contiguous=True)[0]:.3f}")
     ratio = None
     if not args.skip_pipeline:
         results = {}
