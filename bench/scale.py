@@ -302,12 +302,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="print export's windowed-shuffle position correlations (docs/SCALING.md)")
     args = ap.parse_args(argv)
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    ratio = None
     if args.shuffle_quality:
         print("input shards x rows, window: r(all rows), worst |r| in a window; contiguous windows r(all)")
         for m, rows, w in ((60, 50, 6), (1000, 1000, 64), (4000, 500, 64), (1000, 1000, 16)):
             r, worst = shuffle_quality(m, rows, w)
-            print(f"  {m} x {rows}, W {w}: {r:.4f}, {worst:.4f}; {shuffle_quality(m, rows, w, contiguous=True)[0]:.3f}")
-    ratio = None
+            flat = shuffle_quality(m, rows, w, contiguous=True)[0]
+            print(f"  {m} x {rows}, W {w}: {r:.4f}, {worst:.4f}; {flat:.3f}")
+            ratio = abs(r) / abs(flat)  # the last case: seeded windows vs contiguous ones
     if not args.skip_pipeline:
         results = {}
         for rows in sorted(args.rows):
