@@ -238,9 +238,11 @@ def near_dup_cluster(hashes: int, shards: int) -> dict:
     column = write_hash_keys(out, hashes, shards, planted=hashes // 100)
     script = CACHE / "near_driver.py"
     script.write_text(NEAR_DRIVER)
-    subprocess.run([str(ROOT / "infra" / "local-cluster.sh"), "start", "2"], env=env, check=True,
-                   capture_output=True, text=True)
     try:
+        started = subprocess.run([str(ROOT / "infra" / "local-cluster.sh"), "start", "2"], env=env,
+                                 capture_output=True, text=True)
+        if started.returncode != 0:
+            raise SystemExit(f"local cluster did not start: {started.stderr[-2000:]}")
         cluster = dict(line.split("=", 1) for line in (state / "env").read_text().split() if "=" in line)
         denv = {**env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": cluster.get("RAY_AUTH_MODE", ""),
                 "RAY_AUTH_TOKEN_PATH": cluster.get("RAY_AUTH_TOKEN_PATH", "")}
