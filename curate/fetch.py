@@ -394,27 +394,31 @@ def _make_resolver_class():
 
 # -- concurrency that follows latency ------------------------------------------------------------
 class Gate:
-    """A semaphore (``acquire`` / ``release``) whose limit can change while it is in use."""
+    """A first-come first-served semaphore (``acquire`` / ``release``) whose limit can change while it
+    is in use. A freed slot is handed to the longest waiter, never taken by a newcomer: rows are
+    queued in row order, and the tar is written in row order."""
 
     def __init__(self, limit: int):
         self.limit = max(1, limit)
         self.used = 0
-        self.waited = False  # someone had to wait since the last ``reset_waited``
+        self.waited = False  # someone had to wait since this was last reset
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     async def acquire(self) -> None:
-        while self.used >= self.limit:
-            self.waited = True
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-                self._wake()  # a wake-up meant for us goes to the next in line
-                raise
-        self.used += 1
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return
+        self.waited = True
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # _wake counted this slot as used before setting the result
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot at the moment of cancellation: pass it on
+            elif fut in self._waiters:
+                self._waiters.remove(fut)
+            raise
 
     def release(self) -> None:
         self.used -= 1
@@ -425,12 +429,11 @@ class Gate:
         self._wake()
 
     def _wake(self) -> None:
-        free = self.limit - self.used
-        while free > 0 and self._waiters:
+        while self.used < self.limit and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
+                self.used += 1
                 fut.set_result(None)
-                free -= 1
 
 
 class ConcurrencyTuner:
