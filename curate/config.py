@@ -192,6 +192,42 @@ def load_pipeline(path: str, sets: Sequence[str] = ()) -> Pipeline:
     return pipe
 
 
+def check_columns(steps: Sequence[tuple[str, str, str | None, str, type, StageConfig]]) -> None:
+    """Raise one ConfigError line when a step needs a column that the steps before it do not leave in.
+
+    ``steps`` are (step name, stage name, input, output, stage class, config), in order. A step that reads raw
+    input (download, import) starts from no derived columns; a step that reads an existing dataset
+    starts from that dataset's columns; one whose input cannot be read is not checked.
+    """
+    from curate.dataset import Dataset
+
+    columns: set[str] | None = None
+    dropped: dict[str, str] = {}  # column -> the step that dropped it
+    prev_out = None
+    for name, stage_name, inp, out, cls, config in steps:
+        stage = cls(config)
+        if not cls.reads_dataset:
+            columns, dropped = set(), {}
+        elif inp is None or inp != prev_out:  # the pipeline's input, or a step's own input: what is there now
+            try:
+                found = Dataset(inp).schema() if inp is not None else None
+            except Exception:  # noqa: BLE001 - unreadable here (no credentials, not written yet): skip
+                found = None
+            columns, dropped = (set(found.names) if found is not None else None), {}
+        if columns is not None:
+            for col, fix in stage.needs().items():
+                if col not in columns:
+                    where = f"step {dropped[col]!r} drops it" if col in dropped else "no step before it writes it"
+                    raise ConfigError(f"pipeline step {name!r} ({stage_name}) needs the {col} column, "
+                                      f"and {where}: {fix}")
+            after = stage.columns_after(set(columns))
+            dropped.update({c: name for c in columns - after})
+            for c in after:
+                dropped.pop(c, None)
+            columns = after
+        prev_out = out
+
+
 # -- describing a stage's keys (``curate config STAGE``, each stage's --help) -------------------
 def _field_comments(cls: type) -> dict[str, str]:
     """field name -> its comment in the class source: the comment at the end of its line, else the

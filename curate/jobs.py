@@ -70,13 +70,16 @@ def run_pipeline(pipe: Any, steps: Sequence[Step], address: str, overwrite: bool
     ``pipe`` (the parsed pipeline, or None for ``curate submit``) is only used for log lines.
     """
     stream = stream if stream is not None else sys.stderr
-    # Every step's stage and config are checked before the first job is submitted.
-    for stage, _inp, _out, config, sets in steps:
+    # Every step's stage, config and paths are checked before the first job is submitted.
+    for stage, inp, out, config, sets in steps:
         _stage_config(stage, config, sets)
+        for path in (inp, out):
+            _check_cluster_path(stage, path, address)
+    submit_options = driver_resources()
     client = connect(address)
     summaries = []
     for step in steps:
-        summaries.append(run_step(client, step, overwrite=overwrite, stream=stream))
+        summaries.append(run_step(client, step, overwrite=overwrite, stream=stream, submit_options=submit_options))
     if pipe is not None:
         log.info("pipeline %s: %d step(s) done", getattr(pipe, "name", "?"), len(steps))
     return summaries
@@ -91,14 +94,15 @@ def connect(address: str):
         raise ConfigError(f"cannot reach the Ray job API at {address}: {str(e).splitlines()[0]}") from None
 
 
-def run_step(client, step: Step, overwrite: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
-    """Skip, submit or re-attach to one step's job, follow it to the end; return its summary."""
+def run_step(client, step: Step, overwrite: bool = False, stream: TextIO | None = None,
+             submit_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Skip, submit or re-attach to one step's job, follow it to the end; return its summary.
+    ``submit_options`` are the job's entrypoint resources (``driver_resources``)."""
     from curate.runner import check_output, prepare
 
     stream = stream if stream is not None else sys.stderr
     stage, inp, out, config, sets = step
     data = _stage_data(config, sets)
-    inp = _absolute(inp)
     out_ds = Dataset(out)
     _cls, _cfg, record = prepare(stage, inp, out_ds.url, data, check=False)
     replace = False
@@ -107,11 +111,23 @@ def run_step(client, step: Step, overwrite: bool = False, stream: TextIO | None 
     except ConfigError:
         if not overwrite:
             raise
+        from curate.runner import refuse_foreign_overwrite
+
+        refuse_foreign_overwrite(out_ds)
         state, replace = "replace", True
     if state == "complete":
         log.info("%s: output %s is complete with the same config and input; no job", stage, out_ds.url)
         return _summary(stage, out_ds, job_id=None, skipped=True)
 
+    from curate.redact import secret_in
+
+    if secret_in([inp, out_ds.url, data]):
+        # anyone who can list the cluster's jobs reads an entrypoint: a secret never goes into one
+        raise ConfigError(
+            f"{stage}: an input, output or setting of this step holds a credential (a URL password, "
+            "a signed query or a token); a cluster job would show it in its entrypoint. Give the "
+            "cluster its credentials through its environment (e.g. an IAM role or AWS_* variables) "
+            "and drop them from the URL")
     prefix = submission_prefix(stage, record, out_ds.url)
     jobs = _jobs_with_prefix(client, prefix)
     running = [j for j in jobs if str(j.status) in ACTIVE]
@@ -126,6 +142,7 @@ def run_step(client, step: Step, overwrite: bool = False, stream: TextIO | None 
             submission_id=job_id,
             runtime_env=runtime_env(),
             metadata={"curate_stage": stage, "curate_output": out_ds.url},
+            **(submit_options or {}),
         )
         _say(stream, f"{stage}: submitted job {job_id}: {entry}")
     status = follow(client, job_id, stream)
@@ -251,11 +268,43 @@ def _stage_data(config: dict[str, Any] | None, sets: Sequence[str]) -> dict[str,
     return data
 
 
-def _absolute(path: str | None) -> str | None:
-    """Local paths are made absolute here: the job's working directory is not the client's."""
-    if path is None or "://" in path:
-        return path
-    return os.path.abspath(path)
+def _check_cluster_path(stage: str, path: str | None, address: str) -> None:
+    """A job runs on the cluster, so a relative path would name a folder there relative to wherever the
+    job starts; making it absolute here would name this machine's folder instead. Refuse it: object
+    storage, or an absolute path on a filesystem every node mounts, are what a cluster reads."""
+    if path is None or "://" in path or os.path.isabs(path):
+        return
+    raise ConfigError(f"{stage}: {path!r} is a relative local path, and the stage runs as a job on the cluster at "
+                      f"{address}: give an object-store URL (s3://..., gs://...) or an absolute path that "
+                      "every node of the cluster mounts")
+
+
+def driver_resources() -> dict[str, Any]:
+    """Where each stage's job driver runs: ``CURATE_DRIVER_RESOURCES``, a JSON mapping of Ray
+    resources (``{"driver": 1}`` puts it on infra/kuberay's driver group; ``CPU``, ``GPU`` and
+    ``memory`` in bytes are reserved as such), as the job API's ``entrypoint_*`` arguments. Unset: the
+    driver reserves nothing and runs on the head node, where Ray places unreserved drivers."""
+    raw = os.environ.get("CURATE_DRIVER_RESOURCES", "").strip()
+    if not raw:
+        return {}
+    try:
+        wanted = json.loads(raw)
+    except ValueError:
+        wanted = None
+    if not isinstance(wanted, dict) or not wanted or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in wanted.values()):
+        raise ConfigError(f"CURATE_DRIVER_RESOURCES={raw!r}: expected a JSON mapping of resource names to "
+                          'positive numbers, e.g. \'{"driver": 1}\' or \'{"CPU": 4, "memory": 34359738368}\'')
+    out: dict[str, Any] = {}
+    custom = dict(wanted)
+    for key, arg in (("CPU", "entrypoint_num_cpus"), ("GPU", "entrypoint_num_gpus")):
+        if key in custom:
+            out[arg] = custom.pop(key)
+    if "memory" in custom:
+        out["entrypoint_memory"] = int(custom.pop("memory"))
+    if custom:
+        out["entrypoint_resources"] = custom
+    return out
 
 
 def _summary(stage: str, ds: Dataset, job_id: str | None, skipped: bool) -> dict[str, Any]:

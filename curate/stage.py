@@ -1,4 +1,4 @@
-"""The stage protocol (DESIGN §4): one small class per stage, no Ray inside.
+"""The stage protocol (ARCHITECTURE §4): one small class per stage, no Ray inside.
 
 A stage is constructed cheaply from its typed, frozen config, ``setup()`` once per worker (model
 load, index load), then ``process(table, ctx)`` once per shard. ``process`` returns the rows it
@@ -120,6 +120,11 @@ class Stage:
     writes_images: ClassVar[bool] = False
     # False for stages whose --input is not a curate dataset (download: URL lists; import: tars).
     reads_dataset: ClassVar[bool] = True
+    # Whether the raw input's files are fingerprinted into the run record (download's URL lists,
+    # import's tars): an input changed in place is then another input, never "complete".
+    fingerprints_input: ClassVar[bool] = False
+    # Whether ``--retry-failed`` means something: the stage records failures worth trying again.
+    retries_failed: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig):
         self.config = config
@@ -137,6 +142,21 @@ class Stage:
         """Cheap checks against the input before any work starts or anything is written (files the
         config names can be read, a model fits the input's embeddings). Raise
         ``curate.config.ConfigError`` with one line saying what is wrong and how to fix it."""
+
+    def needs(self) -> dict[str, str]:
+        """Columns this config reads from its input, each with the fix to name when no earlier step of a
+        pipeline writes it; ``curate run`` checks every step against the steps before it, before any work."""
+        return {}
+
+    def columns_after(self, columns: set[str]) -> set[str]:
+        """The columns of this stage's output given its input's. Only columns a stage adds or drops
+        matter: the pipeline check follows what later steps ``need`` through them."""
+        return columns
+
+    def models(self) -> list[tuple[str, str, str | None]]:
+        """The models this config loads, as ``("open_clip", model, pretrained)`` or
+        ``("transformers", model, revision)``, for ``curate models`` to fetch ahead of a run."""
+        return []
 
     def plan(self, ctx: PlanContext) -> list[int] | None:
         """Global step before the per-shard apply. Return the shard numbers to apply, or None to

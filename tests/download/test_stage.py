@@ -118,6 +118,9 @@ def test_process_every_case_without_ray(tmp_path, server):
         assert img.size == (r[schema.WIDTH], r[schema.HEIGHT])
         assert min(img.size) == 64  # keep_ratio 64
         assert r[schema.PHASH] is not None
+        # five crop hashes beside the pHash (these flat test images hash to noise, so only their
+        # presence is checked here; tests/dedup/test_phash.py checks the values)
+        assert r[schema.PHASH_CROPS] is not None and len(r[schema.PHASH_CROPS]) == 40
     meta = json.loads(blob[members[2].offset:members[2].offset + members[2].size])
     assert meta[schema.URL] == ok[0][schema.URL] and meta[schema.STATUS] == "success"
     exif_row = next(r for r in ok if r[schema.URL].endswith("/img/exif.jpg"))
@@ -214,7 +217,7 @@ def test_end_to_end_through_runner_then_retry_failed(tmp_path, server, ray_sessi
     out = Dataset(out_url)
     assert out.is_complete() and out.shard_ids() == [0, 1]
     kept = pa.concat_tables([t for _, t in out.iter_shards()])
-    blobs = read_images(kept)
+    blobs = read_images(kept, out)
     assert all(b is not None and hashlib.sha256(b).hexdigest() == h
                for b, h in zip(blobs, kept.column(schema.SHA256).to_pylist(), strict=True))
     sizes = json.loads((tmp_path / "out" / "shards" / "sizes.json").read_text())

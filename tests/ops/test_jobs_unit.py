@@ -68,3 +68,33 @@ def test_runtime_env_from_environment(monkeypatch, tmp_path):
     f.write_text("working_dir: .\n")
     monkeypatch.setenv("CURATE_RUNTIME_ENV", str(f))
     assert jobs.runtime_env()["working_dir"] == "."
+
+
+def test_a_relative_path_is_refused_before_the_cluster_is_contacted(tmp_path, capsys):
+    from curate.cli import main
+
+    # no server listens on port 9: the check must come first
+    code = main(["submit", PASS, "--input", "data/in", "--output", str(tmp_path / "o"),
+                 "--address", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "'data/in' is a relative local path" in err and "s3://" in err
+    # never rewritten to this machine's absolute path
+    assert str(tmp_path.cwd()) not in err
+    code = main(["submit", PASS, "--input", str(tmp_path / "in"), "--output", "o",
+                 "--address", "http://127.0.0.1:9"])
+    assert code == 2 and "'o' is a relative local path" in capsys.readouterr().err
+
+
+def test_driver_resources_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CURATE_DRIVER_RESOURCES", raising=False)
+    assert jobs.driver_resources() == {}
+    monkeypatch.setenv("CURATE_DRIVER_RESOURCES", '{"driver": 1}')
+    assert jobs.driver_resources() == {"entrypoint_resources": {"driver": 1}}
+    monkeypatch.setenv("CURATE_DRIVER_RESOURCES", '{"CPU": 4, "GPU": 0.5, "memory": 1e9, "x": 2}')
+    assert jobs.driver_resources() == {"entrypoint_num_cpus": 4, "entrypoint_num_gpus": 0.5,
+                                       "entrypoint_memory": 1_000_000_000, "entrypoint_resources": {"x": 2}}
+    for bad in ("driver", "[1]", '{"driver": 0}', '{"driver": "1"}', "{}"):
+        monkeypatch.setenv("CURATE_DRIVER_RESOURCES", bad)
+        with pytest.raises(ConfigError, match="CURATE_DRIVER_RESOURCES"):
+            jobs.driver_resources()
