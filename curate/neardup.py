@@ -457,10 +457,12 @@ def resolve_hash_pairs(
     """
     ids = np.asarray(ids, dtype=np.int64)
     hashes = np.asarray(hashes, dtype=np.uint64)
-    key = hashes[:, None] if groups is None else np.asarray(groups, np.uint64).reshape(len(ids), -1)
     empty = np.empty(0, np.int64)
     if not len(ids):
+        if len(pair_a):
+            raise ValueError("resolve_hash_pairs: a paired hash has no row among those given")
         return empty, empty
+    key = hashes[:, None] if groups is None else np.asarray(groups, np.uint64).reshape(len(ids), -1)
     # hash first, so identity groups (which share the hash) come out sorted by hash
     order = np.lexsort((ids, *[key[:, c] for c in range(key.shape[1] - 1, -1, -1)], hashes))
     k, i, h = key[order], ids[order], hashes[order]

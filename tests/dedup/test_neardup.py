@@ -122,3 +122,10 @@ def test_hash_units_split_tables_then_blocks():
     h = _hashes(3000, 0, 4)
     parts = [nd.in_block(scheme, h, 2, b, 3) for b in range(3)]
     assert (sum(p.astype(int) for p in parts) == 1).all()  # every row in exactly one block
+
+
+def test_resolve_with_nothing_to_resolve():
+    e64, eu = np.empty(0, np.int64), np.empty(0, np.uint64)
+    for groups in (None, np.empty((0, 3), np.uint64)):
+        a, b = nd.resolve_hash_pairs(eu, eu, e64, eu, groups)
+        assert len(a) == len(b) == 0
