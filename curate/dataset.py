@@ -7,7 +7,7 @@ Layout under any fsspec URL::
     _plan/                    what a stage's plan step decided (inputs of each shard, decision tables)
     shards/NNNNN.parquet      kept rows           shards/NNNNN.tar + .idx   (datasets that own bytes)
     shards/NNNNN.stats.json   the commit marker   shards/sizes.json          (beside the tars)
-    shards/NNNNN.commit.json  which attempt's files the shard holds (the claim, then the journal)
+    shards/NNNNN.commit.json  while a shard changes: which attempt's files it takes (claim and journal)
     rejects/NNNNN.parquet     dropped rows with drop_reason
 
 Every file is written under a temporary name private to one attempt and renamed into place. A shard

@@ -21,6 +21,7 @@ stage reads (``url``, ``caption``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -289,15 +290,16 @@ def run_demo(args: argparse.Namespace) -> int:
     with _start(args.root, args.host, args.port) as srv:
         n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
         print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
-        rc = curate_main(["run", args.pipeline])
+        # --overwrite redoes only steps whose output was made with another config (an older curate's
+        # demo-output); complete steps with this config are skipped, interrupted ones resume
+        rc = curate_main(["run", args.pipeline, "--overwrite"])
     if rc:
         return rc
     pipe = load_pipeline(args.pipeline)
     export = Path(pipe.output) / pipe.stages[-1].dirname
     train_out = DEMO_OUT / "train"
     print(f"training a tiny CLIP on {export} (CPU, {DEMO_TRAIN_STEPS} steps) ...", flush=True)
-    rc = subprocess.call([sys.executable, "-m", "trainer.train", "--data", str(export),
-                          "--output", str(train_out), *DEMO_TRAIN_ARGS])
+    rc = _train(export, train_out, DEMO_TRAIN_ARGS)
     if rc:
         print(f"training failed (exit {rc})", file=sys.stderr)
         return rc
@@ -326,6 +328,25 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(export: Path, output: Path, args: list[str]) -> int:
+    """One demo training run. A rerun resumes (or finds it finished) when the folder's run was started
+    by this trainer code with these arguments; otherwise (an older curate's demo-output) it starts
+    again, the trainer removing the old checkpoints (``--resume never``)."""
+    stamp = output / "demo-run.json"
+    code = hashlib.sha256()
+    for f in sorted((REPO / "trainer").glob("*.py")):
+        code.update(f.name.encode() + f.read_bytes())
+    want = {"args": [str(export), *args], "trainer": code.hexdigest()}
+    have = json.loads(stamp.read_text()) if stamp.is_file() else None
+    resume = "auto" if have == want else "never"
+    if resume == "never" and (output / "checkpoints").is_dir():
+        print(f"{output}: made by another trainer or with other arguments; training again", flush=True)
+    output.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(want))
+    return subprocess.call([sys.executable, "-m", "trainer.train", "--data", str(export), "--output", str(output),
+                            "--resume", resume, *args])
+
+
 def train_sentencepiece_demo(export: Path, out: Path) -> int:
     """A SentencePiece tokenizer trained on the export's captions, then recipe (e) trained with it."""
     tok = out / "tokenizer"
@@ -336,8 +357,7 @@ def train_sentencepiece_demo(export: Path, out: Path) -> int:
         print(f"tokenizer training failed (exit {rc})", file=sys.stderr)
         return rc
     print(f"training recipe (e) with it (CPU, {DEMO_SPM_STEPS} steps) ...", flush=True)
-    rc = subprocess.call([sys.executable, "-m", "trainer.train", "--data", str(export), "--output",
-                          str(out / "train_spm"), *DEMO_SPM_ARGS, f"tokenizer.name={tok / 'spm.model'}"])
+    rc = _train(export, out / "train_spm", [*DEMO_SPM_ARGS, f"tokenizer.name={tok / 'spm.model'}"])
     if rc:
         print(f"SentencePiece training failed (exit {rc})", file=sys.stderr)
     return rc

@@ -161,7 +161,6 @@ def test_top_fraction_is_exact_across_shards_and_workers(tiny_clip, ray_session,
     # recorded plan (no rescoring) and gives the same kept set.
     out.fs.rm(out.path("_manifest.json"))
     out.fs.rm(out.shard_path(1, "stats.json"))
-    out.fs.rm(out.shard_path(1, "commit.json"))  # killed before its claim: no commit record either
     out.fs.rm(out.shard_path(1, "parquet"))
     again = run_stage("clip", inp.url, str(tmp_path / "top"), config=cfg)
     kept2 = [u for _, t in Dataset(str(tmp_path / "top")).iter_shards() for u in t.column(schema.UID).to_pylist()]
