@@ -85,6 +85,112 @@ class Server:
         self.proc.wait(timeout=10)
 
 
+# The web at a distance: an asyncio server on H loopback addresses (127.0.0.1 .. 127.0.0.H, one port)
+# that answers each request after a lognormal delay around the median asked for. Per URL, fixed by
+# a hash of its path and query: 5% answer 404, 3% answer 503 to their first request and the image
+# after (a transient failure a retry recovers), the rest the image.
+LATENCY_SERVER = """
+import asyncio, hashlib, math, random, sys
+from pathlib import Path
+from aiohttp import web
+
+root, median_ms, hosts, sigma = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+types = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+files = {p.name: (p.read_bytes(), types.get(p.suffix.lower(), "application/octet-stream"))
+         for p in root.rglob("*") if p.is_file() and p.suffix.lower() in types}
+failed_once = set()
+rng = random.Random(0)
+
+async def handle(request):
+    if request.path == "/__reset":  # between tools: every transient 503 fires again
+        failed_once.clear()
+        return web.Response(text="ok")
+    await asyncio.sleep(median_ms / 1000 * math.exp(rng.gauss(0, sigma)))
+    key = request.path_qs
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 100
+    if h < 5:
+        return web.Response(status=404, text="not found")
+    if h < 8 and key not in failed_once:
+        failed_once.add(key)
+        return web.Response(status=503, text="busy")
+    hit = files.get(request.path.rsplit("/", 1)[-1])
+    if hit is None:
+        return web.Response(status=404, text="not found")
+    return web.Response(body=hit[0], content_type=hit[1])
+
+async def main():
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    first = web.TCPSite(runner, "127.0.0.1", 0, backlog=2048)
+    await first.start()
+    port = first._server.sockets[0].getsockname()[1]
+    for i in range(2, hosts + 1):
+        await web.TCPSite(runner, f"127.0.0.{i}", port, backlog=2048).start()
+    print(port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
+"""
+
+
+class LatencyServer(Server):
+    """LATENCY_SERVER over ``root`` in its own process; ``url(i, name)`` spreads URLs over the hosts."""
+
+    def __init__(self, root: Path, median_ms: float, hosts: int, sigma: float = 0.5):
+        script = WORK / "latency_server.py"
+        script.write_text(LATENCY_SERVER)
+        self.proc = subprocess.Popen([sys.executable, str(script), str(root), str(median_ms), str(hosts), str(sigma)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, text=True)
+        self.port = int(self.proc.stdout.readline())
+        self.hosts = hosts
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(f"{self.base_url}/__reset", timeout=10).read()
+
+    def url(self, i: int, name: str) -> str:
+        return f"http://127.0.0.{1 + i % self.hosts}:{self.port}/{name}?copy={i}"
+
+
+_WARM: list[subprocess.Popen] = []
+
+
+def start_warm_ray() -> str:
+    """A local Ray head (``ray start --block`` in its own session) started before the clock; its GCS
+    address for RAY_ADDRESS. Only this process group is ended afterwards."""
+    import socket
+
+    port = 6390 + os.getuid() % 500
+    ray = Path(sys.executable).parent / "ray"
+    proc = subprocess.Popen([str(ray), "start", "--head", "--block", f"--port={port}", "--include-dashboard=false",
+                             f"--num-cpus={os.cpu_count()}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _WARM.append(proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    time.sleep(3)  # raylet registration after the GCS port opens
+    return f"127.0.0.1:{port}"
+
+
+def stop_warm_ray() -> None:
+    while _WARM:
+        proc = _WARM.pop()
+        try:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, 9)
+
+
 def tree_sample(root: int) -> tuple[int, dict[int, int]]:
     """(sum of RSS in bytes, {pid: user+system CPU ticks}) over ``root`` and its descendants (/proc)."""
     children: dict[int, list[int]] = {}
@@ -211,13 +317,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-limit-gb", type=float, default=6.0, help="prlimit --as for img2dataset processes")
     ap.add_argument("--processes", type=int, default=2, help="img2dataset processes_count (cores here)")
     ap.add_argument("--threads", type=int, default=32, help="img2dataset thread_count per process")
+    ap.add_argument("--latency", type=float, default=None, metavar="MS",
+                    help="serve with a lognormal delay around MS per response, 5%% 404 and 3%% transient 503 "
+                         "(the demo corpus' valid images); the ratio is then end to end")
+    ap.add_argument("--hosts", type=int, default=20, help="with --latency: loopback addresses the URLs spread over")
+    ap.add_argument("--i2d-shard-size", type=int, default=None,
+                    help="img2dataset number_sample_per_shard (default: --shard-size)")
+    ap.add_argument("--curate-shard-size", type=int, default=None,
+                    help="curate shard_size (default: --shard-size; with --latency: curate's own default)")
+    ap.add_argument("--warm-ray", action="store_true",
+                    help="run curate against a local Ray started before the clock (RAY_ADDRESS), as a "
+                         "pipeline's second stage or a cluster would; default: the embedded Ray start is timed")
     args = ap.parse_args(argv)
 
     i2d = ensure_img2dataset()
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     url_list = WORK / "urls.parquet"
-    if args.data == "photos":
+    server: Server
+    if args.latency is not None:
+        from curate.demo import CORPUS, read_entries
+
+        entries = [e for e in read_entries(CORPUS) if e["kind"] in ("ok", "duplicate", "near_duplicate")]
+        distinct = [CORPUS / e["file"] for e in entries]
+        server = LatencyServer(CORPUS, args.latency, args.hosts)
+        urls = [server.url(i, distinct[i % len(distinct)].name) for i in range(args.n)]
+        caps = [entries[i % len(entries)]["caption"] for i in range(args.n)]
+        pq.write_table(pa.table({"url": urls, "caption": caps}), url_list)
+        what = (f"the demo corpus' {len(distinct)} valid clip-art images over {args.hosts} hosts, "
+                f"{args.latency:g} ms median latency (lognormal), 5% 404, 3% 503 once")
+    elif args.data == "photos":
         from assets import photos
 
         photo_paths = photos(min(args.n, 2000), max_side=800)
@@ -251,15 +380,25 @@ def main(argv: list[str] | None = None) -> int:
 
         # curate: same geometry and format; one host, so the per-host limit is the connection count.
         cur_out = WORK / "curate-out"
-        sets = [f"shard_size={args.shard_size}", f"image.image_size={args.image_size}",
-                f"image.resize_mode={args.resize_mode}", "image.output_format=jpg", "image.encode_quality=95",
-                "fetch.allowed_networks=[127.0.0.1/32]", "fetch.connections=64", "fetch.per_host_connections=64",
-                ]
-        cmd = [str(ROOT / ".venv" / "bin" / "curate"), "download", "--input", str(url_list), "--output",
-               str(cur_out)]
+        sets = [f"image.image_size={args.image_size}",
+                f"image.resize_mode={args.resize_mode}", "image.output_format=jpg", "image.encode_quality=95"]
+        if args.latency is not None:
+            # curate's own defaults: shard_size, connections (growing), 16 per host, 2 retries
+            sets += ["fetch.allowed_networks=[127.0.0.0/24]"]
+            if args.curate_shard_size:
+                sets += [f"shard_size={args.curate_shard_size}"]
+        else:
+            sets += [f"shard_size={args.curate_shard_size or args.shard_size}",
+                     "fetch.allowed_networks=[127.0.0.1/32]", "fetch.connections=64",
+                     "fetch.per_host_connections=64"]
+        curate_exe = Path(sys.executable).parent / "curate"
+        cmd = [str(curate_exe), "download", "--input", str(url_list), "--output", str(cur_out)]
         for s in sets:
             cmd += ["--set", s]
-        env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+        env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(ROOT)}
+        warm = start_warm_ray() if args.warm_ray else None
+        if warm is not None:
+            env["RAY_ADDRESS"] = warm
         s0 = server.cpu_seconds()
         cur = run_measured(cmd, WORK / "curate.log", env)
         cur["server_cpu"] = server.cpu_seconds() - s0
@@ -268,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         # The stage's own run time: plan, all shards, manifest; not Python or Ray start-up.
         cur["job_seconds"] = manifest["seconds"] if manifest else None
         cur["result"] = "ok" if cur["rc"] == 0 and manifest else f"failed (rc {cur['rc']}, see {WORK / 'curate.log'})"
+        if warm is not None:
+            stop_warm_ray()
+        shard_stats = [json.loads(p.read_text()) for p in (cur_out / "shards").glob("*.stats.json")]
+        cur["shards"] = len(shard_stats)
+        cur["connections"] = [s.get("connections") for s in sorted(shard_stats, key=lambda s: s.get("shard", 0))]
 
         # img2dataset: its own venv, capped.
         i2d_out = WORK / "img2dataset-out"
@@ -278,9 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                "--processes_count", str(args.processes), "--thread_count", str(args.threads),
                "--image_size", str(args.image_size), "--resize_mode", args.resize_mode,
                "--encode_format", "jpg", "--encode_quality", "95",
-               "--number_sample_per_shard", str(args.shard_size), "--distributor", "multiprocessing",
+               "--number_sample_per_shard", str(args.i2d_shard_size or args.shard_size),
+               "--distributor", "multiprocessing",
                "--enable_wandb", "False", "--retries", "0", "--timeout", "10"]
         # no update check over the network from albumentations (there is no network here)
+        if isinstance(server, LatencyServer):
+            server.reset()
         s0 = server.cpu_seconds()
         ref = run_measured(cmd, WORK / "img2dataset.log", {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
         ref["server_cpu"] = server.cpu_seconds() - s0
@@ -296,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             ref["result"] = "ok"
     finally:
         server.close()
-    codec = {"curate download": codec_ms(ROOT / ".venv" / "bin" / "python", CODEC_CURATE, distinct, args),
+    codec = {"curate download": codec_ms(Path(sys.executable), CODEC_CURATE, distinct, args),
              f"img2dataset {I2D_VERSION}": codec_ms(I2D_VENV / "bin" / "python", CODEC_IMG2DATASET, distinct, args)}
 
     print()
@@ -332,7 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     if b["wall_rate"] > 0:
         print(f"wall ratio: {c['wall_rate'] / b['wall_rate']:.2f}   CPU per image ratio (img2dataset / curate): "
               f"{b['cpu_ms'] / max(c['cpu_ms'], 1e-9):.2f}")
-    print(f"ratio: {c['job_rate'] / b['job_rate']:.2f}" if b["job_rate"] > 0 else "ratio: 0.00")
+    print(f"curate: {cur.get('shards')} shards, peak connections per shard task {cur.get('connections')}")
+    print(f"job ratio: {c['job_rate'] / b['job_rate']:.2f}" if b["job_rate"] > 0 else "job ratio: 0.00")
+    if args.latency is not None:
+        # at web latency the figure that matters is end to end, start-up included
+        print(f"ratio: {c['wall_rate'] / b['wall_rate']:.2f}" if b["wall_rate"] > 0 else "ratio: 0.00")
+    else:
+        print(f"ratio: {c['job_rate'] / b['job_rate']:.2f}" if b["job_rate"] > 0 else "ratio: 0.00")
     return 0
 
 

@@ -30,6 +30,7 @@ failures from refusals (:func:`retryable_message`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import email.utils
 import ipaddress
@@ -73,7 +74,11 @@ METADATA_HOSTNAMES = frozenset({"metadata.google.internal", "metadata", "instanc
 class FetchConfig(Frozen):
     """Network behaviour of the download stage. Defaults are polite and safe for the open web."""
 
-    connections: int = Field(64, ge=1)  # concurrent requests per shard task
+    connections: int = Field(64, ge=1)  # concurrent requests per shard task at the start
+    # A task raises its concurrency from `connections` up to this while more connections bring more
+    # samples per second and its event loop is not starved of CPU (latency, not CPU, is the bound);
+    # set it equal to `connections` for a fixed count. Per-host limits hold whatever the total.
+    max_connections: int = Field(512, ge=1)
     per_host_connections: int = Field(16, ge=1)
     host_delay_s: float = Field(0.0, ge=0)  # minimum gap between request starts to one host
     timeout_s: float = Field(20.0, gt=0)  # wall-clock deadline of one attempt, redirects included
@@ -389,6 +394,106 @@ def _make_resolver_class():
     return GuardedResolver
 
 
+# -- concurrency that follows latency ------------------------------------------------------------
+class Gate:
+    """A first-come first-served semaphore (``acquire`` / ``release``) whose limit can change while it
+    is in use. A freed slot is handed to the longest waiter, never taken by a newcomer: rows are
+    queued in row order, and the tar is written in row order."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.used = 0
+        self.waited = False  # someone had to wait since this was last reset
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def acquire(self) -> None:
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return
+        self.waited = True
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # _wake counted this slot as used before setting the result
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot at the moment of cancellation: pass it on
+            elif fut in self._waiters:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.used < self.limit and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.used += 1
+                fut.set_result(None)
+
+
+class ConcurrencyTuner:
+    """Raises a task's connection count while the task waits on the network, not on the CPU.
+
+    Every ``interval_s`` it compares samples finished per second with the previous window. The limit
+    grows by half when every connection was busy (requests queued for the gate), the last step up
+    paid (at least ``gain`` more samples/s) and the event loop kept up (a late wake-up means the
+    process is short of CPU, where more connections only add queueing). A step that did not pay, or a
+    starved loop, steps back down and ends the growth: from then on the limit holds.
+    """
+
+    def __init__(self, gate: Gate, start: int, maximum: int, extra: int = 0, interval_s: float = 1.0,
+                 gain: float = 0.08, max_lag_s: float = 0.1):
+        self.gate, self.extra = gate, extra
+        self.connections, self.maximum = start, max(start, maximum)
+        self.interval_s, self.gain, self.max_lag_s = interval_s, gain, max_lag_s
+        self.finished = 0
+        self.peak = start
+        self._steps: list[int] = [start]  # the limits grown through, to step back to
+        self._frozen = self.maximum <= start
+
+    def done(self) -> None:
+        self.finished += 1
+
+    def _set(self, connections: int) -> None:
+        self.connections = connections
+        self.peak = max(self.peak, connections)
+        self.gate.resize(connections + self.extra)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_rate: float | None = None
+        grew = False
+        while not self._frozen:
+            begin, start_count = loop.time(), self.finished
+            self.gate.waited = False
+            await asyncio.sleep(self.interval_s)
+            now = loop.time()
+            lag = now - begin - self.interval_s
+            rate = (self.finished - start_count) / max(now - begin, 1e-9)
+            paid = last_rate is None or not grew or rate >= last_rate * (1 + self.gain)
+            if lag > self.max_lag_s or not paid:
+                if grew and len(self._steps) > 1:
+                    self._steps.pop()
+                    self._set(self._steps[-1])
+                self._frozen = True
+                log.debug("connections hold at %d (%.0f/s, loop lag %.0f ms)", self.connections, rate, lag * 1e3)
+                break
+            grew = False
+            if self.gate.waited and self.connections < self.maximum:
+                nxt = min(self.maximum, max(self.connections + 1, self.connections * 3 // 2))
+                self._steps.append(nxt)
+                self._set(nxt)
+                grew = True
+            last_rate = rate
+
+
 # -- hosts -------------------------------------------------------------------------------------
 class _Host:
     __slots__ = ("sem", "next_start", "blocked_until")
@@ -453,7 +558,7 @@ class _Slot:
 
     __slots__ = ("budget", "held", "sent_at")
 
-    def __init__(self, budget: asyncio.Semaphore | None):
+    def __init__(self, budget: asyncio.Semaphore | Gate | None):
         self.budget = budget
         self.held = False
         self.sent_at: float | None = None  # when the first request went out (queueing excluded)
@@ -479,7 +584,7 @@ class Fetcher:
     between host limits and the budget.
     """
 
-    def __init__(self, cfg: FetchConfig, budget: asyncio.Semaphore | None = None):
+    def __init__(self, cfg: FetchConfig, budget: asyncio.Semaphore | Gate | None = None):
         self.cfg = cfg
         self.budget = budget
         self.policy = UrlPolicy(cfg)
@@ -495,7 +600,8 @@ class Fetcher:
         self.resolver = _make_resolver_class()(
             self.policy.guard, self.cfg.dns_cache_ttl_s, self.cfg.dns_concurrency)
         connector = aiohttp.TCPConnector(
-            limit=self.cfg.connections,
+            # the budget (a Gate a ConcurrencyTuner resizes) bounds requests below this ceiling
+            limit=max(self.cfg.connections, self.cfg.max_connections),
             limit_per_host=0,  # per-host limits are ours (they also cover Retry-After waits)
             resolver=self.resolver,
             use_dns_cache=False,  # every connection goes through the guarded resolver (it caches)

@@ -397,6 +397,132 @@ def pairs_in_partition(
     return np.minimum(a, b), np.maximum(a, b)
 
 
+# -- distributed without a shuffle: tasks read the hash column themselves ---------------------------
+# The shuffle above writes every row once per table. Here each task reads the hash column (8 bytes a
+# row) and works on distinct hash *values*: a unit of work is some tables (all rows) or, when the
+# column is too large for one task, one table and one block of its keys. Units return pairs of hash
+# values within the radius and the values that occur more than once; one more read of the rows whose
+# value is in a pair or repeats (with what makes rows identical, see ``_collapse``) turns them into
+# exactly the row pairs ``near_pairs_sort`` gives (``resolve_hash_pairs``). Bytes written: the pairs.
+def hash_units(n_tables: int, rows: int, max_rows: int, tasks: int = 1) -> list[tuple[tuple[int, ...], int, int]]:
+    """Units of work as ``(tables, block, blocks)``.
+
+    ``rows <= max_rows``: every unit holds the whole column once and runs a share of the tables,
+    split into ``tasks`` units (the cluster's slots). Beyond: one unit per (table, block) with
+    ``blocks`` chosen so a block holds about ``max_rows`` rows of the table's keys.
+    """
+    if rows <= max_rows:
+        k = max(1, min(n_tables, tasks))
+        chunks = np.array_split(np.arange(n_tables), k)
+        return [(tuple(int(t) for t in c), 0, 1) for c in chunks if len(c)]
+    blocks = math.ceil(rows / max_rows)
+    return [((t,), b, blocks) for t in range(n_tables) for b in range(blocks)]
+
+
+def in_block(scheme: Scheme, hashes: np.ndarray, t: int, block: int, blocks: int) -> np.ndarray:
+    """Which ``hashes`` have table ``t``'s key in ``block`` of ``blocks`` (equal keys, equal block)."""
+    if blocks == 1:
+        return np.ones(len(hashes), dtype=bool)
+    key = scheme.key(hashes, t) ^ np.uint64(t * 0x9E3779B97F4A7C15 % (1 << 64))
+    return (_mix(key) % np.uint64(blocks)) == np.uint64(block)
+
+
+def hash_pairs(scheme: Scheme, hashes: np.ndarray, tables: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(a < b)`` of distinct hash values within the radius that ``tables`` own (``hashes`` may
+    repeat: only distinct values are compared)."""
+    u = np.unique(np.asarray(hashes, dtype=np.uint64))
+    pa_, pb_ = [np.empty(0, np.uint64)], [np.empty(0, np.uint64)]
+    for t in tables:
+        a, b = _table_pairs(scheme, u, t)
+        pa_.append(u[a])
+        pb_.append(u[b])
+    return np.concatenate(pa_), np.concatenate(pb_)
+
+
+def repeated(hashes: np.ndarray) -> np.ndarray:
+    """The values that occur more than once (sorted)."""
+    v, c = np.unique(np.asarray(hashes, dtype=np.uint64), return_counts=True)
+    return v[c > 1]
+
+
+def resolve_hash_pairs(
+    pair_a: np.ndarray, pair_b: np.ndarray, ids: np.ndarray, hashes: np.ndarray, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs from pairs of hash values, as ``near_pairs_sort`` reports them.
+
+    ``ids`` / ``hashes`` / ``groups``: every row whose hash is in a pair or occurs more than once (the
+    other rows have no pair). Rows identical in ``groups`` (default: the hash) are linked to the
+    group's smallest id; the first rows of two groups are a pair when their hashes are equal or
+    form one of the given pairs.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    empty = np.empty(0, np.int64)
+    if not len(ids):
+        if len(pair_a):
+            raise ValueError("resolve_hash_pairs: a paired hash has no row among those given")
+        return empty, empty
+    key = hashes[:, None] if groups is None else np.asarray(groups, np.uint64).reshape(len(ids), -1)
+    # hash first, so identity groups (which share the hash) come out sorted by hash
+    order = np.lexsort((ids, *[key[:, c] for c in range(key.shape[1] - 1, -1, -1)], hashes))
+    k, i, h = key[order], ids[order], hashes[order]
+    new = np.ones(len(i), dtype=bool)
+    new[1:] = np.any(k[1:] != k[:-1], axis=1) | (h[1:] != h[:-1])
+    rep = i[np.maximum.accumulate(np.where(new, np.arange(len(i)), 0))]
+    star_a, star_b = rep[~new], i[~new]
+    rid, rh = i[new], h[new]  # one row per identity group, sorted by hash
+    # groups with one hash and another identity (colour): every pair of them (distance 0)
+    ea, eb = _equal_runs(rh)
+    same_a, same_b = rid[ea], rid[eb]
+    # groups of two hash values of a pair: every group of one with every group of the other
+    pair_a = np.asarray(pair_a, np.uint64)
+    pair_b = np.asarray(pair_b, np.uint64)
+    lo_a, hi_a = np.searchsorted(rh, pair_a, "left"), np.searchsorted(rh, pair_a, "right")
+    lo_b, hi_b = np.searchsorted(rh, pair_b, "left"), np.searchsorted(rh, pair_b, "right")
+    ca, cb = hi_a - lo_a, hi_b - lo_b
+    if np.any(ca == 0) or np.any(cb == 0):
+        raise ValueError("resolve_hash_pairs: a paired hash has no row among those given")
+    count = ca * cb
+    which = np.repeat(np.arange(len(count)), count)
+    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    xa = rid[lo_a[which] + within // cb[which]]
+    xb = rid[lo_b[which] + within % cb[which]]
+    a = np.concatenate([star_a, same_a, xa])
+    b = np.concatenate([star_b, same_b, xb])
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def near_pairs_units(
+    hashes: np.ndarray, radius: int, groups: np.ndarray | None = None, blocks: int | None = None,
+    max_rows: int = 100_000_000, tasks: int = 1, shards: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The unit engine in one process (what the distributed dedup plan does with one task per unit
+    and ``shards`` input pieces read in turn): same pairs as ``near_pairs_sort``."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    empty = np.empty(0, np.int64)
+    if radius <= 0 or len(hashes) < 2:
+        return near_pairs_sort(hashes, radius, blocks, groups)
+    scheme = Scheme.for_size(len(hashes), radius, blocks)
+    pieces = np.array_split(np.arange(len(hashes)), max(1, shards))
+    ha, hb, rep = [], [], []
+    for tables_, block, nblocks in hash_units(len(scheme.tables), len(hashes), max_rows, tasks):
+        for t in tables_:
+            # a unit reads the column shard by shard and keeps its block's rows
+            mine = np.concatenate([hashes[p][in_block(scheme, hashes[p], t, block, nblocks)] for p in pieces])
+            a, b = hash_pairs(scheme, mine, [t])
+            ha.append(a)
+            hb.append(b)
+            if t == 0:  # equal values share every key, so table 0's blocks see each repeat whole
+                rep.append(repeated(mine))
+    pa_, pb_ = np.concatenate(ha), np.concatenate(hb)
+    wanted = np.unique(np.concatenate([pa_, pb_, *rep]))
+    rows = np.flatnonzero(np.isin(hashes, wanted))
+    if not len(rows):
+        return empty, empty
+    g = None if groups is None else np.asarray(groups, np.uint64).reshape(len(hashes), -1)[rows]
+    return resolve_hash_pairs(pa_, pb_, rows, hashes[rows], g)
+
+
 # -- exact keys and components -----------------------------------------------------------------
 def equal_key_pairs(
     ids: np.ndarray, keys: np.ndarray, valid: np.ndarray | None = None

@@ -73,6 +73,8 @@ class PlanContext:
     # calls run on a pool of actors holding the stage's plan-phase model resources (a GPU where the
     # model uses one), so whatever ``fn`` caches per process (a loaded model) serves many items.
     map: Callable[..., list[Any]]
+    # Shard tasks the cluster runs at once for this stage (CPU or GPU slots / what one task asks).
+    slots: int = 1
 
     def plan_store(self, sub: str) -> PlanStore:
         """The stage's own plan files in the output (``_plan/<sub>/``)."""

@@ -9,8 +9,10 @@ Plan (once, over the whole input):
    any rule holds): rows with equal exact keys; pHash pairs within ``radius`` (multi-index hashing,
    ``curate.neardup``); near pairs within groups of equal exact keys; MinHash caption pairs.
    ``engine``: ``sort`` (numpy, one process), ``faiss`` (faiss binary hash indexes, one process) or
-   ``distributed`` (every shard's rows partitioned by (table, key) / by exact key, one Ray task per
-   partition, so no process holds all hashes); they find the same pairs.
+   ``distributed``: a pHash rule runs as tasks that each read the pHash column and search some tables
+   (or one table's block of keys), writing only pairs of hash values; the rows of those values are
+   read back once to give row pairs (``near_pairs_distributed``). Rules with an exact key partition
+   rows by key, one Ray task per partition. No process holds all rows; all engines find the same pairs.
 3. confirmation: a pHash pair counts only when a second signal agrees (``confirm``): the colour
    signatures stored beside the pHash (mean Delta-E <= ``color_threshold``) or the CLIP image
    embeddings (cosine >= ``clip_threshold``); rows identical in pHash and colour need none.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import posixpath
 import re
 import unicodedata
@@ -83,9 +86,13 @@ class DedupConfig(StageConfig):
     # drop: rows whose image does not decode are rejected as dedup:undecodable; keep: kept, null phash.
     undecodable: Literal["drop", "keep"] = "drop"
     engine: Literal["auto", "sort", "faiss", "distributed"] = "auto"
-    # auto: one process up to this many rows, distributed beyond
-    local_max_rows: int = Field(50_000_000, ge=1)
+    # auto: one process up to this many rows, distributed beyond; None: as many as the driver's
+    # available memory holds at LOCAL_BYTES_PER_ROW (a 64 GB head: ~160M rows).
+    local_max_rows: int | None = Field(None, ge=1)
     rows_per_partition: int = Field(4_000_000, ge=1000)
+    # distributed pHash rules: a task holds at most this many hashes (~40 B each while it sorts);
+    # beyond, each table's keys are cut into blocks of about this size, one task per (table, block).
+    hashes_per_task: int = Field(100_000_000, ge=1000)
     blocks: int | None = Field(None, ge=1, le=neardup.MAX_BLOCKS)  # None: chosen by cost model
     caption_min_chars: int = Field(1, ge=1)  # shorter normalised captions never count as duplicates
     caption_jaccard: float = Field(0.8, gt=0, le=1)
@@ -548,11 +555,7 @@ def _partition_shard(job: _PartJob) -> int:
             if scheme is None:  # radius 0: identical hashes (and colours), an exact key
                 key = _mix2(list(groups.T))
             else:
-                ids, eh, eg, _ = _entries(cfg, keys, gids, h, groups, valid)
-                pieces = neardup.partition_rows(scheme, ids, eh, job.parts, eg)
-                for q, piece in enumerate(pieces):
-                    _save_npz(out, _part_path(out, r, q, job.shard), piece)
-                continue
+                continue  # the hash-table tasks read this rule's column themselves (_near_unit)
         if "near" in kinds:
             ids, eh, eg, ek = _entries(cfg, keys, gids, h, groups, valid, key)
         else:
@@ -632,6 +635,169 @@ def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
     else:
         a, b = neardup.equal_key_pairs(ids, key)
     return job.rule, a, b
+
+
+# The one-process plan holds every shard's keys table (uid, sha and caption keys, pHash, colour
+# signature: ~200 B a row in Arrow) and the pair search's arrays (~75 B a row at 10M, bench/near_dup.py).
+LOCAL_BYTES_PER_ROW = 400
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable), or its free pages where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def local_limit(cfg: DedupConfig) -> int:
+    """Rows the one-process engine takes before ``auto`` goes distributed."""
+    if cfg.local_max_rows is not None:
+        return cfg.local_max_rows
+    return max(1_000_000, available_memory() // LOCAL_BYTES_PER_ROW)
+
+
+# -- distributed near pairs without a shuffle ------------------------------------------------------
+def _unit_rule(cfg: DedupConfig, rule: str) -> bool:
+    """A pHash rule with no exact kind: its pairs come from tasks that read the hash column."""
+    kinds = rule.split("+")
+    return "near" in kinds and cfg.radius > 0 and not {"exact", "caption"} & set(kinds)
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnitJob:
+    output_url: str
+    rule: int
+    unit: int
+    tables: tuple[int, ...]
+    block: int
+    blocks: int  # key blocks per table (1: the unit holds the whole column)
+    scheme_blocks: int  # bit blocks of the multi-index scheme
+    shards: tuple[int, ...]
+    config: dict[str, Any]
+
+
+def _unit_path(out: Dataset, rule: int, name: str) -> str:
+    return _plan_path(out, "near", f"r{rule}", name)
+
+
+def _shard_entries(cfg: DedupConfig, out: Dataset, shard: int, offset: int, identity: bool):
+    """One shard's pair-search entries for a near rule (``_entries``: the pHash, and the crops'
+    where crops match), read from its keys file: (entry ids, hashes, identity words or None)."""
+    cols = [schema.PHASH]
+    if cfg.crops:
+        cols.append(schema.PHASH_CROPS)
+    if identity and cfg.confirm == "color":
+        cols.append(schema.COLOR_SIG)
+    path = _plan_path(out, "keys", f"{shard:08d}.parquet")
+    keys = pq.read_table(path, columns=[c for c in cols if c in pq.read_schema(path, filesystem=out.fs).names],
+                         filesystem=out.fs)
+    h, valid = _u64(keys.column(schema.PHASH))
+    groups = _near_groups(cfg, keys, h) if identity else None
+    gids = offset + np.arange(keys.num_rows, dtype=np.int64)
+    ids, eh, eg, _ = _entries(cfg, keys, gids, h, groups, valid)
+    return ids, eh, eg if identity else None
+
+
+def _near_unit(job: _UnitJob) -> int:
+    """One unit of the near engine: read the pHash column shard by shard, keep this unit's key
+    block, and write the pairs of hash values its tables own (plus repeated values, for table 0).
+    Skipped when an earlier attempt wrote the file. Returns the bytes written."""
+    out = Dataset(job.output_url)
+    path = _unit_path(out, job.rule, f"u{job.unit:06d}.npz")
+    if out.fs.exists(path):
+        return int(out.fs.size(path))
+    cfg = DedupConfig(**job.config)
+    scheme = neardup.Scheme(cfg.radius, job.scheme_blocks)
+    # blocks == 1: one column serves every table of the unit; else each table keeps its block's rows
+    own = job.tables[:1] if job.blocks == 1 else job.tables
+    held: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {t: [] for t in own}
+    for n in job.shards:
+        ids, h, _ = _shard_entries(cfg, out, n, 0, identity=False)
+        full = (ids & ((1 << _ENTRY_BITS) - 1)) == 0  # the image's own pHash, not a crop's
+        for t in own:
+            sel = neardup.in_block(scheme, h, t, job.block, job.blocks)
+            held[t].append((h[sel], full[sel]))
+    a_, b_, rep = [], [], []
+    for t in own:
+        column = np.concatenate([c for c, _ in held[t]] or [np.empty(0, np.uint64)])
+        full = np.concatenate([f for _, f in held[t]] or [np.empty(0, bool)])
+        del held[t]
+        a, b = neardup.hash_pairs(scheme, column, job.tables if job.blocks == 1 else [t])
+        if cfg.crops:  # a pair of crop hashes only links crops, which _rows_of drops: not written
+            fulls = column[full]
+            keep = np.isin(a, fulls) | np.isin(b, fulls)
+            a, b = a[keep], b[keep]
+        a_.append(a)
+        b_.append(b)
+        if 0 in (job.tables if job.blocks == 1 else (t,)):
+            rep.append(neardup.repeated(column))  # equal values share every key: table 0 sees each whole
+    arrays = {"a": np.concatenate(a_), "b": np.concatenate(b_)}
+    if rep:
+        arrays["repeated"] = np.concatenate(rep)
+    _save_npz(out, path, arrays)
+    return int(out.fs.size(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class _NearRowsJob:
+    output_url: str
+    rule: int
+    shard: int
+    offset: int
+    config: dict[str, Any]
+
+
+def _near_rows(job: _NearRowsJob) -> dict[str, np.ndarray]:
+    """The entries of one shard whose hash is in a pair or repeats: entry id, hash, identity."""
+    cfg = DedupConfig(**job.config)
+    out = Dataset(job.output_url)
+    wanted = _load_npz(out, _unit_path(out, job.rule, "wanted.npz"))["values"]
+    ids, eh, eg = _shard_entries(cfg, out, job.shard, job.offset, identity=True)
+    hit = np.isin(eh, wanted)
+    return {"id": ids[hit], "hash": eh[hit], "group": eg[hit] if eg is not None else None}
+
+
+def _load_npz(out: Dataset, path: str) -> dict[str, np.ndarray]:
+    import io
+
+    with out.fs.open(path, "rb") as f:
+        z = np.load(io.BytesIO(f.read()))
+        return {k: z[k] for k in z.files}
+
+
+def near_pairs_distributed(ctx: PlanContext, cfg: DedupConfig, rule: int, shards: list[int],
+                           offsets: dict[int, int], total: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of one near rule with tasks that read the pHash column (``neardup.hash_units``): bytes
+    written are the pairs of hash values and the values wanted back, never rows x tables."""
+    out = ctx.output
+    scheme = neardup.Scheme(cfg.radius, blocks)
+    entries = total * (1 + (phash.CROP_COUNT if cfg.crops else 0))
+    units = neardup.hash_units(len(scheme.tables), entries, cfg.hashes_per_task, ctx.slots)
+    cfg_dict = cfg.model_dump(mode="json")
+    jobs = [_UnitJob(out.url, rule, u, tables, block, nblocks, blocks, tuple(shards), cfg_dict)
+            for u, (tables, block, nblocks) in enumerate(units)]
+    written = sum(ctx.map(_near_unit, jobs))
+    parts = [_load_npz(out, _unit_path(out, rule, f"u{u:06d}.npz")) for u in range(len(jobs))]
+    pa_ = np.concatenate([p["a"] for p in parts] or [np.empty(0, np.uint64)])
+    pb_ = np.concatenate([p["b"] for p in parts] or [np.empty(0, np.uint64)])
+    wanted = np.unique(np.concatenate([pa_, pb_, *(p["repeated"] for p in parts if "repeated" in p)]))
+    del parts
+    path = _unit_path(out, rule, "wanted.npz")
+    _save_npz(out, path, {"values": wanted})
+    written += int(out.fs.size(path))
+    got = ctx.map(_near_rows, [_NearRowsJob(out.url, rule, n, offsets[n], cfg_dict) for n in shards])
+    ids = np.concatenate([g["id"] for g in got] or [np.empty(0, np.int64)])
+    hashes = np.concatenate([g["hash"] for g in got] or [np.empty(0, np.uint64)])
+    with_groups = [g["group"] for g in got if g["group"] is not None]
+    groups = np.concatenate(with_groups) if with_groups else None
+    log.info("dedup near (rule %d): %d units, %d hash pairs, %d entries read back, %d bytes written",
+             rule, len(jobs), len(pa_), len(ids), written)
+    return _rows_of(cfg, *neardup.resolve_hash_pairs(pa_, pb_, ids, hashes, groups))
 
 
 # -- keep policy, decisions --------------------------------------------------------------------
@@ -744,7 +910,7 @@ class DedupStage(Stage):
             total += rows[n]
         engine = cfg.engine
         if engine == "auto":
-            engine = "sort" if total <= cfg.local_max_rows else "distributed"
+            engine = "sort" if total <= local_limit(cfg) else "distributed"
         blocks = cfg.blocks or neardup.choose_blocks(max(total, 2), cfg.radius) if cfg.radius > 0 else 0
         log.info(
             "dedup plan: %d rows in %d shards, engine %s, radius %d", total, len(shards), engine, cfg.radius
@@ -752,21 +918,22 @@ class DedupStage(Stage):
 
         undecodable = np.empty(0, np.int64)
         if engine == "distributed":
-            tables_ = len(neardup.tables(blocks, cfg.radius)) if blocks else 1
-            parts = neardup.partitions_for(total, tables_, cfg.rows_per_partition)
-            ctx.map(
-                _partition_shard, [_PartJob(out.url, n, offsets[n], parts, blocks, cfg_dict) for n in shards]
-            )
-            jobs = [
-                _ReduceJob(out.url, r, q, tuple(shards), blocks, cfg_dict)
-                for r in range(len(cfg.rules))
-                for q in range(parts)
-            ]
-            res = ctx.map(_reduce_partition, jobs)
-            # the shuffle files are rows x tables: intermediate only, removed once reduced
-            parts_dir = _plan_path(out, "parts")
-            if out.fs.exists(parts_dir):
-                out.fs.rm(parts_dir, recursive=True)
+            unit_rules = [r for r, rule in enumerate(cfg.rules) if _unit_rule(cfg, rule)]
+            shuffled = [r for r in range(len(cfg.rules)) if r not in unit_rules]
+            res: list[tuple[int, np.ndarray, np.ndarray]] = []
+            if shuffled:  # exact keys and captions: one row per rule to its key's partition
+                parts = neardup.partitions_for(total, len(shuffled), cfg.rows_per_partition)
+                ctx.map(
+                    _partition_shard, [_PartJob(out.url, n, offsets[n], parts, blocks, cfg_dict) for n in shards]
+                )
+                jobs = [_ReduceJob(out.url, r, q, tuple(shards), blocks, cfg_dict) for r in shuffled for q in range(parts)]
+                res = ctx.map(_reduce_partition, jobs)
+            for r in unit_rules:
+                res.append((r, *near_pairs_distributed(ctx, cfg, r, shards, offsets, total, blocks)))
+            # intermediate only, removed once reduced
+            for sub in ("parts", "near"):
+                if out.fs.exists(_plan_path(out, sub)):
+                    out.fs.rm(_plan_path(out, sub), recursive=True)
             edges = [
                 (
                     np.concatenate([a for rr, a, _ in res if rr == r] or [np.empty(0, np.int64)]),

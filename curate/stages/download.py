@@ -53,6 +53,10 @@ class DownloadConfig(StageConfig):
     extra_columns: tuple[str, ...] | None = None  # None: carry every other input column
     input_format: Literal["parquet", "csv", "tsv", "json", "jsonl", "txt"] | None = None  # None: by extension
     shard_size: int = Field(10_000, ge=1)
+    # A list shorter than shard_size x min_shards is cut into min_shards equal shards, so every
+    # task slot has work (a small list in one shard is one task's connections doing everything).
+    # None: the cluster's task slots for this stage; 1: always shards of shard_size.
+    min_shards: int | None = Field(None, ge=1)
     decode_threads: int = Field(2, ge=1)
     compute_phash: bool = True
     # Finished samples waiting for a slower earlier row before being written in row order.
@@ -129,12 +133,18 @@ class DownloadStage(Stage):
         pending_rows = 0
         shards: list[int] = []
         rows = 0
+        want = cfg.min_shards or ctx.slots
+        size = cfg.shard_size
 
         def flush(force: bool) -> None:
-            nonlocal pending, pending_rows
-            while pending_rows >= cfg.shard_size or (force and pending_rows):
+            nonlocal pending, pending_rows, size
+            if not shards and not force and pending_rows < cfg.shard_size * want:
+                return  # until the list is known to fill `want` full shards, it may be split finer
+            if not shards and force:
+                size = min(cfg.shard_size, max(1, -(-pending_rows // want)))
+            while pending_rows >= size or (force and pending_rows):
                 table = pa.concat_tables(pending, promote_options="permissive")
-                head, rest = table.slice(0, cfg.shard_size), table.slice(cfg.shard_size)
+                head, rest = table.slice(0, size), table.slice(size)
                 n = len(shards)
                 self._write_plan_shard(out, n, head)
                 shards.append(n)
@@ -258,7 +268,7 @@ class DownloadStage(Stage):
         if RETRY_COL in table.column_names:
             retry_of = table.column(RETRY_COL).to_pylist()
             table = table.drop_columns([RETRY_COL])
-        results, timing, requests = asyncio.run(self._download(table, dup, ctx))
+        results, timing, counts = asyncio.run(self._download(table, dup, ctx))
         for k, v in timing.items():
             ctx.add_time(k, v)
 
@@ -275,7 +285,8 @@ class DownloadStage(Stage):
             out = schema.with_column(out, c, values)
         ctx.stats.update(shard_stats(cols[schema.STATUS], cols[schema.ERROR_MESSAGE]))
         ctx.stats["duration"] = time.perf_counter() - t0
-        ctx.stats["requests"] = requests
+        ctx.stats["requests"] = counts["requests"]
+        ctx.stats["connections"] = counts["connections"]  # the most this shard's task used at once
         import PIL
 
         ctx.stats["pillow"] = PIL.__version__  # ".postN": Pillow-SIMD
@@ -289,7 +300,7 @@ class DownloadStage(Stage):
     # Over 80 lines: the shard's event loop; fetches, decodes in threads and in-order tar writes share one
     # reorder buffer, and splitting it needs that state moved into its own class.
     async def _download(self, table: pa.Table, dup: list[bool], ctx: ShardContext):
-        from curate.fetch import Fetcher
+        from curate.fetch import ConcurrencyTuner, Fetcher, Gate
         from curate.images import process_image
 
         cfg = self.config
@@ -308,8 +319,11 @@ class DownloadStage(Stage):
         budget = cfg.reorder_buffer_mb * 1024 * 1024
         state = {"head": 0, "buffered": 0, "finished": 0}
         cond = asyncio.Condition()
-        # Bodies alive at once: those downloading plus a short queue for the decode threads.
-        bodies = asyncio.Semaphore(cfg.fetch.connections + 4 * cfg.decode_threads)
+        # Bodies alive at once: those downloading plus a short queue for the decode threads. The
+        # tuner raises the connections while latency, not CPU, bounds the task.
+        queue = 4 * cfg.decode_threads
+        bodies = Gate(cfg.fetch.connections + queue)
+        tuner = ConcurrencyTuner(bodies, cfg.fetch.connections, cfg.fetch.max_connections, extra=queue)
 
         def cpu(data: bytes) -> tuple[Any, str | None, int | None, float]:
             p = process_image(data, cfg.image, keep_image=self._phash is not None)
@@ -397,16 +411,19 @@ class DownloadStage(Stage):
                 results[i] = r
                 state["buffered"] += len(r.get("_bytes") or b"")
                 state["finished"] += 1
+                tuner.done()
                 write_ready()
                 cond.notify_all()
             ctx.rows_done(state["finished"])
 
+        tuning = asyncio.create_task(tuner.run())
         try:
             async with Fetcher(cfg.fetch, bodies) as fetcher:
                 await asyncio.gather(*(one(i, fetcher) for i in range(n_rows)))
         finally:
+            tuning.cancel()
             pool.shutdown(wait=True)
-        return results, timing, fetcher.requests
+        return results, timing, {"requests": fetcher.requests, "connections": tuner.peak}
 
     def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
         cols = [schema.UID, schema.URL, schema.KEY, schema.STATUS, schema.ERROR_MESSAGE, schema.DROP_REASON]

@@ -10,9 +10,12 @@ shard (in parallel) to count rows, estimate sample size and pick the held-out sp
 every row a global position with a seeded pseudo-random permutation (a Feistel network over the row's
 global index, so no process ever holds the whole dataset) and writes each input shard's rows,
 tagged with their output shard and index, to ``_plan/export/parts/``, sorted by output shard with
-one row group per output shard. An output shard's ``load`` then reads its row group from every part:
-the shape of a sort-based shuffle (one block per map output per reducer), inputs × outputs small
-reads, each found from the part's footer statistics without touching the other groups.
+one row group per output shard. Input shards are cut, in a seeded order, into windows of
+``shuffle_window`` shards, and each window's rows are permuted over its own run of output positions
+(one window, a full shuffle, when the input has no more shards than that). An output shard's ``load``
+reads its row group from the parts of the windows it overlaps (about two): W x R + 2M small reads in
+all rather than inputs x outputs, each found from the part's footer statistics without touching the
+other groups. ``position_correlation`` measures what the window costs in shuffle quality.
 
 Layout of the output: train shards are ``0 .. T-1`` and validation shards ``T .. T+V-1``; every row
 carries ``split``, every shard's stats say its split, and :func:`split_shards` returns both lists.
@@ -72,6 +75,12 @@ _JSON_SKIP = {*schema.POINTER_COLUMNS, schema.DROP_REASON, _OUT_SHARD, _OUT_INDE
 
 class ExportConfig(StageConfig):
     seed: int = 0
+    # Input shards shuffled together: the inputs are cut (in a seeded order) into windows of this
+    # many shards, and each window's rows are permuted over its own run of output positions, so an
+    # output shard reads from the parts of about two windows (~2 x shuffle_window reads) instead of
+    # from every input shard (M x R reads in all). An input of at most this many shards is one
+    # window: a full shuffle. docs/SCALING.md gives the measured shuffle quality.
+    shuffle_window: int = Field(64, ge=1)
     # Samples per output shard; when None, derived from target_shard_bytes and the mean sample size.
     samples_per_shard: int | None = Field(None, ge=1)
     target_shard_bytes: int = Field(1_000_000_000, ge=4096)
@@ -172,9 +181,70 @@ class _Layout:
     seed: int
     val_threshold: int  # rows whose split hash is below this are held out
     samples_per_shard: int
-    n_train: int
-    n_val: int
     train_shards: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Place:
+    """Where one input shard's rows go: its window, and per split (train, val) the window's first
+    output position, the window's row count and this shard's first row within the window."""
+
+    shard: int
+    window: int
+    base: tuple[int, int]
+    count: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def windows_of(shards: list[int], window: int, seed: int) -> list[list[int]]:
+    """The input shards cut into windows of at most ``window``, in a seeded order (one window, in
+    input order, when they fit one)."""
+    m = len(shards)
+    if m <= window:
+        return [list(shards)] if m else []
+    order = permute(np.arange(m, dtype=np.uint64), m, seed, stream=-1).astype(np.int64)
+    k = math.ceil(m / window)
+    return [[shards[i] for i in part.tolist()] for part in np.array_split(order, k)]
+
+
+def place_windows(windows: list[list[int]], rows: dict[int, tuple[int, int]]) -> list[_Place]:
+    """Output positions per window: window w holds positions base .. base + count - 1 of each split,
+    windows one after another; ``rows``: (train, val) rows of each input shard."""
+    out, base = [], [0, 0]
+    for w, members in enumerate(windows):
+        count = [sum(rows[n][k] for n in members) for k in (0, 1)]
+        offset = [0, 0]
+        for n in members:
+            out.append(_Place(n, w, (base[0], base[1]), (count[0], count[1]), (offset[0], offset[1])))
+            offset = [offset[k] + rows[n][k] for k in (0, 1)]
+        base = [base[k] + count[k] for k in (0, 1)]
+    return out
+
+
+def parts_of_shard(record: dict[str, Any], shard: int) -> list[str]:
+    """The plan parts an output shard reads: those of the windows whose positions it overlaps."""
+    windows = record.get("windows")
+    if windows is None:
+        return list(record["parts"])
+    n_train = len(record["splits"][SPLIT_TRAIN]["shards"])  # train shards are 0 .. n_train - 1
+    split = 0 if shard < n_train else 1
+    per = record["samples_per_shard"]
+    lo = (shard - (0 if split == 0 else n_train)) * per
+    hi = lo + record["rows_per_shard"][shard]
+    names = []
+    for w in windows:
+        base, count = w["base"][split], w["count"][split]
+        if count and base < hi and base + count > lo:
+            names += [record["parts"][i] for i in w["parts"]]
+    return names
+
+
+def position_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two position lists (0 for a perfect shuffle, 1 for none)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def _scan(item: tuple[str, int, int, int]) -> dict[str, Any]:
@@ -194,9 +264,10 @@ def _scan(item: tuple[str, int, int, int]) -> dict[str, Any]:
     }
 
 
-def _place(item: tuple[_Layout, int, int, int]) -> int:
+def _place(item: tuple[_Layout, _Place]) -> int:
     """Pass 2 over one input shard: give each row its output shard and index; write the part."""
-    lay, n, train_offset, val_offset = item
+    lay, where = item
+    n = where.shard
     table = Dataset(lay.input_url).read_shard(n)
     uids = table.column(schema.UID).to_pylist()
     if lay.val_threshold:
@@ -206,14 +277,15 @@ def _place(item: tuple[_Layout, int, int, int]) -> int:
     shard = np.empty(len(uids), dtype=np.int64)
     index = np.empty(len(uids), dtype=np.int64)
     per = lay.samples_per_shard
-    for mask, offset, total, stream, first in (
-        (~is_val, train_offset, lay.n_train, 0, 0),
-        (is_val, val_offset, lay.n_val, 1, lay.train_shards),
-    ):
+    for split, (mask, first) in enumerate(((~is_val, 0), (is_val, lay.train_shards))):
         count = int(mask.sum())
         if not count:
             continue
-        pos = permute(np.arange(offset, offset + count, dtype=np.uint64), total, lay.seed, stream).astype(np.int64)
+        offset, total = where.offset[split], where.count[split]
+        # one stream per (window, split); window 0 keeps the streams of a single global shuffle
+        stream = 2 * where.window + split
+        local = permute(np.arange(offset, offset + count, dtype=np.uint64), total, lay.seed, stream)
+        pos = where.base[split] + local.astype(np.int64)
         shard[mask] = first + pos // per
         index[mask] = pos % per
     if schema.IMAGE_TAR in table.column_names and pa.types.is_dictionary(table.schema.field(schema.IMAGE_TAR).type):
@@ -298,15 +370,12 @@ class ExportStage(Stage):
 
         lay = _Layout(
             input_url=inp.url, plan_path=plan_path, output_url=out.url, input_digits=inp.shard_digits,
-            seed=cfg.seed, val_threshold=threshold, samples_per_shard=per, n_train=n_train, n_val=n_val,
-            train_shards=train_shards,
+            seed=cfg.seed, val_threshold=threshold, samples_per_shard=per, train_shards=train_shards,
         )
-        items, train_off, val_off = [], 0, 0
-        for s, v in zip(scans, val_counts, strict=True):
-            if s["rows"]:
-                items.append((lay, s["shard"], train_off, val_off))
-            train_off += s["rows"] - v
-            val_off += v
+        rows = {s["shard"]: (s["rows"] - v, v) for s, v in zip(scans, val_counts, strict=True) if s["rows"]}
+        windows = windows_of(list(rows), cfg.shuffle_window, cfg.seed)
+        places = place_windows(windows, rows)
+        items = [(lay, p) for p in places]
         t = time.perf_counter()
         placed = ctx.map(_place, items)
         assert sum(placed) == total, (sum(placed), total)
@@ -321,7 +390,14 @@ class ExportStage(Stage):
             "samples_per_shard": per,
             "shard_digits": digits_for(len(counts), 5),
             "index_digits": digits_for(per, 4),
-            "parts": [f"{item[1]:0{lay.input_digits}d}.parquet" for item in items],
+            "parts": [f"{p.shard:0{lay.input_digits}d}.parquet" for p in places],
+            # per window: its parts (indexes into "parts") and its (train, val) output positions
+            "windows": [
+                {"parts": [i for i, p in enumerate(places) if p.window == w],
+                 "base": list(next(p.base for p in places if p.window == w)),
+                 "count": list(next(p.count for p in places if p.window == w))}
+                for w in range(len(windows))
+            ],
             "rows_per_shard": counts,
             "splits": {
                 SPLIT_TRAIN: {"shards": list(range(train_shards)), "rows": n_train},
@@ -346,7 +422,7 @@ class ExportStage(Stage):
         rec = self._plan_record(ctx.output)
         fs = ctx.output.fs
         parts = []
-        for name in rec["parts"]:
+        for name in parts_of_shard(rec, shard):
             with fs.open(posixpath.join(ctx.plan_dir, _PLAN_SUBDIR, "parts", name), "rb") as f:
                 parts.append(_read_shard_groups(pq.ParquetFile(f), shard))
         table = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})

@@ -88,3 +88,44 @@ def test_choose_blocks_grows_with_n():
     assert nd.choose_blocks(10_000_000, 6) > 7  # r + 1 bands would be far too short there
     with pytest.raises(ValueError):
         nd.choose_blocks(10, 40)
+
+
+def _grouped(n: int, radius: int, seed: int):
+    """Hashes with near pairs, exact repeats, and repeats that differ in their identity (colour)."""
+    h = _hashes(n, n // 6, radius, seed)
+    rng = np.random.default_rng(seed + 100)
+    colour = rng.integers(0, 3, len(h)).astype(np.uint64)  # few values: many same-hash, same-colour rows
+    return h, np.column_stack([h, colour])
+
+
+@pytest.mark.parametrize("radius,blocks,max_rows,tasks", [
+    (4, None, 10**9, 1), (6, None, 10**9, 3), (6, 8, 700, 1), (3, None, 400, 2), (8, 11, 10**9, 5)])
+def test_unit_engine_gives_exactly_the_sort_engines_pairs(radius, blocks, max_rows, tasks):
+    h, groups = _grouped(1500, radius, seed=radius + tasks)
+    for g in (None, groups):
+        want = _pairs(nd.near_pairs_sort(h, radius, blocks, g))
+        got_p = nd.near_pairs_units(h, radius, g, blocks, max_rows=max_rows, tasks=tasks, shards=3)
+        got = _pairs(got_p)
+        assert got == want
+        assert len(got) == len(got_p[0])  # none twice
+    # planted near pairs are really there (not two empty sets agreeing)
+    assert len({(a, b) for a, b in want if h[a] != h[b]}) >= 50
+
+
+def test_hash_units_split_tables_then_blocks():
+    units = nd.hash_units(10, rows=1000, max_rows=5000, tasks=4)
+    assert sorted(t for u in units for t in u[0]) == list(range(10)) and len(units) == 4
+    assert all(u[1:] == (0, 1) for u in units)
+    units = nd.hash_units(3, rows=10_000, max_rows=4000, tasks=4)
+    assert units == [((t,), b, 3) for t in range(3) for b in range(3)]
+    scheme = nd.Scheme(4, 6)
+    h = _hashes(3000, 0, 4)
+    parts = [nd.in_block(scheme, h, 2, b, 3) for b in range(3)]
+    assert (sum(p.astype(int) for p in parts) == 1).all()  # every row in exactly one block
+
+
+def test_resolve_with_nothing_to_resolve():
+    e64, eu = np.empty(0, np.int64), np.empty(0, np.uint64)
+    for groups in (None, np.empty((0, 3), np.uint64)):
+        a, b = nd.resolve_hash_pairs(eu, eu, e64, eu, groups)
+        assert len(a) == len(b) == 0

@@ -109,6 +109,8 @@ class Server:
         self.routes = Routes()
         self.log: list[tuple[float, str]] = []
         self.lock = threading.Lock()
+        self.inflight = 0  # /delay/ requests being answered now, and the most at once
+        self.peak_inflight = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -152,7 +154,14 @@ class Server:
                             return self.send(429, b"slow down", headers=[("Retry-After", path.rsplit("/", 1)[1])])
                         return self.send(200, r.images["/img/b.png"][0], "image/png")
                     if path.startswith("/delay/"):  # answers after N ms
-                        time.sleep(int(path.split("/")[2]) / 1000)
+                        with server.lock:
+                            server.inflight += 1
+                            server.peak_inflight = max(server.peak_inflight, server.inflight)
+                        try:
+                            time.sleep(int(path.split("/")[2]) / 1000)
+                        finally:
+                            with server.lock:
+                                server.inflight -= 1
                         return self.send(200, r.images["/img/c.webp"][0], "image/webp")
                     if path == "/sometimes.jpg":
                         if not r.healthy:

@@ -324,3 +324,29 @@ def test_opt_out_and_retry_after_parsing():
     assert parse_retry_after("soon") is None
     assert retryable_message("timeout: no complete response") and not retryable_message("http: 404 Not Found")
     assert not retryable_message("refused: 10.0.0.1 is a private address")
+
+
+def test_gate_serves_waiters_first_come_and_follows_resizes():
+    import asyncio
+
+    from curate.fetch import Gate
+
+    async def main() -> tuple[list[int], int]:
+        gate = Gate(2)
+        order: list[int] = []
+
+        async def one(i: int) -> None:
+            await gate.acquire()
+            order.append(i)
+            await asyncio.sleep(0.01)
+            gate.release()
+
+        tasks = [asyncio.create_task(one(i)) for i in range(8)]
+        await asyncio.sleep(0)
+        gate.resize(4)  # grown while in use: two more waiters go at once
+        late = asyncio.create_task(one(99))  # a newcomer does not jump the queue
+        await asyncio.gather(*tasks, late)
+        return order, gate.used
+
+    order, used = asyncio.run(main())
+    assert order == [0, 1, 2, 3, 4, 5, 6, 7, 99] and used == 0

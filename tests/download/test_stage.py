@@ -146,6 +146,54 @@ def test_plan_shards_deterministic(tmp_path, server):
     assert sizes == [10, 10, 5]
 
 
+def test_small_list_is_split_over_the_task_slots(tmp_path, server):
+    inp = url_list(tmp_path, server, [f"/img/a.jpg?n={i}" for i in range(10)])
+
+    def sizes(stage: DownloadStage, name: str, slots: int) -> list[int]:
+        out = Dataset(str(tmp_path / name))
+        ctx = plan_ctx(inp, out)
+        ctx.slots = slots
+        ids = stage.plan(ctx)
+        return [pq.read_table(out.path(PLAN_DIR, "download", f"{n:08d}.parquet")).num_rows for n in ids]
+
+    # 10 rows, 4 slots: four shards, not one shard of 100 that a single task would fetch alone
+    assert sizes(DownloadStage(config(server, shard_size=100)), "split", 4) == [3, 3, 3, 1]
+    # asked for one shard: one shard
+    assert sizes(DownloadStage(config(server, shard_size=100, min_shards=1)), "asked", 4) == [10]
+    # a list that fills every slot keeps shard_size
+    assert sizes(DownloadStage(config(server, shard_size=2)), "full", 4) == [2, 2, 2, 2, 2]
+
+
+def _run_one_shard(tmp_path, server, paths, name, **over):
+    (tmp_path / name).mkdir()
+    inp = url_list(tmp_path / name, server, paths)
+    stage = DownloadStage(config(server, shard_size=1000, min_shards=1, **over))
+    out = Dataset(str(tmp_path / name / "out"))
+    assert stage.plan(plan_ctx(inp, out)) == [0]
+    ctx = ShardContext(shard=0, input_path=inp, input=None, output=out, plan_dir=out.path(PLAN_DIR),
+                       options=RunOptions())
+    with open(tmp_path / name / "shard.tar", "wb") as f:
+        ctx.tar, ctx.tar_url = TarWriter(f), str(tmp_path / name / "shard.tar")
+        result = stage.process(stage.load(0, ctx), ctx)
+        ctx.tar.close()
+    return result, ctx.stats
+
+
+def test_connections_grow_while_latency_is_the_bound(tmp_path, server):
+    paths = [f"/delay/250?n={i}" for i in range(80)]
+    fetch = {"connections": 4, "per_host_connections": 12, "timeout_s": 10.0}
+    # fixed: never more than the 4 connections asked for
+    result, stats = _run_one_shard(tmp_path, server, paths, "fixed", fetch={**fetch, "max_connections": 4})
+    assert result.column(schema.STATUS).to_pylist() == ["success"] * len(paths)
+    assert server.peak_inflight <= 4 and stats["connections"] == 4
+    # adaptive: every connection waits on a slow server, so the task opens more, within the host limit
+    server.peak_inflight = 0
+    result, stats = _run_one_shard(tmp_path, server, paths, "grow", fetch={**fetch, "max_connections": 64})
+    assert result.column(schema.STATUS).to_pylist() == ["success"] * len(paths)
+    assert 4 < server.peak_inflight <= 12, server.peak_inflight
+    assert stats["connections"] > 4
+
+
 def every_uid(out: Dataset) -> Counter:
     c: Counter = Counter()
     for _, t in out.iter_shards(columns=[schema.UID]):
@@ -250,7 +298,7 @@ def test_progress_counts_rows_inside_a_running_shard(server, tmp_path, ray_sessi
 
     n = 40
     inp = url_list(tmp_path, server, [f"/delay/150?{i}" for i in range(n)])
-    cfg = config(server, fetch={"connections": 4, "per_host_connections": 4}).model_dump(mode="json")
+    cfg = config(server, min_shards=1, fetch={"connections": 4, "per_host_connections": 4}).model_dump(mode="json")
     seen = []
     summary = run_stage("download", inp, str(tmp_path / "out"), config=cfg, progress=seen.append)
     assert summary["rows_in"] == n and summary["kept"] == n
