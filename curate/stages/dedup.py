@@ -49,7 +49,7 @@ from pydantic import Field, field_validator, model_validator
 
 from curate import neardup, phash, schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, read_images, sha256_hex
+from curate.dataset import Dataset, read_images, sha256_hex
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -188,11 +188,13 @@ class _ScanJob:
 
 
 def _plan_path(ds: Dataset, *parts: str) -> str:
-    return ds.path(PLAN_DIR, _SUB, *parts)
+    """A file of dedup's plan store (``_plan/dedup/``); written only through the store's writer."""
+    return ds.plan_store(_SUB).path(*parts)
 
 
 def _write_atomic(ds: Dataset, table: pa.Table, path: str) -> None:
-    ds.write_table(table, posixpath.relpath(path, ds.root))
+    store = ds.plan_store(_SUB)
+    store.write_table(table, posixpath.relpath(path, store.path()))
 
 
 # Over 80 lines: one read of the shard computes every key (sha256, pHash, caption), so no image is decoded twice.
@@ -576,7 +578,8 @@ def _save_npz(out: Dataset, path: str, arrays: dict[str, np.ndarray]) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    out.write_bytes(buf.getvalue(), posixpath.relpath(path, out.root))
+    store = out.plan_store(_SUB)
+    store.write_bytes(buf.getvalue(), posixpath.relpath(path, store.path()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -932,8 +935,7 @@ class DedupStage(Stage):
                 res.append((r, *near_pairs_distributed(ctx, cfg, r, shards, offsets, total, blocks)))
             # intermediate only, removed once reduced
             for sub in ("parts", "near"):
-                if out.fs.exists(_plan_path(out, sub)):
-                    out.fs.rm(_plan_path(out, sub), recursive=True)
+                out.plan_store(_SUB).delete(sub)
             edges = [
                 (
                     np.concatenate([a for rr, a, _ in res if rr == r] or [np.empty(0, np.int64)]),

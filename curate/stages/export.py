@@ -30,7 +30,6 @@ import heapq
 import json
 import logging
 import math
-import posixpath
 import time
 from typing import Any, Literal
 
@@ -42,7 +41,7 @@ from pydantic import Field, model_validator
 
 from curate import schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, digits_for, make_key, read_images, sha256_hex
+from curate.dataset import Dataset, digits_for, make_key, read_images, sha256_hex
 from curate.faces import FaceConfig
 from curate.images import sniff
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
@@ -175,7 +174,6 @@ class _Layout:
     """What pass 2 needs to place a row; plain data shipped to the plan tasks."""
 
     input_url: str
-    plan_path: str  # fs path of _plan/export in the output dataset
     output_url: str
     input_digits: int
     seed: int
@@ -296,14 +294,12 @@ def _place(item: tuple[_Layout, _Place]) -> int:
     table = table.append_column(_OUT_SHARD, pa.array(shard)).append_column(_OUT_INDEX, pa.array(index))
     table = table.sort_by([(_OUT_SHARD, "ascending"), (_OUT_INDEX, "ascending")])
 
-    out = Dataset(lay.output_url)
-    path = posixpath.join(lay.plan_path, "parts", f"{n:0{lay.input_digits}d}.parquet")
-    out.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    store = Dataset(lay.output_url).plan_store(_PLAN_SUBDIR)
     shards = table.column(_OUT_SHARD).to_numpy()
     starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]]) if len(shards) else np.array([], dtype=int)
     bounds = [*starts.tolist(), len(shards)]
     # One row group per output shard: load() reads only the groups it needs.
-    out.write_table(table, posixpath.relpath(path, out.root), row_group_sizes=np.diff(bounds).tolist())
+    store.write_table(table, "parts", f"{n:0{lay.input_digits}d}.parquet", row_group_sizes=np.diff(bounds).tolist())
     return table.num_rows
 
 
@@ -347,10 +343,9 @@ class ExportStage(Stage):
             raise ConfigError(
                 f"export: caption={cfg.caption!r} needs a {schema.RECAPTION!r} column, and {inp.url} has none "
                 "(run the recaption stage first, or use caption=original)")
-        plan_path = posixpath.join(ctx.plan_dir, _PLAN_SUBDIR)
+        store = ctx.plan_store(_PLAN_SUBDIR)
         out = ctx.output
-        if out.fs.exists(posixpath.join(plan_path, "parts")):
-            out.fs.rm(posixpath.join(plan_path, "parts"), recursive=True)  # a half-written earlier plan
+        store.delete("parts")  # a half-written earlier plan
 
         t = time.perf_counter()
         frac_threshold = min(int(cfg.val_fraction * 2.0**64), 2**64 - 1)
@@ -369,7 +364,7 @@ class ExportStage(Stage):
         scan_seconds = time.perf_counter() - t
 
         lay = _Layout(
-            input_url=inp.url, plan_path=plan_path, output_url=out.url, input_digits=inp.shard_digits,
+            input_url=inp.url, output_url=out.url, input_digits=inp.shard_digits,
             seed=cfg.seed, val_threshold=threshold, samples_per_shard=per, train_shards=train_shards,
         )
         rows = {s["shard"]: (s["rows"] - v, v) for s, v in zip(scans, val_counts, strict=True) if s["rows"]}
@@ -406,14 +401,14 @@ class ExportStage(Stage):
             "val_threshold": str(threshold),
             "seconds": {"scan": scan_seconds, "place": time.perf_counter() - t},
         }
-        out.write_json(record, PLAN_DIR, _PLAN_SUBDIR, _PLAN_FILE)
+        store.write_json(record, _PLAN_FILE)
         log.info("export plan: %d rows -> %d train shards (%d rows) + %d val shards (%d rows), %d per shard",
                  total, train_shards, n_train, val_shards, n_val, per)
         return list(range(len(counts)))
 
     def _plan_record(self, out: Dataset) -> dict[str, Any]:
         if self._layout is None:
-            self._layout = out.read_json(PLAN_DIR, _PLAN_SUBDIR, _PLAN_FILE)
+            self._layout = out.plan_store(_PLAN_SUBDIR).read_json(_PLAN_FILE)
             if self._layout is None:
                 raise RuntimeError(f"{out.url}: export plan {_PLAN_SUBDIR}/{_PLAN_FILE} is missing")
         return self._layout
@@ -423,7 +418,7 @@ class ExportStage(Stage):
         fs = ctx.output.fs
         parts = []
         for name in parts_of_shard(rec, shard):
-            with fs.open(posixpath.join(ctx.plan_dir, _PLAN_SUBDIR, "parts", name), "rb") as f:
+            with fs.open(ctx.plan_store(_PLAN_SUBDIR).path("parts", name), "rb") as f:
                 parts.append(_read_shard_groups(pq.ParquetFile(f), shard))
         table = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
         table = table.sort_by(_OUT_INDEX)
@@ -556,7 +551,7 @@ class ExportStage(Stage):
     def explain(self, output: Dataset, uid: str) -> dict[str, Any] | None:
         """Why this uid went to its split and got its caption (``curate inspect`` shows the row)."""
         cfg: ExportConfig = self.config
-        rec = output.read_json(PLAN_DIR, _PLAN_SUBDIR, _PLAN_FILE)
+        rec = output.plan_store(_PLAN_SUBDIR).read_json(_PLAN_FILE)
         if rec is None:
             return None
         threshold = int(rec["val_threshold"])
