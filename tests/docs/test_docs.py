@@ -311,7 +311,8 @@ def _run_documented(cmds: list[str], cwd: Path) -> None:
     for cmd in cmds:
         argv = shlex.split(cmd.split(" && ")[0])
         assert argv[0] == "curate" or argv[:3] == ["python", "-m", "trainer.train"], cmd
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Ray's default 30 s for a raylet to register is too short on a loaded 2-core machine
+    env = {"RAY_raylet_start_wait_time_s": "120", **os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-c", _RUNNER, *cmds], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
