@@ -12,7 +12,7 @@ EXTRAS ?= cpu,dev,bench
 # test runs it with this copy on PYTHONPATH, so the project venv keeps the current webdataset.
 OPEN_CLIP_WDS := bench/.cache/open_clip_train-webdataset-0.2.86
 
-.PHONY: setup test demo lint clean-demo
+.PHONY: setup test demo lint clean-demo mutation
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q -m "not gpu"
+
+# Mutation testing of the decision and format core (tests/mutation.py; results in BENCHMARKS.md,
+# equivalent mutants in docs/TESTING.md). Not part of `make test`: it takes tens of minutes.
+#   make mutation                      every target
+#   make mutation TARGETS="filter phash" JOBS=2
+TARGETS ?=
+JOBS ?= 2
+mutation: setup
+	nice $(PY) tests/mutation.py $(TARGETS) --jobs $(JOBS)
 
 demo: setup
 	$(PY) -m curate.demo all

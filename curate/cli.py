@@ -38,6 +38,8 @@ STAGE_HELP = {
     "semdedup": "Semantic duplicates from CLIP embeddings (k-means + cosine).",
     "recaption": "A vision-language model writes a new caption per image.",
     "export": "Reshard kept samples into training tars + Parquet + .idx + sizes.json.",
+    "safety": "Known-bad image hashes, NSFW/watermark/aesthetic heads on CLIP embeddings, caption rules.",
+    "decontaminate": "Drop copies of evaluation-set images (ImageNet, COCO, ...) from the corpus.",
 }
 # Only download has failed rows worth fetching again.
 RETRY_FAILED_STAGES = frozenset({"download"})
@@ -54,7 +56,9 @@ class UsageError(click.ClickException):
 
 
 def _fail_usage(message: str):
-    raise UsageError(message)
+    from curate.redact import redact_text
+
+    raise UsageError(redact_text(message))
 
 
 # -- logging ------------------------------------------------------------------------------------
@@ -85,7 +89,10 @@ def setup_logging(verbose: int) -> None:
         # line twice); test harnesses' capture handlers stay
         if isinstance(h, _StderrHandler) or type(h) is logging.StreamHandler:
             root.removeHandler(h)
+    from curate.redact import RedactingFilter
+
     handler = _StderrHandler()
+    handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
@@ -541,6 +548,39 @@ def remove_cmd(datasets, uids_file, urls_file, domains_file, sha_file, reason, b
                    + (f", {r['tar_rewritten']} tar(s) rewritten" if r.get("tar_rewritten") else "")
                    + (f", {r['pointers_moved']} pointer(s) moved" if r.get("pointers_moved") else "")
                    + (f"; NOTE {r['note']}" if r.get("note") else ""))
+
+
+@cli.command("compare")
+@click.argument("variants", nargs=-1, metavar="NAME=EXPORT...")
+@click.option("--held-out", "held_out", required=True, metavar="DATASET",
+              help="Image-text pairs no variant trains on (an export's val split, or a whole dataset).")
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="Runs, compare.json and compare.html go here.")
+@click.option("--recipe", metavar="FILE", help="Trainer recipe (trainer/recipes/*.yaml); the same for every run.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Recipe override for every run.")
+@click.option("--seeds", default=3, show_default=True, help="Runs per variant (seeds 0..N-1).")
+@click.option("--baseline", metavar="NAME", help="Variant the others are compared with (default: the first).")
+@click.option("--zeroshot", multiple=True, metavar="DIR", help="Zero-shot classification set (repeatable).")
+@click.option("--classnames", metavar="FILE", help="Class names for --zeroshot (one per line, or 'imagenet').")
+@click.option("--templates", metavar="FILE", help="Prompt templates for --zeroshot (or 'openai' / 'simple').")
+@click.option("--nproc", default=1, show_default=True, help="Processes per run (torchrun; one per GPU).")
+@click.option("--pipeline", metavar="FILE", help="Make the variants by running this pipeline (ending in export)...")
+@click.option("--vary", metavar="STEP.KEY=V1,V2", help="... once per value of one step's setting.")
+def compare_cmd(variants, held_out, out_dir, recipe, sets, seeds, baseline, zeroshot, classnames, templates,
+                nproc, pipeline, vary) -> None:
+    """Train the same model on each curated variant over several seeds; differences with confidence intervals."""
+    from curate.compare import CompareError, Plan, compare, parse_variant, text_table
+
+    plan = Plan(variants=tuple(parse_variant(v) for v in variants), held_out=held_out, out=out_dir, recipe=recipe,
+                sets=tuple(sets), seeds=seeds, baseline=baseline, zeroshot=tuple(zeroshot), classnames=classnames,
+                templates=templates, nproc=nproc, pipeline=pipeline, vary=vary)
+    try:
+        summary = compare(plan, progress=lambda line: click.echo(line, err=True))
+    except CompareError as e:
+        _fail_usage(str(e))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(text_table(summary))
+    click.echo(f"report: {out_dir}/compare.html  json: {out_dir}/compare.json")
 
 
 def _option_hint(e: click.UsageError) -> str:

@@ -60,6 +60,16 @@ DEMO_TRAIN_ARGS = [
     "--set", "model.tiny=true", "train.global_batch=32", "train.accum=2", f"train.steps={DEMO_TRAIN_STEPS}",
     "train.log_every=10", "optim.lr=1e-3", "optim.warmup_steps=5", "optim.weight_decay=0.1", "data.workers=1",
 ]
+# recipe (e) with a SentencePiece vocabulary trained on the demo export itself (small: a few hundred
+# captions cannot fill 65,536 pieces), to show the tokenizer tool and the SentencePiece path end to end.
+DEMO_SPM_VOCAB = 512
+DEMO_SPM_STEPS = 20
+DEMO_SPM_ARGS = [
+    "--recipe", str(REPO / "trainer" / "recipes" / "vit_b16_sentencepiece.yaml"),
+    "--set", "model.tiny=true", "tokenizer.context_length=32", f"tokenizer.vocab_size={DEMO_SPM_VOCAB}",
+    "train.global_batch=32", "train.accum=2", f"train.steps={DEMO_SPM_STEPS}", "train.log_every=10",
+    "optim.lr=1e-3", "optim.warmup_steps=5", "optim.weight_decay=0.1", "data.workers=1",
+]
 # A fixed port keeps the demo's URL list identical from one `make demo` to the next.
 DEMO_PORT = 8765
 CAPTIONS_FILE = "captions.jsonl"
@@ -291,6 +301,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if rc:
         print(f"training failed (exit {rc})", file=sys.stderr)
         return rc
+    rc = train_sentencepiece_demo(export, DEMO_OUT)
+    if rc:
+        return rc
     report = DEMO_OUT / "report.html"
     if _report_is_current(export, report, DEMO_OUT / "report.json"):
         print(f"report: {report} is up to date (same datasets); not written again", flush=True)
@@ -305,10 +318,29 @@ def run_demo(args: argparse.Namespace) -> int:
         f"  datasets, one per stage:  {', '.join(str(Path(pipe.output) / s.dirname) for s in pipe.stages)}",
         f"  training shards:          {export}/shards (tars + .idx + sizes.json)",
         f"  trained model:            {train_out}/model  (metrics: {train_out}/metrics.jsonl{metrics})",
+        f"  SentencePiece tokenizer:  {DEMO_OUT / 'tokenizer'} (trained on the export; recipe (e) trained with it"
+        f" in {DEMO_OUT / 'train_spm'})",
         f"  report:                   {report}  (open it in any browser)",
         "  inspect a dataset:        .venv/bin/curate inspect " + str(export),
     ]), flush=True)
     return 0
+
+
+def train_sentencepiece_demo(export: Path, out: Path) -> int:
+    """A SentencePiece tokenizer trained on the export's captions, then recipe (e) trained with it."""
+    tok = out / "tokenizer"
+    print(f"training a SentencePiece tokenizer ({DEMO_SPM_VOCAB} pieces at most) on {export} ...", flush=True)
+    rc = subprocess.call([sys.executable, "-m", "trainer.tokenizer", "--data", str(export), "--kind", "sentencepiece",
+                          "--vocab-size", str(DEMO_SPM_VOCAB), "--out", str(tok)])
+    if rc:
+        print(f"tokenizer training failed (exit {rc})", file=sys.stderr)
+        return rc
+    print(f"training recipe (e) with it (CPU, {DEMO_SPM_STEPS} steps) ...", flush=True)
+    rc = subprocess.call([sys.executable, "-m", "trainer.train", "--data", str(export), "--output",
+                          str(out / "train_spm"), *DEMO_SPM_ARGS, f"tokenizer.name={tok / 'spm.model'}"])
+    if rc:
+        print(f"SentencePiece training failed (exit {rc})", file=sys.stderr)
+    return rc
 
 
 def _report_is_current(export: Path, html_path: Path, json_path: Path) -> bool:

@@ -99,10 +99,10 @@ class FaceBlurrer:
         """Detect faces in encoded ``data`` (format jpg/png/webp) and blur them; raises on undecodable bytes."""
         from PIL import Image, ImageOps
 
-        from curate.images import open_header
+        from curate.images import open_image
 
         cv2, cfg = self.cv2, self.cfg
-        img = open_header(data, cfg.max_pixels)
+        img = open_image(data, cfg.max_pixels)
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
         img.load()

@@ -302,6 +302,8 @@ def classify_gaierror(e: OSError) -> FetchError:
     return FetchError("dns_transient", f"resolution failed ({getattr(e, 'strerror', None) or e})")
 
 
+# Over 80 lines: the resolver class is defined in here so that aiohttp is imported only when a download runs;
+# each of its methods is short.
 def _make_resolver_class():
     # Built lazily so importing this module does not import aiohttp (the CLI must start fast).
     from aiohttp.abc import AbstractResolver

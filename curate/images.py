@@ -1,6 +1,11 @@
 """Image checks and resizing for the download stage: header probe, pixel-bomb guard, decode, EXIF
 orientation, img2dataset-compatible resize modes, encode.
 
+:func:`open_image` is the one way curate opens image bytes, in every stage and in the report: only
+the formats of a fixed allowlist are parsed (a "jpg" that is really EPS, ICO or any other format Pillow
+or an external tool could render is refused before any decoder runs), and the declared pixel count is
+checked from the header before a pixel is decoded.
+
 The order matters for safety and speed: the header is read first (Pillow's ``open`` parses only the
 header), the declared pixel count (times the frame count for animated or multi-frame files) is checked
 before any pixel is decoded, JPEGs that will be shrunk are decoded at 1/2, 1/4 or 1/8 scale in the DCT
@@ -19,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import re
 import warnings
 from typing import Literal
 
@@ -46,6 +52,15 @@ OutputFormat = Literal["jpg", "png", "webp"]
 
 # Pillow format name -> tar member extension, for the formats we store without re-encoding.
 KEEPABLE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# The formats any stage parses at all, as Pillow names them: the web's image formats. Everything else
+# (EPS and PostScript, which Pillow hands to Ghostscript; ICO/CUR, whose header declares a small size
+# for an embedded PNG of any size; PSD, XBM, ...) is refused before its plugin sees a byte. A stage
+# config may narrow this list, never widen it.
+SAFE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# A JPEG carrying several pictures (MPO) is opened by the JPEG plugin and named MPO.
+_ALSO = {"JPEG": ("MPO",)}
+DEFAULT_MAX_PIXELS = 100_000_000
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
 _SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _ORIENTATION = 0x0112
 
@@ -77,8 +92,10 @@ class ImageConfig(Frozen):
     max_aspect_ratio: float | None = Field(None, gt=0)
     # Decompression-bomb guard, checked from the header before decoding: pixels of one frame, and
     # pixels summed over all frames of an animated / multi-frame file.
-    max_pixels: int = Field(100_000_000, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     max_total_pixels: int = Field(400_000_000, ge=1)
+    # Formats accepted at all (a subset of SAFE_FORMATS); anything else is failed_to_decode unread.
+    formats: tuple[ImageFormat, ...] = Field(SAFE_FORMATS, min_length=1)
 
     @model_validator(mode="after")
     def _png_level(self) -> ImageConfig:
@@ -110,11 +127,20 @@ class Processed:
     resize_seconds: float = 0.0
 
 
-class ImageRejected(Exception):
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def error_text(e: BaseException) -> str:
+    """``Type: message`` of a decoder's exception, without object reprs (Pillow names the stream it
+    read, ``<_io.BytesIO object at 0x7f...>``): reasons are data, the same on every run."""
+    return f"{type(e).__name__}: {_OBJECT_REPR.sub('the image', str(e))}"
+
+
+class ImageRejected(ValueError):
     """The bytes are an image we refuse to store; ``status`` is the img2dataset-style status."""
 
     def __init__(self, status: str, message: str, why: str = "undecodable"):
-        super().__init__(message)
+        super().__init__(_OBJECT_REPR.sub("the image", message))
         self.status = status
         self.why = why  # "too_many_pixels" or "undecodable": the reason for callers without statuses
 
@@ -141,17 +167,28 @@ def target_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int] | None:
     return (max(1, round(w * scale)), max(1, round(h * scale)))
 
 
-def open_header(data: bytes, max_pixels: int) -> Image.Image:
-    """Open an image's header (nothing decoded yet) and refuse more than ``max_pixels``; raises
-    ImageRejected. Pillow's own bomb warning is silenced: the limit here is the one that counts."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               formats: tuple[str, ...] = SAFE_FORMATS) -> Image.Image:
+    """Open an image's header (nothing decoded yet): only a format in ``formats`` (within
+    SAFE_FORMATS) is parsed, and more than ``max_pixels`` declared is refused; raises ImageRejected.
+
+    Every path that decodes image bytes (download, import, pHash, CLIP, recaption, faces, the report)
+    opens them here, so the allowlist and the pixel cap hold before any decoder or external tool runs.
+    Pillow's own bomb warning is silenced: the limit here is the one that counts."""
+    allowed = [f for f in formats if f in SAFE_FORMATS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=allowed)
         except Image.DecompressionBombError as e:
             raise ImageRejected("failed_to_decode", f"decompression bomb: {e}", "too_many_pixels") from None
+        except Image.UnidentifiedImageError:
+            raise ImageRejected("failed_to_decode", "not an image in an accepted format "
+                                f"({', '.join(allowed)})") from None
         except Exception as e:  # noqa: BLE001 - any parser error means "not an image we can read"
-            raise ImageRejected("failed_to_decode", f"not a decodable image: {type(e).__name__}: {e}") from None
+            raise ImageRejected("failed_to_decode", f"not a decodable image: {error_text(e)}") from None
+    if img.format not in allowed and not any(img.format in _ALSO.get(f, ()) for f in allowed):
+        raise ImageRejected("failed_to_decode", f"image format {img.format} is not accepted")
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageRejected("failed_to_decode", f"invalid size {w}x{h}")
@@ -161,15 +198,28 @@ def open_header(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """The tar member extension (jpg, png, webp, gif, bmp, tiff) of ``data`` judged from its bytes
+    alone, or None when they are not an accepted image. Never decodes pixels."""
+    try:
+        img = open_image(data, max_pixels)
+    except ImageRejected:
+        return None
+    return _EXT.get(img.format)
+
+
+_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+
+
 def probe(data: bytes, cfg: ImageConfig) -> Image.Image:
     """Open (header only) and enforce the pixel and frame limits; raises ImageRejected."""
-    img = open_header(data, cfg.max_pixels)
+    img = open_image(data, cfg.max_pixels, cfg.formats)
     w, h = img.size
     try:
         # Frame counts come from the container headers (GIF/TIFF/APNG/WebP), not from decoding.
         frames = int(getattr(img, "n_frames", 1) or 1)
     except Exception as e:  # noqa: BLE001
-        raise ImageRejected("failed_to_decode", f"unreadable frames: {type(e).__name__}: {e}") from None
+        raise ImageRejected("failed_to_decode", f"unreadable frames: {error_text(e)}") from None
     if frames > 1:
         img.seek(0)
     if w * h * frames > cfg.max_total_pixels:
@@ -227,7 +277,7 @@ def process_image(data: bytes, cfg: ImageConfig, keep_image: bool = False) -> Pr
         try:
             img.load()
         except Exception as e:  # noqa: BLE001 - truncated / corrupt data
-            raise ImageRejected("failed_to_decode", f"decode error: {type(e).__name__}: {e}") from None
+            raise ImageRejected("failed_to_decode", f"decode error: {error_text(e)}") from None
         if orientation != 1:
             img = ImageOps.exif_transpose(img)
         t1 = time.perf_counter()
@@ -274,7 +324,7 @@ def process_image(data: bytes, cfg: ImageConfig, keep_image: bool = False) -> Pr
     except ImageRejected as e:
         return Processed(status=e.status, error=str(e), decode_seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - a per-row failure is data, never a crashed shard
-        return Processed(status="failed_to_resize", error=f"{type(e).__name__}: {e}",
+        return Processed(status="failed_to_resize", error=error_text(e),
                          decode_seconds=time.perf_counter() - t0)
 
 

@@ -10,6 +10,13 @@ gives the same uids, whatever machine or order reads it.
 
 Files are read in sorted order and rows in file order, streaming in batches, so a list larger than
 memory can be cut into shards.
+
+A URL list is untrusted input. A gzipped file may inflate to at most ``MAX_INFLATION`` times its
+size (and never less than ``MIN_INFLATED_CAP``); a line of a txt or jsonl list may hold at most
+``MAX_LINE_BYTES``; a whole-file json list at most ``MAX_JSON_FILE_BYTES``. Each is one clear error
+naming the file, never a driver grown by gigabytes. JSON rows may differ in their keys: the columns
+are those of all rows of a batch, in order of first appearance. Column names starting with ``__``
+are curate's own and refused.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "csv", "tsv", "json", "jsonl", "txt")
 BATCH_ROWS = 65536
+MAX_LINE_BYTES = 1 << 20  # a URL list's line: a URL, a caption and a few fields, never megabytes
+MAX_JSON_FILE_BYTES = 1 << 30  # a json (not jsonl) list is parsed whole; larger lists belong in jsonl
+MAX_INFLATION = 200  # text compresses 3-10x; a bomb inflates 1000x and more
+MIN_INFLATED_CAP = 256 << 20
+RESERVED_PREFIX = "__"  # curate's private column names (plan markers); an input may not use them
 
 # Columns the download stage writes; an input column of the same name is kept as input_<name>.
 OWNED = frozenset({
@@ -46,6 +58,8 @@ class InputError(ValueError):
 def file_format(path: str, forced: str | None = None) -> tuple[str, bool]:
     """(format, gzipped) of ``path`` from its extension, or ``forced``."""
     name = path.lower()
+    if "://" in name:  # a URL's query (a signed URL's) is not part of its name
+        name = name.split("?", 1)[0]
     gz = name.endswith(".gz")
     if gz:
         name = name[:-3]
@@ -97,10 +111,66 @@ def _url(fs, path: str) -> str:
     return to_url(fs, path)
 
 
+class _Capped(io.RawIOBase):
+    """A decompressed stream that raises InputError past ``cap`` bytes."""
+
+    def __init__(self, inner, cap: int, url: str):
+        self._inner, self._cap, self._url, self._n = inner, cap, url, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._inner.read(min(len(b), self._cap + 1 - self._n))
+        self._n += len(data)
+        if self._n > self._cap:
+            raise InputError(f"{self._url} inflates to more than {self._cap:,} bytes "
+                             f"({MAX_INFLATION}x its compressed size): not a URL list curate reads; "
+                             "decompress it yourself if it is one")
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
 def _open(url: str, gz: bool):
     fs, path = url_to_fs(url)
     f = fs.open(path, "rb")
-    return gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+    if not gz:
+        return f
+    cap = max(MIN_INFLATED_CAP, MAX_INFLATION * (fs.size(path) or 0))
+    return io.BufferedReader(_Capped(gzip.GzipFile(fileobj=f, mode="rb"), cap, url), 1 << 16)
+
+
+def _lines(f, url: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a text stream, refusing a line over MAX_LINE_BYTES before holding it."""
+    n, buf = 0, b""
+    too_long = f"is longer than {MAX_LINE_BYTES:,} bytes: not a URL list line"
+    while True:
+        chunk = f.read(1 << 16)  # any binary stream (fsspec's files take no size in readline)
+        parts = (buf + chunk).split(b"\n")
+        buf = parts.pop() if chunk else b""
+        for raw in parts:
+            n += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise InputError(f"{url}: line {n} {too_long}")
+            yield n, raw.decode("utf-8", errors="replace")
+        if len(buf) > MAX_LINE_BYTES:
+            raise InputError(f"{url}: line {n + 1} {too_long}")
+        if not chunk:
+            return
+
+
+def _json_row(text: str, url: str, line: int) -> dict:
+    try:
+        row = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{url}: line {line} is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{url}: line {line} is not a JSON object (got {type(row).__name__})")
+    return row
 
 
 def _batches(url: str, fmt: str, gz: bool) -> Iterator[pa.Table]:
@@ -118,25 +188,38 @@ def _batches(url: str, fmt: str, gz: bool) -> Iterator[pa.Table]:
 
         delim = "\t" if fmt == "tsv" else ","
         with _open(url, gz) as f:
-            first = f.readline().decode("utf-8-sig", "replace").rstrip("\r\n")
+            first = f.readline(MAX_LINE_BYTES).decode("utf-8-sig", "replace").rstrip("\r\n")
         # Every column as string: type inference on the first block breaks on later blocks.
         cols = [c.strip().strip('"') for c in first.split(delim)] if first else []
         names = headerless_names(cols)
         if names:
             cols = names
         with _open(url, gz) as f:
-            reader = pcsv.open_csv(
-                f,
-                read_options=pcsv.ReadOptions(block_size=1 << 22, encoding="utf8", column_names=names),
-                parse_options=pcsv.ParseOptions(delimiter=delim, newlines_in_values=True),
-                convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in cols},
-                                                    strings_can_be_null=False),
-            )
-            for b in reader:
-                yield pa.Table.from_batches([b])
+            try:
+                reader = pcsv.open_csv(
+                    f,
+                    read_options=pcsv.ReadOptions(block_size=1 << 22, encoding="utf8", column_names=names),
+                    parse_options=pcsv.ParseOptions(delimiter=delim, newlines_in_values=True),
+                    convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in cols},
+                                                        strings_can_be_null=False),
+                )
+                for b in reader:
+                    yield pa.Table.from_batches([b])
+            except pa.ArrowInvalid as e:
+                raise InputError(f"{url}: not a readable {fmt} URL list: {str(e)[:300]}") from None
     elif fmt == "json":
         with _open(url, gz) as f:
-            rows = json.load(f)
+            raw = f.read(MAX_JSON_FILE_BYTES + 1)
+        if len(raw) > MAX_JSON_FILE_BYTES:
+            raise InputError(f"{url}: a json URL list over {MAX_JSON_FILE_BYTES:,} bytes is parsed whole; "
+                             "write it as jsonl (one object per line) instead")
+        try:
+            rows = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise InputError(f"{url}: not JSON: {type(e).__name__}: {str(e)[:200]}") from None
+        del raw
+        if not isinstance(rows, (list, dict)):
+            raise InputError(f"{url}: a json URL list is a list of objects, got {type(rows).__name__}")
         if isinstance(rows, dict):  # pandas "columns" orientation: {col: {idx: value}} or {col: [values]}
             rows = pa.Table.from_pydict({k: list(v.values()) if isinstance(v, dict) else v
                                           for k, v in rows.items()}).to_pylist()
@@ -145,9 +228,9 @@ def _batches(url: str, fmt: str, gz: bool) -> Iterator[pa.Table]:
     elif fmt == "jsonl":
         with _open(url, gz) as f:
             buf = []
-            for line in io.TextIOWrapper(f, encoding="utf-8"):
+            for n, line in _lines(f, url):
                 if line.strip():
-                    buf.append(json.loads(line))
+                    buf.append(_json_row(line, url, n))
                 if len(buf) >= BATCH_ROWS:
                     yield _from_rows(buf)
                     buf = []
@@ -156,7 +239,7 @@ def _batches(url: str, fmt: str, gz: bool) -> Iterator[pa.Table]:
     elif fmt == "txt":
         with _open(url, gz) as f:
             buf = []
-            for line in io.TextIOWrapper(f, encoding="utf-8"):
+            for _, line in _lines(f, url):
                 line = line.strip()
                 if line:
                     buf.append(line)
@@ -170,7 +253,21 @@ def _batches(url: str, fmt: str, gz: bool) -> Iterator[pa.Table]:
 
 
 def _from_rows(rows: list) -> pa.Table:
-    t = pa.Table.from_pylist(rows)
+    """A table of JSON rows whose columns are the keys of ALL rows (a key missing from the first row
+    is not lost), in order of first appearance; a column whose values do not share a type is text."""
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise InputError(f"row {bad + 1} of a json URL list is not an object (got {type(rows[bad]).__name__})")
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    cols = {}
+    for k in names:
+        vals = [r.get(k) for r in rows]
+        try:
+            cols[k] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            cols[k] = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in vals],
+                               pa.string())
+    t = pa.table(cols) if cols else pa.table({})
     for i, f in enumerate(t.schema):
         if pa.types.is_null(f.type):  # an all-null column in this batch: string keeps batches compatible
             t = t.set_column(i, pa.field(f.name, pa.string()), t.column(i).cast(pa.string()))
@@ -200,6 +297,10 @@ def read_url_list(
 def _normalise(raw: pa.Table, url: str, name: str, row0: int, fmt: str, url_col: str,
                caption_col: str | None, uid_col: str, extra_columns: Sequence[str] | None) -> pa.Table:
     cols = raw.column_names
+    reserved = [c for c in cols if c.startswith(RESERVED_PREFIX)]
+    if reserved:
+        raise InputError(f"{url}: column {reserved[0]!r} uses a name reserved for curate's own bookkeeping "
+                         f"(names starting with {RESERVED_PREFIX!r}); rename it in the input")
     src_url = "url" if fmt == "txt" else url_col
     if src_url not in cols:
         raise InputError(f"{url}: no url column {src_url!r}; columns are {cols}; "
@@ -285,6 +386,10 @@ def check_url_list(paths: str | Sequence[str], url_col: str, caption_col: str | 
         return {}, []
     rows = _first_rows(url, fmt, gz)
     cols = rows.column_names
+    reserved = [c for c in cols if c.startswith(RESERVED_PREFIX)]
+    if reserved:
+        raise InputError(f"{name}: column {reserved[0]!r} uses a name reserved for curate's own bookkeeping "
+                         f"(names starting with {RESERVED_PREFIX!r}); rename it in the input")
     updates: dict[str, str] = {}
     notes: list[str] = []
     if fmt in ("csv", "tsv") and _headerless(url, gz, fmt):
@@ -325,7 +430,7 @@ def check_url_list(paths: str | Sequence[str], url_col: str, caption_col: str | 
 def _headerless(url: str, gz: bool, fmt: str) -> bool:
     delim = "\t" if fmt == "tsv" else ","
     with _open(url, gz) as f:
-        first = f.readline().decode("utf-8-sig", "replace").rstrip("\r\n")
+        first = f.readline(MAX_LINE_BYTES).decode("utf-8-sig", "replace").rstrip("\r\n")
     return headerless_names([c.strip().strip('"') for c in first.split(delim)]) is not None
 
 

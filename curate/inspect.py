@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import schema, stages
-from curate.dataset import Dataset
+from curate.dataset import PLAN_DIR, RUN_FILE, Dataset
 
 _HIDDEN = (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING, schema.COLOR_SIG, schema.PHASH_CROPS)
 
@@ -73,7 +73,7 @@ def explain(ds: Dataset, uid: str) -> dict[str, Any]:
     folder, n, row = found
     out.update(found=True, where=f"{folder}/{ds.shard_name(n)}.parquet",
                kept=folder == "shards", row=row)
-    m = ds.manifest() or ds.read_json("_plan", "run.json") or {}
+    m = ds.manifest() or ds.read_json(PLAN_DIR, RUN_FILE) or {}
     stage_name = m.get("stage")
     if stage_name:
         try:

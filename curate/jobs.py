@@ -111,11 +111,23 @@ def run_step(client, step: Step, overwrite: bool = False, stream: TextIO | None 
     except ConfigError:
         if not overwrite:
             raise
+        from curate.runner import refuse_foreign_overwrite
+
+        refuse_foreign_overwrite(out_ds)
         state, replace = "replace", True
     if state == "complete":
         log.info("%s: output %s is complete with the same config and input; no job", stage, out_ds.url)
         return _summary(stage, out_ds, job_id=None, skipped=True)
 
+    from curate.redact import secret_in
+
+    if secret_in([inp, out_ds.url, data]):
+        # anyone who can list the cluster's jobs reads an entrypoint: a secret never goes into one
+        raise ConfigError(
+            f"{stage}: an input, output or setting of this step holds a credential (a URL password, "
+            "a signed query or a token); a cluster job would show it in its entrypoint. Give the "
+            "cluster its credentials through its environment (e.g. an IAM role or AWS_* variables) "
+            "and drop them from the URL")
     prefix = submission_prefix(stage, record, out_ds.url)
     jobs = _jobs_with_prefix(client, prefix)
     running = [j for j in jobs if str(j.status) in ACTIVE]

@@ -27,7 +27,6 @@ Hashes are Python ints in [0, 2**64) and are stored as ``uint64`` (``schema.PHAS
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from collections.abc import Sequence
@@ -270,11 +269,13 @@ def draft(img: Image.Image) -> None:
 
 
 def _decode_small(blob: bytes, max_pixels: int) -> Image.Image:
+    from curate.images import open_image
+
     with warnings.catch_warnings():
-        # Our own pixel cap below decides; Pillow's bomb warning would only be noise.
+        # Our own pixel cap decides; Pillow's bomb warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(blob))
-        draft(img)
+        img = open_image(blob, 1 << 62)  # allowlisted format; the cap is on what gets decoded:
+        draft(img)  # a JPEG decodes at 1/2..1/8 scale, so its drafted size is what counts
         w, h = img.size
         if w * h > max_pixels:
             raise ValueError(f"{w}x{h} exceeds {max_pixels} pixels")

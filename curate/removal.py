@@ -1,43 +1,43 @@
-"""Removal requests: make listed samples disappear from every dataset given, without touching others.
+"""Removal requests: make listed samples disappear from every dataset given, without breaking others.
 
 ``curate remove --uids FILE DATASET...`` (or ``--urls`` / ``--domains`` / ``--sha256``):
 
 1. The request is resolved to a set of uids by scanning every given dataset (kept and rejected
    rows), so a URL matched in one dataset removes that sample from all of them.
-2. Datasets are processed in lineage order (a dataset before those that read it). Per committed
-   shard that is affected, everything is written under temporary names first and renamed into place
-   together, the stats file (the commit marker) last:
-   - the shard's own tar (download, export) is rewritten without the removed samples' members by
-     copying every other member's header and data verbatim, so other samples keep their bytes; a
-     new DALI ``.idx`` goes with it;
-   - kept and rejected Parquet lose the removed rows (their embedding columns go with them), and
-     every pointer into a tar rewritten by this or an earlier interrupted call is recomputed from
-     that tar's members by key: downstream datasets given in the same call follow the new offsets;
-   - ``dup_of`` values naming a removed uid are cleared, in rejects and in Parquet tables under
-     ``_plan/`` (dedup decisions), whose rows for removed uids are dropped. Near-duplicates of a
-     removed sample stay rejected (only exact copies share its sha256: ask by ``--sha256`` to
-     remove those too);
-   - clip's clip-retrieval-style files (``embeddings/*/*.npy`` + ``embeddings/metadata``) lose the
-     removed rows; embedding columns go with their rows.
-3. ``sizes.json``, then the manifest: row counts, totals, and a removal record
-   ``{time, count, by, reason, ...}``. Downstream manifests given in the same call record their
-   input's new manifest fingerprint, so rerunning the pipeline still skips them.
+2. Per dataset (a dataset before those made from it), per affected shard, one
+   :meth:`Dataset.rewrite_shard`: the kept and rejected Parquet lose the removed rows, ``dup_of``
+   values naming a removed uid are cleared, and where the dataset owns the shard's tar the removed
+   samples' members are blanked in place: their headers and bytes are overwritten by one PAX global
+   header of the same length (a comment of zeros), which every tar reader skips. Offsets of every
+   other member stay where they were, so no pointer into the tar breaks, in datasets given here or
+   not; the DALI ``.idx`` loses the samples. The shard's stats are recounted from its new rows.
+3. Parquet decision tables under ``_plan/`` lose the removed rows; clip's clip-retrieval-style
+   files (``embeddings/*/*.npy`` + ``embeddings/metadata``) lose them too. Near-duplicates of a
+   removed sample stay rejected (only exact copies share its sha256: ask by ``--sha256`` to remove
+   those too).
+4. The removal record goes to ``_plan/removals.json``, then ``sizes.json`` and the manifest are
+   rebuilt from the shards' stats. Downstream manifests given in the same call record their input's
+   new manifest fingerprint, so rerunning the pipeline still skips them.
 
 Adopted (imported) tars are never written: there removal drops the rows and the record says which
 source tars still hold the bytes, as it does whenever the dataset owning a tar was not given.
 The removed uids themselves are never written anywhere (records hold counts only).
 
-Interrupted? Run the same command again: a journal under ``_plan/`` names the tars being
-rewritten, so pointers into them are recomputed even where the rows were already gone.
+Interrupted? Run the same command again: shard rewrites are finished or redone, a journal under
+``_plan/`` keeps the totals from before the first attempt, so the record counts every removed row
+once, and stats and totals are recounted from the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import getpass
+import io
 import logging
 import posixpath
+import tarfile
 import time
+import uuid
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,8 +48,8 @@ import pyarrow.parquet as pq
 
 from curate import schema
 from curate.config import fingerprint
-from curate.dataset import MANIFEST, PLAN_DIR, SHARDS, Dataset, tmp_name, write_parquet
-from curate.wds import TarScan, index_text, iter_tar, split_name
+from curate.dataset import MANIFEST, PLAN_DIR, REMOVALS_FILE, RUN_FILE, SHARDS, TMP_MARK, Dataset, new_attempt
+from curate.wds import BLOCK, FIXED_MTIME, TarScan, index_text, iter_tar, split_name
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +104,44 @@ def remove(datasets: list[str], request: Request) -> list[dict[str, Any]]:
     for ds in dss:
         if not ds.is_complete():
             raise RemovalError(f"{ds.url} is not a complete curate dataset (no {MANIFEST})")
+        ds.recover()  # shard rewrites an interrupted call left half done
     dss = _lineage_order(dss)
     doomed = resolve(dss, request)
     owned_roots = {ds.root: ds for ds in dss if ds.owns_images()}
-    rewritten: set[str] = set()  # tars rewritten by this call or a journaled earlier one
-    for ds in dss:
-        rewritten |= set((ds.read_json(PLAN_DIR, JOURNAL) or {}).get("tars", []))
+    # Journals of every dataset first and dropped last: a rerun after a kill anywhere replaces this
+    # call's records instead of adding empty ones for the datasets it had already finished.
+    earlier = [ds.read_json(PLAN_DIR, JOURNAL) or {} for ds in dss]
+    call = next((j["call"] for j in earlier if "call" in j), uuid.uuid4().hex)
+    journals = [_journal(ds, request, call) for ds in dss]
     new_fp: dict[str, str] = {}
     results = []
-    for ds in dss:
-        res = _remove_from(ds, doomed, request, rewritten, owned_roots, new_fp)
+    for ds, journal in zip(dss, journals, strict=True):
+        res = _remove_from(ds, doomed, owned_roots, journal)
+        _finish(ds, journal, res, new_fp)
         new_fp[ds.url] = fingerprint(ds.manifest())
         results.append(res)
     for ds in dss:
-        if ds.exists(PLAN_DIR, JOURNAL):
-            ds.fs.rm(ds.path(PLAN_DIR, JOURNAL))
+        ds.delete(ds.path(PLAN_DIR, JOURNAL))
+        ds.sweep_tmp()  # what an interrupted call left staged and never used
     return results
+
+
+def _journal(ds: Dataset, request: Request, call: str) -> dict[str, Any]:
+    """This call's entry under ``_plan/``: written before the first change, kept until every dataset
+    of the call is done, so a rerun after a kill counts from the totals the dataset had before.
+    ``finished``: a rerun found this dataset already done by the interrupted call."""
+    journal = ds.read_json(PLAN_DIR, JOURNAL)
+    if journal is None:
+        totals = ds.manifest()["totals"]
+        before = {k: totals[k] for k in ("rows_in", "kept", "dropped")}
+        before["removed"] = {ds.shard_name(n): ds.stats(n).get("removed", 0) for n in ds.shard_ids()}
+        before["plan_rows"] = _plan_rows(ds)
+        journal = {"id": uuid.uuid4().hex, "call": call, "time": _now(), "before": before, "elsewhere": [],
+                   "finished": any(r.get("call") == call for r in ds.removals())}
+    journal["request"] = {"kind": request.kind, "entries": request.size, "reason": request.reason,
+                          "by": request.by or _user()}
+    ds.write_json(journal, PLAN_DIR, JOURNAL)
+    return journal
 
 
 def resolve(dss: Iterable[Dataset], request: Request) -> set[str]:
@@ -175,9 +197,9 @@ def _lineage_order(dss: list[Dataset]) -> list[Dataset]:
     def visit(ds: Dataset, seen: tuple[str, ...] = ()) -> None:
         if ds in done or ds.url in seen:
             return
-        parent = by_url.get((ds.manifest().get("input") or {}).get("url", ""))
-        if parent is not None and parent is not ds:
-            visit(parent, (*seen, ds.url))
+        parent = ds.parent()
+        if parent is not None and by_url.get(parent.url, ds) is not ds:
+            visit(by_url[parent.url], (*seen, ds.url))
         done.append(ds)
 
     for ds in dss:
@@ -186,137 +208,67 @@ def _lineage_order(dss: list[Dataset]) -> list[Dataset]:
 
 
 # -- one dataset --------------------------------------------------------------------------------
-def _remove_from(ds: Dataset, doomed: set[str], request: Request, rewritten: set[str],
-                 owned_roots: dict[str, Dataset], new_fp: dict[str, str]) -> dict[str, Any]:
-    manifest = ds.manifest()
-    owns = ds.owns_images()
-    removed_kept = removed_rej = 0
-    drops_removed: dict[str, int] = {}
-    tars_done: list[str] = []
-    elsewhere: set[str] = set()
-    moved = 0
+def _remove_from(ds: Dataset, doomed: set[str], owned_roots: dict[str, Dataset],
+                 journal: dict[str, Any]) -> dict[str, Any]:
     doomed_arr = pa.array(sorted(doomed), pa.string())
-
-    # Which of this dataset's tars will be rewritten: journal them before the first rename.
-    if owns:
-        plan = []
-        for n in ds.shard_ids():
-            uids = ds.read_shard(n, [schema.UID]).column(schema.UID)
-            if pc.any(pc.is_in(uids, doomed_arr)).as_py():
-                plan.append(ds.tar_url(n))
-        if plan:
-            ds.write_json({"tars": plan, "created": _now()}, PLAN_DIR, JOURNAL)
-            rewritten |= set(plan)
-
-    members_cache: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
+    res: dict[str, Any] = {"dataset": ds.url, "removed_kept": 0, "removed_rejected": 0,
+                           "elsewhere": set(journal["elsewhere"])}
     for n in ds.shard_ids():
-        kept = ds.read_shard(n)
-        rej = ds.read_rejects(n) if ds.fs.exists(ds.shard_path(n, "rejects.parquet")) else None
-        k_hit = pc.is_in(kept.column(schema.UID), doomed_arr)
-        r_hit = pc.is_in(rej.column(schema.UID), doomed_arr) if rej is not None else None
-        n_k = pc.sum(k_hit).as_py() or 0
-        n_r = (pc.sum(r_hit).as_py() or 0) if r_hit is not None else 0
-        own_tar = ds.tar_url(n) if owns and ds.fs.exists(ds.shard_path(n, "tar")) else None
-        touches_rewritten = any(_points_into(t, rewritten) for t in (kept, rej) if t is not None)
-        dup_hit = any(_mentions_dup(t, doomed_arr) for t in (kept, rej) if t is not None)
-        if not (n_k or n_r or touches_rewritten or dup_hit):
-            continue
-        staged: list[tuple[str, str]] = []
-        stats = ds.stats(n)
-        gone_reasons: dict[str, int] = {}
-        gone = kept.slice(0, 0)
-        if n_k:
-            gone = kept.filter(k_hit)
-            elsewhere |= _foreign_tars(gone, own_tar, rewritten, owned_roots)
-            kept = kept.filter(pc.invert(k_hit))
-        if n_r:
-            gone_rej = rej.filter(r_hit)
-            elsewhere |= _foreign_tars(gone_rej, own_tar, rewritten, owned_roots)
-            gone_reasons = _reasons(gone_rej)
-            for reason, c in gone_reasons.items():
-                drops_removed[reason] = drops_removed.get(reason, 0) + c
-            rej = rej.filter(pc.invert(r_hit))
-        if own_tar is not None and own_tar in rewritten:
-            keep_keys = set(kept.column(schema.KEY).to_pylist()) if schema.KEY in kept.column_names else None
-            tar_tmp, idx_tmp, tar_bytes, changed = _rewrite_tar(ds, n, keep_keys)
-            if changed:
-                staged += [(tar_tmp, ds.shard_path(n, "tar")), (idx_tmp, ds.shard_path(n, "idx"))]
-                members_cache[own_tar] = _members_of_file(ds.fs, tar_tmp)
-                stats["tar_bytes"] = tar_bytes
-                tars_done.append(own_tar)
-        elif n_k and ds.fs.exists(ds.shard_path(n, "idx")):
-            # Adopted tars are not ours to write, but our index of their kept samples is (import).
-            idx_tmp = _drop_from_index(ds, n, gone)
-            if idx_tmp:
-                staged.append((idx_tmp, ds.shard_path(n, "idx")))
-        before = (kept, rej)
-        kept = _repoint(kept, rewritten, members_cache)
-        rej = _repoint(rej, rewritten, members_cache) if rej is not None else None
-        moved += sum(_moved(a, b) for a, b in zip(before, (kept, rej), strict=True) if a is not None)
-        kept, rej = _clear_dup_of(kept, doomed_arr), (_clear_dup_of(rej, doomed_arr) if rej is not None else None)
-        staged.append((_stage_parquet(ds, kept, ds.shard_path(n, "parquet")), ds.shard_path(n, "parquet")))
-        if rej is not None:
-            p = ds.shard_path(n, "rejects.parquet")
-            staged.append((_stage_parquet(ds, rej, p), p))
-        for tmp, final in staged:
-            ds.rename(tmp, final)
-        if n_k or n_r:
-            stats["rows_out"] = kept.num_rows
-            stats["rejected"] = rej.num_rows if rej is not None else 0
-            stats["rows_in"] = stats["rows_in"] - n_k - n_r
-            drops = dict(stats.get("drops", {}))
-            for reason, c in gone_reasons.items():
-                drops[reason] = drops.get(reason, 0) - c
-            drops = {k: v for k, v in drops.items() if v > 0}
-            stats["drops"] = drops
-            stats["removed"] = stats.get("removed", 0) + n_k + n_r
-        ds.write_json(stats, SHARDS, f"{ds.shard_name(n)}.stats.json")  # the commit marker, last
-        removed_kept += n_k
-        removed_rej += n_r
-
-    plan_rows = _clean_plan(ds, doomed_arr)
+        _remove_from_shard(ds, n, doomed_arr, owned_roots, res)
+        if len(res["elsewhere"]) > len(journal["elsewhere"]):
+            # known before the shard's rewrite lands, so a rerun after a kill still reports them
+            journal["elsewhere"] = sorted(res["elsewhere"])
+            ds.write_json(journal, PLAN_DIR, JOURNAL)
+    res["plan_rows_removed"] = _clean_plan(ds, doomed_arr)
     _clean_npy_embeddings(ds, doomed_arr)
-    leftovers = _plan_text_mentions(ds, doomed)
-    _rewrite_manifest(ds, manifest, request, removed_kept, removed_rej, drops_removed, tars_done,
-                      sorted(elsewhere), plan_rows, leftovers, new_fp)
-    note = None
-    if elsewhere:
-        note = (f"bytes of removed samples remain in {len(elsewhere)} tar(s) not rewritten here "
-                f"(adopted source tars or a dataset not given), e.g. {sorted(elsewhere)[0]}")
-    if leftovers:
-        note = (note + "; " if note else "") + f"uids still mentioned in {', '.join(leftovers)}"
-    return {"dataset": ds.url, "removed": removed_kept + removed_rej, "removed_kept": removed_kept,
-            "removed_rejected": removed_rej, "tar_rewritten": len(tars_done), "pointers_moved": moved,
-            "plan_rows_removed": plan_rows, "bytes_remain_in": sorted(elsewhere), "note": note}
+    res["leftovers"] = _plan_text_mentions(ds, doomed)
+    return res
 
 
-def _reasons(table: pa.Table) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in table.column(schema.DROP_REASON).to_pylist():
-        out[r] = out.get(r, 0) + 1
-    return out
+def _remove_from_shard(ds: Dataset, n: int, doomed: pa.Array, owned_roots: dict[str, Dataset],
+                       res: dict[str, Any]) -> None:
+    """Rewrite shard ``n`` without the doomed rows (and their tar members), if it holds any."""
+    kept = ds.read_shard(n)
+    rej = ds.read_rejects(n) if ds.fs.exists(ds.shard_path(n, "rejects.parquet")) else None
+    k_hit = pc.fill_null(pc.is_in(kept.column(schema.UID), doomed), False)
+    r_hit = pc.fill_null(pc.is_in(rej.column(schema.UID), doomed), False) if rej is not None else None
+    n_k = pc.sum(k_hit).as_py() or 0
+    n_r = (pc.sum(r_hit).as_py() or 0) if r_hit is not None else 0
+    if not (n_k or n_r or any(_mentions_dup(t, doomed) for t in (kept, rej) if t is not None)):
+        return
+    own_tar = ds.tar_url(n) if ds.owns_images() and ds.fs.exists(ds.shard_path(n, "tar")) else None
+    gone = [kept.filter(k_hit)] + ([rej.filter(r_hit)] if n_r else [])
+    for t in gone:
+        res["elsewhere"] |= _foreign_tars(t, own_tar, owned_roots)
+    kept = _clear_dup_of(kept.filter(pc.invert(k_hit)), doomed)
+    rej = _clear_dup_of(rej.filter(pc.invert(r_hit)), doomed) if rej is not None else kept.slice(0, 0)
+    attempt = new_attempt()
+    tar_tmp, idx_text = None, None
+    if own_tar is not None and n_k + n_r:
+        tar_tmp, idx_text = _blank_tar(ds, n, set(kept.column(schema.KEY).to_pylist())
+                                       if schema.KEY in kept.column_names else None, attempt)
+    elif n_k and ds.fs.exists(ds.shard_path(n, "idx")):
+        # Adopted tars are not ours to write, but our index of their kept samples is (import).
+        idx_text = _drop_from_index(ds, n, gone[0])
+    update = {"removed": ds.stats(n).get("removed", 0) + n_k + n_r} if n_k + n_r else {}
+    ds.rewrite_shard(n, schema.conform(kept), schema.conform(rej), update, tar_tmp=tar_tmp, idx_text=idx_text,
+                     attempt=attempt)
+    res["removed_kept"] += n_k
+    res["removed_rejected"] += n_r
 
 
-def _foreign_tars(table: pa.Table, own_tar: str | None, rewritten: set[str],
-                  owned_roots: dict[str, Dataset]) -> set[str]:
-    """Tars that hold bytes of these (removed) rows and that this call does not rewrite."""
+def _foreign_tars(table: pa.Table, own_tar: str | None, owned_roots: dict[str, Dataset]) -> set[str]:
+    """Tars that hold bytes of these (removed) rows and that this call does not blank."""
     if schema.IMAGE_TAR not in table.column_names:
         return set()
     out = set()
     for t in table.column(schema.IMAGE_TAR).to_pylist():
-        if t is None or t == own_tar or t in rewritten:
+        if t is None or t == own_tar:
             continue
         if any(t.startswith(ds.url.rstrip("/") + "/") for ds in owned_roots.values()):
             continue  # owned by a dataset given in this call: its own pass rewrites it
         out.add(t)
     return out
-
-
-def _points_into(table: pa.Table, tars: set[str]) -> bool:
-    if not tars or schema.IMAGE_TAR not in table.column_names or table.num_rows == 0:
-        return False
-    col = table.column(schema.IMAGE_TAR).cast(pa.string())
-    return bool(pc.any(pc.is_in(col, pa.array(sorted(tars)))).as_py())
 
 
 def _mentions_dup(table: pa.Table, doomed: pa.Array) -> bool:
@@ -334,23 +286,12 @@ def _clear_dup_of(table: pa.Table, doomed: pa.Array) -> pa.Table:
     return table.set_column(table.column_names.index(schema.DUP_OF), table.schema.field(schema.DUP_OF), cleared)
 
 
-def _moved(a: pa.Table, b: pa.Table) -> int:
-    if schema.IMAGE_OFFSET not in a.column_names or a.num_rows != b.num_rows:
-        return 0
-    return int(pc.sum(pc.not_equal(a.column(schema.IMAGE_OFFSET), b.column(schema.IMAGE_OFFSET))).as_py() or 0)
-
-
-def _stage_parquet(ds: Dataset, table: pa.Table, final: str) -> str:
-    tmp = tmp_name(final)
-    write_parquet(schema.conform(table), tmp, ds.fs)
-    return tmp
-
-
 # -- tars ---------------------------------------------------------------------------------------
-def _rewrite_tar(ds: Dataset, n: int, keep_keys: set[str] | None) -> tuple[str, str, int, bool]:
-    """Copy the shard's tar without the samples whose key is not kept; headers and data verbatim.
+def _blank_tar(ds: Dataset, n: int, keep_keys: set[str] | None, attempt: str) -> tuple[str | None, str | None]:
+    """Stage a copy of the shard's tar in which every sample whose key is not kept is blanked in
+    place (one PAX global header of the same length), and its new DALI index.
 
-    Returns (tmp tar, tmp idx, new size, whether anything was dropped)."""
+    Returns (staged tar, index text), or (None, None) when no member needed blanking."""
     if keep_keys is None:
         raise RemovalError(f"{ds.url}: shard {ds.shard_name(n)} has no {schema.KEY} column; cannot "
                            "tell which tar members belong to which row")
@@ -370,101 +311,63 @@ def _rewrite_tar(ds: Dataset, n: int, keep_keys: set[str] | None) -> tuple[str, 
             groups[-1][1].append(m)
         else:
             groups.append((key, [m]))
-    if all(key in keep_keys for key, _ in groups):
-        return "", "", size, False
-    tar_tmp, idx_tmp = tmp_name(path), tmp_name(ds.shard_path(n, "idx"))
-    samples = []
-    pos = 0
-    with ds.fs.open(path, "rb") as src, ds.fs.open(tar_tmp, "wb") as dst:
-        for key, ms in groups:
-            if key not in keep_keys:
-                continue
-            entry = []
-            for m in ms:
-                start = m.offset - 512  # ustar: one header block right before the data
-                length = 512 + m.size + (-m.size) % 512
-                src.seek(start)
-                remaining = length
-                while remaining:
-                    chunk = src.read(min(_COPY_CHUNK, remaining))
-                    if not chunk:
-                        raise RemovalError(f"{ds.tar_url(n)}: short read at {start}")
-                    dst.write(chunk)
-                    remaining -= len(chunk)
-                entry.append((split_name(m.name)[1], pos + 512, m.size, m.name))
-                pos += length
-            samples.append(entry)
-        dst.write(b"\0" * 1024)
-        pos += 1024
-    with ds.fs.open(idx_tmp, "wb") as f:
-        f.write(index_text(samples).encode())
-    return tar_tmp, idx_tmp, pos, True
+    blank = [(ms[0].offset - BLOCK, ms[-1].offset + ms[-1].size + (-ms[-1].size) % BLOCK)
+             for key, ms in groups if key not in keep_keys]
+    if not blank:
+        return None, None
+    kept = [[(split_name(m.name)[1], m.offset, m.size, m.name) for m in ms] for key, ms in groups if key in keep_keys]
+    # Tar readers expect a member after a PAX header: past the last kept member the tar just ends.
+    last = max((e[-1][1] + e[-1][2] + (-e[-1][2]) % BLOCK for e in kept), default=0)
+    blank = [(start, end) for start, end in blank if end <= last]
+
+    def fill(dst: Any) -> None:
+        with ds.fs.open(path, "rb") as src:
+            pos = 0
+            for start, end in [*blank, (last, last)]:
+                _copy(src, dst, pos, start - pos, ds.tar_url(n))
+                if end > start:
+                    dst.write(_blank_region(end - start))
+                pos = end
+        dst.write(b"\0" * (2 * BLOCK))
+
+    tar_tmp = ds.stage_file(path, fill, attempt)
+    return tar_tmp, index_text(kept)
+
+
+def _blank_region(length: int) -> bytes:
+    """``length`` bytes (a multiple of 512, at least 1024) of tar that every reader skips: a PAX
+    global header whose one record is a comment of zeros."""
+    size = length - BLOCK
+    record = f"{size} comment={'0' * (size - len(str(size)) - len(' comment=') - 1)}\n".encode()
+    info = tarfile.TarInfo("pax_global_header")
+    info.type, info.size, info.mtime, info.mode = tarfile.XGLTYPE, size, FIXED_MTIME, 0o644
+    info.uname = info.gname = ""
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + record
+
+
+def _copy(src: Any, dst: Any, start: int, length: int, where: str) -> None:
+    src.seek(start)
+    while length > 0:
+        chunk = src.read(min(_COPY_CHUNK, length))
+        if not chunk:
+            raise RemovalError(f"{where}: short read at {start}")
+        dst.write(chunk)
+        length -= len(chunk)
 
 
 def _drop_from_index(ds: Dataset, n: int, gone: pa.Table) -> str | None:
-    """Stage a copy of the shard's DALI index without the samples holding the removed rows' images."""
+    """The shard's DALI index without the samples holding the removed rows' images (None: unchanged)."""
     if schema.IMAGE_OFFSET not in gone.column_names:
         return None
     offsets = {o for o in gone.column(schema.IMAGE_OFFSET).to_pylist() if o is not None}
-    path = ds.shard_path(n, "idx")
-    with ds.fs.open(path, "rb") as f:
+    with ds.fs.open(ds.shard_path(n, "idx"), "rb") as f:
         lines = f.read().decode().splitlines()
     version = lines[0].split()[0]
     entries = [ln for ln in lines[1:] if ln.strip()]
     keep = [ln for ln in entries if not any(int(x) in offsets for x in ln.split()[1::4])]
     if len(keep) == len(entries):
         return None
-    tmp = tmp_name(path)
-    with ds.fs.open(tmp, "wb") as f:
-        f.write(("\n".join([f"{version} {len(keep)}", *keep]) + "\n").encode())
-    return tmp
-
-
-def _members_of_file(fs, path: str) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> ext -> (data offset, size) of a tar's members."""
-    out: dict[str, dict[str, tuple[int, int]]] = {}
-    with fs.open(path, "rb") as f:
-        for m in iter_tar(f, fs.size(path)):
-            key, ext = split_name(m.name)
-            out.setdefault(key, {})[ext] = (m.offset, m.size)
-    return out
-
-
-def _repoint(table: pa.Table, rewritten: set[str], cache: dict[str, dict[str, dict[str, tuple[int, int]]]]
-             ) -> pa.Table:
-    """Recompute ``image_offset`` of rows pointing into a rewritten tar from that tar's members."""
-    if not _points_into(table, rewritten):
-        return table
-    if schema.KEY not in table.column_names:
-        raise RemovalError("rows point into a rewritten tar but carry no key column to find their bytes")
-    tars = table.column(schema.IMAGE_TAR).to_pylist()
-    keys = table.column(schema.KEY).to_pylist()
-    offsets = table.column(schema.IMAGE_OFFSET).to_pylist()
-    lengths = table.column(schema.IMAGE_LENGTH).to_pylist()
-    fmts = (table.column(schema.IMAGE_FORMAT).to_pylist() if schema.IMAGE_FORMAT in table.column_names
-            else [None] * table.num_rows)
-    new = list(offsets)
-    for i, t in enumerate(tars):
-        if t not in rewritten:
-            continue
-        if t not in cache:
-            from curate.dataset import url_to_fs
-
-            fs, p = url_to_fs(t)
-            cache[t] = _members_of_file(fs, p)
-        found = cache[t].get(keys[i])
-        if not found:
-            raise RemovalError(f"row {keys[i]} points into {t}, which has no member with that key")
-        if fmts[i] and fmts[i] in found:
-            new[i] = found[fmts[i]][0]
-        else:
-            hits = [off for ext, (off, size) in found.items()
-                    if size == lengths[i] and ext not in ("txt", "json")]
-            if len(hits) != 1:
-                raise RemovalError(f"row {keys[i]}: cannot tell which member of {t} holds its image")
-            new[i] = hits[0]
-    idx = table.column_names.index(schema.IMAGE_OFFSET)
-    return table.set_column(idx, table.schema.field(idx), pa.array(new, table.schema.field(idx).type))
+    return "\n".join([f"{version} {len(keep)}", *keep]) + "\n"
 
 
 # -- _plan and manifest -------------------------------------------------------------------------
@@ -472,48 +375,48 @@ def _clean_plan(ds: Dataset, doomed: pa.Array) -> int:
     """Drop rows of removed uids from Parquet decision tables under _plan/; clear dup_of links."""
     dropped = 0
     try:
-        files = [p for p in ds.fs.find(ds.path(PLAN_DIR)) if p.endswith(".parquet")]
+        files = [p for p in ds.fs.find(ds.path(PLAN_DIR)) if p.endswith(".parquet") and TMP_MARK not in p]
     except FileNotFoundError:
         return 0
     for p in files:
         table = pq.read_table(p, filesystem=ds.fs)
         if schema.UID not in table.column_names and schema.DUP_OF not in table.column_names:
             continue
-        out = table
-        if schema.UID in table.column_names:
-            out = out.filter(pc.invert(pc.fill_null(pc.is_in(out.column(schema.UID), doomed), False)))
-        out = _clear_dup_of(out, doomed)
+        keep = (pc.invert(pc.fill_null(pc.is_in(table.column(schema.UID), doomed), False))
+                if schema.UID in table.column_names else pa.array([True] * table.num_rows))
+        out = _clear_dup_of(table.filter(keep), doomed)
         if out.num_rows == table.num_rows and out.equals(table):
             continue
         dropped += table.num_rows - out.num_rows
-        tmp = tmp_name(p)
+        # Plan parts may be read by row group (export): keep one row group per original one.
         md = pq.read_metadata(p, filesystem=ds.fs)
-        with ds.fs.open(tmp, "wb") as f:
-            # Plan parts may be read by row group (export): keep their row-group layout.
-            sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-            _write_like(out, table, sizes, doomed, f)
-        ds.rename(tmp, p)
+        sizes, start = [], 0
+        for g in range(md.num_row_groups):
+            rows = md.row_group(g).num_rows
+            sizes.append(pc.sum(keep.slice(start, rows)).as_py() or 0)
+            start += rows
+        ds.write_table(out, posixpath.relpath(p, ds.root), row_group_sizes=sizes or None)
     return dropped
 
 
-def _write_like(out: pa.Table, original: pa.Table, group_sizes: list[int], doomed: pa.Array, f) -> None:
-    """Write ``out`` keeping one row group per original row group (minus removed rows)."""
-    with pq.ParquetWriter(f, out.schema, compression="zstd", write_statistics=True) as w:
-        start = 0
-        for size in group_sizes or [original.num_rows]:
-            part = original.slice(start, size)
-            start += size
-            if schema.UID in part.column_names:
-                part = part.filter(pc.invert(pc.fill_null(pc.is_in(part.column(schema.UID), doomed), False)))
-            part = _clear_dup_of(part, doomed)
-            w.write_table(part.cast(out.schema), row_group_size=max(1, part.num_rows))
+def _plan_rows(ds: Dataset) -> int:
+    """Rows of the Parquet decision tables under _plan/ that carry uids (from their footers)."""
+    try:
+        files = [p for p in ds.fs.find(ds.path(PLAN_DIR)) if p.endswith(".parquet") and TMP_MARK not in p]
+    except FileNotFoundError:
+        return 0
+    rows = 0
+    for p in files:
+        md = pq.read_metadata(p, filesystem=ds.fs)
+        if schema.UID in md.schema.names:
+            rows += md.num_rows
+    return rows
 
 
 def _clean_npy_embeddings(ds: Dataset, doomed: pa.Array) -> int:
     """clip's clip-retrieval-style export (``embeddings/{img_emb,text_emb}/*.npy`` row-aligned with
-    ``embeddings/metadata/*.parquet``): drop the removed rows from all three, renamed together."""
-    import io
-
+    ``embeddings/metadata/*.parquet``): drop the removed rows from all three. The arrays go first and
+    the metadata last, so a rerun after a kill still finds the rows to drop by the metadata."""
     import numpy as np
 
     meta_dir = ds.path("embeddings", "metadata")
@@ -531,23 +434,20 @@ def _clean_npy_embeddings(ds: Dataset, doomed: pa.Array) -> int:
             continue
         keep = pc.invert(hit)
         name = posixpath.basename(meta)[len("metadata_"):-len(".parquet")]
-        staged = [(_stage_parquet(ds, table.filter(keep), meta), meta)]
         for folder in ("img_emb", "text_emb"):
-            path = ds.path("embeddings", folder, f"{folder}_{name}.npy")
-            if not ds.fs.exists(path):
+            parts = ("embeddings", folder, f"{folder}_{name}.npy")
+            if not ds.exists(*parts):
                 continue
-            with ds.fs.open(path, "rb") as f:
+            with ds.fs.open(ds.path(*parts), "rb") as f:
                 arr = np.load(io.BytesIO(f.read()))
+            if len(arr) == table.num_rows - int(pc.sum(hit).as_py()):
+                continue  # already done by an interrupted call
             if len(arr) != table.num_rows:
-                raise RemovalError(f"{path} has {len(arr)} rows but its metadata has {table.num_rows}")
+                raise RemovalError(f"{ds.path(*parts)} has {len(arr)} rows but its metadata has {table.num_rows}")
             buf = io.BytesIO()
             np.save(buf, arr[keep.to_numpy(zero_copy_only=False)])
-            tmp = tmp_name(path)
-            with ds.fs.open(tmp, "wb") as f:
-                f.write(buf.getvalue())
-            staged.append((tmp, path))
-        for tmp, final in staged:
-            ds.rename(tmp, final)
+            ds.write_bytes(buf.getvalue(), *parts)
+        ds.write_table(table.filter(keep), posixpath.relpath(meta, ds.root))
         removed += int(pc.sum(hit).as_py())
     return removed
 
@@ -570,31 +470,9 @@ def _plan_text_mentions(ds: Dataset, doomed: set[str]) -> list[str]:
     return found
 
 
-def _rewrite_manifest(ds: Dataset, manifest: dict[str, Any], request: Request, removed_kept: int,
-                      removed_rej: int, drops_removed: dict[str, int], tars: list[str],
-                      elsewhere: list[str], plan_rows: int, leftovers: list[str],
-                      new_fp: dict[str, str]) -> None:
-    m = dict(manifest)
-    shards = []
-    sizes = {}
-    totals = dict(m["totals"])
-    for entry in m["shards"]:
-        n = int(entry["shard"])
-        s = ds.stats(n)
-        entry = {**entry, "rows": s["rows_out"], "rejected": s["rejected"],
-                 "parquet_bytes": ds.fs.size(ds.shard_path(n, "parquet")), "tar_bytes": s.get("tar_bytes", 0)}
-        shards.append(entry)
-        if m.get("owns_images"):
-            sizes[f"{entry['shard']}.tar"] = s["rows_out"]
-    totals["rows_in"] = totals["rows_in"] - removed_kept - removed_rej
-    totals["kept"] = totals["kept"] - removed_kept
-    totals["dropped"] = totals["dropped"] - removed_rej
-    drops = dict(totals.get("drops", {}))
-    for reason, c in drops_removed.items():
-        drops[reason] = drops.get(reason, 0) - c
-    totals["drops"] = {k: v for k, v in sorted(drops.items()) if v > 0}
-    totals["tar_bytes"] = sum(e["tar_bytes"] for e in shards)
-    m["shards"], m["totals"] = shards, totals
+def _finish(ds: Dataset, journal: dict[str, Any], res: dict[str, Any], new_fp: dict[str, str]) -> None:
+    """Record the removal, rebuild sizes.json and the manifest from the shards' stats, drop the journal."""
+    m = {k: v for k, v in ds.manifest().items() if k not in ("shards", "totals", "splits", "altered")}
     # The input was amended in the same call: record its new fingerprint, so a pipeline rerun
     # still recognises this output as made from that input.
     inp = m.get("input") or {}
@@ -602,22 +480,40 @@ def _rewrite_manifest(ds: Dataset, manifest: dict[str, Any], request: Request, r
         inp = {**inp, "manifest": new_fp[inp["url"]]}
         m["input"] = inp
         m["run"] = {**m.get("run", {}), "input": inp}
-        if ds.read_json(PLAN_DIR, "run.json") is not None:
-            ds.write_json(m["run"], PLAN_DIR, "run.json")
-    record = {"time": _now(), "count": removed_kept + removed_rej, "kept_rows": removed_kept,
-              "rejected_rows": removed_rej, "by": request.by or _user(), "reason": request.reason,
-              "request": {"kind": request.kind, "entries": request.size}, "tars_rewritten": tars,
-              "plan_rows_removed": plan_rows}
+        if ds.read_json(PLAN_DIR, RUN_FILE) is not None:
+            ds.write_json(m["run"], PLAN_DIR, RUN_FILE)
+    manifest = ds.build_manifest(m)
+    before, after = journal["before"], manifest["totals"]
+    # tars this call blanked: of the shards whose removed count grew since the call began
+    tars = [ds.tar_url(n) for n in ds.shard_ids() if m.get("owns_images") and ds.exists(SHARDS, f"{ds.shard_name(n)}.tar")
+            and ds.stats(n).get("removed", 0) > before["removed"].get(ds.shard_name(n), 0)]
+    record = {"id": journal["id"], "call": journal["call"], "time": journal["time"], "count": before["rows_in"] - after["rows_in"],
+              "kept_rows": before["kept"] - after["kept"], "rejected_rows": before["dropped"] - after["dropped"],
+              "by": journal["request"]["by"], "reason": journal["request"]["reason"],
+              "request": {k: journal["request"][k] for k in ("kind", "entries")},
+              "tars_rewritten": sorted(tars), "plan_rows_removed": before["plan_rows"] - _plan_rows(ds)}
+    elsewhere = sorted(res["elsewhere"])
     if elsewhere:
         record["bytes_remain_in"] = elsewhere
         record["note"] = "these tars were not rewritten (adopted source tars or datasets not given)"
-    if leftovers:
-        record["uids_still_in"] = leftovers
-    m["removals"] = [*m.get("removals", []), record]
-    if m.get("owns_images"):
-        ds.write_json(sizes, SHARDS, "sizes.json")
-    ds.write_json(m, MANIFEST)
-    ds.refresh()
+    if res["leftovers"]:
+        record["uids_still_in"] = res["leftovers"]
+    records = [r for r in ds.removals() if r.get("id") != journal["id"]]
+    if not (journal.get("finished") and not record["count"] and not record["plan_rows_removed"]):
+        records.append(record)
+    ds.write_json(records, PLAN_DIR, REMOVALS_FILE)
+    ds.write_manifest({**manifest, "removals": records})
+    note = None
+    if elsewhere:
+        note = (f"bytes of removed samples remain in {len(elsewhere)} tar(s) not rewritten here "
+                f"(adopted source tars or a dataset not given), e.g. {elsewhere[0]}")
+    if res["leftovers"]:
+        note = (note + "; " if note else "") + f"uids still mentioned in {', '.join(res['leftovers'])}"
+    res.update({"removed": res["removed_kept"] + res["removed_rejected"], "tar_rewritten": len(tars),
+                "plan_rows_removed": record["plan_rows_removed"],
+                "bytes_remain_in": elsewhere, "note": note})
+    for k in ("elsewhere", "leftovers"):
+        res.pop(k)
 
 
 def _now() -> str:

@@ -44,6 +44,7 @@ EXAMPLES = 12
 REJECT_EXAMPLES = 6
 DUP_CLUSTERS = 4
 THUMB = 112
+THUMB_MAX_PIXELS = 40_000_000  # a report never decodes more than this for one thumbnail
 KEPT_COLOR = "#1f4e8c"
 # Reasons get these in order of first appearance along the lineage: distinct hues, none close to the
 # kept colour (no blues), readable on white.
@@ -80,44 +81,46 @@ class Report:
 
 # -- lineage and funnel -------------------------------------------------------------------------
 def lineage(ds: Dataset) -> list[Dataset]:
-    """The datasets that led to ``ds``, oldest first, as far back as they exist and are complete."""
-    chain = [ds]
-    seen = {ds.url}
-    while True:
-        url = (chain[-1].manifest().get("input") or {}).get("url")
-        if not url or url in seen:
-            break
-        try:
-            parent = Dataset(url)
-            if not parent.is_complete():
-                break
-        except (OSError, ValueError):
-            break
-        chain.append(parent)
-        seen.add(parent.url)
-    return chain[::-1]
+    """The datasets that led to ``ds``, oldest first, as far back as they exist and are complete,
+    followed on storage only and found beside ``ds`` when it was copied (:mod:`curate.lineage`)."""
+    from curate.lineage import lineage as walk
+
+    return walk(ds).datasets[::-1]
+
+
+def _num(value: Any) -> float:
+    """A manifest's number as a number: a manifest is a file anyone can edit, and what it holds in
+    place of a number (text, markup) must never reach the page."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _int(value: Any) -> int:
+    return int(_num(value))
 
 
 def funnel(chain: list[Dataset]) -> list[dict[str, Any]]:
     rows = []
     for ds in chain:
         m = ds.manifest()
-        t = m["totals"]
-        seconds = float(m.get("seconds") or 0.0)
-        shard_seconds = float(t.get("shard_seconds") or 0.0)
+        t = m.get("totals") if isinstance(m.get("totals"), dict) else {}
+        seconds = float(_num(m.get("seconds")))
+        shard_seconds = float(_num(t.get("shard_seconds")))
+        rows_in = _int(t.get("rows_in"))
+        drops = t.get("drops") if isinstance(t.get("drops"), dict) else {}
+        removals = m.get("removals") if isinstance(m.get("removals"), list) else []
         rows.append({
-            "stage": m["stage"],
+            "stage": str(m.get("stage")),
             "dataset": ds.url,
-            "shards": len(m["shards"]),
-            "rows_in": t["rows_in"],
-            "kept": t["kept"],
-            "dropped": t["dropped"],
-            "drops": dict(t["drops"]),
+            "shards": len(m["shards"]) if isinstance(m.get("shards"), list) else 0,
+            "rows_in": rows_in,
+            "kept": _int(t.get("kept")),
+            "dropped": _int(t.get("dropped")),
+            "drops": {str(k): _int(v) for k, v in drops.items()},
             "seconds": seconds,
-            "rows_per_second": t["rows_in"] / seconds if seconds > 0 else None,
-            "rows_per_shard_second": t["rows_in"] / shard_seconds if shard_seconds > 0 else None,
-            "removals": sum(r.get("count", 0) for r in m.get("removals", [])),
-            "created": m.get("created"),
+            "rows_per_second": rows_in / seconds if seconds > 0 else None,
+            "rows_per_shard_second": rows_in / shard_seconds if shard_seconds > 0 else None,
+            "removals": sum(_int(r.get("count")) for r in removals if isinstance(r, dict)),
+            "created": str(m.get("created")),
         })
     return rows
 
@@ -247,10 +250,16 @@ def histograms(chain: list[Dataset], max_rows: int = MAX_ROWS, bins: int = 30) -
 def _thumb(data: bytes | None) -> str | None:
     if not data:
         return None
-    from PIL import Image
+    from curate.images import ImageRejected, open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        # the same allowlist as every stage, and a cap far below a stage's: a thumbnail never needs
+        # a big decode, and a rejected bomb is exactly what a report shows
+        im = open_image(data, THUMB_MAX_PIXELS)
+    except ImageRejected:
+        return None
+    try:
+        with im:
             im.draft("RGB", (THUMB * 2, THUMB * 2))
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))
@@ -261,8 +270,8 @@ def _thumb(data: bytes | None) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _items(table: pa.Table, note_col: str | None = None) -> list[dict[str, Any]]:
-    blobs = read_images(table)
+def _items(table: pa.Table, ds: Dataset, note_col: str | None = None) -> list[dict[str, Any]]:
+    blobs = read_images(table, ds)
     cols = table.column_names
     out = []
     for i, row in enumerate(table.select([c for c in cols if c not in (
@@ -304,14 +313,14 @@ def grids(chain: list[Dataset]) -> list[dict[str, Any]]:
     kept = _first_rows(final, False, EXAMPLES)
     if kept is not None:
         out.append({"title": f"kept by {final.manifest()['stage']} (first {kept.num_rows})",
-                    "dataset": final.url, "reason": None, "items": _items(kept)})
+                    "dataset": final.url, "reason": None, "items": _items(kept, final)})
     for ds in chain:
         for reason in ds.manifest()["totals"]["drops"]:
             rows = _first_rows(ds, True, REJECT_EXAMPLES, reason)
             if rows is None:
                 continue
             out.append({"title": f"rejected: {reason}", "dataset": ds.url, "reason": reason,
-                        "items": _items(rows, schema.ERROR_MESSAGE)})
+                        "items": _items(rows, ds, schema.ERROR_MESSAGE)})
     return out
 
 
@@ -350,7 +359,7 @@ def dup_clusters(chain: list[Dataset], limit: int = DUP_CLUSTERS) -> list[dict[s
             why = dict(members)
             uids = [rep, *(m for m, _ in members[:5])]
             rows = [found[u] for u in uids if u in found]
-            items = _items(pa.concat_tables(rows, promote_options="permissive")) if rows else []
+            items = _items(pa.concat_tables(rows, promote_options="permissive"), ds) if rows else []
             for item in items:
                 item["note"] = _member_note(item["uid"] == rep, why.get(item["uid"]), detail.get(item["uid"]))
             kinds = Counter(w for _, w in members)
@@ -635,7 +644,7 @@ def _clusters_html(report: Report) -> str:
     parts = ["<h2>Duplicate clusters</h2>"]
     for c in report.clusters:
         why = ", ".join(f"{e(k)} x{v}" for k, v in c["reasons"].items())
-        parts.append(f"<div class='muted'>{e(c['stage'])}: cluster of {c['size']} ({why}); "
+        parts.append(f"<div class='muted'>{e(c['stage'])}: cluster of {e(str(c['size']))} ({why}); "
                      f"kept {e(c['representative'])}</div>")
         parts.append(_grid_html(c["items"]))
     return "\n".join(parts)
@@ -695,7 +704,7 @@ def safety_html(sections: list[dict[str, Any]] | None) -> str:
     e = html.escape
     parts = ["<h2>Content safety</h2>"]
     for sec in sections:
-        drops = ", ".join(f"<span class='drop'>{e(k)}</span> {v}" for k, v in sec["drops"].items()) or "none"
+        drops = ", ".join(f"<span class='drop'>{e(str(k))}</span> {e(str(v))}" for k, v in sec["drops"].items()) or "none"
         parts.append(f"<div class='muted'>{e(sec['dataset'])}: dropped {drops}</div>")
         if sec["heads"]:
             parts.append("<table><tr><th>head</th><th>column</th><th>kept</th><th>kept mean</th><th>kept max</th>"
@@ -703,8 +712,8 @@ def safety_html(sections: list[dict[str, Any]] | None) -> str:
             for name, h in sec["heads"].items():
                 def f(x):
                     return "-" if x is None else f"{x:.3f}"
-                parts.append(f"<tr><td>{e(name)}</td><td>{e(h['column'])}</td><td>{h['kept_n']}</td>"
-                             f"<td>{f(h['kept_mean'])}</td><td>{f(h['kept_max'])}</td><td>{h['rejected_n']}</td>"
+                parts.append(f"<tr><td>{e(name)}</td><td>{e(h['column'])}</td><td>{e(str(h['kept_n']))}</td>"
+                             f"<td>{f(h['kept_mean'])}</td><td>{f(h['kept_max'])}</td><td>{e(str(h['rejected_n']))}</td>"
                              f"<td>{f(h['rejected_mean'])}</td></tr>")
             parts.append("</table>")
     return "\n".join(parts)
@@ -720,8 +729,8 @@ def decontamination_html(sections: list[dict[str, Any]] | None) -> str:
         parts.append("<table><tr><th>reference set</th><th>images</th><th>undecodable</th><th>hits</th>"
                      "<th>path</th></tr>")
         for r in sec["references"]:
-            parts.append(f"<tr><td>{e(r['reference'])}</td><td>{r['images']}</td><td>{r['undecodable']}</td>"
-                         f"<td>{r['hits']}</td><td>{e(r['path'])}</td></tr>")
+            parts.append(f"<tr><td>{e(str(r['reference']))}</td><td>{e(str(r['images']))}</td>"
+                         f"<td>{e(str(r['undecodable']))}</td><td>{e(str(r['hits']))}</td><td>{e(str(r['path']))}</td></tr>")
         parts.append("</table>")
     return "\n".join(parts)
 

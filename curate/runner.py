@@ -9,9 +9,10 @@ the driver only plans, tracks progress and writes the manifest once every shard 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
-import shutil
+import posixpath
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import curate
 from curate import schema, stages
 from curate.config import ConfigError, fingerprint, resolved, stage_and_config
-from curate.dataset import PLAN_DIR, Dataset, DatasetError, digits_for, new_attempt
+from curate.dataset import MANIFEST, PLAN_DIR, PLAN_FILE, RUN_FILE, TMP_MARK, Dataset, digits_for, new_attempt
 from curate.stage import PlanContext, Resources, RunOptions, ShardContext, Stage, StageConfig
 from curate.wds import TarWriter
 
@@ -97,10 +98,11 @@ def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
     shard is returned as it is, an uncommitted one is redone from scratch."""
     out = Dataset(env.output)
     out.shard_digits = env.shard_digits
-    if out.fs.exists(out.shard_path(n, "stats.json")):
+    out.recover_shard(n)  # a commit a killed attempt left half done is finished, not redone
+    if out.is_committed(n):
         return out.stats(n)
     # No clean-up here: a zombie attempt of a killed run may still be writing this shard. Its temp
-    # files are its own, final files are only ever replaced by rename with identical content, and
+    # files are its own, only the attempt that claims the shard renames its files into place, and
     # leftovers of dead attempts are swept once the whole run is committed.
     attempt = new_attempt()
     inp = Dataset(env.input_path) if (stage.reads_dataset and env.input_path) else None
@@ -149,7 +151,7 @@ def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         **ctx.stats,
     }
-    out.commit_shard(
+    committed = out.commit_shard(
         n,
         kept,
         rejects,
@@ -158,8 +160,9 @@ def execute_shard(stage: Stage, n: int, env: ShardEnv) -> dict[str, Any]:
         tar_written=stage.writes_images,
         idx_text=ctx.tar.index_text() if ctx.tar is not None else None,
     )
-    _record_metrics(env.stage, stats)
-    return stats
+    if committed is stats:  # not when another attempt had committed the shard first
+        _record_metrics(env.stage, stats)
+    return committed
 
 
 def split_rejects(result: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -521,14 +524,20 @@ def prepare(
         if not fs.exists(path):
             raise ConfigError(f"{stage}: input {input} does not exist")
         cfg = _check_raw_input(stage, stage_cls, cfg, input)
+        # by its files too: a URL list or tar folder changed in place is another input, never "complete"
         input_id = {"url": input if "://" in input else os.path.abspath(input)}
+        if stage_cls.fingerprints_input:
+            input_id["files"] = input_fingerprint(fs, path)
     # files the config names and models against the input: refused here, before anything is written
     stage_cls(cfg).check(Dataset(input) if stage_cls.reads_dataset else None)
-    record = {
+    from curate.redact import redact
+
+    # what is recorded (run.json, the manifest) never holds a URL's password or a signed query
+    record = redact({
         "stage": stage,
         "config": resolved(cfg),
         "input": input_id,
-    }
+    })
     if check:
         check_output(Dataset(output), record)
     return stage_cls, cfg, record
@@ -551,9 +560,9 @@ def _check_raw_input(stage: str, stage_cls: type[Stage], cfg: StageConfig, input
 def check_output(out: Dataset, record: dict[str, Any]) -> str:
     """'fresh', 'resume' or 'complete'; raises ConfigError if the output belongs to another run."""
     manifest = out.manifest()
-    existing = manifest.get("run") if manifest else out.read_json(PLAN_DIR, "run.json")
+    existing = manifest.get("run") if manifest else out.read_json(PLAN_DIR, RUN_FILE)
     if existing is None:
-        if out.fs.exists(out.root) and out.fs.ls(out.root, detail=False):
+        if out.fs.exists(out.root) and not _only_start_debris(out):
             raise ConfigError(f"output {out.url} exists and is not a curate dataset; choose another --output")
         return "fresh"
     if existing != record:
@@ -567,6 +576,37 @@ def check_output(out: Dataset, record: dict[str, Any]) -> str:
             f"output {out.url} holds {what} {existing.get('stage')} run with a different {diff} "
             f"({record_diff(existing, record)}); use --overwrite to replace it or choose another --output")
     return "complete" if manifest else "resume"
+
+
+def _only_start_debris(out: Dataset) -> bool:
+    """Whether the folder holds nothing but what a run killed while recording itself leaves: an
+    empty plan folder, or one holding only the temporary file of its run record."""
+    entries = [posixpath.basename(p.rstrip("/")) for p in out.fs.ls(out.root, detail=False)]
+    if not entries:
+        return True
+    if entries != [PLAN_DIR]:
+        return False
+    inside = [posixpath.basename(p) for p in out.fs.ls(out.path(PLAN_DIR), detail=False)]
+    return all(name.startswith(RUN_FILE + TMP_MARK) for name in inside)
+
+
+def input_fingerprint(fs: Any, path: str) -> str:
+    """A digest of a raw input's files: name and size of each, and its content for small files (a URL
+    list rewritten with the same rows is the same input) or its mtime / ETag for large ones."""
+    infos = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    h = hashlib.sha256()
+    for name in sorted(infos):
+        info = infos[name]
+        size = int(info.get("size") or 0)
+        h.update(f"{posixpath.relpath(name, path)}\0{size}\0".encode())
+        if size <= SMALL_INPUT_BYTES:
+            h.update(hashlib.sha256(fs.cat_file(name)).digest())
+        else:
+            h.update(str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "").encode())
+    return h.hexdigest()[:32]
+
+
+SMALL_INPUT_BYTES = 16 << 20
 
 
 def record_diff(old: Any, new: Any, prefix: str = "", limit: int = 3) -> str:
@@ -617,6 +657,9 @@ def run_stage(
 def _run_stage(stage, input, output, config, sets, options, config_file, progress, began) -> dict[str, Any]:
     out = Dataset(output)
     stage_cls, cfg, record = prepare(stage, input, output, config, sets, config_file, check=False)
+    if options.retry_failed and not stage_cls.retries_failed:
+        raise ConfigError(f"{stage}: --retry-failed applies to download only (only it records failures "
+                          "worth fetching again)")
     try:
         state = check_output(out, record)
     except ConfigError:
@@ -624,12 +667,12 @@ def _run_stage(stage, input, output, config, sets, options, config_file, progres
         # this very run is still skipped (complete) or resumed (unfinished).
         if not options.overwrite:
             raise
-        _remove_tree(out)
-        out.refresh()
+        refuse_foreign_overwrite(out)
+        out.delete_all()
         state = check_output(out, record)
     if state == "stale":
         log.info("%s: removing %s, left by a run that failed before committing any shard", stage, out.url)
-        _remove_tree(out)
+        out.delete_all()
         out.refresh()
         state = check_output(out, record)
     if state == "complete" and not options.retry_failed:
@@ -640,16 +683,23 @@ def _run_stage(stage, input, output, config, sets, options, config_file, progres
     tracker.starting()
     ensure_ray()
     started = time.time()
-    out.fs.makedirs(out.path(PLAN_DIR), exist_ok=True)
-    out.write_json(record, PLAN_DIR, "run.json")
+    out.write_json(record, PLAN_DIR, RUN_FILE)
     began.append(True)
     if out.exists(PLAN_DIR, FAILED_MARK):
-        out.fs.rm(out.path(PLAN_DIR, FAILED_MARK))
+        out.delete(out.path(PLAN_DIR, FAILED_MARK))
+    if options.retry_failed:
+        # The dataset stops being complete before any row moves, and is planned again from the
+        # stage's own plan state: a killed retry is finished by the plain command, never "complete".
+        out.keep_removals()
+        out.delete(out.path(MANIFEST))
+        out.delete(out.path(PLAN_DIR, PLAN_FILE))
+        out.refresh()
+    out.recover()
     driver_stage = stage_cls(cfg)
     inp = Dataset(input) if stage_cls.reads_dataset else None
 
-    plan = out.read_json(PLAN_DIR, "plan.json")
-    if plan is None or options.retry_failed:
+    plan = out.read_json(PLAN_DIR, PLAN_FILE)
+    if plan is None:
         tracker.planning()
         pctx = PlanContext(
             input_path=input, input=inp, output=out, plan_dir=out.path(PLAN_DIR), options=options,
@@ -664,7 +714,7 @@ def _run_stage(stage, input, output, config, sets, options, config_file, progres
             ids = sorted(int(i) for i in ids)
             digits = digits_for(max(ids) + 1 if ids else 1, 5)
         plan = {"shards": ids, "shard_digits": digits, "plan_seconds": plan_seconds}
-        out.write_json(plan, PLAN_DIR, "plan.json")
+        out.write_json(plan, PLAN_DIR, PLAN_FILE)
     out.shard_digits = plan["shard_digits"]
 
     env = ShardEnv(stage, input, out.url, plan["shard_digits"], options)
@@ -760,80 +810,28 @@ def _planned_rows(stage_cls: type[Stage], inp: Dataset | None, out: Dataset, opt
 
 def write_manifest(out: Dataset, stage_cls: type[Stage], record: dict[str, Any], plan: dict[str, Any],
                    seconds: float) -> dict[str, Any]:
-    shards = []
-    totals: dict[str, Any] = {"rows_in": 0, "kept": 0, "dropped": 0, "drops": Counter(), "tar_bytes": 0,
-                              "shard_seconds": 0.0}
-    missing = [n for n in plan["shards"] if not out.fs.exists(out.shard_path(n, "stats.json"))]
-    if missing:
-        raise DatasetError(f"{out.url}: shards {missing[:5]} are not committed; cannot write the manifest")
-    sizes = {}
-    altered: dict[str, Any] = {}
-    for n in sorted(set(plan["shards"]) | set(out.shard_ids())):
-        s = out.stats(n)
-        if s.get("altered"):  # a stage that changed bytes it copied (export's face blurring) says which rows
-            altered[out.shard_name(n)] = s["altered"]
-        parquet_bytes = out.fs.size(out.shard_path(n, "parquet"))
-        entry = {"shard": out.shard_name(n), "rows": s["rows_out"], "rejected": s["rejected"],
-                 "parquet_bytes": parquet_bytes, "tar_bytes": s.get("tar_bytes", 0)}
-        if "split" in s:  # export's held-out split: readers find train and val shards here
-            entry["split"] = s["split"]
-        shards.append(entry)
-        totals["rows_in"] += s["rows_in"]
-        totals["kept"] += s["rows_out"]
-        totals["dropped"] += s["rejected"]
-        totals["drops"].update(s["drops"])
-        totals["tar_bytes"] += s.get("tar_bytes", 0)
-        totals["shard_seconds"] += s.get("seconds", 0.0)
-        if stage_cls.writes_images:
-            sizes[f"{out.shard_name(n)}.tar"] = s["rows_out"]
-    totals["drops"] = dict(sorted(totals["drops"].items()))
-    splits: dict[str, dict[str, Any]] = {}
-    for e in shards:
-        if "split" in e:
-            sp = splits.setdefault(e["split"], {"shards": [], "rows": 0})
-            sp["shards"].append(e["shard"])
-            sp["rows"] += e["rows"]
-    if stage_cls.writes_images:
-        out.write_json(sizes, "shards", "sizes.json")
-    manifest = {
+    """The stage's manifest, counted from the committed shards (Dataset.build_manifest)."""
+    base = {
         "schema_version": schema.SCHEMA_VERSION,
         "stage": record["stage"],
         "config": record["config"],
         "input": record["input"],
+        # where it was written: a copy read elsewhere rebases its pointers from here (curate.lineage)
+        "location": out.url,
         "run": record,
         "code_version": curate.__version__,
         "owns_images": stage_cls.writes_images,
         "shard_digits": plan["shard_digits"],
-        "shards": shards,
-        "totals": totals,
         "seconds": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "removals": (out.manifest() or {}).get("removals", []),
-        **({"splits": splits} if splits else {}),
-        **({"altered": _altered(altered)} if altered else {}),
+        "removals": out.removals(),
     }
-    out.write_json(manifest, "_manifest.json")
-    out.refresh()
-    return manifest
+    return out.write_manifest(out.build_manifest(base, plan["shards"]))
 
 
-# Beyond this many altered rows the manifest lists counts per shard; the uids stay in each shard's
-# stats.json and in the stage's marker column, so the manifest stays small at any scale.
-MANIFEST_ALTERED_UIDS = 100_000
-
-
-def _altered(by_shard: dict[str, Any]) -> dict[str, Any]:
-    rows = sum(a["rows"] for a in by_shard.values())
-    first = next(iter(by_shard.values()))
-    out = {"why": first.get("why"), "column": first.get("column"), "rows": rows,
-           "shards": {k: a["rows"] for k, a in by_shard.items()}}
-    if rows <= MANIFEST_ALTERED_UIDS:
-        out["uids"] = sorted(u for a in by_shard.values() for u in a.get("uids", []))
-    return out
-
-
-def _remove_tree(out: Dataset) -> None:
-    if out.fs.protocol in ("file", "local") or "file" in out.fs.protocol:
-        shutil.rmtree(out.root, ignore_errors=True)
-    else:
-        out.fs.rm(out.root, recursive=True)
+def refuse_foreign_overwrite(out: Dataset) -> None:
+    """--overwrite deletes only a curate dataset (one with a manifest or a run record): a folder
+    curate did not write is refused with one line, nothing deleted."""
+    if out.manifest() is None and out.read_json(PLAN_DIR, RUN_FILE) is None:
+        raise ConfigError(f"--overwrite: {out.url} is not a curate dataset (no _manifest.json or _plan/run.json), "
+                          "and curate deletes only what it wrote; choose another --output or empty it yourself")

@@ -1,4 +1,4 @@
-"""Column names and Arrow types of a curate row (DESIGN §3).
+"""Column names and Arrow types of a curate row (ARCHITECTURE §3).
 
 Every other module refers to columns through the constants here, never through string literals,
 so a rename happens in one place.

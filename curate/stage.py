@@ -1,4 +1,4 @@
-"""The stage protocol (DESIGN §4): one small class per stage, no Ray inside.
+"""The stage protocol (ARCHITECTURE §4): one small class per stage, no Ray inside.
 
 A stage is constructed cheaply from its typed, frozen config, ``setup()`` once per worker (model
 load, index load), then ``process(table, ctx)`` once per shard. ``process`` returns the rows it
@@ -118,6 +118,11 @@ class Stage:
     writes_images: ClassVar[bool] = False
     # False for stages whose --input is not a curate dataset (download: URL lists; import: tars).
     reads_dataset: ClassVar[bool] = True
+    # Whether the raw input's files are fingerprinted into the run record (download's URL lists,
+    # import's tars): an input changed in place is then another input, never "complete".
+    fingerprints_input: ClassVar[bool] = False
+    # Whether ``--retry-failed`` means something: the stage records failures worth trying again.
+    retries_failed: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig):
         self.config = config

@@ -63,8 +63,16 @@ class ColorJitter(Frozen):
     hue: float = Field(0.1, ge=0, le=0.5)
 
 
+class MixEntry(Frozen):
+    path: str  # an export (local path or fsspec URL)
+    weight: float = Field(1.0, gt=0)  # relative share of the training stream
+
+
 class DataConfig(Frozen):
     loader: Literal["dali", "torch"] = "dali"
+    # Several datasets at fixed weights, sampled with replacement (trainer/mix.py); what
+    # `--data A:0.7 --data B:0.3` records. Empty: the one --data dataset.
+    mix: list[MixEntry] = Field(default_factory=list)
     image_size: int | None = None  # None: the model's image size
     scale: tuple[float, float] = (0.9, 1.0)  # random resized crop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -120,6 +128,21 @@ class TrainConfig(Frozen):
     tensorboard: bool = False
 
 
+class ZeroShotConfig(Frozen):
+    """One zero-shot classification set (see trainer/eval.py for the layouts it reads)."""
+
+    path: str  # ImageFolder tree, folder of webdataset tars, or a curate dataset with a label column
+    name: str | None = None  # metrics key (default: the folder's name)
+    classnames: str | None = None  # file, one name per line in class-index order; or "imagenet"
+    templates: str | None = None  # file, one prompt per line with {}; or "openai" / "simple"
+    label: str = "cls"  # tar member / .json field / dataset column holding the class
+
+
+class EvalConfig(Frozen):
+    zeroshot: list[ZeroShotConfig] = Field(default_factory=list)  # evaluated with the retrieval eval
+    batch_size: int = Field(64, ge=1)  # images per model call, per rank
+
+
 class Recipe(Frozen):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -128,6 +151,7 @@ class Recipe(Frozen):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     def micro_batch(self, world_size: int) -> int:
         """Per-rank micro-batch; the global batch must split evenly."""

@@ -183,7 +183,9 @@ class Tokenizer:
         else:
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=cfg.name)
+            # a folder from `python -m trainer.tokenizer` stands for the spm.model inside it
+            path = os.path.join(cfg.name, "spm.model") if os.path.isdir(cfg.name) else cfg.name
+            self._sp = spm.SentencePieceProcessor(model_file=path)
             self.vocab_size = self._sp.get_piece_size()
             self.eos_id = self._sp.eos_id()
             if self.eos_id < 0:
@@ -351,26 +353,23 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- eval
 
 
-@torch.no_grad()
-def evaluate(model, tokenizer: Tokenizer, batches, device, autocast) -> dict[str, float]:
-    """Image->text and text->image retrieval recall@1/5/10 over the held-out pairs (caption i <-> image i)."""
-    model.eval()
-    images, texts = [], []
-    for batch in batches:
-        with autocast():
-            out = model(batch.images.to(device), tokenizer(batch.captions).to(device))
-        images.append(out["image_features"].float())
-        texts.append(out["text_features"].float())
-    model.train()
-    img, txt = torch.cat(images), torch.cat(texts)
-    sims = img @ txt.T
-    truth = torch.arange(len(img), device=sims.device)
-    metrics: dict[str, float] = {"n": float(len(img))}
-    for name, s in (("image_to_text", sims), ("text_to_image", sims.T)):
-        # rank of the true pair = how many candidates score higher than it
-        rank = (s > s[truth, truth][:, None]).sum(dim=1)
-        for k in (1, 5, 10):
-            metrics[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+def evaluate(model, tokenizer: Tokenizer, recipe: Recipe, val_shards, zeroshot_sets, image_size: int, device,
+             autocast) -> dict[str, float]:
+    """Held-out retrieval (recall@1/5/10, mean/median rank) and each zero-shot set's top-1/top-5; every
+    rank encodes its own part of each set (trainer/eval.py)."""
+    from trainer import eval as evalmod
+    from trainer.config import NORMALIZE
+
+    transform = evalmod.eval_transform(image_size, *NORMALIZE[recipe.data.normalize], recipe.data.interpolation)
+    batch = recipe.eval.batch_size
+    metrics: dict[str, float] = {}
+    if val_shards is not None:
+        batches_of, n = evalmod.retrieval_batches(val_shards, transform, batch, recipe.data.val_max)
+        metrics.update(evalmod.retrieval(model, tokenizer, batches_of, n, device, autocast=autocast, batch=batch))
+    for s in zeroshot_sets:
+        res = evalmod.zeroshot(model, tokenizer, s, transform, device, autocast=autocast, batch=batch,
+                               workers=recipe.data.workers)
+        metrics.update({f"zeroshot/{s.name}/{k}": v for k, v in res.items()})
     return metrics
 
 
@@ -456,7 +455,15 @@ def _resume_key(recipe: Recipe) -> dict:
     for k in ("stop_at", "log_every", "eval_every", "ckpt_every", "tensorboard", "device", "save_timeout_min"):
         d["train"].pop(k)
     d["data"].pop("workers")
+    d.pop("eval")
     return d
+
+
+def load_zeroshot_sets(recipe: Recipe) -> list:
+    from trainer.eval import load_classification
+
+    return [load_classification(z.path, classnames=z.classnames, templates=z.templates, label=z.label, name=z.name)
+            for z in recipe.eval.zeroshot]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -538,12 +545,12 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
+    zeroshot_sets = load_zeroshot_sets(recipe)
+
     def run_eval() -> dict | None:
-        if val_shards is None:
+        if val_shards is None and not zeroshot_sets:
             return None
-        batches = datamod.eval_batches(val_shards, recipe.data, image_size=image_size, batch_size=max(micro, 64),
-                                       limit=recipe.data.val_max)
-        return evaluate(model, tokenizer, batches, dist.device, autocast)
+        return evaluate(model, tokenizer, recipe, val_shards, zeroshot_sets, image_size, dist.device, autocast)
 
     metrics_file = (out / "metrics.jsonl").open("a") if dist.main else None
     tb = None
@@ -661,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         datamod.find_shards(args.data)
         if args.val_data:
             datamod.find_val(args.data, args.val_data)
+        load_zeroshot_sets(recipe)
     except (OSError, ValueError) as e:
         log.error("bad data: %s", e)
         return 2

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -186,9 +185,10 @@ class PilDecoder:
     """Bytes -> uint8 HWC arrays of the model's input size, on a thread pool (see module docstring)."""
 
     def __init__(self, preprocess: Preprocess, threads: int = 2, draft: float | None = 2.0,
-                 reference: Callable | None = None):
+                 reference: Callable | None = None, max_pixels: int | None = None):
         from PIL import Image
 
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.pre = preprocess
         self.draft = draft
         self.threads = max(1, threads)
@@ -211,12 +211,12 @@ class PilDecoder:
 
     def decode(self, data: bytes | None) -> np.ndarray | None:
         """One image, or None when the bytes do not decode (any reason: truncated, not an image, bomb)."""
-        from PIL import Image
+        from curate.images import open_image
 
         if not data:
             return None
         try:
-            img = Image.open(io.BytesIO(data))
+            img = open_image(data, self.max_pixels)  # allowlisted format, pixels checked from the header
             orientation = exif_orientation(img)
             if not self._fast:
                 return self._reference(_upright(img, orientation)).numpy()
@@ -342,16 +342,17 @@ def _header(data: bytes | None) -> _Header:
 
     if not data:
         return _Header(None, 0)
+    from curate.images import ImageRejected, open_image
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            # the pixel cap is the caller's (max_pixels); here only the allowlist refuses
+            with open_image(data, 1 << 62) as img:
                 w, h = img.size
                 return _Header(img.format, w * h)
-        except Image.DecompressionBombError:
-            return _Header("bomb", 1 << 62)
-        except Exception:  # noqa: BLE001 - not an image
-            return _Header(None, 0)
+        except ImageRejected as e:
+            return _Header("bomb", 1 << 62) if e.why == "too_many_pixels" else _Header(None, 0)
 
 
 class DaliDecoder:

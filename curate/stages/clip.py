@@ -153,14 +153,14 @@ class ClipStage(Stage):
             self.concept_emb = self.clip.encode_texts(list(cfg.concepts))
 
     # -- scoring ------------------------------------------------------------------------------------
-    def score(self, table: pa.Table, ctx: ShardContext | None = None) -> pa.Table:
-        """New columns for ``table``'s rows: clip_score (null if undecodable), embeddings, clip_concept."""
+    def score(self, table: pa.Table, ds: Dataset, ctx: ShardContext | None = None) -> pa.Table:
+        """New columns for ``table``'s rows (rows of ``ds``): clip_score (null if undecodable), embeddings, clip_concept."""
         from curate.models.clip import embed_images
 
         self.load_model()
         cfg = self.config
         t0 = time.perf_counter()
-        images = read_images(table)
+        images = read_images(table, ds)
         t1 = time.perf_counter()
         img, ok = embed_images(self.clip, images, self.decoder, cfg.batch_size)
         t2 = time.perf_counter()
@@ -222,7 +222,7 @@ class ClipStage(Stage):
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         cfg = self.config
         if cfg.top_fraction is None:
-            scored = self.score(table, ctx)
+            scored = self.score(table, ctx.input, ctx)
             threshold = None
         else:
             threshold = ctx.output.read_json(PLAN_DIR, PLAN_SUBDIR, "threshold.json")
@@ -264,12 +264,11 @@ class ClipStage(Stage):
             return False
         if (cfg.embeddings or cfg.export_npy) and not {schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING} <= set(names):
             return False
-        manifest, hops = inp.manifest(), 0
-        while manifest is not None and manifest.get("stage") != NAME and hops < 64:
-            up = manifest.get("input")
-            up = up.get("url") if isinstance(up, dict) else up
-            manifest, hops = (Dataset(up).manifest() if up else None), hops + 1
-        if manifest is None or manifest.get("stage") != NAME:
+        from curate.lineage import lineage
+
+        manifest = next((d.manifest() for d in lineage(inp).datasets if (d.manifest() or {}).get("stage") == NAME),
+                        None)
+        if manifest is None:
             return False
         made = manifest.get("config") or {}
         return (made.get("model"), made.get("pretrained")) == (cfg.model, cfg.pretrained)
@@ -371,7 +370,7 @@ def _score_shard(item: tuple[str, str, str, int]) -> tuple[int, str | None]:
         return n, None
     table = inp.read_shard(n)
     stage = _worker_stage(cfg_json)
-    scored = stage.score(table)
+    scored = stage.score(table, inp)
     scored = scored.add_column(0, schema.UID, table.column(schema.UID))
     buf = io.BytesIO()
     pq.write_table(scored, buf, compression="zstd")

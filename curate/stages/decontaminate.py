@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 
 from curate import schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, read_images, url_to_fs, write_parquet
+from curate.dataset import PLAN_DIR, Dataset, read_images, url_to_fs
 from curate.stage import Frozen, PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _iter_blobs(ref: Reference, batch: int = 256):
         for _, t in ds.iter_shards():
             hashes = t.column(schema.PHASH).to_pylist() if schema.PHASH in t.column_names else None
             emb = t.column(schema.IMAGE_EMBEDDING) if schema.IMAGE_EMBEDDING in t.column_names else None
-            blobs = read_images(t) if hashes is None or any(h is None for h in hashes) else [None] * t.num_rows
+            blobs = read_images(t, ds) if hashes is None or any(h is None for h in hashes) else [None] * t.num_rows
             yield t.column(schema.UID).to_pylist(), blobs, hashes, emb
         return
     if kind in ("tar", "tars"):
@@ -237,8 +237,7 @@ class DecontaminateStage(Stage):
             raise ConfigError("decontaminate: no reference image decodes and none has an embedding; "
                               "nothing to check against")
         out = ctx.output
-        out.fs.makedirs(out.path(PLAN_DIR, PLAN_SUBDIR), exist_ok=True)
-        write_parquet(table, out.path(PLAN_DIR, PLAN_SUBDIR, REFERENCE_FILE), out.fs)
+        out.write_table(table, PLAN_DIR, PLAN_SUBDIR, REFERENCE_FILE)
         summary = {"sets": summary, "radius": self.config.radius, "clip_threshold": self.config.clip_threshold,
                    "seconds": time.perf_counter() - t}
         out.write_json(summary, PLAN_DIR, PLAN_SUBDIR, SUMMARY_FILE)
@@ -280,7 +279,7 @@ class DecontaminateStage(Stage):
         todo = [i for i, h in enumerate(hashes) if h is None]
         if todo:
             t = time.perf_counter()
-            for i, h in zip(todo, phash_bytes(read_images(table.take(todo))), strict=True):
+            for i, h in zip(todo, phash_bytes(read_images(table.take(todo), ctx.input)), strict=True):
                 hashes[i] = h
             ctx.add_time("phash", time.perf_counter() - t)
         have = np.array([h is not None for h in hashes], dtype=bool)

@@ -1,4 +1,4 @@
-"""dedup: global duplicate removal across all shards (exact, perceptual, caption), DESIGN §4.
+"""dedup: global duplicate removal across all shards (exact, perceptual, caption), ARCHITECTURE §4.
 
 Plan (once, over the whole input):
 1. scan, one task per input shard: read only uid, sha256, phash, caption and the keep-score columns
@@ -46,7 +46,7 @@ from pydantic import Field, field_validator, model_validator
 
 from curate import neardup, phash, schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, read_images, sha256_hex, tmp_name, write_parquet
+from curate.dataset import PLAN_DIR, Dataset, read_images, sha256_hex
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,10 @@ def _plan_path(ds: Dataset, *parts: str) -> str:
 
 
 def _write_atomic(ds: Dataset, table: pa.Table, path: str) -> None:
-    ds.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = tmp_name(path)
-    write_parquet(table, tmp, ds.fs)
-    ds.rename(tmp, path)
+    ds.write_table(table, posixpath.relpath(path, ds.root))
 
 
+# Over 80 lines: one read of the shard computes every key (sha256, pHash, caption), so no image is decoded twice.
 def _scan_shard(job: _ScanJob) -> dict[str, int]:
     """Phase 1 on one input shard: the keys file (skipped when a previous attempt wrote it)."""
     cfg = DedupConfig(**job.config)
@@ -231,8 +229,8 @@ def _scan_shard(job: _ScanJob) -> dict[str, int]:
     ]
     if missing:
         # only the rows without a hash (or colour signature) are read back from their tars
-        ptr = inp.read_shard(job.shard, columns=list(schema.POINTER_COLUMNS)).take(missing)
-        blobs = read_images(ptr)
+        ptr = inp.read_shard(job.shard, columns=[*schema.POINTER_COLUMNS, schema.SHA256]).take(missing)
+        blobs = read_images(ptr, inp)
         new = phash.signatures_bytes(blobs, max_pixels=cfg.max_pixels)
         for i, blob, sig in zip(missing, blobs, new, strict=True):
             if sig is not None and (hashes[i] is None or colors[i] is None or crops[i] is None):
@@ -575,11 +573,7 @@ def _save_npz(out: Dataset, path: str, arrays: dict[str, np.ndarray]) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    out.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = tmp_name(path)
-    with out.fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    out.rename(tmp, path)
+    out.write_bytes(buf.getvalue(), posixpath.relpath(path, out.root))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -813,6 +807,8 @@ class DedupStage(Stage):
         self._decide(ctx, cfg, shards, offsets, edges, undecodable)
         return shards
 
+    # Over 80 lines: the duplicate kinds are settled in one pass over the clusters in the keep rule's order;
+    # splitting it needs the cluster state moved into its own class.
     def _decide(
         self,
         ctx: PlanContext,

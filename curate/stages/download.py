@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate import schema
-from curate.dataset import PLAN_DIR, SHARDS, Dataset, make_key, tmp_name, write_parquet
+from curate.dataset import PLAN_DIR, Dataset, make_key
 from curate.fetch import FetchConfig, retryable_message
 from curate.images import ImageConfig
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
@@ -84,6 +84,8 @@ class DownloadStage(Stage):
     Config = DownloadConfig
     writes_images = True
     reads_dataset = False
+    fingerprints_input = True
+    retries_failed = True
 
     def __init__(self, config: DownloadConfig):
         super().__init__(config)
@@ -162,10 +164,7 @@ class DownloadStage(Stage):
         return state
 
     def _write_plan_shard(self, out: Dataset, n: int, table: pa.Table) -> None:
-        path = _plan_file(out.path(PLAN_DIR), n)
-        tmp = tmp_name(path)
-        write_parquet(table, tmp, out.fs)
-        out.rename(tmp, path)
+        out.write_table(table, PLAN_DIR, PLAN_SUBDIR, f"{n:08d}.parquet")
 
     def _plan_retry(self, ctx: PlanContext, state: dict[str, Any]) -> dict[str, Any]:
         """Copy transient failures of committed shards into new input shards.
@@ -227,34 +226,20 @@ class DownloadStage(Stage):
         return state
 
     def _take_over(self, out: Dataset, source: int, uids: list[str]) -> None:
-        """Remove ``uids`` (now re-fetched by another shard) from shard ``source``'s rejects."""
+        """Remove ``uids`` (now re-fetched by another shard) from shard ``source``'s rejects and
+        recount its stats, in one crash-safe rewrite of that shard (Dataset.rewrite_shard)."""
+        out.recover_shard(source)
         rej = out.read_rejects(source)
         gone = pc.is_in(rej.column(schema.UID), value_set=pa.array(uids, pa.string()))
         if not pc.any(gone).as_py():
             return  # already done by an earlier attempt of this shard
         keep = rej.filter(pc.invert(gone))
-        # A private temp name: a zombie attempt of this shard may be doing the same rewrite (same
-        # content), and two writers must never share one temp file.
-        path = out.shard_path(source, "rejects.parquet")
-        tmp = tmp_name(path)
-        write_parquet(keep, tmp, out.fs)
-        out.rename(tmp, path)
-        self._restat(out, source, rej.num_rows - keep.num_rows)
-
-    def _restat(self, out: Dataset, n: int, moved: int) -> None:
-        """Recount a shard's stats from its files after rows left it for a retry shard."""
-        stats = out.stats(n)
-        kept = out.read_shard(n, columns=[schema.STATUS])
-        rej = out.read_rejects(n, columns=[schema.STATUS, schema.ERROR_MESSAGE, schema.DROP_REASON])
-        statuses = kept.column(schema.STATUS).to_pylist() + rej.column(schema.STATUS).to_pylist()
-        errors = [None] * kept.num_rows + rej.column(schema.ERROR_MESSAGE).to_pylist()
-        stats.update(shard_stats(statuses, errors))
-        stats["rows_in"] = kept.num_rows + rej.num_rows
-        stats["rows_out"] = kept.num_rows
-        stats["rejected"] = rej.num_rows
-        stats["drops"] = dict(sorted(Counter(rej.column(schema.DROP_REASON).to_pylist()).items()))
-        stats["retried_out"] = stats.get("retried_out", 0) + moved
-        out.write_json(stats, SHARDS, f"{out.shard_name(n)}.stats.json")
+        kept = out.read_shard(source)
+        statuses = kept.column(schema.STATUS).to_pylist() + keep.column(schema.STATUS).to_pylist()
+        errors = [None] * kept.num_rows + keep.column(schema.ERROR_MESSAGE).to_pylist()
+        moved = rej.num_rows - keep.num_rows
+        update = {**shard_stats(statuses, errors), "retried_out": out.stats(source).get("retried_out", 0) + moved}
+        out.rewrite_shard(source, kept, keep, update)
 
     # -- one shard -------------------------------------------------------------------------------
     def load(self, shard: int, ctx: ShardContext) -> pa.Table:
@@ -301,6 +286,8 @@ class DownloadStage(Stage):
                 self._take_over(ctx.output, source, [u for u, s in zip(uids, retry_of, strict=True) if s == source])
         return out
 
+    # Over 80 lines: the shard's event loop; fetches, decodes in threads and in-order tar writes share one
+    # reorder buffer, and splitting it needs that state moved into its own class.
     async def _download(self, table: pa.Table, dup: list[bool], ctx: ShardContext):
         from curate.fetch import Fetcher
         from curate.images import process_image

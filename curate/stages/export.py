@@ -1,4 +1,4 @@
-"""export: reshard the kept samples of any curated dataset into training shards (DESIGN §2, §4).
+"""export: reshard the kept samples of any curated dataset into training shards (ARCHITECTURE §2, §4).
 
 The input is any curated dataset: its rows point (image_tar / image_offset / image_length) at the
 bytes in whichever dataset owns them. Export copies those bytes, never re-encoded, into new tars
@@ -39,8 +39,9 @@ from pydantic import Field, model_validator
 
 from curate import schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, digits_for, make_key, read_images, sha256_hex, tmp_name
+from curate.dataset import PLAN_DIR, Dataset, digits_for, make_key, read_images, sha256_hex
 from curate.faces import FaceConfig
+from curate.images import sniff
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ _CAPTION_SALT = b"curate-export-caption"
 _SAMPLE_OVERHEAD = 3 * (512 + 256) + 768
 _FEISTEL_ROUNDS = 6
 _READ_BATCH_BYTES = 64 * 1024 * 1024
-_EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
+_EXPORTED = ("jpg", "png", "webp")  # member extensions export writes (what DALI and the peers decode)
 # Columns the per-sample json leaves out: pointers describe this tar itself, the rest are internal.
 _JSON_SKIP = {*schema.POINTER_COLUMNS, schema.DROP_REASON, _OUT_SHARD, _OUT_INDEX}
 
@@ -84,7 +85,8 @@ class ExportConfig(StageConfig):
     # size (never above half the rows); it is the number of smallest hashes each plan task returns.
     val_fraction: float = Field(0.0, ge=0.0, le=0.5)
     val_min_count: int = Field(0, ge=0, le=1_000_000)
-    # Check each image's bytes against the row's sha256 where the input has one.
+    # Accepted for old configs and ignored: every image's bytes are checked against the row's sha256
+    # when read (curate.lineage), and a row without one is not exported.
     verify_sha256: bool = True
     # Member name of the image: its real format (KEY.jpg / .png / .webp), or KEY.jpg for every image
     # whatever its bytes (img2dataset's skip_reencode habit). Decoders sniff the content either way;
@@ -228,13 +230,8 @@ def _place(item: tuple[_Layout, int, int, int]) -> int:
     shards = table.column(_OUT_SHARD).to_numpy()
     starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]]) if len(shards) else np.array([], dtype=int)
     bounds = [*starts.tolist(), len(shards)]
-    tmp = tmp_name(path)  # private to this attempt: a retried task never writes into another's file
-    with out.fs.open(tmp, "wb") as f:
-        # One row group per output shard: load() reads only the groups it needs.
-        with pq.ParquetWriter(f, table.schema, compression="zstd") as w:
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                w.write_table(table.slice(a, b - a))
-    out.rename(tmp, path)
+    # One row group per output shard: load() reads only the groups it needs.
+    out.write_table(table, posixpath.relpath(path, out.root), row_group_sizes=np.diff(bounds).tolist())
     return table.num_rows
 
 
@@ -359,6 +356,7 @@ class ExportStage(Stage):
                                f"planned {rec['rows_per_shard'][shard]}")
         return table
 
+    # Over 80 lines: one pass per sample builds its tar members and its row together, in the same order.
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         cfg: ExportConfig = self.config
         rec = self._plan_record(ctx.output)
@@ -369,7 +367,6 @@ class ExportStage(Stage):
         captions = table.column(schema.CAPTION).to_pylist() if schema.CAPTION in cols else [None] * n
         recaps = table.column(schema.RECAPTION).to_pylist() if schema.RECAPTION in cols else [None] * n
         formats = table.column(schema.IMAGE_FORMAT).to_pylist() if schema.IMAGE_FORMAT in cols else [None] * n
-        hashes = table.column(schema.SHA256).to_pylist() if (cfg.verify_sha256 and schema.SHA256 in cols) else [None] * n
         indexes = table.column(_OUT_INDEX).to_pylist()
         if cfg.caption == "original":
             want_recap = np.zeros(n, dtype=bool)
@@ -401,24 +398,24 @@ class ExportStage(Stage):
             from curate.faces import FaceBlurrer
 
             self._faces = FaceBlurrer(cfg.faces)
-        read_seconds, face_seconds, images, first = 0.0, 0.0, [], 0
+        read_seconds, face_seconds, images, first, why = 0.0, 0.0, [], 0, []
         t = time.perf_counter()
         for i in range(n):
             if i == first + len(images):
                 # Bytes are read a batch at a time, so a worker holds READ_BATCH_BYTES, not a shard.
                 r = time.perf_counter()
                 first, stop = i, _batch_end(planned_lengths, i, _READ_BATCH_BYTES)
-                images = read_images(table.slice(first, stop - first))
+                images = read_images(table.slice(first, stop - first), ctx.input, why)
                 read_seconds += time.perf_counter() - r
             data = images[i - first]
             if data is None:
-                reasons[i] = schema.reason(NAME, "unreadable")
+                # read_images checked the pointer (inside the lineage, on a tar member) and the sha256
+                corrupt = (why[i - first] or "").startswith("sha256")
+                reasons[i] = schema.reason(NAME, "corrupt" if corrupt else "unreadable")
                 continue
-            if hashes[i] is not None and sha256_hex(data) != hashes[i]:
-                reasons[i] = schema.reason(NAME, "corrupt")
-                continue
-            ext = _EXTENSIONS.get((formats[i] or "").lower()) or _sniff(data)
-            if ext is None:
+            # the format is the bytes', never the row's say-so (image_format is only a column)
+            ext = sniff(data)
+            if ext not in _EXPORTED:
                 reasons[i] = schema.reason(NAME, "unsupported_format")
                 continue
             formats[i] = ext
@@ -595,13 +592,3 @@ def _json_value(v: Any) -> Any:
 def _json_bytes(row: dict[str, Any]) -> bytes:
     clean = {k: _json_value(v) for k, v in row.items()}
     return json.dumps(clean, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode()
-
-
-def _sniff(data: bytes) -> str | None:
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None

@@ -1,4 +1,4 @@
-"""filter: cheap per-row rules on size, format, caption, language and blocklists (DESIGN §4).
+"""filter: cheap per-row rules on size, format, caption, language and blocklists (ARCHITECTURE §4).
 
 Rules run in a fixed order and a row is rejected by the first one it fails, as ``filter:<rule>``:
 format, min_side, max_side, aspect_ratio, min_pixels, max_pixels, caption_min_words,
@@ -70,9 +70,6 @@ class Blocklist(Frozen):
             except re.error as e:
                 raise ValueError(f"bad regex {r!r}: {e}") from None
         return v
-
-    def empty(self) -> bool:
-        return not any(getattr(self, f) for f in type(self).model_fields)
 
 
 def _read_lines(url: str) -> list[str]:

@@ -18,7 +18,14 @@ Rejects (``drop_reason``): ``import:missing_caption``, ``import:missing_image`` 
 member, or an img2dataset row that failed to download), ``import:undecodable``,
 ``import:too_many_pixels`` (declared size over ``max_pixels``: not decoded), ``import:duplicate_key``
 (a key seen again in the same tar with members it already has), ``import:duplicate_uid`` (an input
-uid seen before: in the same tar, or in an earlier tar's img2dataset parquet).
+uid seen before: in the same tar, or in an earlier tar's img2dataset parquet), ``import:bad_member``
+(a member over its size cap, a ``.json`` that does not parse as an object within the caps, or a
+field of the wrong type where curate needs one: caption, url, uid). A bad sample costs its row, never
+the shard: the tar, its members and its img2dataset parquet are all untrusted input.
+
+JSON fields become columns up to ``max_json_columns`` distinct names (in order of first appearance);
+the fields beyond go, per row, into one JSON-text column ``json_extra``, so nothing is dropped and a
+tar of thousands of distinct keys cannot make thousands of columns.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from pydantic import Field, field_validator
 from curate import phash, schema
 from curate.config import ConfigError
 from curate.dataset import PLAN_DIR, Dataset, to_url, uid_for, url_to_fs
-from curate.images import ImageRejected, open_header
+from curate.images import SAFE_FORMATS, ImageFormat, ImageRejected, error_text, open_image
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 from curate.wds import IDX_VERSION, TarScan, iter_tar
 
@@ -50,6 +57,8 @@ STAGE = "import"
 PLAN_FILE = "import.json"
 EARLIER_UIDS_FILE = "import_earlier_uids.json"  # shard -> input uids an earlier tar already has
 MAX_EXAMPLES = 10  # names of odd keys kept in a shard's stats
+JSON_EXTRA = "json_extra"  # the per-row JSON text of the json fields beyond max_json_columns
+BAD_MEMBER = "bad_member"
 
 # Private columns between load and process; never written.
 _TXT_OFF, _TXT_LEN = "__txt_offset", "__txt_length"
@@ -57,7 +66,8 @@ _JSON_OFF, _JSON_LEN = "__json_offset", "__json_length"
 _MEMBERS = "__members"
 _REASON = "__reason"
 _OCC = "__occurrence"
-_PRIVATE = (_TXT_OFF, _TXT_LEN, _JSON_OFF, _JSON_LEN, _MEMBERS, _REASON, _OCC)
+_WHY = "__why"  # the message of a load-time reject (an input field of the wrong type)
+_PRIVATE = (_TXT_OFF, _TXT_LEN, _JSON_OFF, _JSON_LEN, _MEMBERS, _REASON, _OCC, _WHY)
 
 # Input fields the stage sets itself from the bytes; an input's own values of these are not kept
 # (width/height) or kept under another name (sha256 -> original_sha256).
@@ -116,6 +126,15 @@ class ImportConfig(StageConfig):
     compute_phash: bool = True
     # Declared width x height above this is rejected from the header, never decoded (pixel bombs).
     max_pixels: int = Field(100_000_000, ge=1)
+    # Image formats parsed at all (a subset of the safe list); any other is import:undecodable unread.
+    image_formats: tuple[ImageFormat, ...] = Field(SAFE_FORMATS, min_length=1)
+    # Size caps per member, checked from the tar header before a byte is read: a bigger member is
+    # import:bad_member. Captions and json are small text; an image is bounded by max_pixels anyway.
+    max_image_bytes: int = Field(256 << 20, ge=1)
+    max_caption_bytes: int = Field(64 << 10, ge=1)
+    max_json_bytes: int = Field(1 << 20, ge=1)
+    # Distinct json field names made into columns; later ones go into json_extra.
+    max_json_columns: int = Field(64, ge=0, le=4096)
     # A key whose members are not contiguous (other samples in between) is adopted (its members are
     # found by offset; counted in the shard's stats) or refused (the shard fails naming tar and key).
     noncontiguous: Literal["adopt", "refuse"] = "adopt"
@@ -262,7 +281,7 @@ def _idx_line(members: dict[str, tuple[int, int, str]]) -> str:
 def _decode(data: bytes, cfg: ImportConfig, signature) -> tuple[int, int, tuple[int, bytes] | None]:
     """(width, height, (pHash, colour signature)) of the image; raises _Reject when it is not usable."""
     try:
-        img = open_header(data, cfg.max_pixels)
+        img = open_image(data, cfg.max_pixels, cfg.image_formats)
     except ImageRejected as e:
         raise _Reject(e.why, str(e)) from None
     w, h = img.size
@@ -273,7 +292,7 @@ def _decode(data: bytes, cfg: ImportConfig, signature) -> tuple[int, int, tuple[
         phash.draft(img)
         img.load()
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data
-        raise _Reject("undecodable", f"{type(e).__name__}: {e}") from None
+        raise _Reject("undecodable", error_text(e)) from None
     return w, h, (signature(img) if signature is not None else None)
 
 
@@ -284,15 +303,36 @@ class _Reject(Exception):
 
 
 def _json_fields(raw: bytes | None) -> tuple[dict[str, Any], str | None]:
+    """A sample's json object, or ({}, why not). Nesting deeper than Python's recursion limit and
+    integers longer than its digit limit are errors of this member, not of the shard."""
     if raw is None:
         return {}, None
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return {}, f"unreadable json: {e}"
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        return {}, f"unreadable json member: {type(e).__name__}: {str(e)[:200]}"
     if not isinstance(obj, dict):
-        return {}, "json is not an object"
+        return {}, "json member is not an object"
     return obj, None
+
+
+# Fields curate needs as text: a value of another type rejects the row instead of failing the shard.
+_TEXT_FIELDS = (schema.CAPTION, schema.URL, schema.UID)
+
+
+def _text(value: Any) -> tuple[str | None, bool]:
+    """(text, ok): None stays None, numbers become their digits, anything else is not ok."""
+    if value is None or isinstance(value, str):
+        return value, True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value), True
+    return None, False
+
+
+def _text_column(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, list[bool]]:
+    """An input column curate reads as text, as strings, and which rows held something else."""
+    vals = [_text(v) for v in col.to_pylist()]
+    return pa.array([v for v, _ in vals], pa.string()), [ok for _, ok in vals]
 
 
 def _column(values: list[Any]) -> pa.Array:
@@ -303,6 +343,52 @@ def _column(values: list[Any]) -> pa.Array:
         return pa.array(vals)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         return pa.array([None if v is None else str(v) for v in vals], pa.string())
+
+
+def _json_columns(json_rows: list[dict[str, Any]], taken: set[str], max_columns: int,
+                  reasons: list[str | None], errors: list[str | None]) -> dict[str, list[Any]]:
+    """Fields of each sample's json as columns (the parquet's win where both exist): the first
+    ``max_columns`` distinct names, the rest per row as JSON text in ``json_extra``. A text field
+    (url, uid) of another type rejects its row."""
+    n = len(json_rows)
+    out: dict[str, list[Any]] = {}
+    extra: list[dict[str, Any] | None] = [None] * n
+    for i, fields in enumerate(json_rows):
+        for k, v in fields.items():
+            target = _input_name(k)
+            if target is None or target in taken or target == schema.CAPTION:
+                continue
+            if target in _TEXT_FIELDS:
+                v, ok = _text(v)
+                if not ok and reasons[i] is None:
+                    reasons[i], errors[i] = BAD_MEMBER, f"json field {k!r} is not text"
+            elif target in (schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT) and not (
+                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31):
+                v = None  # a size we cannot use is no size: the decoded one stands in
+            if target in out or len(out) < max_columns or target in _TEXT_FIELDS:
+                out.setdefault(target, [None] * n)[i] = v
+            else:
+                row = extra[i] = extra[i] if extra[i] is not None else {}
+                row[k] = v
+    if any(e is not None for e in extra):
+        out[JSON_EXTRA] = [None if e is None else json.dumps(e, sort_keys=True, default=str) for e in extra]
+    return out
+
+
+def _typed(col: pa.Array, target: str, name: str, rows: dict[str, list[Any]]) -> pa.Array:
+    """An img2dataset parquet column as curate needs it: text fields as strings (a row whose value is
+    a list or a map is import:bad_member, not a failed shard), sizes as integers where they are."""
+    if target in (*_TEXT_FIELDS, schema.STATUS, schema.ERROR_MESSAGE) and not pa.types.is_string(col.type):
+        col, ok = _text_column(col)
+        if target in _TEXT_FIELDS:
+            for i, good in enumerate(ok):
+                if not good and rows[_REASON][i] is None:
+                    rows[_REASON][i] = BAD_MEMBER
+                    rows[_WHY][i] = f"parquet column {name!r} holds a {target} that is not text"
+    elif target in (schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT) and not pa.types.is_integer(col.type):
+        col = pa.array([v if isinstance(v, int) and not isinstance(v, bool) else None for v in col.to_pylist()],
+                       pa.int64())
+    return col
 
 
 def _parquet_uids(url: str) -> list[str | None]:
@@ -322,17 +408,31 @@ def _input_name(name: str) -> str | None:
         return name
     if name == schema.SHA256:
         return schema.ORIGINAL_SHA256
-    if name in (schema.WIDTH, schema.HEIGHT, schema.KEY) or name.startswith("__"):
+    if name in (schema.WIDTH, schema.HEIGHT, schema.KEY):
         return None
-    if name in schema.TYPES or name in _COMPUTED:
+    # curate's private names (``__...``) and json_extra are never obeyed: kept under input_<name>
+    if name in schema.TYPES or name in _COMPUTED or name.startswith("__") or name == JSON_EXTRA:
         return f"input_{name}"
     return name
+
+
+class _Samples:
+    """What reading a shard's samples found, per row."""
+
+    def __init__(self, n: int):
+        self.width: list[int | None] = [None] * n
+        self.height: list[int | None] = [None] * n
+        self.sha: list[str | None] = [None] * n
+        self.sigs: list[tuple[int, bytes] | None] = [None] * n
+        self.json_rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        self.bad_json = 0
 
 
 class ImportStage(Stage):
     name = STAGE
     Config = ImportConfig
     reads_dataset = False
+    fingerprints_input = True
 
     def __init__(self, config: ImportConfig):
         super().__init__(config)
@@ -382,6 +482,8 @@ class ImportStage(Stage):
         raise KeyError(f"shard {ctx.shard} is not in the import plan")
 
     # -- load: the tar's structure, joined with img2dataset's parquet ------------------------
+    # Over 80 lines: the two input kinds (a bare tar, a tar with img2dataset's parquet) share the
+    # row builder ``add`` and differ only in the order rows come in.
     def load(self, shard: int, ctx: ShardContext) -> pa.Table:
         entry = self._entry(ctx)
         fs, path = url_to_fs(entry["tar"])
@@ -439,6 +541,7 @@ class ImportStage(Stage):
             if reason is None and img_ext is None:
                 reason = "missing_image"
             rows[_REASON].append(reason)
+            rows[_WHY].append(None)
             rows[_OCC].append(sample["occurrence"] if sample else 0)
 
         if parquet is None:
@@ -465,22 +568,67 @@ class ImportStage(Stage):
             extra = [s for s in samples if s["key"] not in listed or s["occurrence"] > 0]
             for s in extra:
                 add(s, s["key"])
-            table = pa.table(rows)
             cols = {}
             for name in parquet.column_names:
                 target = _input_name(name)
                 if target is None:
                     continue
-                col = parquet.column(name).combine_chunks()
+                col = _typed(parquet.column(name).combine_chunks(), target, name, rows)
                 if len(extra):
                     col = pa.concat_arrays([col, pa.nulls(len(extra), col.type)])
                 cols[target] = col
+            table = pa.table(rows)
             for name, col in cols.items():
                 table = table.append_column(name, col)
         st["samples"] = len(samples)
         return table
 
+    def _read_sample(self, f, i: int, get: dict[str, list[Any]], got: _Samples, reasons: list[str | None],
+                     errors: list[str | None], captions: list[str | None]) -> None:
+        """Read row ``i``'s members (caption, json, image) from the open tar, each within its size cap
+        (from the tar header, before a byte is read), validate and hash the image. A bad member is
+        this row's reject, never the shard's failure."""
+        cfg = self.config
+
+        def read(off: int | None, length: int | None, cap: int, what: str) -> bytes | None:
+            if off is None:
+                return None
+            if length > cap:
+                raise _Reject(BAD_MEMBER, f"{what} member is {length:,} bytes, over the cap of {cap:,}")
+            f.seek(off)
+            data = f.read(length)
+            return data if len(data) == length else None
+
+        try:
+            txt = read(get[_TXT_OFF][i], get[_TXT_LEN][i], cfg.max_caption_bytes, "caption")
+            raw = read(get[_JSON_OFF][i], get[_JSON_LEN][i], cfg.max_json_bytes, "json")
+        except _Reject as r:
+            if reasons[i] is None:
+                reasons[i], errors[i] = r.why, str(r)
+            return
+        fields, err = _json_fields(raw)
+        got.bad_json += err is not None
+        if err is not None and reasons[i] is None:
+            reasons[i], errors[i] = BAD_MEMBER, err
+        got.json_rows[i] = fields
+        if txt is not None:
+            captions[i] = txt.decode("utf-8", errors="replace")
+        elif captions[i] is None and isinstance(fields.get(schema.CAPTION), str):
+            captions[i] = fields[schema.CAPTION]
+        if reasons[i] is not None:
+            return
+        try:
+            data = read(get[schema.IMAGE_OFFSET][i], get[schema.IMAGE_LENGTH][i], cfg.max_image_bytes, "image")
+            if data is None:
+                raise _Reject("missing_image", "image member runs past the end of the tar")
+            got.sha[i] = hashlib.sha256(data).hexdigest()
+            got.width[i], got.height[i], got.sigs[i] = _decode(data, cfg, self._phash)
+        except _Reject as r:
+            reasons[i], errors[i] = r.why, str(r)
+
     # -- process: read each sample once, validate, hash ------------------------------------
+    # Over 80 lines: the output row is assembled column by column in one fixed order, which reads
+    # best in one place (each step is a line or two).
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         entry = self._entry(ctx)
         cfg = self.config
@@ -489,63 +637,26 @@ class ImportStage(Stage):
         cols = set(table.column_names)
         get = {c: table.column(c).to_pylist() for c in table.column_names}
         reasons: list[str | None] = list(get[_REASON])
-        errors: list[str | None] = list(get.get(schema.ERROR_MESSAGE, [None] * n))
+        errors: list[str | None] = [w or e for w, e in zip(get[_WHY], get.get(schema.ERROR_MESSAGE, [None] * n),
+                                                          strict=True)]
         captions: list[str | None] = list(get.get(schema.CAPTION, [None] * n))
-        width: list[int | None] = [None] * n
-        height: list[int | None] = [None] * n
-        sha: list[str | None] = [None] * n
-        sigs: list[tuple[int, bytes] | None] = [None] * n
-        json_rows: list[dict[str, Any]] = [{} for _ in range(n)]
-        bad_json = 0
-
         order = sorted(
             (i for i in range(n) if get[_MEMBERS][i] is not None),
             key=lambda i: min(v[0] for v in json.loads(get[_MEMBERS][i]).values()),
         )
+        got = _Samples(n)
         with fs.open(path, "rb") as f:
-
-            def read(off: int | None, length: int | None) -> bytes | None:
-                if off is None:
-                    return None
-                f.seek(off)
-                data = f.read(length)
-                return data if len(data) == length else None
-
             for done, i in enumerate(order):
                 ctx.rows_done(done)
-                txt = read(get[_TXT_OFF][i], get[_TXT_LEN][i])
-                fields, err = _json_fields(read(get[_JSON_OFF][i], get[_JSON_LEN][i]))
-                bad_json += err is not None
-                json_rows[i] = fields
-                if txt is not None:
-                    captions[i] = txt.decode("utf-8", errors="replace")
-                elif captions[i] is None and isinstance(fields.get(schema.CAPTION), str):
-                    captions[i] = fields[schema.CAPTION]
-                if reasons[i] is not None:
-                    continue
-                data = read(get[schema.IMAGE_OFFSET][i], get[schema.IMAGE_LENGTH][i])
-                if data is None:
-                    reasons[i], errors[i] = "missing_image", "image member runs past the end of the tar"
-                    continue
-                sha[i] = hashlib.sha256(data).hexdigest()
-                try:
-                    width[i], height[i], sigs[i] = _decode(data, cfg, self._phash)
-                except _Reject as r:
-                    reasons[i], errors[i] = r.why, str(r)
+                self._read_sample(f, i, get, got, reasons, errors, captions)
+        width, height, sha, sigs, json_rows, bad_json = (got.width, got.height, got.sha, got.sigs, got.json_rows,
+                                                        got.bad_json)
 
-        # Fields from each sample's json become columns (the parquet's win where both exist).
-        json_cols: dict[str, list[Any]] = {}
-        for i, fields in enumerate(json_rows):
-            for k, v in fields.items():
-                target = _input_name(k)
-                if target is None or target in cols or target == schema.CAPTION:
-                    continue
-                json_cols.setdefault(target, [None] * n)[i] = v
-
+        json_cols = _json_columns(json_rows, cols, cfg.max_json_columns, reasons, errors)
         json_uids = json_cols.pop(schema.UID, [None] * n)
         uids: list[str | None] = list(get[schema.UID]) if schema.UID in get else json_uids
         for i, e in enumerate(json_cols.pop(schema.ERROR_MESSAGE, [None] * n)):
-            errors[i] = errors[i] or e
+            errors[i] = errors[i] or _text(e)[0]
         seen_uids: set[str] = set(
             (ctx.output.read_json(PLAN_DIR, EARLIER_UIDS_FILE) or {}).get(str(ctx.shard), [])
         )

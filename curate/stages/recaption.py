@@ -1,4 +1,4 @@
-"""recaption: a vision-language model writes a new caption for every image (DESIGN §4).
+"""recaption: a vision-language model writes a new caption for every image (ARCHITECTURE §4).
 
 Runs as an actor pool holding the model (``uses_model``); one call per shard, so a killed run redoes
 only the shards that were not committed. Per shard, rows are batched (:meth:`VLM.plan_batches`:
@@ -17,7 +17,6 @@ leave ``recaption`` null (export then uses the original caption) and say why in 
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import warnings
@@ -116,11 +115,11 @@ def decode_image(data: bytes, min_side: int, fast: bool, max_pixels: int) -> Ima
     what a captioning model sees."""
     from PIL import Image, ImageOps
 
+    from curate.images import open_image
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise ValueError(f"{img.width}x{img.height} exceeds max_pixels")
+        img = open_image(data, max_pixels)  # allowlisted format, pixels checked from the header
         if fast and img.format == "JPEG" and min_side > 0:
             img.draft("RGB", (min_side, min_side))
         img = ImageOps.exif_transpose(img)
@@ -215,7 +214,7 @@ class RecaptionStage(Stage):
             # Bytes are read per batch (one open of the tar, offset order): memory holds one batch
             # of encoded and decoded images, whatever the shard size.
             t = time.perf_counter()
-            blobs = dict(zip(batch, read_images(table.take(batch)), strict=True))
+            blobs = dict(zip(batch, read_images(table.take(batch), ctx.input), strict=True))
             read_s += time.perf_counter() - t
             t = time.perf_counter()
             rows, images = [], []

@@ -155,14 +155,13 @@ def read_phash_list(url: str) -> list[int]:
 
 def lineage_clip(inp: Dataset) -> tuple[str | None, str | None]:
     """(model, pretrained) of the nearest clip stage up the input's lineage, or (None, None)."""
-    manifest, hops = inp.manifest(), 0
-    while manifest is not None and hops < 64:
+    from curate.lineage import lineage
+
+    for ds in lineage(inp).datasets:  # newest first, on storage only
+        manifest = ds.manifest() or {}
         if manifest.get("stage") == "clip":
             cfg = manifest.get("config") or {}
             return cfg.get("model"), cfg.get("pretrained")
-        up = manifest.get("input")
-        up = up.get("url") if isinstance(up, dict) else up
-        manifest, hops = (Dataset(up).manifest() if up else None), hops + 1
     return None, None
 
 
@@ -348,7 +347,7 @@ class SafetyStage(Stage):
                                               batch_size=self.config.batch_size, embeddings=True,
                                               resources=self.config.resources))
         t = time.perf_counter()
-        scored = self._clip.score(table)
+        scored = self._clip.score(table, ctx.input)
         ctx.add_time("embed", time.perf_counter() - t)
         for k in wanted:
             out[k] = embedding_matrix(scored.column(cols[k]))
@@ -384,7 +383,7 @@ class SafetyStage(Stage):
 
         # 1. blocklists
         if self._sha or self._phash_index is not None:
-            table, matches = self._blocklists(table, reject)
+            table, matches = self._blocklists(table, reject, ctx.input)
             if any(m is not None for m in matches):
                 table = schema.with_column(table, schema.BLOCKLIST_MATCH, pa.array(matches, pa.string()))
         # 2. heads
@@ -443,7 +442,7 @@ class SafetyStage(Stage):
         ctx.stats[NAME] = {"drops": drops, "flags": flag_counts}
         return table
 
-    def _blocklists(self, table: pa.Table, reject) -> tuple[pa.Table, list[str | None]]:
+    def _blocklists(self, table: pa.Table, reject, inp: Dataset) -> tuple[pa.Table, list[str | None]]:
         from curate.phash import phash_bytes, to_hex
 
         n = table.num_rows
@@ -455,7 +454,7 @@ class SafetyStage(Stage):
         if need_sha or need_phash:
             # only rows missing a hash are read; the bytes are the ones the pointer names
             todo = [i for i in range(n) if (need_sha and shas[i] is None) or (need_phash and hashes[i] is None)]
-            blobs = read_images(table.take(todo))
+            blobs = read_images(table.take(todo), inp)
             fresh = phash_bytes(blobs) if need_phash else [None] * len(todo)
             for i, blob, h in zip(todo, blobs, fresh, strict=True):
                 if need_sha and shas[i] is None and blob is not None:

@@ -27,7 +27,6 @@ compared only with kept members, so ``dup_of`` always names a row that is still 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 from typing import Any, Literal
@@ -228,9 +227,7 @@ def _assign(job: _Job) -> int:
 
 
 def _write(ds: Dataset, table: pa.Table, *parts: str) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    ds.write_bytes(buf.getvalue(), PLAN_DIR, SUB, *parts)
+    ds.write_table(table, PLAN_DIR, SUB, *parts)
 
 
 def _dedup_group(job: _Job) -> int:

@@ -62,13 +62,27 @@ def _table(records: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_table_dataset(root: str, tables: Sequence[pa.Table], stage: str,
-                        config: dict[str, Any] | None = None) -> Dataset:
+                        config: dict[str, Any] | None = None, input: str | None = None) -> Dataset:
     """A Parquet-only dataset (rows pointing into another dataset's tars), one table per shard;
-    ``config`` is what its manifest records as the stage's config (e.g. a clip model's name)."""
+    ``config`` is what its manifest records as the stage's config (e.g. a clip model's name).
+    ``input`` is the dataset it was derived from: by default the one owning the tars its first
+    pointer names, as a stage's run would have recorded it (pointers only reach the lineage)."""
     ds = Dataset(str(root))
     for n, table in enumerate(tables):
         _commit(ds, n, table, new_attempt(), None)
-    return finish(ds, stage, writes_images=False, config=config)
+    if input is None:
+        input = _pointed_dataset(tables)
+    return finish(ds, stage, writes_images=False, config=config,
+                  input={"url": Dataset(input).url} if input else None)
+
+
+def _pointed_dataset(tables: Sequence[pa.Table]) -> str | None:
+    for t in tables:
+        if schema.IMAGE_TAR in t.column_names:
+            first = next((p for p in t.column(schema.IMAGE_TAR).to_pylist() if p), None)
+            if first and "/shards/" in first:
+                return first.rsplit("/shards/", 1)[0]
+    return None
 
 
 def _empty() -> pa.Table:
@@ -84,12 +98,13 @@ def _commit(ds: Dataset, n: int, table: pa.Table, attempt: str, writer: TarWrite
                     idx_text=writer.index_text() if writer else None)
 
 
-def finish(ds: Dataset, stage: str, writes_images: bool, config: dict[str, Any] | None = None) -> Dataset:
+def finish(ds: Dataset, stage: str, writes_images: bool, config: dict[str, Any] | None = None,
+           input: dict[str, Any] | None = None) -> Dataset:
     """Write the manifest the way the runner does, over the committed shards."""
     from curate.runner import write_manifest
 
     ids = ds.shard_ids()
-    record = {"stage": stage, "config": config or {}, "input": None}
+    record = {"stage": stage, "config": config or {}, "input": input}
     write_manifest(ds, _Written(writes_images), record, {"shards": ids, "shard_digits": ds.shard_digits}, 0.0)
     ds.refresh()
     return ds

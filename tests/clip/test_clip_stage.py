@@ -3,6 +3,8 @@ top-fraction filters, npy export; on a plain table and through the runner on emb
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -12,7 +14,7 @@ from curate import schema
 from curate.dataset import Dataset
 from curate.runner import run_stage
 from curate.stage import RunOptions, ShardContext
-from curate.stages.clip import ClipConfig, ClipStage, keep_top, sortable_bits, top_threshold
+from curate.stages.clip import ClipConfig, ClipStage, keep_top, top_threshold
 
 
 def _ctx(inp: Dataset, out_root, shard: int = 0) -> ShardContext:
@@ -110,8 +112,9 @@ def test_radix_select_is_exact_with_ties_and_negatives(tmp_path):
         all_scores += list(scores[~nulls])
         all_uids += [u for u, z in zip(uids, nulls, strict=True) if not z]
     s = np.array(all_scores, np.float32)
-    # the order the stage promises: score descending, then uid ascending (-0.0 == 0.0 ordered by bits)
-    order = sorted(range(len(s)), key=lambda i: (-int(sortable_bits(s[i:i + 1])[0]), all_uids[i]))
+    # the order the stage promises, in plain Python: score descending, then uid ascending; of the two
+    # zeros, +0.0 first (the sign bit orders them)
+    order = sorted(range(len(s)), key=lambda i: (-float(s[i]), -math.copysign(1.0, float(s[i])), all_uids[i]))
     for fraction in (0.01, 0.1, 0.3, 0.5, 0.77, 1.0):
         th = top_threshold(files, fraction)
         k = int(np.floor(fraction * len(s) + 0.5))
@@ -158,6 +161,7 @@ def test_top_fraction_is_exact_across_shards_and_workers(tiny_clip, ray_session,
     # recorded plan (no rescoring) and gives the same kept set.
     out.fs.rm(out.path("_manifest.json"))
     out.fs.rm(out.shard_path(1, "stats.json"))
+    out.fs.rm(out.shard_path(1, "commit.json"))  # killed before its claim: no commit record either
     out.fs.rm(out.shard_path(1, "parquet"))
     again = run_stage("clip", inp.url, str(tmp_path / "top"), config=cfg)
     kept2 = [u for _, t in Dataset(str(tmp_path / "top")).iter_shards() for u in t.column(schema.UID).to_pylist()]

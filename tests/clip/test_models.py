@@ -134,7 +134,9 @@ def test_dali_mixed_gpu_within_tolerance(tiny_clip, rows, reference):
     bf16 = load_clip(tiny_clip, device="cuda", precision="bf16")
     low, _ = _scores(bf16, rows, DaliDecoder(bf16.preprocess, device="gpu", batch_size=16))
     assert np.abs(low - reference).max() < 5e-2
-    assert torch.cuda.is_available()
+    # both really ran on the device, and bf16 arithmetic is not fp32's (else the bf16 path was skipped)
+    assert clip.device.startswith("cuda") and bf16.device.startswith("cuda")
+    assert not np.array_equal(low, ours)
 
 
 # -- DALI: formats, pixel guard, errors, EXIF orientation (issue 21) -----------------------------------------

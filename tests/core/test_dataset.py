@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -121,15 +122,21 @@ def test_clear_shard_removes_debris_of_a_killed_attempt(tmp_path):
 
 
 def test_read_images_opens_each_tar_once_and_aligns_rows(tmp_path):
-    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    from curate.testing.datasets import finish
+
+    (tmp_path / "tars").mkdir()
+    a, b = tmp_path / "tars" / "a.tar", tmp_path / "tars" / "b.tar"
     wa, wb = _write_tar(a, 3), _write_tar(b, 2)
     rows = [(b, wb[1]), (a, wa[2]), (a, wa[0]), (b, wb[0])]
     table = pa.table({
         schema.IMAGE_TAR: [str(p) for p, _ in rows] + [str(a)],
         schema.IMAGE_OFFSET: [w["where"]["jpg"][0] for _, w in rows] + [10**9],
         schema.IMAGE_LENGTH: [w["where"]["jpg"][1] for _, w in rows] + [5],
+        schema.SHA256: [hashlib.sha256(w["data"]).hexdigest() for _, w in rows] + ["0" * 64],
     })
-    got = read_images(table)
+    # a dataset that adopted those tars, as import does: its pointers may lead into them
+    ds = finish(Dataset(str(tmp_path / "ds")), "import", writes_images=False, input={"url": str(tmp_path / "tars")})
+    got = read_images(table, ds)
     assert got[:4] == [w["data"] for _, w in rows]
     assert got[4] is None  # beyond the end of the tar
 

@@ -94,11 +94,32 @@ def test_bad_bytes_fail_to_decode():
         assert p.status == "failed_to_decode" and p.data is None, p.error
 
 
+def pillow_bytes_allocated(fn):
+    """Run fn; return (its result, bytes of image memory Pillow allocated meanwhile). Pillow keeps its
+    own count of the blocks it hands to images (tracemalloc does not see them)."""
+    def blocks():
+        s = Image.core.get_stats()
+        return s["allocated_blocks"] + s["reused_blocks"] + s["reallocated_blocks"]
+
+    before = blocks()
+    out = fn()
+    return out, (blocks() - before) * Image.core.get_block_size()
+
+
 def test_pixel_bomb_refused_from_header():
-    p = process_image(png_bomb(50_000, 50_000), ImageConfig(max_pixels=100_000_000))
+    p, used = pillow_bytes_allocated(lambda: process_image(png_bomb(50_000, 50_000),
+                                                           ImageConfig(max_pixels=100_000_000)))
     assert p.status == "failed_to_decode" and "bomb" in p.error
-    p = process_image(png_bomb(12_000, 12_000), ImageConfig(max_pixels=100_000_000))  # below Pillow's own limit
+    assert used == 0
+    # below Pillow's own limit: only our cap stands between the header and a 432 MB RGB buffer
+    p, used = pillow_bytes_allocated(lambda: process_image(png_bomb(12_000, 12_000),
+                                                           ImageConfig(max_pixels=100_000_000)))
     assert p.status == "failed_to_decode" and "144000000 pixels" in p.error
+    assert used == 0, f"{used / 2**20:.0f} MiB of image memory allocated while refusing a bomb"
+    # the measure sees a decode: the same file under a cap that lets it through allocates the buffer
+    p, used = pillow_bytes_allocated(lambda: process_image(png_bomb(12_000, 12_000),
+                                                           ImageConfig(max_pixels=200_000_000)))
+    assert p.status == "failed_to_decode" and used >= 12_000 * 12_000 * 3
 
 
 def test_multi_frame_bomb_refused_from_header():

@@ -169,7 +169,7 @@ def test_end_to_end_through_runner_then_retry_failed(tmp_path, server, ray_sessi
     out = Dataset(out_url)
     assert out.is_complete() and out.shard_ids() == [0, 1]
     kept = pa.concat_tables([t for _, t in out.iter_shards()])
-    blobs = read_images(kept)
+    blobs = read_images(kept, out)
     assert all(b is not None and hashlib.sha256(b).hexdigest() == h
                for b, h in zip(blobs, kept.column(schema.SHA256).to_pylist(), strict=True))
     sizes = json.loads((tmp_path / "out" / "shards" / "sizes.json").read_text())

@@ -61,8 +61,8 @@ def test_counts_bytes_and_layout(curated, exported):
     assert sorted(got.column(schema.UID).to_pylist()) == sorted(src.column(schema.UID).to_pylist())
 
     # Bytes behind the new pointers are exactly the source bytes (no re-encoding).
-    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src), strict=True))
-    new_bytes = read_images(got)
+    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src, curated), strict=True))
+    new_bytes = read_images(got, out)
     for uid, data in zip(got.column(schema.UID).to_pylist(), new_bytes, strict=True):
         assert data is not None and data == src_bytes[uid]
 
@@ -177,7 +177,9 @@ def test_unreadable_and_corrupt_rows_are_rejected(curated, tmp_path, ray_session
     t = schema.with_column(t, schema.IMAGE_LENGTH, lengths)
     rejects = t.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
     bad.commit_shard(0, t, rejects, {"rows_in": t.num_rows, "rows_out": t.num_rows, "rejected": 0, "drops": {}})
-    bad.write_json({"run": {}, "shard_digits": 5, "shards": [], "totals": {}}, "_manifest.json")
+    # derived from curated, as its manifest says: pointers may lead only into that lineage
+    bad.write_json({"run": {}, "shard_digits": 5, "shards": [], "totals": {}, "input": {"url": curated.url}},
+                   "_manifest.json")
     out = Dataset(str(tmp_path / "out"))
     summary = run_stage("export", bad.url, out.url, config={"samples_per_shard": 8})
     assert summary["drops"] == {"export:corrupt": 1, "export:unreadable": 1}
@@ -354,8 +356,8 @@ def test_export_on_object_storage(s3_bucket, ray_session):
     got = _all_rows(out)
     assert summary["kept"] == got.num_rows == src.num_rows and out.url.startswith("s3://")
     assert all(u.startswith(f"s3://{s3_bucket}/export/shards/") for u in set(got.column(schema.IMAGE_TAR).to_pylist()))
-    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src), strict=True))
-    assert [src_bytes[u] for u in got.column(schema.UID).to_pylist()] == read_images(got)
+    src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src, curated), strict=True))
+    assert [src_bytes[u] for u in got.column(schema.UID).to_pylist()] == read_images(got, out)
     assert verify(out)[0] == []
     assert sorted(sum(split_shards(out).values(), [])) == out.shard_ids()
 

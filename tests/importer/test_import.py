@@ -69,7 +69,7 @@ def test_import_webdataset_library_folder(wds_folder, tmp_path):
     assert rejects(ds).num_rows == 0
     by_key = {r[schema.KEY]: r for r in t.to_pylist()}
     assert set(by_key) == set(samples)
-    blobs = read_images(t)
+    blobs = read_images(t, ds)
     for r, blob in zip(t.to_pylist(), blobs, strict=True):
         data, cap, fmt, meta = samples[r[schema.KEY]]
         assert blob == data  # exact bytes, read from the source tar
@@ -144,7 +144,7 @@ def test_import_img2dataset_layout(tmp_path):
     assert ds.shard_ids() == [0, 1]  # NNNNN.tar keeps its number
     kept, rej = rows(ds), rejects(ds)
     assert kept.num_rows == 8 and rej.num_rows == 2
-    for r, blob in zip(kept.to_pylist(), read_images(kept), strict=True):
+    for r, blob in zip(kept.to_pylist(), read_images(kept, ds), strict=True):
         src = want[r[schema.KEY]]
         assert blob == src["image"]
         assert r[schema.CAPTION] == src["caption"] and r[schema.URL] == src["url"]
@@ -254,7 +254,7 @@ def test_truncated_tar_keeps_intact_samples(tmp_path, make_image):
     kept = rows(ds)
     keys = sorted(kept.column(schema.KEY).to_pylist())
     assert keys == ["000", "001", "002", "003", "100"]
-    for r, blob in zip(kept.to_pylist(), read_images(kept), strict=True):
+    for r, blob in zip(kept.to_pylist(), read_images(kept, ds), strict=True):
         if r[schema.KEY] != "100":
             assert blob == imgs[int(r[schema.KEY])]
 
@@ -284,7 +284,7 @@ def test_noncontiguous_members_adopted_or_refused(tmp_path, make_image):
     ds = import_direct(folder, tmp_path / "out")
     kept = {r[schema.KEY]: r for r in rows(ds).to_pylist()}
     assert kept["k1"][schema.CAPTION] == "one, split" and kept["k2"][schema.CAPTION] == "two"
-    assert read_images(rows(ds).filter(pa.compute.equal(rows(ds).column(schema.KEY), "k1"))) == [a]
+    assert read_images(rows(ds).filter(pa.compute.equal(rows(ds).column(schema.KEY), "k1")), ds) == [a]
     st = ds.stats(0)["import"]
     assert st["noncontiguous_keys"] == 1 and st["noncontiguous_examples"] == ["k1"]
     idx = parse_index(Path(ds.shard_path(0, "idx")).read_text())
@@ -312,7 +312,7 @@ def test_gnu_long_names_directories_and_hidden_files(tmp_path, make_image):
     ds = import_direct(folder, tmp_path / "out")
     t = rows(ds)
     assert t.column(schema.KEY).to_pylist() == [long_key]
-    assert read_images(t) == [make_image(5)]
+    assert read_images(t, ds) == [make_image(5)]
     assert ds.stats(0)["import"]["skipped_members"] == {"hidden": 1, "not_a_regular_file": 1}
 
 
@@ -367,7 +367,7 @@ def test_input_on_another_fsspec_filesystem(tmp_path, make_image):
         assert ds.shard_ids() == [7]
         (tar,) = t.column(schema.IMAGE_TAR).to_pylist()
         assert tar.startswith("memory://") and tar.endswith("/imp-src/00007.tar")
-        assert read_images(t) == [make_image(1)]
+        assert read_images(t, ds) == [make_image(1)]
         assert rejects(ds).column(schema.STATUS).to_pylist() == ["failed_to_download"]
     finally:
         fs.rm("/imp-src", recursive=True)

@@ -68,7 +68,7 @@ def test_run_stage_then_verify_and_resume(ray_session, mixed_folder, tmp_path):
         "third": image_bytes(2, "png"),
         **{f"webdataset {i}": image_bytes(10 + i) for i in range(4)},
     }
-    for cap, blob in zip(t.column(schema.CAPTION).to_pylist(), read_images(t), strict=True):
+    for cap, blob in zip(t.column(schema.CAPTION).to_pylist(), read_images(t, ds), strict=True):
         assert blob == want[cap]
     # rerun: complete with the same config and input, so nothing is redone
     again = run_stage("import", str(mixed_folder), str(out))
@@ -160,7 +160,7 @@ def test_import_of_a_single_tar_path(tmp_path):
     ds = import_direct(tmp_path / "one.tar", tmp_path / "out")
     t = ds.read_shard(0)
     assert t.column(schema.CAPTION).to_pylist() == ["just one"]
-    assert read_images(t) == [image_bytes(3, "webp")]
+    assert read_images(t, ds) == [image_bytes(3, "webp")]
     assert Path(t.column(schema.IMAGE_TAR)[0].as_py()) == tmp_path / "one.tar"
 
 

@@ -34,7 +34,7 @@ def _tables(root: Path) -> dict[str, object]:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        if not p.is_file() or rel.startswith("_") or p.name.endswith(".stats.json"):
+        if not p.is_file() or rel.startswith("_") or p.name.endswith((".stats.json", ".commit.json")):
             continue
         if p.suffix == ".parquet":
             t = pq.read_table(p)

@@ -379,6 +379,28 @@ def test_cluster_launcher_image_ami_and_node_types():
     assert cfg["max_workers"] >= sum(types[n]["max_workers"] for n in ("cpu_worker", "gpu_worker", "driver"))
 
 
-@pytest.mark.parametrize("script", ["local-cluster.sh"])
-def test_shell_scripts_parse(script):
-    assert subprocess.run(["bash", "-n", str(INFRA / script)]).returncode == 0
+def test_local_cluster_script_usage_refusal_and_stop_without_ray(tmp_path):
+    """The script's own paths that need no Ray: usage errors exit 2, a second start over a recorded
+    cluster is refused before anything starts, and stop removes its state folder and nothing else.
+    (Starting a real cluster with it is tests/ops/conftest.py's job.)"""
+    script = str(INFRA / "local-cluster.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    state = tmp_path / "state"
+    env = {**os.environ, "CURATE_CLUSTER_DIR": str(state)}
+
+    def sh(*args):
+        return subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    for args in ((), ("restart",)):
+        r = sh(*args)
+        assert r.returncode == 2 and r.stderr.startswith("usage:"), r
+    assert sh("stop").returncode == 0 and not state.exists()  # nothing recorded: nothing to do
+    state.mkdir()
+    (state / "pids").write_text("")
+    neighbour = tmp_path / "keep.txt"
+    neighbour.write_text("not the script's")
+    r = sh("start", "1")
+    assert r.returncode == 1 and "already recorded" in r.stderr and "stop" in r.stderr, r
+    assert sorted(p.name for p in state.iterdir()) == ["pids"]  # refused before any work
+    assert sh("stop").returncode == 0
+    assert not state.exists() and neighbour.read_text() == "not the script's"

@@ -47,7 +47,7 @@ def _rows(ds: Dataset) -> dict[str, dict]:
     out = {}
     for folder, it in (("kept", ds.iter_shards()), ("rejected", ds.iter_rejects())):
         for _, t in it:
-            blobs = read_images(t)
+            blobs = read_images(t, ds)
             for row, blob in zip(t.to_pylist(), blobs, strict=True):
                 row.pop(schema.IMAGE_OFFSET, None)
                 out[row[schema.UID]] = {"row": row, "bytes": blob, "where": folder}
@@ -159,8 +159,9 @@ def test_remove_by_url_and_domain_resolves_across_datasets(ray_session, tmp_path
 
 
 def test_interrupted_removal_rerun_finishes_the_job(ray_session, tmp_path, monkeypatch):
-    """Killed after the tars were rewritten but before the downstream dataset was: the same command
-    again removes the rest and moves the stale pointers (the journal names the rewritten tars)."""
+    """Killed after the owner's tar was blanked but before the downstream dataset was done: the
+    downstream rows of the victim point at blanked bytes (verify names it), no other pointer moved,
+    and the same command again finishes the job and records the count once."""
     from curate import removal
 
     src, down = tmp_path / "src", tmp_path / "pass"
@@ -179,8 +180,9 @@ def test_interrupted_removal_rerun_finishes_the_job(ray_session, tmp_path, monke
     request = Request(uids=frozenset({victim}))
     with pytest.raises(KeyboardInterrupt):
         remove([str(src), str(down)], request)
-    assert verify(Dataset(str(down)))[0]  # stale pointers: verify sees it
-    assert Dataset(str(src)).exists("_plan", "removal-pending.json")
+    problems, _ = verify(Dataset(str(down)))
+    assert len(problems) == 2 and "blanked" in problems[0] and str(src) in problems[1]
+    assert Dataset(str(down)).exists("_plan", "removal-pending.json")
 
     monkeypatch.setattr(removal, "_remove_from", real)
     remove([str(src), str(down)], request)
@@ -188,7 +190,9 @@ def test_interrupted_removal_rerun_finishes_the_job(ray_session, tmp_path, monke
     assert after.keys() == before.keys() - {victim}
     assert all(after[u] == before[u] for u in after)
     assert verify(Dataset(str(down))) == ([], 11) and verify(Dataset(str(src))) == ([], 11)
-    assert not Dataset(str(src)).exists("_plan", "removal-pending.json")
+    assert not Dataset(str(down)).exists("_plan", "removal-pending.json")
+    assert [r["count"] for r in Dataset(str(down)).manifest()["removals"]] == [1]
+    assert [r["count"] for r in Dataset(str(src)).manifest()["removals"]] == [1]
 
 
 def test_clip_retrieval_style_embedding_files_lose_the_rows(ray_session, tmp_path):

@@ -44,7 +44,7 @@ def test_faces_blurred_in_a_real_photo_and_other_bytes_identical(ray_session, tm
     assert rc == 0
     ds = Dataset(str(out))
     table = pa.concat_tables([t for _, t in ds.iter_shards()])
-    got = dict(zip(table.column(schema.CAPTION).to_pylist(), read_images(table), strict=True))
+    got = dict(zip(table.column(schema.CAPTION).to_pylist(), read_images(table, ds), strict=True))
     rec = {r[schema.CAPTION]: r for r in table.to_pylist()}
     assert set(got) == set(source_bytes)
 

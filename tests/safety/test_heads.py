@@ -186,7 +186,7 @@ def test_heads_on_computed_embeddings_match_stored_ones(tmp_path, tiny_clip_dir)
     stage.setup()
     got = stage.process(ds.read_shard(0), ctx).column(schema.PUNSAFE).to_numpy()
     clip = ClipStage(ClipConfig(model=tiny_clip_dir, pretrained=None, embeddings=True))
-    emb = np.array(clip.score(ds.read_shard(0)).column(schema.IMAGE_EMBEDDING).to_pylist(), np.float32)
+    emb = np.array(clip.score(ds.read_shard(0), ds).column(schema.IMAGE_EMBEDDING).to_pylist(), np.float32)
     np.testing.assert_allclose(got, load_head(str(head)).score(emb), rtol=1e-3, atol=1e-3)
 
 

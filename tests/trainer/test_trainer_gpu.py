@@ -53,10 +53,17 @@ def test_real_size_recipe_builds_and_takes_a_bf16_step(recipe, tmp_path):
     images = torch.randn(4, 3, size, size, device=device)
     texts = tok(["a photo of a cat"] * 4).to(device)
     micro = [(images[:2], texts[:2]), (images[2:], texts[2:])]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = train_step(model, loss_fn, micro, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     opt.step()
-    assert torch.isfinite(torch.tensor(losses["loss"]))
-    del model, opt
+    # the step moved the weights: most trainable tensors changed (frozen towers are not in `before`)
+    after = dict(model.named_parameters())
+    moved = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert len(moved) > len(before) // 2, (len(moved), len(before))
+    assert losses["loss"] > 0 and torch.isfinite(torch.tensor(losses["loss"]))
+    del model, opt, before
     torch.cuda.empty_cache()
 
 
