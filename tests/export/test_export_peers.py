@@ -94,6 +94,9 @@ def test_hf_datasets_webdataset_builder(exported, tmp_path, curated, ray_session
     assert {m["split"] for m in hf["validation"]["json"]} == {"val"}
 
 
+@pytest.mark.xfail(strict=True, raises=Exception,
+                   reason="HF's webdataset builder opens every file under data_dir as a tar (the export's "
+                          ".parquet, .idx and .json files beside the tars: tarfile.ReadError); open issue")
 def test_hf_datasets_reads_the_export_folder_with_nothing_declared(curated, tmp_path, ray_session):
     """What a user types first: the export's folder, no data_files, no features. Every row comes back
     (train and val shards alike: the folder says nothing of splits), pHashes above 2**63 included."""
