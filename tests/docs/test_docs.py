@@ -327,6 +327,7 @@ def _run_documented(cmds: list[str], cwd: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several embedded-Ray runs of a whole pipeline; minutes on a loaded machine
 def test_readme_tour(docs_env):
     cmds = _block("README.md", "A tour")
     assert len(cmds) == 13, cmds

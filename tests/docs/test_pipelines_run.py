@@ -51,6 +51,7 @@ def demo_run(docs_env):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several embedded-Ray runs of a whole pipeline; minutes on a loaded machine
 def test_demo_pipeline(demo_run):
     pipe = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
     for step in pipe["stages"]:
@@ -130,6 +131,7 @@ def _check(pipe: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several embedded-Ray runs of a whole pipeline; minutes on a loaded machine
 def test_laion_pipeline(docs_env, s3_bucket, tmp_path):
     import s3fs
 
@@ -144,6 +146,7 @@ def test_laion_pipeline(docs_env, s3_bucket, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several embedded-Ray runs of a whole pipeline; minutes on a loaded machine
 def test_datacomp_pipeline(docs_env, demo_run, s3_bucket, tmp_path):
     import s3fs
 
