@@ -5,8 +5,9 @@ with ``curate.wds.TarWriter`` + DALI ``.idx``) and apply the same augmentations 
 resized crop with scale (0.9, 1.0), bicubic resize to 224, horizontal flip, colour jitter with p=0.8,
 CLIP normalisation), producing float CHW batches:
 
-- ours: ``trainer.data.DaliLoader``: ``readers.webdataset`` with the ``.idx`` files, CPU decode of only
-  the crop window (``decoders.image_random_crop``), ``--threads`` DALI threads (no GPU here).
+- ours: ``trainer.data.DaliLoader``: bytes read by ranged reads over the ``.idx`` offsets and fed through
+  ``external_source``, CPU decode of only the crop window (``decoders.image_slice``), ``--threads`` DALI
+  threads (no GPU here).
 - baseline: ``trainer.data.TorchLoader``: ``torch.utils.data.DataLoader`` with ``--threads`` worker
   processes, PIL decode of the whole image, torchvision transforms.
 
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 from bench import assets  # noqa: E402
 from curate.wds import TarWriter  # noqa: E402
 from trainer.config import ColorJitter, DataConfig  # noqa: E402
-from trainer.data import DaliLoader, TorchLoader, find_shards  # noqa: E402
+from trainer.data import DaliLoader, TorchLoader, find_shards, make_source  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "train_loader"
 
@@ -98,8 +99,9 @@ def gpu_training(shards, cfg: DataConfig, batch: int, steps: int) -> dict[str, d
         torch.manual_seed(0)
         model = T.build_model(recipe, T.model_config(recipe, tok.info), device)
         opt = T.make_optimizer(model, recipe)
-        loss_fn = T.make_loss(recipe, T.Dist(device=device), False, tok.pad_id)
-        loader = cls(shards, cfg, image_size=224, batch_size=batch, seed=0, device_id=0)
+        cfg_model = T.model_config(recipe, tok.info)
+        loss_fn = T.make_loss(recipe, T.Dist(device=device), cfg_model, tok.pad_id)
+        loader = cls(make_source(shards, cfg, seed=0), cfg, image_size=224, batch_size=batch, seed=0, device_id=0)
 
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -138,17 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     root = build_tars(args.photos)
-    shards = find_shards(root)
+    shards = find_shards(str(root))
     cfg = recipe_a_augment(args.threads)
+    source = make_source(shards, cfg, seed=0)
     print(f"data: {args.photos} real JPEG photos (~800 px) in {len(shards)} tars under {root}")
     print(f"augment: random resized crop scale (0.9, 1.0) -> 224 bicubic, flip, colour jitter p=0.8, CLIP norm; "
           f"batch {args.batch}, {args.threads} threads/workers, {args.images} images per run")
 
     def dali():
-        return DaliLoader(shards, cfg, image_size=224, batch_size=args.batch, seed=0)
+        return DaliLoader(source, cfg, image_size=224, batch_size=args.batch, seed=0)
 
     def dataloader():
-        return TorchLoader(shards, cfg, image_size=224, batch_size=args.batch, seed=0)
+        return TorchLoader(source, cfg, image_size=224, batch_size=args.batch, seed=0)
 
     best = {"dali": 0.0, "dataloader": 0.0}
     for r in range(args.repeats):

@@ -289,7 +289,9 @@ def run_demo(args: argparse.Namespace) -> int:
     with _start(args.root, args.host, args.port) as srv:
         n = write_url_list(args.urls, srv.base_url, args.repeat, args.root)
         print(f"serving {srv.root} at {srv.base_url}; {n} urls in {args.urls}", flush=True)
-        rc = curate_main(["run", args.pipeline])
+        # --overwrite redoes only steps whose output was made with another config (an older curate's
+        # demo-output); complete steps with this config are skipped, interrupted ones resume
+        rc = curate_main(["run", args.pipeline, "--overwrite"])
     if rc:
         return rc
     pipe = load_pipeline(args.pipeline)

@@ -42,6 +42,8 @@ class ModelConfig(Frozen):
     pretrained: str | None = None  # open_clip checkpoint (file path or tag) for the whole model
     pretrained_image: str | None = None  # state dict for the image tower only
     lock_image: bool = False  # freeze the image tower (LiT / frozen-tower recipes)
+    # A locked tower must load trained weights strictly; true allows a frozen random tower (tests only).
+    allow_random_locked: bool = False
     lock_image_unlocked_groups: int = Field(0, ge=0)  # last N layer groups left trainable
     grad_checkpointing: bool = False
 
@@ -81,7 +83,8 @@ class DataConfig(Frozen):
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     normalize: Literal["clip", "imagenet"] = "clip"
     workers: int = Field(2, ge=0)  # DALI threads / DataLoader worker processes
-    shuffle_buffer: int = Field(1024, ge=1)
+    shuffle_buffer: int = Field(1024, ge=1)  # positions shuffled together after the block shuffle
+    shuffle_block: int = Field(64, ge=1)  # consecutive samples of a shard read together (one ranged read)
     val_max: int = Field(1000, ge=1)  # held-out samples used for retrieval eval
 
     @model_validator(mode="after")
@@ -94,6 +97,9 @@ class DataConfig(Frozen):
 
 
 class LossConfig(Frozen):
+    # softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with the model's logit_bias;
+    # auto: sigmoid for models with a logit_bias (open_clip's SigLIP configs), softmax otherwise.
+    kind: Literal["auto", "softmax", "sigmoid"] = "auto"
     contrastive_weight: float = Field(1.0, ge=0)
     caption_weight: float = Field(0.0, ge=0)  # > 0 only for CoCa models
 

@@ -1,33 +1,50 @@
-"""Training data: exported webdataset tars -> augmented image batches + captions + sample keys.
+"""Training data: webdataset tars at any fsspec URL -> augmented image batches + captions + sample keys.
 
-Two loaders over the same tars with the same augmentations and the same per-rank split:
+One pipeline, two decoders. Everything that decides *what* a batch holds is plain Python shared by both
+loaders; only the pixel work differs:
 
-- ``DaliLoader``: NVIDIA DALI ``readers.webdataset`` with the ``.idx`` files, shuffled in a buffer,
-  decode on the GPU (``device="mixed"``) or on CPU threads when there is no GPU, random resized crop
-  fused into the decode, bicubic resize, flip, colour jitter, normalisation. Resumable exactly through
-  DALI's own pipeline checkpoints (reader position and the random state of every operator).
-- ``TorchLoader``: a plain PyTorch ``DataLoader`` (PIL + torchvision transforms) over an index built
-  from the same ``.idx`` files. Each sample's augmentation is seeded by (seed, epoch, position), so its
-  output does not depend on the worker count and resume only needs the count of batches consumed.
+1. ``Source``: the samples of one dataset (from the ``.idx`` files, read through fsspec) and the
+   sample order. Each epoch is a seeded permutation of *blocks* (``data.shuffle_block`` consecutive
+   samples of one shard, one ranged read each on object storage), then a seeded shuffle inside windows of
+   ``data.shuffle_buffer`` positions. Position p of the endless stream is sample ``order(p // n)[p % n]``,
+   computed window by window, so any position is reached without replaying the ones before it.
+2. The global stream is cut into micro-batches of ``world x micro`` samples; rank r takes positions
+   ``g*world*micro + r*micro + [0, micro)`` of global micro-batch g. The loader state is one number, the
+   global position, so a run resumes exactly with any world size, and 1 rank x 16 sees the samples that
+   2 ranks x 8 see.
+3. ``fetch``: the bytes of a batch's samples with one ``cat_ranges`` call (concurrent ranged GETs on
+   s3://, gs://, https://; seeks locally): nothing is copied to local disk.
+4. ``augment_params``: crop box (torchvision's random-resized-crop rule), flip and colour jitter, drawn
+   from a generator seeded by (seed, position): the same for both loaders and any world size.
+5. Pixels: ``DaliLoader`` feeds bytes and parameters to DALI through ``external_source`` (decode of only
+   the crop window, on the GPU with ``device="mixed"``); ``TorchLoader`` decodes with PIL in DataLoader
+   workers. Both apply: crop -> bicubic (or bilinear) antialiased resize -> jitter -> flip -> normalise.
+   Colour jitter (when drawn, probability p): brightness (scale), contrast (blend with the image's mean
+   grey level), then saturation and hue as one 3x3 matrix on RGB (scale and rotate the chroma plane of
+   YIQ), clamping to [0, 255] after each. The order is fixed; torchvision's ColorJitter randomises it and
+   rotates hue in HSV, so our hue is close to, not equal to, torchvision's.
 
-Both split the samples across ranks the way DALI does (rank r reads samples [N*r/W, N*(r+1)/W) and
-sticks to them), so for any world size the two yield the same keys per rank per epoch. Batches run
-on across epoch boundaries; a loader never ends.
+A sample whose image cannot be decoded is replaced by the next good sample of its micro-batch (a
+duplicate pair), in both loaders, and its key is logged and kept in ``state()``. Batch sizes stay equal
+on every rank, which the local contrastive loss needs.
 
-Captions come out as strings: the training loop tokenizes them with the model's tokenizer.
+Mixing several datasets plugs in at ``Source``: anything with ``__len__`` (samples per epoch) and
+``samples_at(positions) -> list[Sample]`` feeds both loaders unchanged.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import io
 import json
 import logging
-import os
-import re
+import math
+import random
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
@@ -37,11 +54,15 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
+# The YIQ transform: Y is the luma that greyscale uses; I and Q span the chroma plane.
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_LUMA = _YIQ[0]
+_YIQ_INV = np.linalg.inv(_YIQ)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """Where one sample's image and caption bytes lie in its tar."""
+    """Where one sample's image and caption bytes lie in its tar (a local path or an fsspec URL)."""
 
     key: str
     tar: str
@@ -54,44 +75,57 @@ class Batch:
     images: object  # torch.Tensor [B, 3, S, S], float, normalised
     captions: list[str]
     keys: list[str]
+    bad: list[str] = dataclasses.field(default_factory=list)  # "tar::key" replaced in this batch
+
+
+@functools.lru_cache(maxsize=65536)
+def _fs(url: str):
+    """(filesystem, path) of a URL or local path; cached, as every sample of a shard asks for its tar's."""
+    from curate.dataset import url_to_fs
+
+    return url_to_fs(url)
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
 
 
 # ---------------------------------------------------------------- finding the shards
 
 
-def _split_shards(root: Path, folder: Path) -> dict[str, set[int]] | None:
+def _split_shards(fs, root: str, folder: str) -> dict[str, set[int]] | None:
     """Shard numbers per split as export records them (manifest ``splits``, else each shard's stats
     file), or None for a dataset without splits."""
-    manifest = root / "_manifest.json"
-    if manifest.is_file():
-        splits = json.loads(manifest.read_text()).get("splits")
+    manifest = _join(root, "_manifest.json")
+    if fs.isfile(manifest):
+        splits = json.loads(fs.cat_file(manifest)).get("splits")
         if splits:
             return {name: {int(n) for n in info["shards"]} for name, info in splits.items()}
     found: dict[str, set[int]] = {}
-    for stats in folder.glob("*.stats.json"):
-        split = json.loads(stats.read_text()).get("split")
+    for stats in fs.glob(_join(folder, "*.stats.json")):
+        split = json.loads(fs.cat_file(stats)).get("split")
         if split:
-            found.setdefault(split, set()).add(int(stats.name.split(".", 1)[0]))
+            found.setdefault(split, set()).add(int(stats.rsplit("/", 1)[-1].split(".", 1)[0]))
     return found or None
 
 
-def find_shards(path: str | Path, split: str | None = "train") -> list[tuple[str, str | None]]:
+def find_shards(path: str, split: str | None = "train") -> list[tuple[str, str | None]]:
     """(tar, idx or None) for every shard of one split of a dataset directory (or its ``shards/``).
 
-    The shard list comes from ``sizes.json`` (what export writes, as open_clip reads it); without one,
-    every ``*.tar`` in the folder. An export with a held-out split records which shards are ``train``
-    and which ``val``; a dataset without splits is all ``train`` (``split=None``: every shard). Only
-    local paths: DALI's reader opens files itself.
+    ``path`` is a local path or any fsspec URL. The shard list comes from ``sizes.json`` (what export
+    writes, as open_clip reads it); without one, every ``*.tar`` in the folder. An export with a held-out
+    split records which shards are ``train`` and which ``val``; a dataset without splits is all ``train``
+    (``split=None``: every shard).
     """
-    root = Path(path)
-    folder = root / "shards" if (root / "shards").is_dir() else root
-    sizes = folder / "sizes.json"
-    if sizes.is_file():
-        names = sorted(json.loads(sizes.read_text()))
+    fs, root = _fs(str(path))
+    folder = _join(root, "shards") if fs.isdir(_join(root, "shards")) else root
+    sizes = _join(folder, "sizes.json")
+    if fs.isfile(sizes):
+        names = sorted(json.loads(fs.cat_file(sizes)))
     else:
-        names = sorted(p.name for p in folder.glob("*.tar"))
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(_join(folder, "*.tar")))
     if split is not None:
-        splits = _split_shards(root, folder)
+        splits = _split_shards(fs, root, folder)
         if splits is None:
             names = names if split == "train" else []
         else:
@@ -100,18 +134,26 @@ def find_shards(path: str | Path, split: str | None = "train") -> list[tuple[str
     if not names:
         if split not in (None, "train"):
             return []
-        raise FileNotFoundError(f"no {split or ''} shards under {folder} (no sizes.json entries and no *.tar)")
+        raise FileNotFoundError(f"no {split or ''} shards under {path} (no sizes.json entries and no *.tar)")
+    listed = set(fs.ls(folder, detail=False))
+    listed |= {p.rstrip("/") for p in listed}
     out = []
     for name in names:
-        tar = folder / name
-        if not tar.is_file():
-            raise FileNotFoundError(f"{tar} is listed in sizes.json but missing")
-        idx = tar.with_suffix(".idx")
-        out.append((str(tar), str(idx) if idx.is_file() else None))
+        tar, idx = _join(folder, name), _join(folder, name.rsplit(".", 1)[0] + ".idx")
+        if tar not in listed and not fs.isfile(tar):
+            raise FileNotFoundError(f"{fs.unstrip_protocol(tar)} is listed in sizes.json but missing")
+        url = tar if _local(fs) else fs.unstrip_protocol(tar)
+        idx_url = (idx if _local(fs) else fs.unstrip_protocol(idx)) if (idx in listed or fs.isfile(idx)) else None
+        out.append((url, idx_url))
     return out
 
 
-def find_val(data: str | Path, val: str | Path | None) -> list[tuple[str, str | None]] | None:
+def _local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def find_val(data: str, val: str | None) -> list[tuple[str, str | None]] | None:
     """The held-out shards to evaluate on, or None (eval is then skipped).
 
     ``val`` given: that dataset's ``val`` split if it records one, else all its shards. Otherwise the
@@ -122,14 +164,15 @@ def find_val(data: str | Path, val: str | Path | None) -> list[tuple[str, str | 
     held_out = find_shards(data, "val")
     if held_out:
         return held_out
-    if (Path(data) / "val").is_dir():
-        return find_shards(Path(data) / "val", None)
+    fs, root = _fs(str(data))
+    if fs.isdir(_join(root, "val")):
+        return find_shards(_join(str(data), "val"), None)
     return None
 
 
-def _parse_idx(idx: str, tar: str) -> list[Sample] | None:
+def _parse_idx(text: str, tar: str) -> list[Sample] | None:
     """Samples from a DALI v1.2 index (``ext offset size name`` per member); None if it has no names."""
-    lines = Path(idx).read_text().splitlines()
+    lines = text.splitlines()
     head = lines[0].split()
     if head[0] != "v1.2":
         return None
@@ -145,8 +188,9 @@ def _parse_idx(idx: str, tar: str) -> list[Sample] | None:
 
 def _scan_tar(tar: str) -> list[Sample]:
     """Samples of a tar without an index (slower: reads every header)."""
+    fs, path = _fs(tar)
     groups: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(tar) as tf:
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f) as tf:
         for info in tf:
             if not info.isreg():
                 continue
@@ -165,188 +209,456 @@ def _sample(key: str, tar: str, members: dict[str, tuple[int, int]]) -> Sample:
     return Sample(key=key, tar=tar, image=image, text=members[TEXT_EXT])
 
 
-def index_samples(shards: list[tuple[str, str | None]]) -> list[Sample]:
-    """Every sample of the shards, in stored order (the order DALI's reader walks them)."""
-    out: list[Sample] = []
+def index_samples(shards: list[tuple[str, str | None]]) -> list[list[Sample]]:
+    """Every sample of each shard, in stored order, one list per shard."""
+    out = []
     for tar, idx in shards:
-        samples = _parse_idx(idx, tar) if idx else None
-        out.extend(samples if samples is not None else _scan_tar(tar))
+        samples = None
+        if idx:
+            fs, path = _fs(idx)
+            samples = _parse_idx(fs.cat_file(path).decode(), tar)
+        if samples is None:
+            log.warning("%s has no usable .idx: scanning its headers", tar)
+            samples = _scan_tar(tar)
+        out.append(samples)
     return out
 
 
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous sample range of one rank, exactly as DALI's readers split a dataset."""
-    return n * rank // world, n * (rank + 1) // world
+# ---------------------------------------------------------------- order
 
 
-def read_member(tar: str, where: tuple[int, int]) -> bytes:
-    with open(tar, "rb") as f:
-        f.seek(where[0])
-        return f.read(where[1])
+class Source:
+    """One dataset's samples and their per-epoch order (see the module docstring)."""
+
+    def __init__(self, shards: list[tuple[str, str | None]], *, seed: int = 0, block: int = 64, window: int = 1024,
+                 shuffle: bool = True):
+        per_shard = index_samples(shards)
+        self.samples = [s for group in per_shard for s in group]
+        if not self.samples:
+            raise ValueError("the dataset has no samples")
+        self.seed, self.window, self.shuffle = seed, max(1, window), shuffle
+        starts, lengths, offset = [], [], 0
+        for group in per_shard:
+            for lo in range(0, len(group), block):
+                starts.append(offset + lo)
+                lengths.append(min(block, len(group) - lo))
+            offset += len(group)
+        self._block_start, self._block_len = np.array(starts, np.int64), np.array(lengths, np.int64)
+        self._epoch: tuple | None = None  # (epoch, block starts, cumulative ends, lengths)
+        self._windows: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _window(self, epoch: int, w: int) -> np.ndarray:
+        """Sample indices at positions [w*window, (w+1)*window) of one epoch."""
+        found = self._windows.get((epoch, w))
+        if found is not None:
+            return found
+        n = len(self.samples)
+        lo, hi = w * self.window, min((w + 1) * self.window, n)
+        if not self.shuffle:
+            return np.arange(lo, hi)
+        current = self._epoch  # read once: the DALI loader's reader threads share this object
+        if current is None or current[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self._block_start))
+            lengths = self._block_len[perm]
+            current = self._epoch = (epoch, self._block_start[perm], np.cumsum(lengths), lengths)
+        _, starts, ends, lengths = current
+        pos = np.arange(lo, hi)
+        b = np.searchsorted(ends, pos, side="right")  # the block each position falls in
+        idx = starts[b] + pos - (ends[b] - lengths[b])
+        idx = idx[np.random.default_rng([self.seed, epoch, 1, w]).permutation(len(idx))]
+        if len(self._windows) > 8:
+            self._windows.clear()
+        self._windows[(epoch, w)] = idx
+        return idx
+
+    def index_at(self, position: int) -> int:
+        epoch, i = divmod(position, len(self.samples))
+        return int(self._window(epoch, i // self.window)[i % self.window])
+
+    def samples_at(self, positions) -> list[Sample]:
+        return [self.samples[self.index_at(int(p))] for p in positions]
 
 
-# ---------------------------------------------------------------- DALI
+def micro_positions(g: int, rank: int, world: int, micro: int) -> range:
+    """Stream positions of rank ``rank``'s share of global micro-batch ``g``."""
+    start = g * world * micro + rank * micro
+    return range(start, start + micro)
+
+
+def fetch(samples: list[Sample]) -> list[tuple[memoryview, bytes]]:
+    """(image bytes, caption bytes) per sample: one ranged read per sample, batched per filesystem."""
+    by_fs: dict[int, tuple[object, list[int]]] = {}
+    paths = []
+    for i, s in enumerate(samples):
+        fs, path = _fs(s.tar)
+        by_fs.setdefault(id(fs), (fs, []))[1].append(i)
+        paths.append(path)
+    out: list[tuple[bytes, bytes] | None] = [None] * len(samples)
+    for fs, items in by_fs.values():
+        starts = [min(samples[i].image[0], samples[i].text[0]) for i in items]
+        ends = [max(sum(samples[i].image), sum(samples[i].text)) for i in items]
+        if _local(fs):  # fsspec would open the file once per range
+            blobs = _read_local([paths[i] for i in items], starts, ends)
+        else:
+            blobs = fs.cat_ranges([paths[i] for i in items], starts, ends)
+        for i, lo, blob in zip(items, starts, blobs, strict=True):
+            if isinstance(blob, Exception):
+                raise blob
+            s, view = samples[i], memoryview(blob)  # slices without copying the image bytes
+            out[i] = (view[s.image[0] - lo : sum(s.image) - lo], bytes(view[s.text[0] - lo : sum(s.text) - lo]))
+    return out  # type: ignore[return-value]
+
+
+def _read_local(paths: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
+    out: list[bytes] = [b""] * len(paths)
+    by_path: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        by_path.setdefault(path, []).append(i)
+    for path, items in by_path.items():
+        with open(path, "rb") as f:
+            for i in sorted(items, key=starts.__getitem__):
+                f.seek(starts[i])
+                out[i] = f.read(ends[i] - starts[i])
+    return out
+
+
+# ---------------------------------------------------------------- augmentation parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Aug:
+    """One sample's augmentation: crop box in the decoded (EXIF-oriented) image, flip, jitter."""
+
+    box: tuple[int, int, int, int]  # top, left, height, width
+    flip: bool
+    brightness: float = 1.0
+    contrast: float = 1.0
+    color: tuple[tuple[float, ...], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))  # RGB 3x3
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "WEBP", "PNG") else 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def crop_box(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop rule: 10 tries at a random area and log-uniform aspect, then a
+    centre crop clamped to the aspect range."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def color_matrix(saturation: float, hue_turns: float) -> np.ndarray:
+    """RGB -> RGB: scale the YIQ chroma plane by ``saturation`` and rotate it by ``hue_turns`` of a turn."""
+    a = 2 * math.pi * hue_turns
+    chroma = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    return _YIQ_INV @ np.diag([1.0, saturation, saturation]) @ chroma @ _YIQ
+
+
+def augment_params(cfg: DataConfig, seed: int, position: int, size: tuple[int, int]) -> Aug:
+    """Every random choice for the sample at ``position`` of the stream (same for both loaders)."""
+    # Python's generator: seeding it is ~10x cheaper than numpy's SeedSequence, and this runs per sample.
+    rng = random.Random((seed << 48) | (position & 0xFFFFFFFFFFFF))
+    box = crop_box(rng, size[0], size[1], cfg.scale, cfg.ratio)
+    flip = bool(cfg.flip and rng.random() < 0.5)  # drawn only when enabled: the draws after it shift
+    cj = cfg.color_jitter
+    if cj is None or rng.random() >= cj.p:
+        return Aug(box=box, flip=flip)
+
+    def factor(amount: float) -> float:
+        return rng.uniform(max(0.0, 1 - amount), 1 + amount)
+
+    b, c, s = factor(cj.brightness), factor(cj.contrast), factor(cj.saturation)
+    m = color_matrix(s, rng.uniform(-cj.hue, cj.hue))
+    return Aug(box=box, flip=flip, brightness=b, contrast=c, color=tuple(tuple(float(v) for v in r) for r in m))
+
+
+def _is_bad(data: bytes) -> bool:
+    """True when PIL cannot fully decode the image."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return False
+    except Exception:
+        return True
+
+
+def _replace_bad(bad: list[bool], what: str) -> list[int]:
+    """For each slot, the slot whose sample it uses: itself, or the next good one (cyclically)."""
+    n = len(bad)
+    if all(bad):
+        raise ValueError(f"every image of a batch failed to decode: {what}; run `curate verify` on the dataset")
+    return [i if not bad[i] else next((i + k) % n for k in range(1, n) if not bad[(i + k) % n]) for i in range(n)]
+
+
+# ---------------------------------------------------------------- PyTorch (PIL) pixels
+
+
+def _jitter_torch(x, aug: Aug):
+    """The jitter on a float HWC tensor in [0, 255] (see the module docstring)."""
+    import torch
+
+    x = (x * aug.brightness).clamp_(0, 255)
+    mean = float((x.mean(dim=(0, 1)) * torch.tensor(_LUMA, dtype=x.dtype)).sum())
+    x = (mean + aug.contrast * (x - mean)).clamp_(0, 255)
+    return (x @ torch.tensor(aug.color, dtype=x.dtype).T).clamp_(0, 255)
+
+
+def torch_pixels(data: bytes, aug: Aug | None, cfg: DataConfig, image_size: int):
+    """Decode and augment one image with PIL + torch; ``aug=None``: resize shorter side + centre crop."""
+    import torch
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    resample = Image.BICUBIC if cfg.interpolation == "bicubic" else Image.BILINEAR
+    if aug is None:
+        from torchvision.transforms import functional as F
+
+        image = F.center_crop(F.resize(image, image_size, interpolation=F.InterpolationMode(cfg.interpolation)),
+                              image_size)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    else:
+        top, left, h, w = aug.box
+        image = image.crop((left, top, left + w, top + h)).resize((image_size, image_size), resample)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+        if cfg.color_jitter is not None:
+            x = _jitter_torch(x, aug)
+        if aug.flip:
+            x = x.flip(1)
+    mean, std = NORMALIZE[cfg.normalize]
+    x = x.permute(2, 0, 1) / 255.0
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class _Batches:
+    """Map-style dataset: global micro-batch g -> this rank's ``Batch`` (read, decode, augment)."""
+
+    def __init__(self, source, cfg: DataConfig, *, image_size, micro, rank, world, seed, train):
+        self.source, self.cfg, self.image_size = source, cfg, image_size
+        self.micro, self.rank, self.world, self.seed, self.train = micro, rank, world, seed, train
+
+    def positions(self, g: int) -> range:
+        return micro_positions(g, self.rank, self.world, self.micro)
+
+    def __getitem__(self, g: int) -> Batch:
+        import torch
+
+        positions = self.positions(g)
+        samples = self.source.samples_at(positions)
+        blobs = fetch(samples)
+        pixels, bad = [], []
+        for p, (image, _) in zip(positions, blobs, strict=True):
+            try:
+                aug = augment_params(self.cfg, self.seed, p, image_size_of(image)) if self.train else None
+                pixels.append(torch_pixels(image, aug, self.cfg, self.image_size))
+                bad.append(False)
+            except Exception:
+                pixels.append(None)
+                bad.append(True)
+        use = _replace_bad(bad, ", ".join(f"{s.tar}::{s.key}" for s in samples))
+        return Batch(images=torch.stack([pixels[j] for j in use]),
+                     captions=[blobs[j][1].decode("utf-8") for j in use], keys=[samples[j].key for j in use],
+                     bad=[f"{s.tar}::{s.key}" for s, b in zip(samples, bad, strict=True) if b])
+
+
+class TorchLoader:
+    """Endless batches from a torch DataLoader (PIL decode in worker processes)."""
+
+    def __init__(self, source, cfg: DataConfig, *, image_size: int, batch_size: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, train: bool = True, state: dict | None = None, device_id: int | None = None):
+        self.batches = _Batches(source, cfg, image_size=image_size, micro=batch_size, rank=rank, world=world,
+                                seed=seed, train=train)
+        self.cfg, self.device_id, self.step = cfg, device_id, world * batch_size
+        state = state or {}
+        self.position = int(state.get("position", 0))
+        self.bad: list[str] = list(state.get("bad", []))
+        self._it = None
+
+    def next(self) -> Batch:
+        import itertools
+
+        import torch
+
+        if self._it is None:
+            loader = torch.utils.data.DataLoader(
+                self.batches, sampler=itertools.count(self.position // self.step), batch_size=None,
+                num_workers=self.cfg.workers, persistent_workers=self.cfg.workers > 0,
+                prefetch_factor=4 if self.cfg.workers > 0 else None, pin_memory=self.device_id is not None,
+            )
+            self._it = iter(loader)
+        batch = next(self._it)
+        self.position += self.step
+        _note_bad(batch.bad, self.bad)
+        if self.device_id is not None:
+            batch.images = batch.images.to(f"cuda:{self.device_id}", non_blocking=True)
+        return batch
+
+    def state(self) -> dict:
+        return {"position": self.position, "bad": list(self.bad)}
+
+
+def _note_bad(found: list[str], known: list[str]) -> None:
+    for entry in found:
+        if entry not in known:
+            known.append(entry)
+            tar, key = entry.split("::", 1)
+            log.error("cannot decode sample %s in %s: it is replaced by another sample of its batch", key, tar)
+
+
+# ---------------------------------------------------------------- DALI pixels
 
 
 class DaliLoader:
-    """Infinite batches from a DALI pipeline over the shards; ``state()`` resumes it exactly.
+    """Endless batches decoded by DALI from bytes this loader reads (``external_source``).
 
-    DALI cannot skip an image it fails to decode: the whole pipeline stops. So on such a failure this
-    loader drops that sample from a private copy of its tar's ``.idx``, logs the key, and rebuilds the
-    pipeline (the epoch restarts, reshuffled). The skipped keys are part of ``state()``, so a resumed run
-    rebuilds the same filtered indexes and continues exactly.
+    A thread pool reads the next batches ahead while DALI decodes. DALI stops its pipeline on an image
+    it cannot decode: the loader then checks the in-flight batches with PIL, marks the broken samples,
+    rebuilds the pipeline and feeds again from the batch it had not handed out, with each broken sample
+    replaced as the torch loader replaces it.
     """
 
-    def __init__(
-        self,
-        shards: list[tuple[str, str | None]],
-        cfg: DataConfig,
-        *,
-        image_size: int,
-        batch_size: int,
-        rank: int = 0,
-        world: int = 1,
-        seed: int = 0,
-        device_id: int | None = None,
-        train: bool = True,
-        checkpoint: bytes | None = None,
-        skipped: list[str] | None = None,
-    ):
-        self.cfg, self.device_id, self.batch_size = cfg, device_id, batch_size
-        self.shards = shards
-        self.skipped: list[str] = list(skipped or [])  # "tar::key" of samples that failed to decode
-        self._args = {"cfg": cfg, "image_size": image_size, "batch_size": batch_size, "rank": rank,
-                      "world": world, "device_id": device_id, "train": train}
-        self._seed = seed
-        self._idx_dir: str | None = None
-        self._build(checkpoint)
-        # DALI reports the whole dataset; this rank reads its contiguous part of it.
-        lo, hi = shard_range(self.pipe.epoch_size("reader"), rank, world)
-        self.epoch_size = hi - lo
+    def __init__(self, source, cfg: DataConfig, *, image_size: int, batch_size: int, rank: int = 0,
+                 world: int = 1, seed: int = 0, device_id: int | None = None, train: bool = True,
+                 state: dict | None = None, prefetch: int = 4):
+        self.batches = _Batches(source, cfg, image_size=image_size, micro=batch_size, rank=rank, world=world,
+                                seed=seed, train=train)
+        self.cfg, self.device_id, self.image_size, self.train = cfg, device_id, image_size, train
+        self.step, self.batch_size, self.prefetch = world * batch_size, batch_size, prefetch
+        state = state or {}
+        self.position = int(state.get("position", 0))
+        self.bad: list[str] = list(state.get("bad", []))
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="trainer-read")
+        self._build()
 
-    def _build(self, checkpoint: bytes | None) -> None:
-        shards = self._filtered_shards()
-        # Each rebuild after a skip starts a new shuffle, not a replay of the first batches.
-        seed = self._seed + 1_000_003 * len(self.skipped)
-        self.pipe = _dali_pipeline(shards, seed=seed, checkpoint=checkpoint, **self._args)
+    def _build(self) -> None:
+        self._next_g = self.position // self.step
+        self._reads: collections.deque = collections.deque()
+        self._fed: collections.deque = collections.deque()  # (samples, blobs, captions, keys) fed, not run
+        self.pipe = _dali_pipeline(self, self.cfg, image_size=self.image_size, batch_size=self.batch_size,
+                                   device_id=self.device_id, train=self.train)
         self.pipe.build()
 
-    def _filtered_shards(self) -> list[tuple[str, str | None]]:
-        if not self.skipped:
-            return self.shards
-        import tempfile
+    def _read(self, g: int):
+        positions = self.batches.positions(g)
+        samples = self.batches.source.samples_at(positions)
+        return positions, samples, fetch(samples)
 
-        if self._idx_dir is None:
-            self._idx_dir = tempfile.mkdtemp(prefix="trainer-idx-")
-        out = []
-        for n, (tar, idx) in enumerate(self.shards):
-            drop = {entry.split("::", 1)[1] for entry in self.skipped if entry.split("::", 1)[0] == tar}
-            if drop and idx:
-                lines = Path(idx).read_text().splitlines()
-                kept = [line for line in lines[1:] if _key_of(line.split()[3]) not in drop]
-                idx = os.path.join(self._idx_dir, f"{n:06d}.idx")
-                Path(idx).write_text("\n".join([f"{lines[0].split()[0]} {len(kept)}", *kept]) + "\n")
-            out.append((tar, idx))
-        return out
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.next()
+    def _feed(self):
+        """DALI's external_source callback: the next batch's encoded images and augmentation inputs."""
+        while len(self._reads) < self.prefetch:
+            self._reads.append(self._pool.submit(self._read, self._next_g + len(self._reads)))
+        positions, samples, blobs = self._reads.popleft().result()
+        self._next_g += 1
+        known = set(self.bad)
+        bad, augs = [], []
+        for p, s, (image, _) in zip(positions, samples, blobs, strict=True):
+            aug = None
+            if f"{s.tar}::{s.key}" not in known:
+                try:
+                    aug = augment_params(self.batches.cfg, self.batches.seed, p, image_size_of(image))
+                except Exception:  # no readable header
+                    _note_bad([f"{s.tar}::{s.key}"], self.bad)
+            bad.append(aug is None)
+            augs.append(aug)
+        use = _replace_bad(bad, ", ".join(f"{s.tar}::{s.key}" for s in samples))
+        self._fed.append(([samples[j] for j in use], [blobs[j] for j in use]))
+        jpegs = [np.frombuffer(blobs[j][0], np.uint8) for j in use]
+        if not self.train:
+            return (jpegs,)
+        chosen = [augs[j] for j in use]
+        geometry = (jpegs, [np.array(a.box[:2], np.int32) for a in chosen],
+                    [np.array(a.box[2:], np.int32) for a in chosen], [np.array(int(a.flip), np.int32) for a in chosen])
+        if self.cfg.color_jitter is None:
+            return geometry
+        return (*geometry, [np.array([a.brightness], np.float32) for a in chosen],
+                [np.array([a.contrast], np.float32) for a in chosen], [np.array(a.color, np.float32) for a in chosen])
 
     def next(self) -> Batch:
         try:
-            images, texts, infos = self.pipe.run()
-        except RuntimeError as e:
-            bad = _undecodable(str(e))
-            tars = dict(self.shards)
-            if bad is None or bad[0] not in tars or tars[bad[0]] is None or "::".join(bad) in self.skipped:
+            (images,) = self.pipe.run()
+        except RuntimeError:
+            found = [f"{s.tar}::{s.key}" for samples, blobs in self._fed for s, (image, _) in zip(samples, blobs, strict=True)
+                     if _is_bad(image)]
+            if not found:
                 raise
-            log.error("cannot decode sample %s in %s: skipping it and restarting the data pipeline", bad[1], bad[0])
-            self.skipped.append("::".join(bad))
+            _note_bad(found, self.bad)
             del self.pipe
-            self._build(checkpoint=None)
+            for future in self._reads:
+                future.cancel()
+            self._build()
             return self.next()
-        return Batch(images=_dali_to_torch(images, self.device_id), captions=_strings(texts),
-                     keys=[_key_of(s) for s in _strings(infos)])
+        samples, blobs = self._fed.popleft()
+        self.position += self.step
+        return Batch(images=_dali_to_torch(images, self.device_id), captions=[b[1].decode("utf-8") for b in blobs],
+                     keys=[s.key for s in samples])
 
     def state(self) -> dict:
-        """DALI's checkpoint (reader position and every random operator's state) and the skipped samples."""
-        return {"dali": self.pipe.checkpoint(), "skipped": list(self.skipped)}
+        return {"position": self.position, "bad": list(self.bad)}
 
 
-_DECODE_ERROR = re.compile(r"Failed to decode sample #\d+ : (.+):\d+:([^\s:]+)")
-
-
-def _undecodable(message: str) -> tuple[str, str] | None:
-    """(tar, key) of the sample DALI names in a decode error, or None for any other error."""
-    m = _DECODE_ERROR.search(message)
-    return (m.group(1), m.group(2).rsplit("/", 1)[-1].split(".", 1)[0]) if m else None
-
-
-def _dali_pipeline(shards, *, cfg: DataConfig, image_size, batch_size, rank, world, seed, device_id, train,
-                   checkpoint):
+def _dali_pipeline(loader: DaliLoader, cfg: DataConfig, *, image_size, batch_size, device_id, train):
+    import nvidia.dali.math as dmath
     from nvidia.dali import fn, pipeline_def, types
 
     mean, std = NORMALIZE[cfg.normalize]
     interp = types.INTERP_CUBIC if cfg.interpolation == "bicubic" else types.INTERP_LINEAR
     decode_device = "mixed" if device_id is not None else "cpu"
-    missing_idx = [t for t, i in shards if i is None]
-    if missing_idx:
-        log.warning("%d shard(s) have no .idx; DALI will scan them (slow start): %s", len(missing_idx), missing_idx[:3])
 
-    @pipeline_def(enable_checkpointing=True)
+    def on_device(node):
+        return node.gpu() if device_id is not None else node
+
+    @pipeline_def
     def pipeline():
-        jpegs, texts = fn.readers.webdataset(
-            paths=[t for t, _ in shards],
-            index_paths=[i for _, i in shards] if not missing_idx else None,
-            ext=[";".join(IMAGE_EXTS), TEXT_EXT],
-            missing_component_behavior="error",
-            random_shuffle=train,
-            initial_fill=cfg.shuffle_buffer,
-            shard_id=rank,
-            num_shards=world,
-            stick_to_shard=True,
-            pad_last_batch=False,
-            name="reader",
-        )
-        # "tar:offset:KEY.ext" of each image member: the sample key, for bookkeeping and tests.
-        infos = fn.get_property(jpegs, key="source_info")
-        if train:
-            # The crop window is chosen from the header and only that region is decoded.
-            images = fn.decoders.image_random_crop(
-                jpegs, device=decode_device, output_type=types.RGB,
-                random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio), num_attempts=10,
-            )
-            images = fn.resize(images, size=[image_size, image_size], interp_type=interp, antialias=True)
-            if cfg.color_jitter is not None:
-                images = _dali_color_jitter(fn, types, images, cfg.color_jitter)
-            mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else 0
-        else:
+        if not train:
+            (jpegs,) = fn.external_source(source=loader._feed, num_outputs=1, batch=True)
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=image_size, interp_type=interp, antialias=True)
-            mirror = 0
-        images = fn.crop_mirror_normalize(
-            images, crop=(image_size, image_size), mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-            mean=[m * 255 for m in mean], std=[s * 255 for s in std],
-        )
-        return images, texts, infos
+            return fn.crop_mirror_normalize(images, crop=(image_size, image_size), dtype=types.FLOAT,
+                                            output_layout="CHW", mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+        jitter = cfg.color_jitter is not None
+        jpegs, anchor, shape, flip, *colour = fn.external_source(source=loader._feed, num_outputs=7 if jitter else 4,
+                                                                 batch=True)
+        # Only the crop window is decoded.
+        images = fn.decoders.image_slice(jpegs, anchor, shape, device=decode_device, output_type=types.RGB,
+                                         axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        images = fn.resize(images, size=[image_size, image_size], interp_type=interp, antialias=True)
+        images = fn.cast(images, dtype=types.FLOAT)
+        if jitter:
+            bright, contrast, color = colour
+            images = dmath.clamp(images * on_device(bright), 0.0, 255.0)
+            grey = fn.coord_transform(fn.reshape(fn.reductions.mean(images, axes=[0, 1]), shape=[1, 3]), M=list(_LUMA))
+            grey = fn.reshape(grey, shape=[1])
+            images = dmath.clamp(grey + on_device(contrast) * (images - grey), 0.0, 255.0)
+            images = dmath.clamp(fn.coord_transform(images, M=color), 0.0, 255.0)
+        return fn.crop_mirror_normalize(images, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=[m * 255 for m in mean], std=[s * 255 for s in std])
 
-    kwargs = {"checkpoint": checkpoint} if checkpoint is not None else {}
     return pipeline(batch_size=batch_size, num_threads=max(1, cfg.workers), device_id=device_id,
-                    seed=_seed32(seed, rank), prefetch_queue_depth=2, **kwargs)
-
-
-def _dali_color_jitter(fn, types, images, cj):
-    """torchvision's ColorJitter applied with probability p (fixed order: DALI has one fused op)."""
-    apply = fn.cast(fn.random.coin_flip(probability=cj.p), dtype=types.FLOAT)
-
-    def factor(amount):
-        return 1.0 + apply * fn.random.uniform(range=[-amount, amount])
-
-    # DALI's hue is in degrees; torchvision's is a fraction of a full turn.
-    hue = apply * fn.random.uniform(range=[-cj.hue * 360.0, cj.hue * 360.0])
-    return fn.color_twist(images, brightness=factor(cj.brightness), contrast=factor(cj.contrast),
-                          saturation=factor(cj.saturation), hue=hue)
+                    prefetch_queue_depth=2)
 
 
 def _dali_to_torch(tensor_list, device_id):
@@ -362,171 +674,26 @@ def _dali_to_torch(tensor_list, device_id):
     return out
 
 
-def _strings(tensor_list) -> list[str]:
-    return [bytes(np.asarray(tensor_list[i])).decode("utf-8") for i in range(len(tensor_list))]
+# ---------------------------------------------------------------- entry points
 
 
-def _key_of(source_info: str) -> str:
-    name = source_info.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
-    return name.split(".", 1)[0]
+def make_source(shards: list[tuple[str, str | None]], cfg: DataConfig, seed: int, train: bool = True) -> Source:
+    return Source(shards, seed=seed, block=cfg.shuffle_block, window=cfg.shuffle_buffer, shuffle=train)
 
 
-def _seed32(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-# ---------------------------------------------------------------- PyTorch DataLoader
-
-
-def torch_transform(cfg: DataConfig, image_size: int, train: bool):
-    """The same augmentations as the DALI pipeline, with torchvision on PIL images."""
-    from torchvision import transforms as T
-
-    mean, std = NORMALIZE[cfg.normalize]
-    interp = T.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    if not train:
-        steps = [T.Resize(image_size, interpolation=interp), T.CenterCrop(image_size)]
-    else:
-        steps = [T.RandomResizedCrop(image_size, scale=cfg.scale, ratio=cfg.ratio, interpolation=interp)]
-        if cfg.color_jitter is not None:
-            cj = cfg.color_jitter
-            steps.append(T.RandomApply([T.ColorJitter(cj.brightness, cj.contrast, cj.saturation, cj.hue)], p=cj.p))
-        if cfg.flip:
-            steps.append(T.RandomHorizontalFlip())
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
-
-
-class _TarDataset:
-    """Map-style dataset: item (sample index, augmentation seed) -> (image tensor, caption, key)."""
-
-    def __init__(self, samples: list[Sample], transform):
-        self.samples = samples
-        self.transform = transform
-        self._files: dict[str, object] = {}  # one open handle per tar per worker
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, item: tuple[int, int]):
-        import torch
-        from PIL import Image, ImageOps
-
-        index, seed = item
-        s = self.samples[index]
-        f = self._files.get(s.tar)
-        if f is None:
-            f = self._files[s.tar] = open(s.tar, "rb")  # noqa: SIM115 - kept open for the worker's life
-        f.seek(s.image[0])
-        image_bytes = f.read(s.image[1])
-        f.seek(s.text[0])
-        caption = f.read(s.text[1]).decode("utf-8")
-        try:
-            # EXIF orientation applied, as DALI's decoder (the other loader) applies it
-            image = ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB")
-        except Exception as e:  # name the sample: the bare PIL error says nothing about where it came from
-            raise ValueError(f"{s.tar}: cannot decode the image of sample {s.key}: {e}") from e
-        # Seeding per sample makes the augmentation independent of which worker runs it.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            pixels = self.transform(image)
-        return pixels, caption, s.key
-
-
-def _collate(items) -> Batch:
-    import torch
-
-    return Batch(images=torch.stack([i[0] for i in items]), captions=[i[1] for i in items],
-                 keys=[i[2] for i in items])
-
-
-class TorchLoader:
-    """Infinite batches from a torch DataLoader over the rank's samples, reshuffled each epoch."""
-
-    def __init__(
-        self,
-        shards: list[tuple[str, str | None]],
-        cfg: DataConfig,
-        *,
-        image_size: int,
-        batch_size: int,
-        rank: int = 0,
-        world: int = 1,
-        seed: int = 0,
-        train: bool = True,
-        checkpoint: int | None = None,
-        device_id: int | None = None,
-    ):
-        samples = index_samples(shards)
-        lo, hi = shard_range(len(samples), rank, world)
-        self.indices = np.arange(lo, hi)
-        if len(self.indices) == 0:
-            raise ValueError(f"rank {rank} of {world} gets no samples ({len(samples)} in all)")
-        self.epoch_size = len(self.indices)
-        self.dataset = _TarDataset(samples, torch_transform(cfg, image_size, train))
-        self.cfg, self.batch_size, self.seed, self.rank, self.train = cfg, batch_size, seed, rank, train
-        self.device_id = device_id
-        self.batches = checkpoint or 0  # batches handed out so far: the whole resume state
-        self._it = None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.train:
-            return self.indices
-        return np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.indices)
-
-    def _batch_sampler(self, start: int) -> Iterator[list[tuple[int, int]]]:
-        pos = start * self.batch_size  # position in the endless stream of epochs
-        epoch, order = -1, self.indices
-        while True:
-            batch = []
-            for _ in range(self.batch_size):
-                e, i = divmod(pos, self.epoch_size)
-                if e != epoch:
-                    epoch, order = e, self._order(e)
-                batch.append((int(order[i]), _seed32(self.seed, self.rank, pos)))
-                pos += 1
-            yield batch
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.next()
-
-    def next(self) -> Batch:
-        import torch
-
-        if self._it is None:
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=self._batch_sampler(self.batches), num_workers=self.cfg.workers,
-                collate_fn=_collate, persistent_workers=self.cfg.workers > 0,
-                prefetch_factor=4 if self.cfg.workers > 0 else None,
-                pin_memory=self.device_id is not None,
-            )
-            self._it = iter(loader)
-        batch = next(self._it)
-        self.batches += 1
-        if self.device_id is not None:
-            batch.images = batch.images.to(f"cuda:{self.device_id}", non_blocking=True)
-        return batch
-
-    def state(self) -> dict:
-        return {"torch": self.batches}
-
-
-def make_loader(kind: str, shards, cfg: DataConfig, *, state: dict | None = None, **kwargs):
-    """The loader the recipe names, resumed from ``state`` (what its ``state()`` returned) if given."""
-    if kind == "dali":
-        state = state or {}
-        return DaliLoader(shards, cfg, checkpoint=state.get("dali"), skipped=state.get("skipped"), **kwargs)
-    return TorchLoader(shards, cfg, checkpoint=(state or {}).get("torch"), **kwargs)
+def make_loader(kind: str, source, cfg: DataConfig, *, state: dict | None = None, **kwargs):
+    """The loader the recipe names over ``source``, resumed from ``state`` (what ``state()`` returned)."""
+    cls = DaliLoader if kind == "dali" else TorchLoader
+    return cls(source, cfg, state=state, **kwargs)
 
 
 def eval_batches(val: list[tuple[str, str | None]], cfg: DataConfig, *, image_size: int, batch_size: int,
                  limit: int) -> Iterator[Batch]:
     """The first ``limit`` held-out samples, centre-cropped, in stored order (same on every rank)."""
-    import torch
-
-    samples = index_samples(val)[:limit]
-    dataset = _TarDataset(samples, torch_transform(cfg, image_size, train=False))
-    batches = [[(i, 0) for i in range(lo, min(lo + batch_size, len(samples)))]
-               for lo in range(0, len(samples), batch_size)]
-    yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=min(cfg.workers, 2),
-                                           collate_fn=_collate)
+    source = Source(val, shuffle=False)
+    batches = _Batches(source, cfg, image_size=image_size, micro=batch_size, rank=0, world=1, seed=0, train=False)
+    n = min(limit, len(source))
+    for g in range(math.ceil(n / batch_size)):
+        batch = batches[g]
+        keep = min(batch_size, n - g * batch_size)
+        yield Batch(images=batch.images[:keep], captions=batch.captions[:keep], keys=batch.keys[:keep])

@@ -517,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.zeroshot and not args.retrieval:
         log.error("nothing to evaluate: give --zeroshot DIR and/or --retrieval DATASET")
         return 2
+    import importlib.util
+
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        log.error("--tensorboard needs the tensorboard package: pip install 'curate[tensorboard]'")
+        return 2
     try:
         sets = [load_classification(d, classnames=args.classnames, templates=args.templates, label=args.label)
                 for d in args.zeroshot]

@@ -38,10 +38,16 @@ import numpy as np
 import torch
 
 from trainer import data as datamod
-from trainer.config import TINY_OVERRIDES, Recipe, TokenizerConfig, deep_merge, load_recipe
+from trainer import mix as mixmod
+from trainer.config import TINY_OVERRIDES, ModelConfig, Recipe, TokenizerConfig, deep_merge, load_recipe
+from trainer.loss import Loss
 from trainer.schedule import set_lr, warmup_cosine
 
 log = logging.getLogger("trainer")
+
+
+class SetupError(ValueError):
+    """A recipe that cannot run as asked (weights that do not fit, a loss the model cannot take): one line."""
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -135,11 +141,26 @@ def build_model(recipe: Recipe, cfg: dict, device: torch.device) -> torch.nn.Mod
 
     kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
     m = recipe.model
-    for path in (m.pretrained_image,) + ((m.pretrained,) if m.pretrained and os.sep in m.pretrained else ()):
-        if path and not os.path.isfile(path):  # open_clip only logs a missing tower file
-            raise FileNotFoundError(f"pretrained weights not found: {path}")
-    model = open_clip.create_model(m.name, pretrained=m.pretrained, pretrained_image_path=m.pretrained_image,
-                                   device=device, output_dict=True, **kwargs)
+    if m.lock_image and not (m.pretrained or m.pretrained_image) and not m.allow_random_locked:
+        raise SetupError("model.lock_image=true but no weights are given, so the locked image tower would stay "
+                         "random: set model.pretrained or model.pretrained_image (or model.allow_random_locked=true)")
+    for path in (m.pretrained_image,) + ((m.pretrained,) if m.pretrained and _is_path(m.pretrained) else ()):
+        if path and not os.path.isfile(path):
+            raise SetupError(f"pretrained weights not found: {path}")
+    tag = m.pretrained if m.pretrained and not _is_path(m.pretrained) else None  # open_clip's own (strict)
+    try:
+        model = open_clip.create_model(m.name, pretrained=tag, device=device, output_dict=True, **kwargs)
+    except (RuntimeError, OSError) as e:
+        if tag is None:
+            raise
+        raise SetupError(f"model.pretrained={tag} could not be loaded for {m.name}: {str(e).splitlines()[0]}") from e
+    if m.pretrained and _is_path(m.pretrained):
+        load_strict(model, read_state_dict(m.pretrained), f"model.pretrained={m.pretrained}", m)
+    if m.pretrained_image:
+        sd = read_state_dict(m.pretrained_image)
+        if sd and all(k.startswith("visual.") for k in sd):
+            sd = {k[len("visual."):]: v for k, v in sd.items()}
+        load_strict(model.visual, sd, f"model.pretrained_image={m.pretrained_image}", m)
     decoder = getattr(model, "text_decoder", None)
     if decoder is not None and not m.pretrained:
         # open_clip's CoCa never initialises its decoder's output projection (its init_parameters is
@@ -151,6 +172,37 @@ def build_model(recipe: Recipe, cfg: dict, device: torch.device) -> torch.nn.Mod
     if recipe.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def _is_path(name: str) -> bool:
+    return os.sep in name or name.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch file (open_clip and DDP wrappings unwrapped)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_strict(module: torch.nn.Module, sd: dict, what: str, m: ModelConfig) -> None:
+    """Load ``sd`` into ``module`` only if every key matches and every shape is equal; else SetupError."""
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        parts = [f"{len(v)} {name} (first: {v[0]})" for name, v in
+                 (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches", shapes)) if v]
+        raise SetupError(f"{what} does not fit model.name={m.name}{' (tiny)' if m.tiny else ''}: {'; '.join(parts)}")
+    module.load_state_dict(sd, strict=True)
 
 
 class Tokenizer:
@@ -225,28 +277,20 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
 
 
-def make_loss(recipe: Recipe, dist: Dist, is_coca: bool, pad_id: int) -> torch.nn.Module:
-    from open_clip.loss import ClipLoss, CoCaLoss
-
-    # Gathering with gradients makes every rank's loss the global-batch loss and DDP's gradient average
-    # the exact full-batch gradient.
-    common = {"local_loss": False, "gather_with_grad": True, "cache_labels": True,
-              "rank": dist.rank, "world_size": dist.world}
-    if is_coca:
-        return CoCaLoss(caption_loss_weight=recipe.loss.caption_weight,
-                        clip_loss_weight=recipe.loss.contrastive_weight, pad_id=pad_id, **common)
-    if recipe.loss.caption_weight:
-        raise ValueError(f"loss.caption_weight needs a CoCa model; {recipe.model.name} is a CLIP")
-    return _Weighted(ClipLoss(**common), recipe.loss.contrastive_weight)
-
-
-class _Weighted(torch.nn.Module):
-    def __init__(self, loss: torch.nn.Module, weight: float):
-        super().__init__()
-        self.loss, self.weight = loss, weight
-
-    def forward(self, image_features, text_features, logit_scale, output_dict=True, **_):
-        return {"contrastive_loss": self.weight * self.loss(image_features, text_features, logit_scale)}
+def make_loss(recipe: Recipe, dist: Dist, cfg: dict, pad_id: int) -> Loss:
+    """The recipe's loss for this model; a loss the model cannot take is refused, never swapped."""
+    has_bias = cfg.get("init_logit_bias") is not None
+    kind = recipe.loss.kind if recipe.loss.kind != "auto" else ("sigmoid" if has_bias else "softmax")
+    if kind == "sigmoid" and not has_bias:
+        raise SetupError(f"loss.kind=sigmoid needs a model with a logit_bias; {recipe.model.name} has none (use an "
+                         "open_clip *-SigLIP model or model.overrides={init_logit_bias: -10})")
+    if kind == "softmax" and has_bias:
+        raise SetupError(f"{recipe.model.name} has a logit_bias (a SigLIP model) that the softmax loss would ignore: "
+                         "use loss.kind=sigmoid (or auto)")
+    if recipe.loss.caption_weight and "multimodal_cfg" not in cfg:
+        raise SetupError(f"loss.caption_weight needs a CoCa model; {recipe.model.name} is a CLIP")
+    return Loss(kind=kind, contrastive_weight=recipe.loss.contrastive_weight,
+                caption_weight=recipe.loss.caption_weight, pad_id=pad_id, rank=dist.rank, world=dist.world)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -278,41 +322,53 @@ def wrap_parallel(model: torch.nn.Module, recipe: Recipe, dist: Dist) -> torch.n
 # ---------------------------------------------------------------- the step
 
 
-def train_step(model, loss_fn, micro: list[tuple[torch.Tensor, torch.Tensor]], autocast) -> dict[str, float]:
-    """Forward + backward over ``micro`` micro-batches as if they were one batch; returns the losses.
+FEATURES = ("image_features", "text_features")
+
+
+def train_step(model, loss: Loss, micro: list[tuple[torch.Tensor, torch.Tensor]], autocast) -> dict[str, float]:
+    """Forward + backward over ``micro`` micro-batches as if they were one batch; returns this rank's losses.
 
     Gradients are accumulated into ``.grad`` (the caller zeroes them and steps the optimiser).
     """
-    if len(micro) == 1:
-        images, texts = micro[0]
-        with autocast():
-            losses = loss_fn(**model(images, texts), output_dict=True)
-            total = sum(losses.values())
-        total.backward()
-        return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
-
-    # Pass 1: every micro-batch's outputs without gradients, to stand in for the others in pass 2.
+    tokens = sum(loss.caption_tokens(t) for _, t in micro) if loss.caption_weight else 0
+    # Pass 1 (only with accumulation): every micro-batch's embeddings without gradients, to stand in for
+    # the others in pass 2. CoCa's full-vocabulary logits are dropped at once, never cached.
     cached: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad(), autocast():
-        for images, texts in micro:
-            for key, value in model(images, texts).items():
-                if key not in ("logit_scale", "logit_bias"):
-                    cached.setdefault(key, []).append(value)
-    # Pass 2: recompute one micro-batch at a time with gradients, loss over the whole batch. The sum
-    # over j of these gradients is the gradient of the full-batch loss. DDP syncs on the last one only.
+    if len(micro) > 1:
+        with torch.no_grad(), autocast():
+            for images, texts in micro:
+                out = model(images, texts)
+                for key in FEATURES:
+                    cached.setdefault(key, []).append(out[key])
+                del out
+    # Pass 2: recompute one micro-batch at a time with gradients, contrastive loss over the whole batch,
+    # caption loss over this micro-batch's tokens. The sum over j of these gradients is the gradient of
+    # the full-batch loss. DDP syncs on the last one only.
+    totals: dict[str, float] = {}
     for j, (images, texts) in enumerate(micro):
         last = j == len(micro) - 1
         with _grad_sync(model, last):
             with autocast():
                 out = model(images, texts)
-                inputs = {k: torch.cat(v[:j] + [out[k]] + v[j + 1 :]) for k, v in cached.items()}
-                # The temperature enters every pass's loss; let only the last pass carry its gradient, or
-                # it would be counted once per micro-batch.
-                inputs.update({k: v if last else v.detach() for k, v in out.items() if k not in cached})
-                losses = loss_fn(**inputs, output_dict=True)
-                total = sum(losses.values())
+                feats = {k: torch.cat(v[:j] + [out[k]] + v[j + 1 :]) for k, v in cached.items()} or \
+                    {k: out[k] for k in FEATURES}
+                # The temperature (and SigLIP's bias) enter every pass's loss; let only the last pass carry
+                # their gradient, or it would be counted once per micro-batch.
+                scale, bias = out["logit_scale"], out.get("logit_bias")
+                if not last:
+                    scale, bias = scale.detach(), None if bias is None else bias.detach()
+                parts = {}
+                if loss.contrastive_weight or "logits" not in out:
+                    parts["contrastive_loss"] = loss.contrastive(feats["image_features"], feats["text_features"],
+                                                                 scale, bias)
+                if "logits" in out:
+                    parts["caption_loss"] = loss.caption(out["logits"], out["labels"], tokens)
+                total = sum(parts.values())
             total.backward()
-    return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+        for k, v in parts.items():
+            # the contrastive value is the whole batch's in every pass; caption parts add up
+            totals[k] = v.item() if k == "contrastive_loss" else totals.get(k, 0.0) + v.item()
+    return {"loss": sum(totals.values()), **totals}
 
 
 @contextlib.contextmanager
@@ -343,6 +399,16 @@ def sync_replicated_grads(model) -> None:
     flat /= torch.distributed.get_world_size()
     for p, g in zip(params, flat, strict=True):
         p.grad.copy_(g)
+
+
+def mean_over_ranks(values: dict[str, float], dist: Dist) -> dict[str, float]:
+    """Each rank's losses are its local share; the full-batch loss is their mean."""
+    if dist.world == 1:
+        return values
+    keys = sorted(values)
+    flat = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(flat, group=dist.slow_group)
+    return {k: float(v) / dist.world for k, v in zip(keys, flat, strict=True)}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -440,19 +506,31 @@ def load_checkpoint(path: Path, model, optimizer, recipe: Recipe, dist: Dist) ->
         raise SystemExit(f"{path} was made by a different recipe; use another --output or --resume never")
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
-    loader_state = None
+    # The data position is global (the same on every rank), so any world size continues the stream where
+    # it stopped; samples found broken by any rank are known to all.
+    if any("position" not in s for s in ckpt["loaders"]):
+        raise SystemExit(f"{path} was written by an older trainer whose data order cannot be continued; "
+                         "use another --output or --resume never")
+    positions = {s["position"] for s in ckpt["loaders"]}
+    if len(positions) != 1:
+        raise SystemExit(f"{path}: the ranks' data positions differ ({sorted(positions)}); the checkpoint is damaged")
+    bad = sorted({b for s in ckpt["loaders"] for b in s.get("bad", [])})
+    loader_state = {"position": positions.pop(), "bad": bad}
     if ckpt["world"] == dist.world:
-        loader_state = ckpt["loaders"][dist.rank]
         _set_rng_state(ckpt["rng"][dist.rank])
     else:
-        log.warning("checkpoint was written by %d ranks, now %d: data order restarts", ckpt["world"], dist.world)
+        log.info("checkpoint written by %d ranks, resumed on %d: the data stream continues at sample %d",
+                 ckpt["world"], dist.world, loader_state["position"])
+    if ckpt["step"] > recipe.train.steps:
+        raise SystemExit(f"{path} is at step {ckpt['step']}, past train.steps={recipe.train.steps}")
     return ckpt["step"], loader_state
 
 
 def _resume_key(recipe: Recipe) -> dict:
-    """What must match to resume: everything but when to stop, log, evaluate and save."""
+    """What must match to resume: everything but when to stop (``steps`` may be raised to extend a run;
+    the cosine then spans the new total), log, evaluate and save, and the device and world size."""
     d = recipe.model_dump(mode="json")
-    for k in ("stop_at", "log_every", "eval_every", "ckpt_every", "tensorboard", "device", "save_timeout_min"):
+    for k in ("steps", "stop_at", "log_every", "eval_every", "ckpt_every", "tensorboard", "device", "save_timeout_min"):
         d["train"].pop(k)
     d["data"].pop("workers")
     d.pop("eval")
@@ -516,10 +594,9 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
     model = build_model(recipe, cfg, dist.device)
     image_size = cfg["vision_cfg"]["image_size"]
     image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
-    is_coca = "multimodal_cfg" in cfg
     model = wrap_parallel(model, recipe, dist)
     optimizer = make_optimizer(model, recipe)
-    loss_fn = make_loss(recipe, dist, is_coca, tokenizer.pad_id)
+    loss_fn = make_loss(recipe, dist, cfg, tokenizer.pad_id)
 
     step, loader_state = 0, None
     ckpt = latest_checkpoint(out) if resume == "auto" else None
@@ -533,8 +610,9 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
             shutil.rmtree(out / "checkpoints")
 
     micro = recipe.micro_batch(dist.world)
+    source = mixmod.make_source(recipe, data, seed=recipe.train.seed)
     loader = datamod.make_loader(
-        recipe.data.loader, datamod.find_shards(data), recipe.data, state=loader_state, image_size=image_size,
+        recipe.data.loader, source, recipe.data, state=loader_state, image_size=image_size,
         batch_size=micro, rank=dist.rank, world=dist.world, seed=recipe.train.seed,
         device_id=dist.device.index if dist.device.type == "cuda" else None,
     )
@@ -590,7 +668,7 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
         lr = warmup_cosine(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total, final_lr=o.final_lr)
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
-        losses = train_step(model, loss_fn, batches, autocast)
+        losses = mean_over_ranks(train_step(model, loss_fn, batches, autocast), dist)
         sync_replicated_grads(model)
         if o.clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
@@ -604,7 +682,8 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
         if step % recipe.train.log_every == 0 or step == stop:
             elapsed = time.perf_counter() - t_log
             last = {"step": step, "lr": lr, **losses, "logit_scale": _full(unwrap(model).logit_scale).exp().item(),
-                    "samples_per_s": samples / elapsed, "data_wait_frac": wait / elapsed}
+                    "samples_per_s": samples / elapsed, "data_wait_frac": wait / elapsed,
+                    **mixmod.count_row(source, loader.state()["position"])}
             emit(last)
             if dist.main:
                 log.info("step %d loss %.4f lr %.3g %.1f samples/s (data wait %.0f%%)", step, losses["loss"], lr,
@@ -634,7 +713,9 @@ def train(recipe: Recipe, *, data: str, output: str, val: str | None = None, res
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="exported dataset directory (shards/*.tar + .idx + sizes.json)")
+    p.add_argument("--data", action="append", default=[], metavar="EXPORT[:WEIGHT]",
+                   help="exported dataset (shards/*.tar + .idx + sizes.json); repeat with weights to mix "
+                        "several: --data A:0.7 --data B:0.3 (sampled with replacement)")
     p.add_argument("--recipe", help="recipe YAML (trainer/recipes/*.yaml); defaults if omitted")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. model.tiny=true train.global_batch=8 (repeatable)")
@@ -665,15 +746,21 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad recipe: train.tensorboard=true needs the tensorboard package: pip install 'curate[tensorboard]'")
         return 2
     try:  # fail before any model is built when the data is not there
-        datamod.find_shards(args.data)
+        recipe, data = mixmod.resolve(args.data, recipe)
+        for path in [e.path for e in recipe.data.mix] or [data]:
+            datamod.find_shards(path)
         if args.val_data:
-            datamod.find_val(args.data, args.val_data)
+            datamod.find_val(data, args.val_data)
         load_zeroshot_sets(recipe)
     except (OSError, ValueError) as e:
         log.error("bad data: %s", e)
         return 2
     output = args.output or str(Path("runs") / recipe.name)
-    result = train(recipe, data=args.data, output=output, val=args.val_data, resume=args.resume)
+    try:
+        result = train(recipe, data=data, output=output, val=args.val_data, resume=args.resume)
+    except SetupError as e:
+        log.error("cannot train: %s", e)
+        return 2
     if result["eval"] is not None and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"step": result["step"], **result["eval"]}))
     return 0

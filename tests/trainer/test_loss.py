@@ -24,6 +24,19 @@ def clip_reference(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) ->
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+# model configs as make_loss reads them: a CoCa has a multimodal tower, a CLIP does not
+CLIP_CFG: dict = {}
+COCA_CFG: dict = {"multimodal_cfg": {}}
+
+
+def _parts(loss, img, txt, scale, logits=None, labels=None) -> dict[str, torch.Tensor]:
+    """The loss's parts for one whole batch, as the training step adds them up."""
+    out = {"contrastive_loss": loss.contrastive(img, txt, scale)}
+    if logits is not None:
+        out["caption_loss"] = loss.caption(logits, labels, int((labels != loss.pad_id).sum()))
+    return out
+
+
 def _features(n: int = 6, d: int = 5, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     img = F.normalize(torch.randn(n, d, generator=g), dim=-1)
@@ -34,36 +47,34 @@ def _features(n: int = 6, d: int = 5, seed: int = 0):
 @pytest.mark.parametrize("weight", [1.0, 0.5, 0.0])
 def test_clip_loss_is_the_weighted_symmetric_cross_entropy(weight):
     r = load_recipe(None, [f"loss.contrastive_weight={weight}"])
-    loss = make_loss(r, Dist(), is_coca=False, pad_id=0)
+    loss = make_loss(r, Dist(), CLIP_CFG, pad_id=0)
     img, txt, scale = _features()
-    got = loss(image_features=img, text_features=txt, logit_scale=scale, output_dict=True)
+    got = _parts(loss, img, txt, scale)
     assert set(got) == {"contrastive_loss"}
     assert got["contrastive_loss"].item() == pytest.approx(weight * clip_reference(img, txt, scale).item(), rel=1e-6)
     # a matched batch scores lower than the same batch with its captions shuffled
     if weight:
-        shuffled = loss(image_features=img, text_features=txt.roll(1, 0), logit_scale=scale, output_dict=True)
-        assert shuffled["contrastive_loss"] > loss(image_features=img, text_features=img, logit_scale=scale,
-                                                   output_dict=True)["contrastive_loss"]
+        shuffled = _parts(loss, img, txt.roll(1, 0), scale)
+        assert shuffled["contrastive_loss"] > _parts(loss, img, img, scale)["contrastive_loss"]
 
 
 def test_caption_weight_on_a_clip_model_is_refused():
     r = load_recipe(None, ["loss.caption_weight=0.5"])
     with pytest.raises(ValueError, match="caption_weight needs a CoCa model"):
-        make_loss(r, Dist(), is_coca=False, pad_id=0)
+        make_loss(r, Dist(), CLIP_CFG, pad_id=0)
 
 
 @pytest.mark.parametrize(("cw", "kw"), [(1.0, 2.0), (0.25, 1.0), (0.0, 1.0)])
 def test_coca_loss_weights_both_parts_and_ignores_padding(cw, kw):
     r = load_recipe(None, [f"loss.contrastive_weight={cw}", f"loss.caption_weight={kw}"])
     pad = 0
-    loss = make_loss(r, Dist(), is_coca=True, pad_id=pad)
+    loss = make_loss(r, Dist(), COCA_CFG, pad_id=pad)
     img, txt, scale = _features(4)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 7, 11, generator=g)
     labels = torch.randint(1, 11, (4, 7), generator=g)
     labels[:, 5:] = pad
-    got = loss(image_features=img, text_features=txt, logits=logits, labels=labels, logit_scale=scale,
-               output_dict=True)
+    got = _parts(loss, img, txt, scale, logits, labels)
     cap = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=pad)
     assert got["caption_loss"].item() == pytest.approx(kw * cap.item(), rel=1e-6)
     assert got["contrastive_loss"].item() == pytest.approx(cw * clip_reference(img, txt, scale).item(), rel=1e-6)
@@ -94,7 +105,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("k", [2, 4])
 def test_accumulated_step_equals_one_whole_batch_step(k):
     r = load_recipe(None, [])
-    loss = make_loss(r, Dist(), is_coca=False, pad_id=0)
+    loss = make_loss(r, Dist(), CLIP_CFG, pad_id=0)
     g = torch.Generator().manual_seed(2)
     images, texts = torch.randn(8, 6, generator=g), torch.randint(0, 20, (8, 3), generator=g)
     model = Toy()
@@ -150,7 +161,7 @@ class SyncToy(Toy):
 
 @pytest.mark.parametrize("style", ["ddp", "fsdp", "none"])
 def test_gradients_sync_on_the_last_micro_batch_only(style):
-    loss = make_loss(load_recipe(None, []), Dist(), is_coca=False, pad_id=0)
+    loss = make_loss(load_recipe(None, []), Dist(), CLIP_CFG, pad_id=0)
     g = torch.Generator().manual_seed(3)
     images, texts = torch.randn(8, 6, generator=g), torch.randint(0, 20, (8, 3), generator=g)
     model = SyncToy(style)
@@ -181,7 +192,7 @@ class CocaToy(Toy):
 @pytest.mark.parametrize("k", [1, 2])
 def test_coca_step_reports_both_losses_and_accumulates_exactly(k):
     r = load_recipe(None, ["loss.caption_weight=2.0"])
-    loss = make_loss(r, Dist(), is_coca=True, pad_id=0)
+    loss = make_loss(r, Dist(), COCA_CFG, pad_id=0)
     g = torch.Generator().manual_seed(4)
     images, texts = torch.randn(4, 6, generator=g), torch.randint(0, 20, (4, 5), generator=g)
     whole_model = CocaToy()

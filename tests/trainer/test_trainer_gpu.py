@@ -30,7 +30,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_real_size_recipe_builds_and_takes_a_bf16_step(recipe, tmp_path):
     """Each recipe's full-size model (real towers, real context length) trains one step at batch 4."""
-    sets = []
+    sets = ["model.allow_random_locked=true"]
     r0 = load_recipe(recipe)
     if r0.tokenizer.kind == "sentencepiece":
         import sentencepiece as spm
@@ -48,7 +48,7 @@ def test_real_size_recipe_builds_and_takes_a_bf16_step(recipe, tmp_path):
     cfg = model_config(r, tok.info)
     model = build_model(r, cfg, device)
     opt = make_optimizer(model, r)
-    loss_fn = make_loss(r, Dist(device=device), "multimodal_cfg" in cfg, tok.pad_id)
+    loss_fn = make_loss(r, Dist(device=device), cfg, tok.pad_id)
     size = cfg["vision_cfg"]["image_size"]
     images = torch.randn(4, 3, size, size, device=device)
     texts = tok(["a photo of a cat"] * 4).to(device)
@@ -70,10 +70,83 @@ def test_real_size_recipe_builds_and_takes_a_bf16_step(recipe, tmp_path):
 def test_dali_mixed_decode_matches_cpu_decode(dataset):
     shards = D.find_shards(dataset["val"])
     cfg = DataConfig(workers=2)
-    gpu = D.DaliLoader(shards, cfg, image_size=32, batch_size=24, train=False, device_id=0).next()
-    cpu = D.DaliLoader(shards, cfg, image_size=32, batch_size=24, train=False).next()
+    source = D.Source(shards, shuffle=False)
+    gpu = D.DaliLoader(source, cfg, image_size=32, batch_size=24, train=False, device_id=0).next()
+    cpu = D.DaliLoader(source, cfg, image_size=32, batch_size=24, train=False).next()
     assert gpu.images.is_cuda and gpu.keys == cpu.keys
     assert (gpu.images.cpu() - cpu.images).abs().mean().item() < 0.05
+
+
+def test_dali_mixed_from_s3_augments_like_the_cpu_loaders(dataset, s3_bucket):
+    """nvJPEG ROI decode + GPU resize/jitter, bytes streamed from S3 (moto), vs DALI CPU and PIL on the
+    local copy: same keys, same captions, pixels within the CPU loaders' tolerance band."""
+    from test_trainer_data import _upload
+
+    from trainer.config import ColorJitter
+
+    url = _upload(Path(dataset["train"]), s3_bucket, "train")
+    cfg = DataConfig(workers=2, flip=True, scale=(0.5, 1.0),
+                     color_jitter=ColorJitter(p=1.0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1))
+    remote = D.make_source(D.find_shards(url), cfg, seed=5)
+    local = D.make_source(D.find_shards(dataset["train"]), cfg, seed=5)
+    gpu = D.DaliLoader(remote, cfg, image_size=64, batch_size=32, seed=5, device_id=0)
+    cpu = D.DaliLoader(local, cfg, image_size=64, batch_size=32, seed=5)
+    pil = D.TorchLoader(local, cfg, image_size=64, batch_size=32, seed=5)
+    std = torch.tensor(D.NORMALIZE["clip"][1])[:, None, None] * 255
+    for _ in range(4):  # 128 samples: past the 96-sample epoch
+        a, b, c = gpu.next(), cpu.next(), pil.next()
+        assert a.images.is_cuda and a.images.shape == (32, 3, 64, 64)
+        assert a.keys == b.keys == c.keys and a.captions == b.captions
+        for other in (b.images, c.images):
+            levels = (a.images.cpu() - other).abs() * std
+            assert levels.mean(dim=(1, 2, 3)).max() < 3.0, levels.mean(dim=(1, 2, 3))
+    assert gpu.state()["position"] == 128
+
+
+def test_bf16_local_loss_matches_fp32_and_holds_one_logit_matrix():
+    """Under bf16 autocast the local softmax and sigmoid losses give the fp32 value and gradients (bf16
+    embeddings, fp32 logits), and the softmax loss's peak memory is well below torch's cross-entropy's."""
+    from trainer.loss import Loss
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    n, dim = 4096, 512
+    img = torch.nn.functional.normalize(torch.randn(n, dim, device=device), dim=-1)
+    txt = torch.nn.functional.normalize(img + 0.5 * torch.randn(n, dim, device=device), dim=-1)
+    for kind in ("softmax", "sigmoid"):
+        loss = Loss(kind=kind, contrastive_weight=1.0, caption_weight=0.0, pad_id=0)
+        results = []
+        for bf16 in (False, True):
+            leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_()]
+            scale = torch.tensor(20.0, device=device, requires_grad=True)
+            bias = torch.tensor(-5.0, device=device, requires_grad=True)
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cuda", enabled=False)
+            with ctx:
+                a, b = (x.to(torch.bfloat16) for x in leaves) if bf16 else leaves
+                value = loss.contrastive(a, b, scale, bias if kind == "sigmoid" else None)
+            value.backward()
+            results.append((float(value), leaves[0].grad.float(), float(scale.grad)))
+        (v32, g32, s32), (v16, g16, s16) = results
+        assert abs(v16 - v32) <= 0.02 * abs(v32), (kind, v16, v32)
+        cos = torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)
+        assert cos > 0.99, (kind, float(cos))
+        assert abs(s16 - s32) <= 0.05 * abs(s32) + 1e-3, (kind, s16, s32)
+
+    def peak(fn) -> int:
+        leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_()]
+        scale = torch.tensor(20.0, device=device, requires_grad=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(*leaves, scale).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    labels = torch.arange(n, device=device)
+    ours = peak(Loss(kind="softmax", contrastive_weight=1.0, caption_weight=0.0, pad_id=0).contrastive)
+    plain = peak(lambda i, t, s: (torch.nn.functional.cross_entropy(s * i @ t.T, labels)
+                                  + torch.nn.functional.cross_entropy(s * t @ i.T, labels)) / 2)
+    assert ours < 0.6 * plain, (ours, plain)
 
 
 def test_tiny_training_run_on_gpu(dataset, tmp_path):

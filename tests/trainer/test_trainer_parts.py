@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def hf_tokenizer(tmp_path_factory) -> str:
 
 
 def _tiny_sets(recipe: Path, spm_model: str) -> list[str]:
-    sets = ["model.tiny=true", "train.global_batch=8", "train.accum=1"]
+    sets = ["model.tiny=true", "train.global_batch=8", "train.accum=1", "model.allow_random_locked=true"]
     if load_recipe(recipe).tokenizer.kind == "sentencepiece":
         sets.append(f"tokenizer.name={spm_model}")
     return sets
@@ -166,14 +167,22 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["ViT-B-32", "coca_ViT-B-32"])
-def test_accumulating_k_micro_batches_equals_one_big_batch(name):
+ACCUM_MODELS = {
+    "clip": ["model.name=ViT-B-32"],
+    "coca": ["model.name=coca_ViT-B-32", "loss.caption_weight=0.5"],
+    "siglip": ["model.name=ViT-B-32", "model.overrides={init_logit_bias: -10.0}"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ACCUM_MODELS))
+def test_accumulating_k_micro_batches_equals_one_big_batch(kind):
     torch.manual_seed(0)
-    r = load_recipe(None, ["model.tiny=true", f"model.name={name}", "tokenizer.context_length=12",
-                           f"loss.caption_weight={0.5 if 'coca' in name else 0}"])
+    r = load_recipe(None, ["model.tiny=true", "tokenizer.context_length=12", *ACCUM_MODELS[kind]])
     tok = Tokenizer(r.tokenizer)
-    model = build_model(r, model_config(r, tok.info), torch.device("cpu"))
-    loss_fn = make_loss(r, Dist(), "coca" in name, tok.pad_id)
+    cfg = model_config(r, tok.info)
+    model = build_model(r, cfg, torch.device("cpu"))
+    loss_fn = make_loss(r, Dist(), cfg, tok.pad_id)
+    assert loss_fn.kind == ("sigmoid" if kind == "siglip" else "softmax")
     images, texts = torch.randn(8, 3, 32, 32), tok(CAPTIONS[:8])
 
     whole = train_step(model, loss_fn, [(images, texts)], contextlib.nullcontext)
@@ -184,7 +193,11 @@ def test_accumulating_k_micro_batches_equals_one_big_batch(name):
     g_accum = _grads(model)
 
     assert accum["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    if kind == "coca":  # the caption loss is summed per micro-batch over the batch's tokens
+        assert accum["caption_loss"] == pytest.approx(whole["caption_loss"], rel=1e-5) and whole["caption_loss"] > 0
     assert g_whole.keys() == g_accum.keys() and len(g_whole) > 10
+    if kind == "siglip":
+        assert "logit_bias" in g_whole
     for k in g_whole:
         torch.testing.assert_close(g_accum[k], g_whole[k], rtol=1e-4, atol=1e-6, msg=k)
 
@@ -195,35 +208,73 @@ def test_accumulating_k_micro_batches_equals_one_big_batch(name):
     assert abs(naive - whole["loss"]) > 1e-3
 
 
+def test_sigmoid_loss_matches_its_definition():
+    # Independent oracle: SigLIP's loss written out pair by pair.
+    from trainer.loss import Loss
+
+    torch.manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-3.0)
+    expected = 0.0
+    for i in range(5):
+        for j in range(5):
+            z = 1.0 if i == j else -1.0
+            expected -= math.log(1 / (1 + math.exp(-z * (10 * float(img[i] @ txt[j]) - 3))))
+    got = Loss(kind="sigmoid", contrastive_weight=1.0, caption_weight=0.0, pad_id=0).contrastive(img, txt, scale, bias)
+    assert float(got) == pytest.approx(expected / 5, rel=1e-5)
+
+
+def test_siglip_models_get_the_sigmoid_loss_or_a_one_line_refusal(dataset, tmp_path, caplog):
+    import open_clip
+
+    from trainer.train import SetupError
+
+    siglip = next(n for n in open_clip.list_models() if n.endswith("-SigLIP"))
+    assert open_clip.get_model_config(siglip).get("init_logit_bias") is not None
+    for sets, message in ((["model.overrides={init_logit_bias: -10.0}", "loss.kind=softmax"], "has a logit_bias"),
+                          (["loss.kind=sigmoid"], "needs a model with a logit_bias")):
+        r = load_recipe(None, ["model.tiny=true", *sets])
+        with pytest.raises(SetupError, match=message):
+            make_loss(r, Dist(), model_config(r, Tokenizer(r.tokenizer).info), 0)
+        argv = ["--data", dataset["train"], "--output", str(tmp_path / "x"), "--set", "model.tiny=true", *sets]
+        assert main(argv) == 2 and message in caplog.text
+
+
 # ---------------------------------------------------------------- loaders
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_dali_and_dataloader_yield_the_same_keys_per_epoch(dataset, world):
-    shards = D.find_shards(dataset["train"])
-    cfg = DataConfig(flip=True, workers=1, shuffle_buffer=16)
-    union: set[str] = set()
-    for rank in range(world):
-        epochs = {}
-        for kind in ("dali", "torch"):
-            loader = D.make_loader(kind, shards, cfg, image_size=32, batch_size=5, rank=rank, world=world, seed=1)
-            n, keys = loader.epoch_size, []
-            while len(keys) < 2 * n:  # batch 5 does not divide the epoch: batches straddle epochs
+@pytest.mark.parametrize("world", [2, 3])
+def test_both_loaders_yield_one_stream_whatever_the_world_size(dataset, world):
+    """Rank r's micro-batches, concatenated rank by rank, are the 1-rank stream; both loaders agree."""
+    cfg = DataConfig(flip=True, workers=1, shuffle_buffer=16, shuffle_block=4)
+    source = D.make_source(D.find_shards(dataset["train"]), cfg, seed=1)
+    n = len(source)
+    micro = 4
+    steps = 2 * n // (world * micro) + 1  # two epochs and a bit: batches straddle the epoch boundary
+    one = D.make_loader("torch", source, cfg, image_size=32, batch_size=world * micro, seed=1)
+    single = [k for _ in range(steps) for k in one.next().keys]
+    streams = {}
+    for kind in ("dali", "torch"):
+        loaders = [D.make_loader(kind, source, cfg, image_size=32, batch_size=micro, rank=r, world=world, seed=1)
+                   for r in range(world)]
+        keys = []
+        for _ in range(steps):
+            for loader in loaders:
                 batch = loader.next()
-                assert batch.images.shape == (5, 3, 32, 32) and len(batch.captions) == 5
+                assert batch.images.shape == (micro, 3, 32, 32) and len(batch.captions) == micro
                 keys += batch.keys
-            epochs[kind] = [sorted(keys[:n]), sorted(keys[n : 2 * n])]
-            assert len(set(keys[:n])) == n and keys[:n] != keys[n : 2 * n]  # every sample once, reshuffled
-        assert epochs["dali"] == epochs["torch"], f"rank {rank} of {world}"
-        union |= set(epochs["dali"][0])
-    assert union == set(dataset["train_keys"])
+        streams[kind] = keys
+    assert streams["dali"] == streams["torch"] == single
+    assert sorted(single[:n]) == sorted(dataset["train_keys"])  # every sample once per epoch
+    assert sorted(single[n : 2 * n]) == sorted(dataset["train_keys"]) and single[:n] != single[n : 2 * n]
 
 
 def test_dali_and_torchvision_preprocess_alike(dataset):
     # Deterministic path (resize shorter side + centre crop): the two implementations agree closely.
-    shards = D.find_shards(dataset["val"])
     cfg = DataConfig(workers=1)
-    dali = D.DaliLoader(shards, cfg, image_size=32, batch_size=24, train=False).next()
+    shards = D.find_shards(dataset["val"])
+    dali = D.DaliLoader(D.Source(shards, shuffle=False), cfg, image_size=32, batch_size=24, train=False).next()
     torch_batch = next(D.eval_batches(shards, cfg, image_size=32, batch_size=24, limit=24))
     assert dali.keys == torch_batch.keys and dali.captions == torch_batch.captions
     diff = (dali.images - torch_batch.images).abs().mean().item()
@@ -236,18 +287,18 @@ def test_splits_recorded_by_export_pick_train_and_val_shards(dataset, tmp_path):
     import json
     import shutil
 
-    root = tmp_path / "ds"
+    root = str(tmp_path / "ds")
     shutil.copytree(dataset["train"], root)
     all_tars = [t for t, _ in D.find_shards(root, None)]
     assert [t for t, _ in D.find_shards(root)] == all_tars and D.find_val(root, None) is None
     # export's manifest: train shards first, held-out shards after them
-    manifest = json.loads((root / "_manifest.json").read_text())
+    manifest = json.loads(Path(root, "_manifest.json").read_text())
     manifest["splits"] = {"train": {"shards": [0, 1, 2], "rows": 72}, "val": {"shards": [3], "rows": 24}}
-    (root / "_manifest.json").write_text(json.dumps(manifest))
+    Path(root, "_manifest.json").write_text(json.dumps(manifest))
     assert [t for t, _ in D.find_shards(root)] == all_tars[:3]
     assert [t for t, _ in D.find_val(root, None)] == all_tars[3:]
     # an explicit --val-data wins; a dataset without splits is evaluated whole
-    assert len(D.index_samples(D.find_val(root, dataset["val"]))) == 24
+    assert sum(map(len, D.index_samples(D.find_val(root, dataset["val"])))) == 24
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -259,8 +310,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = build_model(r, model_config(r, tok.info), torch.device("cpu"))
         model.set_grad_checkpointing(checkpointing)
-        train_step(model, make_loss(r, Dist(), False, tok.pad_id), [(images, texts)], contextlib.nullcontext)
+        train_step(model, make_loss(r, Dist(), model_config(r, tok.info), tok.pad_id), [(images, texts)], contextlib.nullcontext)
         grads.append(_grads(model))
     assert model.visual.transformer.grad_checkpointing
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_softmax_loss_value_and_gradients_match_plain_cross_entropy():
+    # Independent oracle: torch's cross-entropy over the full logits, both directions, halved.
+    from trainer.loss import Loss
+
+    torch.manual_seed(2)
+    leaves = [torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).requires_grad_() for _ in range(2)]
+    scale = torch.tensor(7.0, requires_grad=True)
+    got = Loss(kind="softmax", contrastive_weight=1.0, caption_weight=0.0, pad_id=0).contrastive(*leaves, scale)
+    got_grads = torch.autograd.grad(got, [*leaves, scale])
+    img, txt = leaves
+    logits = scale * img @ txt.T
+    labels = torch.arange(6)
+    ref = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    ref_grads = torch.autograd.grad(ref, [*leaves, scale])
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
