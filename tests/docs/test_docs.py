@@ -109,7 +109,7 @@ COVERAGE = [
     (r"pip install -c infra/constraints\.txt",
      "test:tests/ops/test_infra.py::test_dockerfile_installs_exactly_what_the_readme_says"),
     (r"torchrun --nproc-per-node 8 -m trainer\.train \.\.\.",
-     "test:tests/trainer/test_trainer_run.py::test_torchrun_two_processes_gloo_ddp_and_fsdp_agree"),
+     "test:tests/trainer/test_trainer_run.py::test_torchrun_two_processes_gloo_ddp_and_fsdp_equal_one_process"),
     (r"infra/local-cluster\.sh (start|stop)", "test:tests/ops/conftest.py::cluster"),
     (r"infra/local-cluster\.sh status",
      "test:tests/ops/test_infra.py::test_the_probed_endpoint_answers_without_the_token_and_the_job_api_does_not"),
