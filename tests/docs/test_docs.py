@@ -97,7 +97,10 @@ COVERAGE = [
     (r"make (demo|test)$", "run:test_make_targets_are_the_documented_commands"),
     (r"curate <stage> |curate run pipelines/demo\.yaml \[|curate (inspect|verify|config) [A-Z]",
      "run:test_cli_synopses_name_real_options"),
-    (r"python -m trainer\.train --data DATASET ", "run:test_cli_synopses_name_real_options"),
+    (r"python -m trainer\.train --data DATASET |python -m trainer\.(eval|tokenizer) |curate compare ",
+     "run:test_cli_synopses_name_real_options"),
+    (r"torchrun --nproc-per-node 8 -m trainer\.eval \.\.\.",
+     "test:tests/trainer/test_eval.py::test_two_ranks_split_the_eval_and_agree_with_one"),
     (r"curate (download|import|filter|dedup|clip|safety|decontaminate|recaption|export) |curate verify data/"
      r"|python -m trainer\.train --data data/train", "run:test_readme_tour"),
     (r"python -m curate\.heads ", "run:test_readme_safety_heads_block"),
@@ -106,7 +109,7 @@ COVERAGE = [
     (r"pip install -c infra/constraints\.txt",
      "test:tests/ops/test_infra.py::test_dockerfile_installs_exactly_what_the_readme_says"),
     (r"torchrun --nproc-per-node 8 -m trainer\.train \.\.\.",
-     "test:tests/trainer/test_trainer_run.py::test_torchrun_two_processes_gloo_ddp_and_fsdp_agree"),
+     "test:tests/trainer/test_trainer_run.py::test_torchrun_two_processes_gloo_ddp_and_fsdp_equal_one_process"),
     (r"infra/local-cluster\.sh (start|stop)", "test:tests/ops/conftest.py::cluster"),
     (r"infra/local-cluster\.sh status",
      "test:tests/ops/test_infra.py::test_the_probed_endpoint_answers_without_the_token_and_the_job_api_does_not"),
@@ -159,9 +162,9 @@ def test_cli_synopses_name_real_options(capsys):
     """`curate <stage> ... [--config stage.yaml]` and the like: every option a synopsis names is one
     the command takes (its --help lists it), for every stage where it says <stage>."""
     from curate import stages
-    from trainer.train import parse_args
 
-    synopses = [c for src, c in all_commands() if re.match(r"curate <stage> |curate \w+ \[?[A-Z]|curate run .*\[", c)]
+    synopses = [c for src, c in all_commands()
+                if re.match(r"curate <stage> |curate \w+ \[?[A-Z]|curate run .*\[|curate compare ", c)]
     assert len(synopses) >= 5, synopses
     for syn in synopses:
         words = syn.split()
@@ -171,13 +174,13 @@ def test_cli_synopses_name_real_options(capsys):
             text = capsys.readouterr().out
             for opt in re.findall(r"--[a-z][a-z-]*", syn):
                 assert opt in text, (syn, name, opt)
-    (train,) = [c for _, c in all_commands() if c.startswith("python -m trainer.train --data DATASET")]
-    with pytest.raises(SystemExit) as e:
-        parse_args(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for opt in re.findall(r"--[a-z][a-z-]*", train):
-        assert opt in text, opt
+    for syn in [c for _, c in all_commands() if re.match(r"python -m trainer\.(train --data DATASET|eval |tokenizer )", c)]:
+        module = syn.split()[2]
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-1000:]
+        for opt in re.findall(r"--[a-z][a-z-]*", syn):
+            assert opt in proc.stdout, (syn, opt)
 
 
 def test_make_targets_are_the_documented_commands():
@@ -313,12 +316,18 @@ def _run_documented(cmds: list[str], cwd: Path) -> None:
         assert argv[0] == "curate" or argv[:3] == ["python", "-m", "trainer.train"], cmd
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, *cmds], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", _RUNNER, *cmds], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=900)
+        # Ray gives its own node 30 s to register (not configurable in 2.60); on an overloaded machine
+        # that can pass. Rerunning the commands resumes: complete outputs are skipped.
+        if proc.returncode == 0 or "timed out during startup" not in proc.stderr:
+            break
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several embedded-Ray runs of a whole pipeline; minutes on a loaded machine
 def test_readme_tour(docs_env):
     cmds = _block("README.md", "A tour")
     assert len(cmds) == 13, cmds
