@@ -36,7 +36,7 @@ TRAINER_REAL_SIZE=(tests/trainer/test_trainer_gpu.py::test_real_size_recipe_buil
 # so they must pass there exactly as here (exact resume at 1e-6, the 2-process gloo torchrun).
 TRAINER_CPU=(
   tests/trainer/test_trainer_run.py::test_stop_and_resume_matches_uninterrupted_run
-  tests/trainer/test_trainer_run.py::test_torchrun_two_processes_gloo_ddp_and_fsdp_agree
+  tests/trainer/test_trainer_run.py::test_torchrun_two_processes_gloo_ddp_and_fsdp_equal_one_process
 )
 CLIP_GPU=(
   tests/clip/test_models.py::test_dali_mixed_gpu_within_tolerance
