@@ -83,11 +83,6 @@ def test_parse_data():
 
 # ---------------------------------------------------------------- with the trainer
 
-# The trainer's position-addressed Source (issue 14) is what a mix is made of; until it is in this tree
-# these runs cannot happen.
-needs_source = pytest.mark.skipif(not hasattr(__import__("trainer.data").data, "make_source"),
-                                  reason="needs trainer.data.Source / make_source (the trainer's loader rework)")
-
 
 @pytest.fixture(scope="module")
 def two_exports(tmp_path_factory):
@@ -99,7 +94,6 @@ def two_exports(tmp_path_factory):
     return root, set(a), set(b)
 
 
-@needs_source
 def test_mixing_real_exports_draws_70_30_with_replacement(two_exports):
     from trainer.config import load_recipe
     from trainer.mix import MixSource, make_source, resolve
@@ -118,7 +112,6 @@ def test_mixing_real_exports_draws_70_30_with_replacement(two_exports):
     assert source.counts(2000) == {"A": len(from_a), "B": 2000 - len(from_a)}
 
 
-@needs_source
 def test_a_mixed_run_logs_counts_and_resumes_exactly(two_exports, tmp_path):
     import json
 
@@ -151,7 +144,6 @@ def test_a_mixed_run_logs_counts_and_resumes_exactly(two_exports, tmp_path):
         main([*other, "--output", str(tmp_path / "full"), "--set", *sets, "train.steps=9"])
 
 
-@needs_source
 def test_data_mistakes_exit_2(two_exports, tmp_path):
     from trainer.train import main
 
