@@ -20,14 +20,12 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import posixpath
 import time
 from collections import Counter
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate import schema
@@ -65,8 +63,9 @@ class DownloadConfig(StageConfig):
     image: ImageConfig = ImageConfig()
 
 
-def _plan_file(ctx_dir: str, n: int) -> str:
-    return posixpath.join(ctx_dir, PLAN_SUBDIR, f"{n:08d}.parquet")
+def _plan_file(n: int) -> str:
+    """Input rows of shard n, in download's plan store."""
+    return f"{n:08d}.parquet"
 
 
 def shard_stats(statuses: list[str], errors: list[str | None]) -> dict[str, Any]:
@@ -126,7 +125,8 @@ class DownloadStage(Stage):
 
         cfg = self.config
         out = ctx.output
-        out.fs.makedirs(out.path(PLAN_DIR, PLAN_SUBDIR), exist_ok=True)
+        store = out.plan_store(PLAN_SUBDIR)
+        out.fs.makedirs(store.path(), exist_ok=True)
         seen: set = set()
         duplicates = 0
         pending: list[pa.Table] = []
@@ -174,7 +174,7 @@ class DownloadStage(Stage):
         return state
 
     def _write_plan_shard(self, out: Dataset, n: int, table: pa.Table) -> None:
-        out.write_table(table, PLAN_DIR, PLAN_SUBDIR, f"{n:08d}.parquet")
+        out.plan_store(PLAN_SUBDIR).write_table(table, _plan_file(n))
 
     def _plan_retry(self, ctx: PlanContext, state: dict[str, Any]) -> dict[str, Any]:
         """Copy transient failures of committed shards into new input shards.
@@ -194,8 +194,8 @@ class DownloadStage(Stage):
         for rnd in rounds:
             for n in rnd["shards"]:
                 if n not in committed:
-                    waiting.update(pq.read_table(_plan_file(out.path(PLAN_DIR), n), columns=[schema.UID],
-                                                 filesystem=out.fs).column(schema.UID).to_pylist())
+                    waiting.update(out.plan_store(PLAN_SUBDIR).read_table(_plan_file(n), columns=[schema.UID])
+                                   .column(schema.UID).to_pylist())
         groups: list[pa.Table] = []
         for n in committed:
             if not out.fs.exists(out.shard_path(n, "rejects.parquet")):
@@ -210,7 +210,7 @@ class DownloadStage(Stage):
                                        rej.column(schema.UID).to_pylist(), strict=True)]
             if not any(want):
                 continue
-            input_cols = [c for c in pq.read_schema(_plan_file(out.path(PLAN_DIR), n), filesystem=out.fs).names
+            input_cols = [c for c in out.plan_store(PLAN_SUBDIR).read_schema(_plan_file(n)).names
                           if c not in (DUP_COL, RETRY_COL) and c in rej.column_names]
             t = _plain(rej.filter(pa.array(want)).select(input_cols))
             groups.append(t.append_column(RETRY_COL, pa.array([n] * t.num_rows, pa.int64())))
@@ -253,7 +253,7 @@ class DownloadStage(Stage):
 
     # -- one shard -------------------------------------------------------------------------------
     def load(self, shard: int, ctx: ShardContext) -> pa.Table:
-        return pq.read_table(_plan_file(ctx.plan_dir, shard), filesystem=ctx.output.fs)
+        return ctx.plan_store(PLAN_SUBDIR).read_table(_plan_file(shard))
 
     def process(self, table: pa.Table, ctx: ShardContext) -> pa.Table:
         if self._phash is None and self.config.compute_phash:

@@ -46,7 +46,7 @@ from pydantic import Field, field_validator
 
 from curate import phash, schema
 from curate.config import ConfigError
-from curate.dataset import PLAN_DIR, Dataset, to_url, uid_for, url_to_fs
+from curate.dataset import Dataset, to_url, uid_for, url_to_fs
 from curate.images import SAFE_FORMATS, ImageFormat, ImageRejected, error_text, open_image
 from curate.stage import PlanContext, ShardContext, Stage, StageConfig
 from curate.wds import IDX_VERSION, TarScan, iter_tar
@@ -54,8 +54,9 @@ from curate.wds import IDX_VERSION, TarScan, iter_tar
 log = logging.getLogger(__name__)
 
 STAGE = "import"
-PLAN_FILE = "import.json"
-EARLIER_UIDS_FILE = "import_earlier_uids.json"  # shard -> input uids an earlier tar already has
+PLAN_SUBDIR = "import"  # the stage's plan store, _plan/import/
+PLAN_FILE = "tars.json"
+EARLIER_UIDS_FILE = "earlier_uids.json"  # shard -> input uids an earlier tar already has
 MAX_EXAMPLES = 10  # names of odd keys kept in a shard's stats
 JSON_EXTRA = "json_extra"  # the per-row JSON text of the json fields beyond max_json_columns
 BAD_MEMBER = "bad_member"
@@ -468,14 +469,15 @@ class ImportStage(Stage):
                 "import: %d input uids repeat a uid of an earlier tar; rejected as import:duplicate_uid",
                 sum(map(len, earlier.values())),
             )
-        ctx.output.write_json(earlier, PLAN_DIR, EARLIER_UIDS_FILE)
-        ctx.output.write_json(tars, PLAN_DIR, PLAN_FILE)
+        store = ctx.plan_store(PLAN_SUBDIR)
+        store.write_json(earlier, EARLIER_UIDS_FILE)
+        store.write_json(tars, PLAN_FILE)
         kinds = Counter("img2dataset" if t["parquet"] else "webdataset" for t in tars)
         log.info("import: %d tars under %s (%s)", len(tars), ctx.input_path, dict(kinds))
         return [t["shard"] for t in tars]
 
     def _entry(self, ctx: ShardContext) -> dict[str, Any]:
-        tars = ctx.output.read_json(PLAN_DIR, PLAN_FILE)
+        tars = ctx.plan_store(PLAN_SUBDIR).read_json(PLAN_FILE)
         for t in tars:
             if t["shard"] == ctx.shard:
                 return t
@@ -658,7 +660,7 @@ class ImportStage(Stage):
         for i, e in enumerate(json_cols.pop(schema.ERROR_MESSAGE, [None] * n)):
             errors[i] = errors[i] or _text(e)[0]
         seen_uids: set[str] = set(
-            (ctx.output.read_json(PLAN_DIR, EARLIER_UIDS_FILE) or {}).get(str(ctx.shard), [])
+            (ctx.plan_store(PLAN_SUBDIR).read_json(EARLIER_UIDS_FILE) or {}).get(str(ctx.shard), [])
         )
         rel = entry["rel"]
         for i in range(n):
