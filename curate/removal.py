@@ -214,11 +214,7 @@ def _remove_from(ds: Dataset, doomed: set[str], owned_roots: dict[str, Dataset],
     res: dict[str, Any] = {"dataset": ds.url, "removed_kept": 0, "removed_rejected": 0,
                            "elsewhere": set(journal["elsewhere"])}
     for n in ds.shard_ids():
-        _remove_from_shard(ds, n, doomed_arr, owned_roots, res)
-        if len(res["elsewhere"]) > len(journal["elsewhere"]):
-            # known before the shard's rewrite lands, so a rerun after a kill still reports them
-            journal["elsewhere"] = sorted(res["elsewhere"])
-            ds.write_json(journal, PLAN_DIR, JOURNAL)
+        _remove_from_shard(ds, n, doomed_arr, owned_roots, res, journal)
     res["plan_rows_removed"] = _clean_plan(ds, doomed_arr)
     _clean_npy_embeddings(ds, doomed_arr)
     res["leftovers"] = _plan_text_mentions(ds, doomed)
@@ -226,7 +222,7 @@ def _remove_from(ds: Dataset, doomed: set[str], owned_roots: dict[str, Dataset],
 
 
 def _remove_from_shard(ds: Dataset, n: int, doomed: pa.Array, owned_roots: dict[str, Dataset],
-                       res: dict[str, Any]) -> None:
+                       res: dict[str, Any], journal: dict[str, Any]) -> None:
     """Rewrite shard ``n`` without the doomed rows (and their tar members), if it holds any."""
     kept = ds.read_shard(n)
     rej = ds.read_rejects(n) if ds.fs.exists(ds.shard_path(n, "rejects.parquet")) else None
@@ -240,6 +236,10 @@ def _remove_from_shard(ds: Dataset, n: int, doomed: pa.Array, owned_roots: dict[
     gone = [kept.filter(k_hit)] + ([rej.filter(r_hit)] if n_r else [])
     for t in gone:
         res["elsewhere"] |= _foreign_tars(t, own_tar, owned_roots)
+    if len(res["elsewhere"]) > len(journal["elsewhere"]):
+        # journaled before the shard's rewrite lands: a rerun after a kill finds these rows gone
+        journal["elsewhere"] = sorted(res["elsewhere"])
+        ds.write_json(journal, PLAN_DIR, JOURNAL)
     kept = _clear_dup_of(kept.filter(pc.invert(k_hit)), doomed)
     rej = _clear_dup_of(rej.filter(pc.invert(r_hit)), doomed) if rej is not None else kept.slice(0, 0)
     attempt = new_attempt()

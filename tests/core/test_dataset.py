@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -97,7 +98,7 @@ def _commit(ds: Dataset, n: int, rows: int, tar_rows: int = 0):
 
 @pytest.mark.parametrize("root", ["local", "memory"])
 def test_commit_and_read_back_on_any_filesystem(tmp_path, root):
-    url = str(tmp_path / "ds") if root == "local" else f"memory://curate-test-{id(tmp_path)}/ds"
+    url = str(tmp_path / "ds") if root == "local" else f"memory://curate-test-{uuid.uuid4().hex}/ds"
     ds = Dataset(url)
     assert ds.shard_ids() == [] and not ds.is_complete()
     _commit(ds, 0, 3)
