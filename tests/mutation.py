@@ -75,7 +75,7 @@ TARGETS: dict[str, Target] = {
     ),
     "dataset": Target(
         "curate/dataset.py",
-        ("tests/core/test_dataset.py", "tests/core/test_commit_order.py"),
+        ("tests/core/test_dataset.py", "tests/core/test_commit_order.py", "tests/core/test_dataset_files.py"),
         # naming, the atomic commit and its debris, the committed-shard listing, reading bytes back
         ("tmp_name", "make_key", "digits_for", "Dataset.shard_name", "Dataset.shard_path", "Dataset.write_bytes",
          "Dataset.rename", "Dataset.shard_ids", "Dataset.clear_shard", "Dataset.sweep_tmp", "Dataset.commit_shard",
