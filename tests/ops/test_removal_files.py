@@ -25,7 +25,7 @@ from curate import removal, schema
 from curate.config import fingerprint
 from curate.dataset import Dataset, count_rows, make_key, new_attempt, set_failpoint
 from curate.removal import RemovalError, Request, remove, resolve
-from curate.wds import TarWriter
+from curate.wds import FIXED_MTIME, TarWriter
 
 
 def _uid(name: str, n: int, i: int) -> str:
@@ -354,6 +354,9 @@ def test_blank_region_is_skipped_by_tar_readers():
                 ("k.txt", length, b"after")]
         info = tarfile.TarInfo.frombuf(region[:512], "utf-8", "surrogateescape")
         assert info.type == tarfile.XGLTYPE and info.size == length - 512
+        # fixed fields: the same removal gives the same bytes
+        assert (info.name, info.mode, info.mtime, info.uname, info.gname) == (
+            "pax_global_header", 0o644, FIXED_MTIME, "", "")
         body = region[512:]
         assert body.endswith(b"\n") and re.fullmatch(rb"(\d+) comment=0*\n", body)
         assert int(body.split()[0]) == len(body)
@@ -709,3 +712,146 @@ def test_user_falls_back_when_the_login_is_unknown(monkeypatch):
     assert removal._user() == "unknown"
     monkeypatch.setattr(getpass, "getuser", lambda: (_ for _ in ()).throw(OSError("no tty")))
     assert removal._user() == "unknown"
+
+
+# -- edge cases of the shard rewrite ------------------------------------------------------------------
+def test_kept_and_rejected_victims_in_one_owned_shard(src):
+    tars = _tars(src)
+    victims = {_uids_of(src, 1)[1], _uids_of(src, 1, "rejects")[0]}
+    [res] = remove([src.url], Request(uids=frozenset(victims)))
+    ds = Dataset(src.url)
+    _victim_check(tars, ds, 1, {make_key(1, 1)})
+    st = json.loads(Path(ds.shard_path(1, "stats.json")).read_text())
+    assert (st["removed"], st["rows_out"], st["rejected"], st["rows_in"]) == (2, 3, 0, 3)
+    assert (res["removed_kept"], res["removed_rejected"], res["tar_rewritten"]) == (1, 1, 1)
+    rec = ds.manifest()["removals"][0]
+    assert (rec["count"], rec["kept_rows"], rec["rejected_rows"]) == (2, 1, 1)
+
+
+def _parquet_only(root: Path, name: str, shards: list[dict], rejects: bool = True) -> Dataset:
+    ds = Dataset(str(root / name))
+    for n, cols in enumerate(shards):
+        kept = schema.conform(pa.table(cols))
+        rej = kept.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
+        ds.commit_shard(n, kept, rej, {**count_rows(kept, None), "shard": ds.shard_name(n)})
+        if not rejects:
+            Path(ds.shard_path(n, "rejects.parquet")).unlink()
+    return _finish_dataset(ds, {"stage": "x", "owns_images": False})
+
+
+def test_a_shard_only_naming_a_removed_uid_in_dup_of_is_rewritten(tmp_path):
+    ds = _parquet_only(tmp_path, "d", [{schema.UID: ["a", "b"], schema.DUP_OF: [None, None]},
+                                       {schema.UID: ["c", "d"], schema.DUP_OF: ["a", "b"]}])
+    [res] = remove([ds.url], Request(uids=frozenset({"a"})))
+    assert pq.read_table(ds.shard_path(1, "parquet")).to_pydict() == {schema.UID: ["c", "d"], schema.DUP_OF: [None, "b"]}
+    assert pq.read_table(ds.shard_path(0, "parquet")).to_pydict() == {schema.UID: ["b"], schema.DUP_OF: [None]}
+    st1 = json.loads(Path(ds.shard_path(1, "stats.json")).read_text())
+    assert "removed" not in st1 and st1["rows_out"] == 2
+    assert json.loads(Path(ds.shard_path(0, "stats.json")).read_text())["removed"] == 1
+    assert res["removed"] == 1
+
+
+def test_a_shard_without_a_rejects_file(tmp_path):
+    ds = _parquet_only(tmp_path, "d", [{schema.UID: ["a", "b", "c"]}], rejects=False)
+    [res] = remove([ds.url], Request(uids=frozenset({"b"})))
+    assert pq.read_table(ds.shard_path(0, "parquet")).to_pydict() == {schema.UID: ["a", "c"]}
+    rej = pq.read_table(ds.shard_path(0, "rejects.parquet"))
+    assert rej.num_rows == 0 and rej.column_names == [schema.UID]
+    assert (res["removed_kept"], res["removed_rejected"]) == (1, 0)
+    st = json.loads(Path(ds.shard_path(0, "stats.json")).read_text())
+    assert (st["removed"], st["rows_out"], st["rejected"]) == (1, 2, 0)
+
+
+def test_old_style_regular_members_are_blanked_too(tmp_path):
+    """Type flag NUL (a regular file in old tars) counts as a regular member."""
+    ds = Dataset(str(tmp_path / "d"))
+    attempt = new_attempt()
+    keys, uids, offs = [], [], []
+    with ds.open_tmp_tar(0, attempt) as f:
+        pos = 0
+        for i in range(3):
+            data = bytes([65 + i]) * (100 + i)
+            info = tarfile.TarInfo(f"{make_key(0, i)}.jpg")
+            info.size, info.type = len(data), tarfile.AREGTYPE
+            head = info.tobuf(format=tarfile.USTAR_FORMAT)
+            f.write(head + data + b"\0" * (-len(data) % 512))
+            keys.append(make_key(0, i))
+            uids.append(f"u{i}")
+            offs.append(pos + 512)
+            pos += 512 + len(data) + (-len(data) % 512)
+        f.write(b"\0" * 1024)
+    kept = pa.table({schema.UID: uids, schema.KEY: keys})
+    ds.commit_shard(0, kept, kept.slice(0, 0), {**count_rows(kept, None), "shard": "00000"}, attempt=attempt,
+                    tar_written=True)
+    ds = _finish_dataset(ds, {"owns_images": True})
+    before = Path(ds.shard_path(0, "tar")).read_bytes()
+    remove([ds.url], Request(uids=frozenset({"u1"})))
+    got = _members(ds.shard_path(0, "tar"))
+    assert got == {f"{keys[i]}.jpg": (offs[i], bytes([65 + i]) * (100 + i)) for i in (0, 2)}
+    assert len(Path(ds.shard_path(0, "tar")).read_bytes()) == len(before)
+    assert _idx(ds.shard_path(0, "idx"))[1:] == [f"jpg {offs[i]} {100 + i} {keys[i]}.jpg" for i in (0, 2)]
+
+
+def test_lineage_order_survives_a_cycle(tmp_path):
+    a = _parquet_only(tmp_path, "a", [{schema.UID: ["x"]}])
+    b = _parquet_only(tmp_path, "b", [{schema.UID: ["y"]}])
+    for ds, other in ((a, b), (b, a)):
+        m = json.loads(Path(ds.root, "_manifest.json").read_text())
+        Path(ds.root, "_manifest.json").write_text(json.dumps({**m, "input": {"url": other.url}}))
+    order = removal._lineage_order([Dataset(a.url), Dataset(b.url)])
+    assert sorted(d.url for d in order) == sorted([a.url, b.url]) and len(order) == 2
+
+
+def test_downstream_without_a_run_record_gets_its_input_fingerprint(tmp_path, src):
+    down = make_down(tmp_path, src)
+    Path(down.root, "_plan", "run.json").unlink()
+    m = json.loads(Path(down.root, "_manifest.json").read_text())
+    m.pop("run")
+    Path(down.root, "_manifest.json").write_text(json.dumps(m))
+    remove([src.url, down.url], Request(uids=frozenset({_uids_of(src, 0)[2]})))
+    d = Dataset(down.url)
+    fp = fingerprint(Dataset(src.url).manifest())
+    assert d.manifest()["run"] == {"input": {"url": src.url, "manifest": fp}}
+    assert d.manifest()["input"] == {"url": src.url, "manifest": fp}
+    assert not Path(down.root, "_plan", "run.json").exists()
+
+
+def test_notes_name_the_tars_and_the_plan_files_exactly(tmp_path, src):
+    down = make_down(tmp_path, src)
+    victim = _uids_of(src, 0)[0]
+    (Path(down.root) / "_plan" / "a.txt").write_bytes(b"\xff\xfe " + victim.encode())
+    (Path(down.root) / "_plan" / "b.csv").write_text(victim)
+    [res] = remove([down.url], Request(uids=frozenset({victim})))
+    assert res["note"] == ("bytes of removed samples remain in 1 tar(s) not rewritten here (adopted source tars or "
+                           f"a dataset not given), e.g. {src.tar_url(0)}; uids still mentioned in _plan/a.txt, "
+                           "_plan/b.csv")
+    rec = Dataset(down.url).manifest()["removals"][0]
+    assert rec["note"] == "these tars were not rewritten (adopted source tars or datasets not given)"
+    assert sorted(res) == ["bytes_remain_in", "dataset", "note", "plan_rows_removed", "removed", "removed_kept",
+                           "removed_rejected", "tar_rewritten"]
+    only_text = make_source(tmp_path, shards=1, name="solo")
+    (Path(only_text.root) / "_plan").mkdir(exist_ok=True)
+    (Path(only_text.root) / "_plan" / "c.json").write_text(_uids_of(only_text, 0)[0])
+    [res] = remove([only_text.url], Request(uids=frozenset({_uids_of(only_text, 0)[0]})))
+    assert res["note"] == "uids still mentioned in _plan/c.json"
+
+
+def test_killed_while_dropping_the_journals_rerun_adds_no_empty_record(tmp_path, src):
+    down = make_down(tmp_path, src)
+    victim = _uids_of(src, 1)[2]
+    journal = str(Path(down.root, "_plan", removal.JOURNAL))
+
+    def kill(op: str, path: str) -> None:
+        if op == "delete" and path == journal:
+            raise Kill(path)
+
+    set_failpoint(kill)
+    try:
+        with pytest.raises(Kill):
+            remove([src.url, down.url], Request(uids=frozenset({victim})))
+    finally:
+        set_failpoint(None)
+    assert not Path(src.root, "_plan", removal.JOURNAL).exists() and Path(journal).exists()
+    remove([src.url, down.url], Request(uids=frozenset({victim})))
+    for url in (src.url, down.url):
+        assert [r["count"] for r in Dataset(url).manifest()["removals"]] == [1], url
