@@ -277,3 +277,34 @@ def test_read_images_fills_why_for_refused_rows(tmp_path):
     assert read_images(ds.read_shard(0), ds, why) == [data, None]
     assert why[0] is None and why[1] and why[1].startswith("no pointer")
     assert read_images(ds.read_shard(0), ds) == [data, None]
+
+
+def test_every_storage_change_of_a_commit_passes_the_failpoint_in_order(tmp_path):
+    """The steps a fault-injection test can stop at: staged files, the claim, the renames (stats
+    last), then the record's removal; each named by what it changes."""
+    from curate.dataset import set_failpoint
+
+    ds = Dataset(str(tmp_path / "d"))
+    steps: list[tuple[str, str]] = []
+    set_failpoint(lambda op, path: steps.append((op, path)))
+    try:
+        kept, rej = _tables(2)
+        ds.commit_shard(0, kept, rej, _stats(2), attempt="7-a")
+    finally:
+        set_failpoint(None)
+    s, r = str(tmp_path / "d" / "shards"), str(tmp_path / "d" / "rejects")
+    assert steps == [
+        ("write", f"{s}/00000.parquet.tmp-7-a"), ("write", f"{r}/00000.parquet.tmp-7-a"),
+        ("write", f"{s}/00000.stats.json.tmp-7-a"),
+        ("write", f"{s}/00000.commit.json.tmp-7-a"), ("rename", f"{s}/00000.commit.json"),
+        ("rename", f"{s}/00000.parquet"), ("rename", f"{r}/00000.parquet"), ("rename", f"{s}/00000.stats.json"),
+        ("delete", f"{s}/00000.commit.json"),
+    ]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_failed_rename_names_the_missing_file(tmp_path, where):
+    ds = Dataset(str(tmp_path / "d") if where == "local" else f"memory://rename-{uuid.uuid4().hex}/d")
+    ds.write_bytes(b"x", "present")
+    with pytest.raises(FileNotFoundError, match="gone-file"):
+        ds.rename(ds.path("gone-file"), ds.path("present"))
