@@ -251,10 +251,23 @@ def _remove_from_shard(ds: Dataset, n: int, doomed: pa.Array, owned_roots: dict[
         # Adopted tars are not ours to write, but our index of their kept samples is (import).
         idx_text = _drop_from_index(ds, n, gone[0])
     update = {"removed": ds.stats(n).get("removed", 0) + n_k + n_r} if n_k + n_r else {}
+    update.update(_altered_without(ds.stats(n).get("altered"), doomed))
     ds.rewrite_shard(n, schema.conform(kept), schema.conform(rej), update, tar_tmp=tar_tmp, idx_text=idx_text,
                      attempt=attempt)
     res["removed_kept"] += n_k
     res["removed_rejected"] += n_r
+
+
+def _altered_without(altered: dict[str, Any] | None, doomed: pa.Array) -> dict[str, Any]:
+    """The stats' list of rows whose bytes a stage changed (export's face blurring) without the
+    removed uids: a stats update, empty when none of them was listed (None drops an emptied list)."""
+    if not altered or not altered.get("uids"):
+        return {}
+    uids = pa.array(altered["uids"], pa.string())
+    left = uids.filter(pc.invert(pc.is_in(uids, doomed))).to_pylist()
+    if len(left) == len(uids):
+        return {}
+    return {"altered": {**altered, "rows": len(left), "uids": left} if left else None}
 
 
 def _foreign_tars(table: pa.Table, own_tar: str | None, owned_roots: dict[str, Dataset]) -> set[str]:

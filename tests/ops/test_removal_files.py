@@ -928,3 +928,28 @@ def test_bytes_elsewhere_are_collected_over_shards_and_rejected_rows(tmp_path, s
     [res] = remove([down.url], Request(uids=frozenset(victims)))
     assert res["bytes_remain_in"] == [src.tar_url(0), src.tar_url(1)]
     assert Dataset(down.url).manifest()["removals"][0]["bytes_remain_in"] == [src.tar_url(0), src.tar_url(1)]
+
+
+def test_removed_uids_leave_the_altered_lists_of_stats_and_manifest(tmp_path):
+    """export lists the rows whose bytes it changed (blurred faces) by uid in each shard's stats and
+    in the manifest: a removed uid leaves both lists."""
+    ds = Dataset(str(tmp_path / "d"))
+    for n, (uids, altered) in enumerate(((["a", "b", "c"], ["a", "c"]), (["d", "e"], ["e"]))):
+        kept = pa.table({schema.UID: uids})
+        stats = {**count_rows(kept, None), "shard": ds.shard_name(n),
+                 "altered": {"why": "blur_faces", "column": "face_blurred", "rows": len(altered), "uids": altered}}
+        ds.commit_shard(n, kept, kept.slice(0, 0), stats)
+    ds = _finish_dataset(ds, {"owns_images": False})
+    assert ds.manifest()["altered"]["uids"] == ["a", "c", "e"]
+    remove([ds.url], Request(uids=frozenset({"c", "e", "b"})))
+    d = Dataset(ds.url)
+    st0 = json.loads(Path(d.shard_path(0, "stats.json")).read_text())
+    assert st0["altered"] == {"why": "blur_faces", "column": "face_blurred", "rows": 1, "uids": ["a"]}
+    assert json.loads(Path(d.shard_path(1, "stats.json")).read_text())["altered"] is None
+    assert d.manifest()["altered"] == {"why": "blur_faces", "column": "face_blurred", "rows": 1,
+                                       "shards": {"00000": 1}, "uids": ["a"]}
+    remove([ds.url], Request(uids=frozenset({"a"})))
+    assert "altered" not in Dataset(ds.url).manifest()
+    assert json.loads(Path(d.shard_path(0, "stats.json")).read_text())["altered"] is None
+    text = "".join(p.read_text() for p in Path(ds.root).rglob("*.json"))
+    assert not any(f'"{u}"' in text for u in "abce")
