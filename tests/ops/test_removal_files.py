@@ -14,6 +14,7 @@ import io
 import json
 import re
 import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -437,11 +438,15 @@ def test_foreign_tars_skip_nulls_own_and_given_datasets():
     class Owner:
         url = "/data/src/"
 
+    class OwnerX:
+        url = "/data/upperX"
+
     t = pa.table({schema.IMAGE_TAR: ["/data/src/shards/0.tar", None, "/data/own.tar", "/data/srcx/1.tar",
-                                     "/other/2.tar", "/other/2.tar"]})
-    assert removal._foreign_tars(t, "/data/own.tar", {"/data/src": Owner()}) == {"/data/srcx/1.tar", "/other/2.tar"}
+                                     "/other/2.tar", "/other/2.tar", "/data/upperX/shards/0.tar"]})
+    assert removal._foreign_tars(t, "/data/own.tar", {"/data/src": Owner(), "/data/upperX": OwnerX()}) == {
+        "/data/srcx/1.tar", "/other/2.tar"}
     assert removal._foreign_tars(t, None, {}) == {"/data/src/shards/0.tar", "/data/own.tar", "/data/srcx/1.tar",
-                                                  "/other/2.tar"}
+                                                  "/other/2.tar", "/data/upperX/shards/0.tar"}
     assert removal._foreign_tars(pa.table({"x": [1]}), None, {}) == set()
 
 
@@ -516,28 +521,56 @@ def test_no_embeddings_or_plan_folder_is_nothing_to_do(tmp_path):
     assert removal._plan_text_mentions(ds, set()) == []
 
 
-def test_plan_tables_and_text_files(tmp_path):
-    ds = Dataset(str(tmp_path / "p"))
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_plan_tables_and_text_files(tmp_path, where):
+    """Every Parquet table under _plan/ with uids loses the rows; one without uid or dup_of, or with
+    nothing to change, is left as it is, whichever order the files are found in."""
+    ds = Dataset(str(tmp_path / "p") if where == "local" else f"memory://plan-{uuid.uuid4().hex}/p")
+
+    def read(*parts: str) -> pa.Table:
+        return pq.read_table(ds.path(*parts), filesystem=ds.fs)
+
+    def raw(*parts: str) -> bytes:
+        with ds.fs.open(ds.path(*parts), "rb") as f:
+            return f.read()
+
+    ds.write_table(pa.table({"w": [1, 2]}), "_plan", "a.parquet")  # found first: no uid, no dup_of
+    ds.write_table(pa.table({schema.UID: ["q", "r"]}), "_plan", "b.parquet")  # nothing to drop
     ds.write_table(pa.table({schema.UID: ["a", "b", "c"], "v": [1, 2, 3]}), "_plan", "x", "t.parquet")
     ds.write_table(pa.table({schema.DUP_OF: ["a", "z", None]}), "_plan", "y.parquet")
-    ds.write_table(pa.table({"w": [1, 2]}), "_plan", "z.parquet")
-    (tmp_path / "p" / "_plan" / "x" / "t.parquet.tmp-dead").write_bytes(b"debris")
+    ds.write_bytes(b"debris", "_plan", "x", "t.parquet.tmp-dead")
     for ext in ("json", "jsonl", "txt", "csv", "tsv", "log"):
-        (tmp_path / "p" / "_plan" / f"f.{ext}").write_text("has b inside")
-    (tmp_path / "p" / "_plan" / removal.JOURNAL).write_text("b")
-    assert removal._plan_rows(ds) == 3
+        ds.write_bytes(b"has b inside", "_plan", f"f.{ext}")
+    ds.write_bytes(b"b", "_plan", removal.JOURNAL)
+    assert removal._plan_rows(ds) == 5
     assert sorted(removal._plan_text_mentions(ds, {"b", "q"})) == [f"_plan/f.{e}" for e in
                                                                    ("csv", "json", "jsonl", "tsv", "txt")]
     assert removal._plan_text_mentions(ds, {"nothing"}) == []
-    z = Path(ds.path("_plan", "z.parquet")).read_bytes()
+    a, b = raw("_plan", "a.parquet"), raw("_plan", "b.parquet")
     assert removal._clean_plan(ds, pa.array(["a"])) == 1
-    assert pq.read_table(ds.path("_plan", "x", "t.parquet")).to_pydict() == {schema.UID: ["b", "c"], "v": [2, 3]}
-    assert pq.read_table(ds.path("_plan", "y.parquet")).to_pydict() == {schema.DUP_OF: [None, "z", None]}
-    assert Path(ds.path("_plan", "z.parquet")).read_bytes() == z
-    assert removal._plan_rows(ds) == 2
-    stamp = {p: p.stat().st_mtime_ns for p in Path(ds.root, "_plan").rglob("*.parquet")}
+    assert read("_plan", "x", "t.parquet").to_pydict() == {schema.UID: ["b", "c"], "v": [2, 3]}
+    assert read("_plan", "y.parquet").to_pydict() == {schema.DUP_OF: [None, "z", None]}
+    assert (raw("_plan", "a.parquet"), raw("_plan", "b.parquet")) == (a, b)
+    assert raw("_plan", "x", "t.parquet.tmp-dead") == b"debris"
+    assert removal._plan_rows(ds) == 4
+    before = {p: raw(posixpath_rel(ds, p)) for p in ds.fs.find(ds.path("_plan"))}
     assert removal._clean_plan(ds, pa.array(["a"])) == 0
-    assert {p: p.stat().st_mtime_ns for p in Path(ds.root, "_plan").rglob("*.parquet")} == stamp
+    assert {p: raw(posixpath_rel(ds, p)) for p in ds.fs.find(ds.path("_plan"))} == before
+
+
+def posixpath_rel(ds: Dataset, p: str) -> str:
+    return p[len(ds.root.rstrip("/")) + 1:]
+
+
+def test_plan_tables_keep_one_row_group_per_original_one(tmp_path):
+    ds = Dataset(str(tmp_path / "p"))
+    uids = [f"u{i}" for i in range(9)]
+    ds.write_table(pa.table({schema.UID: uids}), "_plan", "d.parquet", row_group_sizes=[2, 3, 4])
+    # the first group loses both rows, the second one, the third one
+    assert removal._clean_plan(ds, pa.array(["u0", "u1", "u3", "u8"])) == 4
+    f = pq.ParquetFile(ds.path("_plan", "d.parquet"))
+    assert [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)] == [0, 2, 3]
+    assert f.read().column(schema.UID).to_pylist() == ["u2", "u4", "u5", "u6", "u7"]
 
 
 def test_dup_of_helpers():
