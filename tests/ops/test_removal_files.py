@@ -476,40 +476,70 @@ def test_imported_dataset_drops_index_lines_never_writes_adopted_tars(tmp_path, 
     assert Path(imp.shard_path(0, "idx")).read_bytes() == idx_now
 
 
-def test_npy_embeddings_lose_the_rows_in_step_with_their_metadata(src):
-    root = Path(src.root)
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _parquet_bytes(t: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_npy_embeddings_lose_the_rows_in_step_with_their_metadata(where, tmp_path):
+    """clip's clip-retrieval-style files: the arrays lose the rows, then the metadata; a rerun after a
+    kill between them finishes without cutting an array twice."""
+    ds = Dataset(str(tmp_path / "e") if where == "local" else f"memory://npy-{uuid.uuid4().hex}/e")
+
+    def read(*parts: str) -> bytes:
+        with ds.fs.open(ds.path(*parts), "rb") as f:
+            return f.read()
+
+    shard_uids = {n: [f"{n}u{i}" for i in range(4)] for n in (0, 1)}
     vectors = {}
-    for n in src.shard_ids():
-        uids = _uids_of(src, n)
+    for n, uids in shard_uids.items():
         for folder, seed in (("img_emb", 1), ("text_emb", 2)):
             arr = np.random.default_rng(seed + n).standard_normal((len(uids), 4)).astype(np.float16)
-            (root / "embeddings" / folder).mkdir(parents=True, exist_ok=True)
-            np.save(root / "embeddings" / folder / f"{folder}_{n:05d}.npy", arr)
+            ds.write_bytes(_npy(arr), "embeddings", folder, f"{folder}_{n:05d}.npy")
             vectors.update({(folder, u): arr[i].tobytes() for i, u in enumerate(uids)})
-        (root / "embeddings" / "metadata").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({schema.UID: uids}), root / "embeddings" / "metadata" / f"metadata_{n:05d}.parquet")
-    (root / "embeddings" / "metadata" / "notes.txt").write_text("x")
-    pq.write_table(pa.table({"other": [1]}), root / "embeddings" / "metadata" / "metadata_other.parquet")
-    untouched = {p: p.read_bytes() for p in root.joinpath("embeddings").rglob("*00000*")}
-    victims = {_uids_of(src, 1)[1], _uids_of(src, 1)[3]}
-    ds = Dataset(src.url)
-    assert removal._clean_npy_embeddings(ds, pa.array(sorted(victims))) == 2
-    uids = pq.read_table(root / "embeddings" / "metadata" / "metadata_00001.parquet").column(schema.UID).to_pylist()
-    assert uids == [u for u in _uids_of(src, 1) if u not in victims]
-    for folder in ("img_emb", "text_emb"):
-        arr = np.load(root / "embeddings" / folder / f"{folder}_00001.npy")
-        assert [a.tobytes() for a in arr] == [vectors[(folder, u)] for u in uids]
-    assert {p: p.read_bytes() for p in untouched} == untouched
-    # again (a rerun after a kill between the arrays and the metadata): nothing more goes
+        ds.write_bytes(_parquet_bytes(pa.table({schema.UID: uids})), "embeddings", "metadata", f"metadata_{n:05d}.parquet")
+    ds.write_bytes(b"x", "embeddings", "metadata", "notes.txt")
+    # sorts first: a metadata file without uids is passed over, the others still cleaned
+    ds.write_bytes(_parquet_bytes(pa.table({"other": [1]})), "embeddings", "metadata", "metadata_0.parquet")
+    victims = {shard_uids[0][2], shard_uids[1][1], shard_uids[1][3]}
+    old_meta = read("embeddings", "metadata", "metadata_00001.parquet")
+    old_text = read("embeddings", "text_emb", "text_emb_00001.npy")
+
+    def check() -> None:
+        for n, uids in shard_uids.items():
+            left = [u for u in uids if u not in victims]
+            meta = pq.read_table(io.BytesIO(read("embeddings", "metadata", f"metadata_{n:05d}.parquet")))
+            assert meta.column(schema.UID).to_pylist() == left
+            for folder in ("img_emb", "text_emb"):
+                arr = np.load(io.BytesIO(read("embeddings", folder, f"{folder}_{n:05d}.npy")))
+                assert [a.tobytes() for a in arr] == [vectors[(folder, u)] for u in left]
+
+    assert removal._clean_npy_embeddings(ds, pa.array(sorted(victims))) == 3
+    check()
+    # again: nothing more goes
     assert removal._clean_npy_embeddings(ds, pa.array(sorted(victims))) == 0
+    check()
+    # killed after the image array was cut, before the text array and the metadata: finished, once
+    ds.write_bytes(old_meta, "embeddings", "metadata", "metadata_00001.parquet")
+    ds.write_bytes(old_text, "embeddings", "text_emb", "text_emb_00001.npy")
+    assert removal._clean_npy_embeddings(ds, pa.array(sorted(victims))) == 2
+    check()
     # an array whose length matches neither: refused, with the file named
-    np.save(root / "embeddings" / "img_emb" / "img_emb_00000.npy", np.zeros((7, 4), np.float16))
-    with pytest.raises(RemovalError, match=r"img_emb_00000\.npy has 7 rows but its metadata has 4"):
-        removal._clean_npy_embeddings(ds, pa.array([_uids_of(src, 0)[0]]))
-    # only the metadata missing one of the arrays: the other is still cut
-    (root / "embeddings" / "img_emb" / "img_emb_00000.npy").unlink()
-    assert removal._clean_npy_embeddings(ds, pa.array([_uids_of(src, 0)[0]])) == 1
-    assert len(np.load(root / "embeddings" / "text_emb" / "text_emb_00000.npy")) == 3
+    ds.write_bytes(_npy(np.zeros((7, 4), np.float16)), "embeddings", "img_emb", "img_emb_00000.npy")
+    with pytest.raises(RemovalError, match=r"img_emb_00000\.npy has 7 rows but its metadata has 3"):
+        removal._clean_npy_embeddings(ds, pa.array([shard_uids[0][0]]))
+    # a missing array: the other is still cut
+    ds.fs.rm(ds.path("embeddings", "img_emb", "img_emb_00000.npy"))
+    assert removal._clean_npy_embeddings(ds, pa.array([shard_uids[0][0]])) == 1
+    assert len(np.load(io.BytesIO(read("embeddings", "text_emb", "text_emb_00000.npy")))) == 2
 
 
 def test_no_embeddings_or_plan_folder_is_nothing_to_do(tmp_path):
