@@ -245,3 +245,37 @@ def test_a_batch_gives_each_image_its_own_three_signals():
     single = [phash.signatures_bytes([b])[0] for b in blobs]
     assert batch == [single[0], None, *single[1:], None]
     assert all(len(s[1]) == phash.COLOR_BYTES and len(s[2]) == phash.CROP_BYTES for s in single)
+
+
+def test_min3_equals_pillows_min_filter_and_erodes_from_the_edge():
+    """The numpy 3x3 minimum against Pillow's MinFilter(3) (which repeats the edge pixels outward), on
+    random and on sparse images of several shapes, thin ones included."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (1, 7), (5, 1), (2, 3), (17, 31), (64, 40)]:
+        for a in (rng.integers(0, 256, shape), np.where(rng.random(shape) < 0.9, 255, 0)):
+            a = a.astype(np.uint8)
+            want = np.asarray(Image.fromarray(a).filter(ImageFilter.MinFilter(3)))
+            assert np.array_equal(phash._min3(a), want), shape
+    block = np.zeros((6, 6), np.uint8)
+    block[1:4, 1:4] = 1  # a 3x3 block keeps only its centre; one along the edge keeps its edge row
+    assert phash._min3(block).nonzero() == (np.array([2]), np.array([2]))
+    edge = np.zeros((6, 6), np.uint8)
+    edge[0:2, 0:3] = 1
+    assert sorted(zip(*phash._min3(edge).nonzero())) == [(0, 0), (0, 1)]
+
+
+def test_line_art_means_a_white_page_with_strokes_thinner_than_three_pixels():
+    """By hand: a page with 1 px lines is line art; the same page with 5 px bars is not (most of the
+    ink survives a 3x3 erosion); a mostly dark image is not, whatever its strokes."""
+    page = np.full((60, 60), 255, np.uint8)
+    thin = page.copy()
+    thin[::6, :] = 0
+    thick = page.copy()
+    for r in range(0, 60, 12):
+        thick[r : r + 5, :] = 0
+    assert phash._is_line_art(thin)
+    assert not phash._is_line_art(thick)
+    assert not phash._is_line_art(255 - page)
+    assert not phash._is_line_art(page)  # no ink at all
