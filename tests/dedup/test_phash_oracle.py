@@ -279,3 +279,56 @@ def test_line_art_means_a_white_page_with_strokes_thinner_than_three_pixels():
     assert not phash._is_line_art(thick)
     assert not phash._is_line_art(255 - page)
     assert not phash._is_line_art(page)  # no ink at all
+
+
+def test_dct_rows_are_scipys_unnormalised_dct_basis():
+    """The module's DCT rows against scipy: row k is the DCT-II of the unit vectors' k-th output."""
+    basis = dct(np.eye(phash.IMG_SIZE), axis=0, type=2)[: phash.HASH_SIZE]
+    assert np.allclose(phash._dct_rows(), basis, atol=1e-12)
+    assert np.allclose(phash._C, basis, atol=1e-12) and np.allclose(phash._CT, basis.T, atol=1e-12)
+
+
+def _line_art_reference(gray: Image.Image) -> np.ndarray:
+    """Line-art hash pixels written from Pillow's parts: short side scaled to 128 (box filter when
+    shrinking, bilinear when enlarging), a 3x3 minimum filter, then the 32x32 Lanczos resize."""
+    from PIL import ImageFilter
+
+    w, h = gray.size
+    r = 128 / min(w, h)
+    if r != 1:
+        gray = gray.resize((max(1, round(w * r)), max(1, round(h * r))),
+                           Image.Resampling.BOX if r < 1 else Image.Resampling.BILINEAR)
+    gray = gray.filter(ImageFilter.MinFilter(3))
+    return np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS))
+
+
+@pytest.mark.parametrize("size", [(300, 200), (128, 128), (64, 90), (1000, 130)])
+def test_line_art_pixels_are_thickened_at_one_scale(size):
+    """A thin-line drawing is scaled to short side 128 and thickened before the hash resize, at every
+    input size (shrunk, exact, enlarged); a filled picture of the same size is not touched."""
+    w, h = size
+    img = Image.new("L", size, 255)
+    d = ImageDraw.Draw(img)
+    for i in range(0, max(w, h), 9):
+        d.line([(i, 0), (0, i)], fill=0, width=1)
+    assert phash._is_line_art(np.asarray(img))
+    got = phash._hash_pixels(img)
+    assert np.array_equal(got, _line_art_reference(img))
+    plain = np.asarray(img.resize((32, 32), Image.Resampling.LANCZOS))
+    assert not np.array_equal(got, plain)  # thickening changed the pixels the DCT sees
+    assert got.mean() < plain.mean() - 10  # thicker (darker) strokes, not just different ones
+    filled = Image.new("L", size, 40)
+    ImageDraw.Draw(filled).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=200)
+    assert np.array_equal(phash._hash_pixels(filled), np.asarray(filled.resize((32, 32), Image.Resampling.LANCZOS)))
+
+
+def test_each_crop_of_a_line_drawing_is_hashed_as_a_line_drawing():
+    """The crop hashes of a thin-line drawing equal the reference pipeline run on each crop box."""
+    img = Image.new("RGB", (260, 180), "white")
+    d = ImageDraw.Draw(img)
+    for i in range(0, 260, 11):
+        d.line([(i, 0), (i // 2, 179)], fill=(30, 30, 200), width=1)
+    _, _, crops = phash.signature_pil(img)
+    gray = img.convert("L")
+    want = [reference_hash(_line_art_reference(gray.crop(b)).astype(np.float64)) for b in phash._crop_boxes(*gray.size)]
+    assert [int.from_bytes(crops[8 * i: 8 * i + 8], "little") for i in range(5)] == want
