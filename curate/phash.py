@@ -282,7 +282,7 @@ def draft(img: Image.Image) -> None:
     ``signatures_bytes`` does. A stage that decodes only to validate and hash (import) calls this so
     its ``signature_pil`` of the result equals ``signatures_bytes`` of the same bytes."""
     if img.format == "JPEG":
-        img.draft("RGB" if img.mode != "L" else "L", (REDUCE_TO, REDUCE_TO))
+        img.draft(img.mode, (REDUCE_TO, REDUCE_TO))  # its own mode: only the scale changes
 
 
 def _decode_small(blob: bytes, max_pixels: int) -> Image.Image:
@@ -296,9 +296,7 @@ def _decode_small(blob: bytes, max_pixels: int) -> Image.Image:
         w, h = img.size
         if w * h > max_pixels:
             raise ValueError(f"{w}x{h} exceeds {max_pixels} pixels")
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # animated GIF/WebP/APNG: hash the first frame, like imagehash does
-        img.load()
+        img.load()  # an animated GIF/WebP/APNG opens at its first frame: that is what gets hashed
     return _reduced(img)
 
 

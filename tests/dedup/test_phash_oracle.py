@@ -8,6 +8,7 @@ hand-computed Delta-E values for the colour distance.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -181,6 +182,8 @@ def test_crop_boxes_by_hand():
     assert phash._crop_boxes(200, 100) == [(0, 0, 194, 97), (6, 0, 200, 97), (0, 3, 194, 100), (6, 3, 200, 100),
                                            (3, 1, 197, 98)]
     assert phash._crop_boxes(1, 1) == [(0, 0, 1, 1)] * 5
+    # tall: 97 x 194 of 100 x 200, the centre box 1 px in from the left and 3 down
+    assert phash._crop_boxes(100, 200)[4] == (1, 3, 98, 197)
 
 
 def test_crop_hashes_are_the_hashes_of_the_crops_and_round_trip():
@@ -302,7 +305,7 @@ def _line_art_reference(gray: Image.Image) -> np.ndarray:
     return np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS))
 
 
-@pytest.mark.parametrize("size", [(300, 200), (128, 128), (64, 90), (1000, 130)])
+@pytest.mark.parametrize("size", [(300, 200), (128, 128), (64, 90), (100, 150), (1000, 130)])
 def test_line_art_pixels_are_thickened_at_one_scale(size):
     """A thin-line drawing is scaled to short side 128 and thickened before the hash resize, at every
     input size (shrunk, exact, enlarged); a filled picture of the same size is not touched."""
@@ -332,3 +335,104 @@ def test_each_crop_of_a_line_drawing_is_hashed_as_a_line_drawing():
     gray = img.convert("L")
     want = [reference_hash(_line_art_reference(gray.crop(b)).astype(np.float64)) for b in phash._crop_boxes(*gray.size)]
     assert [int.from_bytes(crops[8 * i: 8 * i + 8], "little") for i in range(5)] == want
+
+
+def _page(shape=(60, 60)) -> np.ndarray:
+    return np.full(shape, 255, np.uint8)
+
+
+def test_line_art_limits_white_fraction_level_and_core_share():
+    """Each limit of the line-art rule at, below and above it, on hand-built pages."""
+    half = _page((40, 40))
+    half[:, ::2] = 0  # 1 px stripes: exactly half white, no ink survives erosion
+    assert phash._is_line_art(half)  # white fraction 0.5 is enough (the rule is "< 0.5 is not")
+    third = _page((60, 60))
+    third[:, np.arange(60) % 3 != 0] = 0  # 2 px stripes: one third white, still no core
+    assert not phash._is_line_art(third)  # too little page, however thin the ink
+    level = np.full((60, 60), 235, np.uint8)  # 235 counts as page (white), 234 as ink
+    level[::6, :] = 0
+    assert phash._is_line_art(level)
+    level[level == 235] = 234
+    assert not phash._is_line_art(level)
+    dot = _page()
+    dot[30, 30] = 0  # one ink pixel: all of its ink is within a pixel of the page
+    assert phash._is_line_art(dot)
+    block = _page()
+    block[10:14, 10:15] = 0  # 4x5 block: 20 ink pixels, 6 of them keep a full 3x3 of ink = 30%, not < 30%
+    assert not phash._is_line_art(block)
+    block[10:14, 14] = 255  # 4x4: 16 ink, 4 core = 25%
+    assert phash._is_line_art(block)
+    mixed = _page()
+    mixed[::5, :] = 0
+    mixed[20:23, 20:23] = 0  # thin strokes plus one 3x3 blob: a core of one pixel among hundreds of ink
+    assert phash._is_line_art(mixed)
+
+
+def test_undecodable_rows_are_logged_with_their_index_and_reason(caplog):
+    import logging
+
+    blob = io.BytesIO()
+    Image.new("RGB", (800, 600), (1, 2, 3)).save(blob, "JPEG")
+    with caplog.at_level(logging.DEBUG, logger="curate.phash"):
+        out = phash.signatures_bytes([blob.getvalue(), b"not an image", blob.getvalue()], max_pixels=100)
+    assert out == [None, None, None]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "curate.phash"]
+    assert msgs[0] == "phash: image 0 does not decode: 200x150 exceeds 100 pixels"
+    assert msgs[1].startswith("phash: image 1 does not decode: ") and len(msgs) == 3
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (32, 32), (1, 32, 33)])
+def test_hash_input_of_the_wrong_shape_is_refused_by_name(shape):
+    with pytest.raises(ValueError, match=re.escape(f"expected (N, 32, 32) pixels, got {shape}")):
+        phash.hashes_from_pixels(np.zeros(shape, np.uint8))
+
+
+def _shape_on(bg: str, size=(120, 90)) -> Image.Image:
+    img = Image.new("RGB", size, bg)
+    ImageDraw.Draw(img).polygon([(10, 80), (60, 5), (110, 70)], fill=(200, 30, 30))
+    return img
+
+
+def test_palette_transparency_is_composited_over_white():
+    """A palette image whose background index is transparent (its colour black) hashes as the same
+    drawing on white; without transparency the palette's black is what a viewer sees."""
+    white = phash.signature_pil(_shape_on("white"))
+    pal = _shape_on("black").quantize(colors=4)
+    black_index = int(np.asarray(pal)[0, 0])
+    pal.info["transparency"] = black_index
+    assert phash.signature_pil(pal)[0] == white[0]
+    assert phash.color_distance(np.frombuffer(phash.signature_pil(pal)[1], np.uint8),
+                                np.frombuffer(white[1], np.uint8))[0] < 3
+    del pal.info["transparency"]
+    assert phash.signature_pil(pal)[0] == phash.signature_pil(_shape_on("black"))[0] != white[0]
+    pa = _shape_on("black").quantize(colors=4).convert("PA")
+    alpha = np.where(np.asarray(pa.convert("RGB")).sum(-1) == 0, 0, 255).astype(np.uint8)
+    pa.putalpha(Image.fromarray(alpha))
+    assert pa.mode == "PA" and phash.signature_pil(pa)[0] == white[0]
+
+
+def test_an_animated_image_hashes_as_its_first_frame():
+    first, second = _shape_on("white"), Image.new("RGB", (120, 90), (20, 90, 20))
+    ImageDraw.Draw(second).ellipse([5, 5, 60, 80], fill="white")
+    buf = io.BytesIO()
+    first.save(buf, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    got = phash.signatures_bytes([buf.getvalue()])[0]
+    one = io.BytesIO()
+    Image.open(buf).convert("RGB").save(one, "PNG")  # frame 0 as its own picture
+    assert got[0] == phash.signatures_bytes([one.getvalue()])[0][0]
+    assert Image.open(buf).n_frames == 2 and got[0] != phash.signature_pil(second)[0]
+
+
+def test_colour_signature_has_no_offset_against_scikit_image():
+    """Over 500 random colours the signature's L*, a*, b* bytes agree with scikit-image within 1 and
+    without a systematic shift (a wrong offset of a* or b* moves every value by the same amount);
+    black is L* 0 exactly."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (500, 3)).astype(np.uint8)
+    got = np.stack([np.frombuffer(phash.signature_pil(Image.new("RGB", (8, 8), tuple(int(v) for v in c)))[1],
+                                  np.uint8)[:3] for c in rgb]).astype(float)
+    lab = rgb2lab(rgb[None])[0]
+    want = np.stack([lab[:, 0] * 2.55, lab[:, 1] + 128, lab[:, 2] + 128], -1)
+    assert np.abs(got - want).max() <= 1.01
+    assert np.abs((got - want).mean(axis=0)).max() < 0.1
+    assert np.frombuffer(phash.signature_pil(Image.new("RGB", (8, 8), (0, 0, 0)))[1], np.uint8)[0] == 0
