@@ -584,7 +584,13 @@ def test_plan_tables_and_text_files(tmp_path, where):
     assert raw("_plan", "x", "t.parquet.tmp-dead") == b"debris"
     assert removal._plan_rows(ds) == 4
     before = {p: raw(posixpath_rel(ds, p)) for p in ds.fs.find(ds.path("_plan"))}
-    assert removal._clean_plan(ds, pa.array(["a"])) == 0
+    steps: list = []
+    set_failpoint(lambda op, path: steps.append((op, path)))
+    try:
+        assert removal._clean_plan(ds, pa.array(["a"])) == 0
+    finally:
+        set_failpoint(None)
+    assert steps == []  # a table with nothing to change is not written again
     assert {p: raw(posixpath_rel(ds, p)) for p in ds.fs.find(ds.path("_plan"))} == before
 
 
@@ -596,11 +602,11 @@ def test_plan_tables_keep_one_row_group_per_original_one(tmp_path):
     ds = Dataset(str(tmp_path / "p"))
     uids = [f"u{i}" for i in range(9)]
     ds.write_table(pa.table({schema.UID: uids}), "_plan", "d.parquet", row_group_sizes=[2, 3, 4])
-    # the first group loses both rows, the second one, the third one
-    assert removal._clean_plan(ds, pa.array(["u0", "u1", "u3", "u8"])) == 4
+    # the first group loses both rows, the second one, the third two
+    assert removal._clean_plan(ds, pa.array(["u0", "u1", "u3", "u5", "u6"])) == 5
     f = pq.ParquetFile(ds.path("_plan", "d.parquet"))
-    assert [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)] == [0, 2, 3]
-    assert f.read().column(schema.UID).to_pylist() == ["u2", "u4", "u5", "u6", "u7"]
+    assert [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)] == [0, 2, 2]
+    assert f.read().column(schema.UID).to_pylist() == ["u2", "u4", "u7", "u8"]
 
 
 def test_dup_of_helpers():
@@ -723,6 +729,8 @@ def test_killed_mid_call_rerun_counts_once_and_records_once(tmp_path, src):
     assert [r["count"] for r in recs] == [1, 1] and recs[0]["call"] != recs[1]["call"]
     assert recs[1]["tars_rewritten"] == [Dataset(src.url).tar_url(0)]  # shard 1 was blanked by the first call
     assert json.loads(Path(Dataset(src.url).shard_path(1, "stats.json")).read_text())["removed"] == 1
+    remove([src.url], Request(uids=frozenset({_uids_of(src, 1)[0]})))  # the shard's removed count adds up
+    assert json.loads(Path(Dataset(src.url).shard_path(1, "stats.json")).read_text())["removed"] == 2
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", recs[1]["time"])
 
 
