@@ -1041,3 +1041,10 @@ def test_record_times_are_utc_whatever_the_local_zone(monkeypatch):
         monkeypatch.undo()
         time.tzset()
     assert abs((datetime.datetime.now(datetime.timezone.utc) - stamp).total_seconds()) < 120
+
+
+def test_resolve_over_an_empty_shard(tmp_path):
+    ds = _parquet_only(tmp_path, "d", [{schema.UID: pa.array([], pa.string()), schema.URL: pa.array([], pa.string())},
+                                       {schema.UID: ["a"], schema.URL: ["http://x.example/1"]}])
+    assert resolve([ds], Request(domains=frozenset({"example"}))) == {"a"}
+    assert resolve([ds], Request(domains=frozenset({"other"}), urls=frozenset({"http://x.example/1"}))) == {"a"}
