@@ -154,3 +154,20 @@ def test_sort_path_equals_brute_force_on_small_inputs(radius, blocks):
     assert dict(zip(nodes_g.tolist(), labels_g.tolist(), strict=True)) == dict(
         zip(nodes_w.tolist(), labels_w.tolist(), strict=True)
     )
+
+
+def test_equal_key_pairs_at_two_rows_and_the_id_type():
+    # the smallest input with a pair: two rows, one key
+    a, b = nd.equal_key_pairs(np.array([9, 4], dtype=np.int32), np.array([7, 7], dtype=np.uint64))
+    assert a.tolist() == [4] and b.tolist() == [9]
+    assert a.dtype == b.dtype == np.int64  # row ids come back as int64 whatever they came in as
+    for ids in ([], [3]):  # nothing to pair
+        a, b = nd.equal_key_pairs(np.array(ids, dtype=np.int32), np.zeros(len(ids), np.uint64))
+        assert a.tolist() == b.tolist() == [] and a.dtype == b.dtype == np.int64
+
+
+def test_components_of_plain_lists_are_int64_ids():
+    nodes, labels = nd.components([], [])
+    assert nodes.dtype == labels.dtype == np.int64
+    nodes, labels = nd.components([], [3])  # one side empty: a malformed edge list still types right
+    assert nodes.dtype == np.int64 and nodes.tolist() == [3]
