@@ -237,7 +237,9 @@ def test_near_in_groups_links_identical_rows_and_splits_other_groups():
     assert _pairs(*d._near_in_groups(ids, key, h, 0, g)) == {(5, 7)}
     assert _pairs(*d._near_in_groups(ids, key, h, 1, g)) == {(3, 5), (5, 7)}
     a, b = d._near_in_groups(ids[:1], key[:1], h[:1], 3)
-    assert a.tolist() == [] and b.tolist() == []
+    assert a.tolist() == [] and b.tolist() == [] and a.dtype == b.dtype == np.int64
+    a, b = d._near_in_groups(ids[:2], key[:2], h[:2] ^ np.array([0, 7], np.uint64), 3)  # two rows: a pair
+    assert a.tolist() == [3] and b.tolist() == [7]
     a, b = d._near_in_groups(ids[2:], key[2:], h[2:], 3)  # two rows, two keys: no group of 2
     assert a.dtype == np.int64 and a.tolist() == [] and b.tolist() == []
 
@@ -268,7 +270,9 @@ def test_minhash_band_pairs_need_the_exact_key_too():
     assert _pairs(*d._minhash_band_pairs(IDS, SIGS, rk, 1, 2, 0.5)) == set()
     assert _pairs(*d._minhash_band_pairs(IDS, SIGS, rk, 0, 2, 0.75)) == {(100, 101), (100, 102)}
     a, b = d._minhash_band_pairs(IDS[:1], SIGS[:1], None, 0, 2, 0.5)
-    assert a.tolist() == [] and b.tolist() == []
+    assert a.tolist() == [] and b.tolist() == [] and a.dtype == b.dtype == np.int64
+    a, b = d._minhash_band_pairs(IDS[:2], SIGS[:2], None, 0, 2, 0.75)  # two rows: a pair
+    assert a.tolist() == [100] and b.tolist() == [101]
 
 
 # -- texts -----------------------------------------------------------------------------------------
