@@ -178,10 +178,19 @@ def _results(work: Path, t: Target) -> dict[str, str]:
 def _retest_names(work: Path, t: Target) -> list[str]:
     """Bring the current tests into a run and name its survivors and its unchecked mutants (a run
     that was stopped), to run them: tests added since only ever kill more, so the killed mutants
-    stay killed."""
+    stay killed. The mutated module must be unchanged since the run (its mutants are the old
+    code); the other modules are brought up to date, as the current tests expect them."""
+    if (REPO / t.path).read_bytes() != (work / t.path).read_bytes():
+        raise SystemExit(f"{t.path} changed since its mutation run: run the target again, without --retest")
     for dest in (work / "tests", work / "mutants" / "tests"):
         shutil.rmtree(dest)
         shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for src in [*(REPO / "curate").rglob("*.py"), *(REPO / "trainer").rglob("*.py")]:
+        rel = src.relative_to(REPO)
+        if rel.as_posix() != t.path and "__pycache__" not in rel.parts:
+            for dest in (work / rel, work / "mutants" / rel):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
     return [k for k, s in _results(work, t).items() if s not in ("killed", "timeout")]
 
 
