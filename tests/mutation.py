@@ -71,17 +71,27 @@ TARGETS: dict[str, Target] = {
     ),
     "dedup": Target(
         "curate/stages/dedup.py",
+        ("tests/dedup/test_dedup_units.py",
+         "tests/dedup/test_decisions.py::test_missing_color_column_is_named_with_the_fix"),
+        # the helpers under the decisions, each called directly: caption keys, plan columns, crop
+        # entries and their row pairs, exact keys, identity columns, pair searches, the refusal and
+        # rule texts (the pydantic validators are decorated: mutmut skips them)
+        ("normalize_caption", "_u64", "_colors", "_crops", "_near_groups", "_entries", "_rows_of", "_rule_key",
+         "_near_in_groups", "_minhash_band_pairs", "_sigs", "_identity", "_confirms", "missing_confirmation",
+         "_rule_text"),
+    ),
+    "dedup-decide": Target(
+        "curate/stages/dedup.py",
         ("tests/dedup/test_dedup_keep.py", "tests/dedup/test_decisions.py", "tests/dedup/test_dedup_stage.py",
          "tests/dedup/test_dedup_units.py"),
-        # the decisions: rule edges in one process, crop entries, confirmation, clusters and the keep
-        # policy, the applied columns, the refusal and explain texts; not the scan (hashing, I/O), the
-        # distributed engine's jobs, or the pydantic validators (decorated: mutmut skips them)
-        ("normalize_caption", "_u64", "_colors", "_crops", "_near_groups", "_entries", "_rows_of", "_rule_key",
-         "_near_in_groups", "_minhash_band_pairs", "_sigs", "_edges_local", "_identity", "_confirms",
-         "missing_confirmation", "DedupStage._decide", "DedupStage.process", "DedupStage.explain", "_rule_text"),
+        # the rules' edges in one process, confirmation, clusters and the keep policy, the applied
+        # columns, explain; not the scan (hashing, I/O) or the distributed engine's jobs
+        ("_edges_local", "DedupStage._decide", "DedupStage.process", "DedupStage.explain"),
         deselect=("tests/dedup/test_decisions.py::test_report_and_inspect_show_dedup_clusters_with_distances",
-                  # the three engines on the 330-row corpus (9 s); test_decisions runs them on small cases
-                  "tests/dedup/test_dedup_stage.py::test_engines_identical"),
+                  # the three engines, and every rule combination, on the 330-row corpus (10 s each):
+                  # test_decisions runs the engines and test_dedup_units the rules on small cases
+                  "tests/dedup/test_dedup_stage.py::test_engines_identical",
+                  "tests/dedup/test_dedup_stage.py::test_rules_combinations_and_keep_policy"),
     ),
     "dataset": Target(
         "curate/dataset.py",

@@ -337,3 +337,55 @@ def test_radius_zero_with_every_image_undecodable(tmp_path):
     assert got.column(schema.DROP_REASON).to_pylist() == ["dedup:undecodable"] * 3
     got = run_inline(ds, tmp_path / "keep", rules=["near"], radius=0, crop_radius=0, undecodable="keep")[0]
     assert got.column(schema.DROP_REASON).to_pylist() == [None] * 3
+
+
+# -- explain -------------------------------------------------------------------------------------
+def test_explain_whole_answer(tmp_path):
+    from test_decisions import H_A, H_B, H_C, _row
+    from test_dedup_stage import run_inline
+
+    from curate.dataset import Dataset
+    from curate.stages.dedup import DedupStage
+    from curate.testing.datasets import write_image_dataset
+
+    ds = write_image_dataset(str(tmp_path / "in"), [[_row(0, H_A, 300)], [_row(1, H_B, 200), _row(2, H_C, 100)]])
+    stage = DedupStage(DedupConfig())
+    out = Dataset(str(tmp_path / "out"))
+    assert stage.explain(out, "0" * 32) is None  # no plan yet
+    run_inline(ds, tmp_path / "out")
+    a, b, c = (f"{i:032x}" for i in range(3))
+    want = {
+        "duplicate_cluster": 0,
+        "rule": "each dropped member is within radius 6 of the kept one (distance: pHash bits), or a crop "
+                "of one within 3 of the other (crop: true), confirmed by color (confirm: colour Delta-E)",
+        "size": 2,
+        "kept": a,
+        "members": [
+            {schema.UID: a, "kept": True, "kind": "", schema.DUP_OF: None, "distance": None, "confirm": None,
+             schema.PHASH: f"{H_A:016x}", "pixels": 300 * 300, "crop": False, "hamming_to_this": 5},
+            {schema.UID: b, "kept": False, "kind": "near", schema.DUP_OF: a, "distance": 5, "confirm": 0.0,
+             schema.PHASH: f"{H_B:016x}", "pixels": 200 * 200, "crop": False, "hamming_to_this": 0},
+        ],
+    }
+    assert stage.explain(out, b) == want
+    got = stage.explain(out, a)
+    assert [m["hamming_to_this"] for m in got["members"]] == [0, 5]
+    assert stage.explain(out, c) == {"duplicate_cluster": None, "note": "no duplicate of this sample was found"}
+
+
+def test_explain_exact_copies_without_a_hash(tmp_path):
+    from test_dedup_stage import run_inline
+
+    from curate.dataset import Dataset
+    from curate.stages.dedup import DedupStage
+    from curate.testing.datasets import IMAGE, write_image_dataset
+
+    rows = [{schema.UID: f"{i:032x}", schema.CAPTION: "x", IMAGE: b"not an image", schema.IMAGE_FORMAT: "jpg",
+             schema.WIDTH: 10, schema.HEIGHT: 10} for i in range(2)]
+    ds = write_image_dataset(str(tmp_path / "in"), [rows])
+    got = run_inline(ds, tmp_path / "out", rules=["exact"], undecodable="keep")[0]
+    assert got.column(schema.DROP_REASON).to_pylist() == [None, "dedup:exact"]
+    info = DedupStage(DedupConfig(rules=["exact"])).explain(Dataset(str(tmp_path / "out")), f"{1:032x}")
+    assert info["kept"] == f"{0:032x}" and info["size"] == 2
+    for m in info["members"]:
+        assert m[schema.PHASH] is None and m["distance"] is None and "hamming_to_this" not in m
