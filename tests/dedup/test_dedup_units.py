@@ -389,3 +389,58 @@ def test_explain_exact_copies_without_a_hash(tmp_path):
     assert info["kept"] == f"{0:032x}" and info["size"] == 2
     for m in info["members"]:
         assert m[schema.PHASH] is None and m["distance"] is None and "hamming_to_this" not in m
+
+
+# -- every rule kind in one process ------------------------------------------------------------------
+def _plan_keys(crops: bool = False) -> pa.Table:
+    """Five plan rows: 1 is an exact copy of 0 (another caption); 2 has 0's caption and a pHash 3 bits
+    away; 3 is unrelated; 4 has 3's caption, no sha256 and no pHash (undecodable)."""
+    h0 = 0x0F0F_F0F0_1234_8765
+    sha = [(1, 1), (1, 1), (2, 2), (3, 3), None]
+    caps = ["a red bicycle", "copy", "a red bicycle", "green hills", "green hills"]
+    cap = [d._key128(c.encode()) for c in caps]
+    sig = [d.minhash(c, 8, 4) for c in caps]
+    sig[4] = sig[3]
+    t = _key_table(sha, cap, ph=[h0, h0, h0 ^ 0b111, ~h0 & (2**64 - 1), 0], sig=sig, perms=8)
+    t = t.set_column(t.column_names.index(schema.PHASH), schema.PHASH,
+                     pa.array([h0, h0, h0 ^ 0b111, ~h0 & (2**64 - 1), None], pa.uint64()))
+    t = t.set_column(t.column_names.index(schema.COLOR_SIG), schema.COLOR_SIG,
+                     pa.array([bytes(48)] * 5, pa.binary(48)))
+    crop = [h0 ^ (1 << 60)] * N if crops else None  # row 3's crops: 1 bit from row 0's full image
+    return t.append_column(schema.PHASH_CROPS, pa.array([None, None, None, None if crop is None else
+                                                         phash.crops_to_bytes(crop), None], pa.binary(40)))
+
+
+RULES = ["exact", "near", "caption", "exact+caption", "caption+near", "caption_near", "exact+near"]
+
+
+@pytest.mark.parametrize("engine", ["sort", "faiss"])
+def test_edges_of_every_rule_kind(engine):
+    cfg = DedupConfig(rules=RULES, minhash_perms=8, minhash_bands=4)
+    gids = np.arange(10, 15, dtype=np.int64)
+    edges = d._edges_local(cfg, _plan_keys(), gids, engine)
+    got = [_pairs(a, b) for a, b in edges]
+    assert got == [{(10, 11)}, {(10, 11), (10, 12)}, {(10, 12), (13, 14)}, set(), {(10, 12)}, {(10, 12), (13, 14)},
+                   {(10, 11)}]
+    assert all(a.dtype == np.int64 for a, _ in edges)
+
+
+def test_edges_radius_zero_confirmation_and_crops():
+    gids = np.arange(5, dtype=np.int64)
+    keys = _plan_keys()
+    # radius 0: identical rows only (the pHash and, with colour confirmation, the colour)
+    assert [_pairs(*e) for e in d._edges_local(DedupConfig(rules=["near"], radius=0, crop_radius=0), keys, gids,
+                                               "sort")] == [{(0, 1)}]
+    assert [_pairs(*e) for e in d._edges_local(DedupConfig(rules=["near"], radius=0, crop_radius=0,
+                                                           confirm="none"), keys, gids, "sort")] == [{(0, 1)}]
+    # a wider radius reaches row 2 only (row 3 is the complement)
+    assert [_pairs(*e) for e in d._edges_local(DedupConfig(rules=["near"], radius=2, crop_radius=0), keys, gids,
+                                               "sort")] == [{(0, 1)}]
+    # row 3's crops are 1 bit from rows 0 and 1 (one class: the pair goes to its first row) and 4
+    # bits from row 2: crop pairs, found by the search and kept for the confirmation to check
+    keys = _plan_keys(crops=True)
+    for rules, want in ((["near"], {(0, 1), (0, 2), (0, 3), (2, 3)}), (["exact+near"], {(0, 1)})):
+        got = d._edges_local(DedupConfig(rules=rules), keys, gids, "sort")
+        assert [_pairs(*e) for e in got] == [want]
+    got = d._edges_local(DedupConfig(rules=["near"], crop_radius=0), keys, gids, "sort")
+    assert [_pairs(*e) for e in got] == [{(0, 1), (0, 2)}]
