@@ -162,8 +162,9 @@ def test_equal_key_pairs_at_two_rows_and_the_id_type():
     assert a.tolist() == [4] and b.tolist() == [9]
     assert a.dtype == b.dtype == np.int64  # row ids come back as int64 whatever they came in as
     for ids in ([], [3]):  # nothing to pair
-        a, b = nd.equal_key_pairs(np.array(ids, dtype=np.int32), np.zeros(len(ids), np.uint64))
-        assert a.tolist() == b.tolist() == [] and a.dtype == b.dtype == np.int64
+        for valid in (None, np.ones(len(ids), bool)):
+            a, b = nd.equal_key_pairs(np.array(ids, dtype=np.int32), np.zeros(len(ids), np.uint64), valid)
+            assert a.tolist() == b.tolist() == [] and a.dtype == b.dtype == np.int64
 
 
 def test_components_of_plain_lists_are_int64_ids():
