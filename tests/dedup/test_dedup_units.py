@@ -269,6 +269,10 @@ def test_minhash_band_pairs_need_the_exact_key_too():
     rk = np.array([[1, 1], [1, 1], [1, 1], [2, 2]], dtype=np.uint64)
     assert _pairs(*d._minhash_band_pairs(IDS, SIGS, rk, 1, 2, 0.5)) == set()
     assert _pairs(*d._minhash_band_pairs(IDS, SIGS, rk, 0, 2, 0.75)) == {(100, 101), (100, 102)}
+    # the same exact key does not lift a pair over the Jaccard threshold
+    same = np.ones((4, 2), dtype=np.uint64)
+    assert _pairs(*d._minhash_band_pairs(IDS, SIGS, same, 1, 2, 0.5)) == {(100, 103)}
+    assert _pairs(*d._minhash_band_pairs(IDS, SIGS, same, 1, 2, 0.51)) == set()
     a, b = d._minhash_band_pairs(IDS[:1], SIGS[:1], None, 0, 2, 0.5)
     assert a.tolist() == [] and b.tolist() == [] and a.dtype == b.dtype == np.int64
     a, b = d._minhash_band_pairs(IDS[:2], SIGS[:2], None, 0, 2, 0.75)  # two rows: a pair
