@@ -448,3 +448,12 @@ def test_edges_radius_zero_confirmation_and_crops():
         assert [_pairs(*e) for e in got] == [want]
     got = d._edges_local(DedupConfig(rules=["near"], crop_radius=0), keys, gids, "sort")
     assert [_pairs(*e) for e in got] == [{(0, 1), (0, 2)}]
+
+
+def test_colors_are_zero_where_null_whatever_bytes_the_null_slot_holds():
+    # Arrow leaves a null slot's bytes unspecified: build one holding 0xFF
+    data = pa.py_buffer(bytes(range(48)) + b"\xff" * 48)
+    validity = pa.py_buffer(bytes([0b01]))
+    arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(48), 2, [validity, data])
+    c, ok = d._colors(pa.chunked_array([arr]))
+    assert c.tolist() == [list(range(48)), [0] * 48] and ok.tolist() == [True, False]
