@@ -59,7 +59,7 @@ def test_entries_add_each_rows_crops_after_the_full_images():
     # and its own entry id, so no crop is ever "identical" to a full image or to another crop
     assert g.tolist() == [[0x11, 0], [0x22, 0], [0x33, 0]] + [[0x11, i] for i in crop_ids[:N]] + \
         [[0x33, i] for i in crop_ids[N:]]
-    assert k is None
+    assert k is None and g.dtype == hv.dtype == np.uint64  # words of 64 bits: no float in between
 
 
 def test_entries_of_the_valid_rows_only():
@@ -73,6 +73,7 @@ def test_entries_of_the_valid_rows_only():
     assert ids.tolist() == [11 << 3, 12 << 3, *crop_ids]
     assert hv.tolist() == [0x22, 0x33, *C2]
     assert g.tolist() == [[3, 4, 0], [5, 6, 0]] + [[5, 6, i] for i in crop_ids]
+    assert g.dtype == np.uint64
     assert k.tolist() == [[9, 9], [5, 5]] + [[5, 5]] * N
 
 
@@ -457,3 +458,11 @@ def test_colors_are_zero_where_null_whatever_bytes_the_null_slot_holds():
     arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(48), 2, [validity, data])
     c, ok = d._colors(pa.chunked_array([arr]))
     assert c.tolist() == [list(range(48)), [0] * 48] and ok.tolist() == [True, False]
+
+
+def test_crops_are_zero_where_null_whatever_bytes_the_null_slot_holds():
+    data = pa.py_buffer(b"\xee" * phash.CROP_BYTES + phash.crops_to_bytes(C2))
+    validity = pa.py_buffer(bytes([0b10]))
+    arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(phash.CROP_BYTES), 2, [validity, data])
+    c, ok = d._crops(pa.chunked_array([arr]))
+    assert c.tolist() == [[0] * N, C2] and ok.tolist() == [False, True]
