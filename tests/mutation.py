@@ -7,7 +7,11 @@ code and tests and a pyproject.toml with that target's section: one module mutat
 selected. Inside a run mutmut maps each test to the functions it executes and runs, per mutant, only
 the tests that reach the mutated function.
 
-Usage: python tests/mutation.py [NAME ...] [--jobs N] [--show]
+A module too big for one run is split into targets by functions (``dedup``: the helpers, called
+directly by fast tests; ``dedup-decide``: the edges, clusters, applied columns and explain, reached
+through plans run in this process).
+
+Usage: python tests/mutation.py [NAME ...] [--jobs N] [--show] [--retest] [--no-run]
 Prints killed / total per target and writes build/mutation/summary.json; with --show, the diff of
 every surviving mutant (the equivalent ones are listed with their reason in docs/TESTING.md).
 """
