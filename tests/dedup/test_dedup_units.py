@@ -466,3 +466,13 @@ def test_crops_are_zero_where_null_whatever_bytes_the_null_slot_holds():
     arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(phash.CROP_BYTES), 2, [validity, data])
     c, ok = d._crops(pa.chunked_array([arr]))
     assert c.tolist() == [[0] * N, C2] and ok.tolist() == [False, True]
+
+
+def test_an_exact_near_rule_needs_the_sha256_as_well_as_the_phash():
+    # two rows with one pHash and colour but no sha256: not exact copies, so not linked by exact+near
+    keys = _key_table([None, None], [(1, 1), (1, 1)], ph=[77, 77], sig=None)
+    keys = keys.set_column(keys.column_names.index(schema.COLOR_SIG), schema.COLOR_SIG,
+                           pa.array([bytes(48)] * 2, pa.binary(48)))
+    gids = np.arange(2, dtype=np.int64)
+    got = d._edges_local(DedupConfig(rules=["exact+near", "caption+near"], crop_radius=0), keys, gids, "sort")
+    assert [_pairs(*e) for e in got] == [set(), {(0, 1)}]
