@@ -474,5 +474,11 @@ def test_an_exact_near_rule_needs_the_sha256_as_well_as_the_phash():
     keys = keys.set_column(keys.column_names.index(schema.COLOR_SIG), schema.COLOR_SIG,
                            pa.array([bytes(48)] * 2, pa.binary(48)))
     gids = np.arange(2, dtype=np.int64)
-    got = d._edges_local(DedupConfig(rules=["exact+near", "caption+near"], crop_radius=0), keys, gids, "sort")
-    assert [_pairs(*e) for e in got] == [set(), {(0, 1)}]
+    got = d._edges_local(DedupConfig(rules=["exact+near", "caption+near", "exact", "caption"], crop_radius=0),
+                         keys, gids, "sort")
+    assert [_pairs(*e) for e in got] == [set(), {(0, 1)}, set(), {(0, 1)}]
+    # radius 0 links identical rows only: the colour is part of what makes them identical
+    keys = keys.set_column(keys.column_names.index(schema.COLOR_SIG), schema.COLOR_SIG,
+                           pa.array([bytes(48), bytes([9]) * 48], pa.binary(48)))
+    got = d._edges_local(DedupConfig(rules=["caption+near"], radius=0, crop_radius=0), keys, gids, "sort")
+    assert [_pairs(*e) for e in got] == [set()]
