@@ -72,8 +72,11 @@ def test_counts_bytes_and_layout(curated, exported):
     assert len(ids) >= 6
     for n in ids:
         t = out.read_shard(n)
-        assert sizes[f"{out.shard_name(n)}.tar"] == t.num_rows <= 16
-        assert set(t.column(schema.IMAGE_TAR).to_pylist()) == {out.tar_url(n)}
+        # the tar is named by its rows' split (train-00000.tar, val-00041.tar), in shards/
+        (split,) = set(t.column(schema.SPLIT).to_pylist())
+        tar = f"{split}-{out.shard_name(n)}.tar"
+        assert sizes[tar] == t.num_rows <= 16
+        assert set(t.column(schema.IMAGE_TAR).to_pylist()) == {out.tar_url(n)} == {out.url_of("shards", tar)}
         keys = t.column(schema.KEY).to_pylist()
         assert all(k.startswith(out.shard_name(n)) and len(k) == 9 and k.isdigit() for k in keys)
         assert keys == sorted(keys)
@@ -193,7 +196,7 @@ def test_unreadable_and_corrupt_rows_are_rejected(curated, tmp_path, ray_session
     assert sum(sizes.values()) == t.num_rows - 2
     for n in out.shard_ids():
         with tarfile.open(fileobj=io.BytesIO(out.fs.cat(out.shard_path(n, "tar")))) as tf:
-            assert len(tf.getnames()) == 3 * sizes[f"{out.shard_name(n)}.tar"]
+            assert len(tf.getnames()) == 3 * sizes[f"train-{out.shard_name(n)}.tar"]
 
 
 def test_target_bytes_sizes_shards(curated, tmp_path, ray_session):
@@ -380,8 +383,8 @@ def test_uint64_columns_are_hex_in_key_json_and_hf_reads_without_features(tmp_pa
     t = src.read_shard(0)
     assert t.column(schema.PHASH).type == pa.uint64()
     run_stage("export", src.url, str(tmp_path / "out"), config={"val_fraction": 0})
-    tars = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
-    hf = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
+    # the folder alone: no data_files, no features
+    hf = datasets.load_dataset("webdataset", data_dir=str(tmp_path / "out"), split="train",
                                cache_dir=str(tmp_path / "hf"))
     assert len(hf) == 6
     assert sorted(m[schema.PHASH] for m in hf["json"]) == sorted(f"{big - i:016x}" for i in range(6))
