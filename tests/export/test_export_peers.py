@@ -115,6 +115,21 @@ def test_hf_datasets_reads_the_export_folder_with_nothing_declared(curated, tmp_
     assert {m["split"] for m in hf["validation"]["json"]} == {"val"}
 
 
+def test_trainer_finds_each_split_and_its_indexes(exported):
+    """The trainer's shard discovery on a real export: each split's tars (from sizes.json and the
+    manifest) paired with their .idx, whose samples are the keys the Parquet holds."""
+    from trainer import data as D
+
+    splits = split_shards(exported)
+    for split in ("train", "val"):
+        got = D.find_shards(exported.url, split)
+        name = exported.shard_name
+        assert got == [(exported.path("shards", f"{split}-{name(n)}.tar"), exported.path("shards", f"{name(n)}.idx"))
+                       for n in splits[split]]
+        keys = [s.key for shard in D.index_samples(got) for s in shard]
+        assert keys == _expected(exported, splits[split])
+
+
 def test_dali_webdataset_reader_with_our_idx(exported):
     from nvidia.dali import fn, pipeline_def
 
