@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu" --durations=30
 
 # Mutation testing of the decision and format core (tests/mutation.py; results in BENCHMARKS.md,
 # equivalent mutants in docs/TESTING.md). Not part of `make test`: it takes tens of minutes.

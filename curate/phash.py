@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,15 @@ def _reduced(img: Image.Image) -> Image.Image:
     return img.reduce(k) if k > 1 else img
 
 
+def _min3(a: np.ndarray) -> np.ndarray:
+    """3x3 minimum filter with the edge pixels repeated outward: what Pillow's ``MinFilter(3)`` gives
+    (it expands the image by its edge before ranking), as two separable passes over numpy views,
+    ~20x faster than Pillow's generic rank filter on a 200 px image."""
+    p = np.pad(a, 1, mode="edge")
+    rows = np.minimum(np.minimum(p[:, :-2], p[:, 1:-1]), p[:, 2:])
+    return np.minimum(np.minimum(rows[:-2], rows[1:-1]), rows[2:])
+
+
 def _is_line_art(gray: np.ndarray) -> bool:
     """A drawing of thin strokes on a white page: mostly white, and most of its ink within a pixel
     of the page (a 3x3 erosion of the ink keeps less than LINE_ART_CORE of it). Filled clip art and
@@ -150,12 +159,12 @@ def _is_line_art(gray: np.ndarray) -> bool:
     total = int(ink.sum())
     if total == 0:
         return False
-    page = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(3))
-    return int((np.asarray(page) == 0).sum()) < LINE_ART_CORE * total
+    core = _min3(ink.view(np.uint8))  # ink whose whole 3x3 neighbourhood (edges repeated) is ink
+    return int(np.count_nonzero(core)) < LINE_ART_CORE * total
 
 
 def _hash_pixels(img: Image.Image) -> np.ndarray:
-    gray = img if img.mode == "L" else img.convert("L")
+    gray = _gray(img)
     if _is_line_art(np.asarray(gray)):
         # The strokes are thickened at one fixed scale (short side LINE_ART_SIDE, area-averaged), so a
         # drawing and its rescaled copy get the same stroke width relative to the picture.
@@ -166,7 +175,7 @@ def _hash_pixels(img: Image.Image) -> np.ndarray:
         if r != 1:
             size = (max(1, round(w * r)), max(1, round(h * r)))
             gray = gray.resize(size, Image.Resampling.BOX if r < 1 else Image.Resampling.BILINEAR)
-        gray = gray.filter(ImageFilter.MinFilter(3))
+        gray = Image.fromarray(_min3(np.asarray(gray)))
     if gray.size != (IMG_SIZE, IMG_SIZE):
         gray = gray.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS)
     return np.asarray(gray, dtype=np.uint8)
@@ -180,8 +189,16 @@ def _crop_boxes(w: int, h: int) -> list[tuple[int, int, int, int]]:
     return [(0, 0, cw, ch), (w - cw, 0, w, ch), (0, h - ch, cw, h), (w - cw, h - ch, w, h), (x, y, x + cw, y + ch)]
 
 
-def _crop_pixels(small: Image.Image) -> list[np.ndarray]:
-    return [_hash_pixels(small.crop(box)) for box in _crop_boxes(*small.size)]
+def _gray(img: Image.Image) -> Image.Image:
+    return img if img.mode == "L" else img.convert("L")
+
+
+def _all_pixels(small: Image.Image) -> list[np.ndarray]:
+    """The 32x32 hash pixels of the whole reduced image and of its CROP_COUNT crops. The grey image is
+    made once and cropped (a per-pixel conversion commutes with a crop); each crop gets its own
+    line-art check and scale, exactly as if it were an image of its own."""
+    gray = _gray(small)
+    return [_hash_pixels(gray), *(_hash_pixels(gray.crop(box)) for box in _crop_boxes(*gray.size))]
 
 
 def crops_to_bytes(hashes: Sequence[int] | np.ndarray) -> bytes:
@@ -251,7 +268,7 @@ def signature_pil(img: Image.Image) -> tuple[int, bytes, bytes]:
     an 800 px RGB image, and the same hashes (within ~1 bit) as ``signatures_bytes`` of its bytes.
     """
     small = _reduced(img)
-    h = hashes_from_pixels(np.stack([_hash_pixels(small), *_crop_pixels(small)]))
+    h = hashes_from_pixels(np.stack(_all_pixels(small)))
     return int(h[0]), _color_signatures(_color_cells(small)[None])[0], crops_to_bytes(h[1:])
 
 
@@ -265,7 +282,7 @@ def draft(img: Image.Image) -> None:
     ``signatures_bytes`` does. A stage that decodes only to validate and hash (import) calls this so
     its ``signature_pil`` of the result equals ``signatures_bytes`` of the same bytes."""
     if img.format == "JPEG":
-        img.draft("RGB" if img.mode != "L" else "L", (REDUCE_TO, REDUCE_TO))
+        img.draft(img.mode, (REDUCE_TO, REDUCE_TO))  # its own mode: only the scale changes
 
 
 def _decode_small(blob: bytes, max_pixels: int) -> Image.Image:
@@ -279,9 +296,7 @@ def _decode_small(blob: bytes, max_pixels: int) -> Image.Image:
         w, h = img.size
         if w * h > max_pixels:
             raise ValueError(f"{w}x{h} exceeds {max_pixels} pixels")
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # animated GIF/WebP/APNG: hash the first frame, like imagehash does
-        img.load()
+        img.load()  # an animated GIF/WebP/APNG opens at its first frame: that is what gets hashed
     return _reduced(img)
 
 
@@ -304,7 +319,7 @@ def signatures_bytes(
         where.append(i)
     if small:
         k = 1 + CROP_COUNT
-        hashes = hashes_from_pixels(np.stack([p for s in small for p in (_hash_pixels(s), *_crop_pixels(s))]))
+        hashes = hashes_from_pixels(np.stack([p for s in small for p in _all_pixels(s)]))
         colors = _color_signatures(np.stack([_color_cells(s) for s in small]))
         for j, (i, c) in enumerate(zip(where, colors, strict=True)):
             out[i] = (int(hashes[j * k]), c, crops_to_bytes(hashes[j * k + 1 : (j + 1) * k]))

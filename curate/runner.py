@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -546,6 +547,8 @@ _METRICS: dict[str, Any] = {}
 
 def _record_metrics(stage: str, stats: dict[str, Any]) -> None:
     """rows in / kept / dropped per stage, exported through Ray's Prometheus metrics endpoint."""
+    if "ray" not in sys.modules:
+        return  # a shard run without Ray (the local executor): importing it here cost ~1 s per worker
     try:
         import ray
         from ray.util.metrics import Counter as RayCounter

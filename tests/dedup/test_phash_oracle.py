@@ -8,6 +8,7 @@ hand-computed Delta-E values for the colour distance.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -181,6 +182,8 @@ def test_crop_boxes_by_hand():
     assert phash._crop_boxes(200, 100) == [(0, 0, 194, 97), (6, 0, 200, 97), (0, 3, 194, 100), (6, 3, 200, 100),
                                            (3, 1, 197, 98)]
     assert phash._crop_boxes(1, 1) == [(0, 0, 1, 1)] * 5
+    # tall: 97 x 194 of 100 x 200, the centre box 1 px in from the left and 3 down
+    assert phash._crop_boxes(100, 200)[4] == (1, 3, 98, 197)
 
 
 def test_crop_hashes_are_the_hashes_of_the_crops_and_round_trip():
@@ -245,3 +248,191 @@ def test_a_batch_gives_each_image_its_own_three_signals():
     single = [phash.signatures_bytes([b])[0] for b in blobs]
     assert batch == [single[0], None, *single[1:], None]
     assert all(len(s[1]) == phash.COLOR_BYTES and len(s[2]) == phash.CROP_BYTES for s in single)
+
+
+def test_min3_equals_pillows_min_filter_and_erodes_from_the_edge():
+    """The numpy 3x3 minimum against Pillow's MinFilter(3) (which repeats the edge pixels outward), on
+    random and on sparse images of several shapes, thin ones included."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (1, 7), (5, 1), (2, 3), (17, 31), (64, 40)]:
+        for a in (rng.integers(0, 256, shape), np.where(rng.random(shape) < 0.9, 255, 0)):
+            a = a.astype(np.uint8)
+            want = np.asarray(Image.fromarray(a).filter(ImageFilter.MinFilter(3)))
+            assert np.array_equal(phash._min3(a), want), shape
+    block = np.zeros((6, 6), np.uint8)
+    block[1:4, 1:4] = 1  # a 3x3 block keeps only its centre; one along the edge keeps its edge row
+    assert phash._min3(block).nonzero() == (np.array([2]), np.array([2]))
+    edge = np.zeros((6, 6), np.uint8)
+    edge[0:2, 0:3] = 1
+    assert sorted(zip(*phash._min3(edge).nonzero())) == [(0, 0), (0, 1)]
+
+
+def test_line_art_means_a_white_page_with_strokes_thinner_than_three_pixels():
+    """By hand: a page with 1 px lines is line art; the same page with 5 px bars is not (most of the
+    ink survives a 3x3 erosion); a mostly dark image is not, whatever its strokes."""
+    page = np.full((60, 60), 255, np.uint8)
+    thin = page.copy()
+    thin[::6, :] = 0
+    thick = page.copy()
+    for r in range(0, 60, 12):
+        thick[r : r + 5, :] = 0
+    assert phash._is_line_art(thin)
+    assert not phash._is_line_art(thick)
+    assert not phash._is_line_art(255 - page)
+    assert not phash._is_line_art(page)  # no ink at all
+
+
+def test_dct_rows_are_scipys_unnormalised_dct_basis():
+    """The module's DCT rows against scipy: row k is the DCT-II of the unit vectors' k-th output."""
+    basis = dct(np.eye(phash.IMG_SIZE), axis=0, type=2)[: phash.HASH_SIZE]
+    assert np.allclose(phash._dct_rows(), basis, atol=1e-12)
+    assert np.allclose(phash._C, basis, atol=1e-12) and np.allclose(phash._CT, basis.T, atol=1e-12)
+
+
+def _line_art_reference(gray: Image.Image) -> np.ndarray:
+    """Line-art hash pixels written from Pillow's parts: short side scaled to 128 (box filter when
+    shrinking, bilinear when enlarging), a 3x3 minimum filter, then the 32x32 Lanczos resize."""
+    from PIL import ImageFilter
+
+    w, h = gray.size
+    r = 128 / min(w, h)
+    if r != 1:
+        gray = gray.resize((max(1, round(w * r)), max(1, round(h * r))),
+                           Image.Resampling.BOX if r < 1 else Image.Resampling.BILINEAR)
+    gray = gray.filter(ImageFilter.MinFilter(3))
+    return np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS))
+
+
+@pytest.mark.parametrize("size", [(300, 200), (128, 128), (64, 90), (100, 150), (1000, 130)])
+def test_line_art_pixels_are_thickened_at_one_scale(size):
+    """A thin-line drawing is scaled to short side 128 and thickened before the hash resize, at every
+    input size (shrunk, exact, enlarged); a filled picture of the same size is not touched."""
+    w, h = size
+    img = Image.new("L", size, 255)
+    d = ImageDraw.Draw(img)
+    for i in range(0, max(w, h), 9):
+        d.line([(i, 0), (0, i)], fill=0, width=1)
+    assert phash._is_line_art(np.asarray(img))
+    got = phash._hash_pixels(img)
+    assert np.array_equal(got, _line_art_reference(img))
+    plain = np.asarray(img.resize((32, 32), Image.Resampling.LANCZOS))
+    assert not np.array_equal(got, plain)  # thickening changed the pixels the DCT sees
+    assert got.mean() < plain.mean() - 10  # thicker (darker) strokes, not just different ones
+    filled = Image.new("L", size, 40)
+    ImageDraw.Draw(filled).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=200)
+    assert np.array_equal(phash._hash_pixels(filled), np.asarray(filled.resize((32, 32), Image.Resampling.LANCZOS)))
+
+
+def test_each_crop_of_a_line_drawing_is_hashed_as_a_line_drawing():
+    """The crop hashes of a thin-line drawing equal the reference pipeline run on each crop box."""
+    img = Image.new("RGB", (260, 180), "white")
+    d = ImageDraw.Draw(img)
+    for i in range(0, 260, 11):
+        d.line([(i, 0), (i // 2, 179)], fill=(30, 30, 200), width=1)
+    _, _, crops = phash.signature_pil(img)
+    gray = img.convert("L")
+    want = [reference_hash(_line_art_reference(gray.crop(b)).astype(np.float64)) for b in phash._crop_boxes(*gray.size)]
+    assert [int.from_bytes(crops[8 * i: 8 * i + 8], "little") for i in range(5)] == want
+
+
+def _page(shape=(60, 60)) -> np.ndarray:
+    return np.full(shape, 255, np.uint8)
+
+
+def test_line_art_limits_white_fraction_level_and_core_share():
+    """Each limit of the line-art rule at, below and above it, on hand-built pages."""
+    half = _page((40, 40))
+    half[:, ::2] = 0  # 1 px stripes: exactly half white, no ink survives erosion
+    assert phash._is_line_art(half)  # white fraction 0.5 is enough (the rule is "< 0.5 is not")
+    third = _page((60, 60))
+    third[:, np.arange(60) % 3 != 0] = 0  # 2 px stripes: one third white, still no core
+    assert not phash._is_line_art(third)  # too little page, however thin the ink
+    level = np.full((60, 60), 235, np.uint8)  # 235 counts as page (white), 234 as ink
+    level[::6, :] = 0
+    assert phash._is_line_art(level)
+    level[level == 235] = 234
+    assert not phash._is_line_art(level)
+    dot = _page()
+    dot[30, 30] = 0  # one ink pixel: all of its ink is within a pixel of the page
+    assert phash._is_line_art(dot)
+    block = _page()
+    block[10:14, 10:15] = 0  # 4x5 block: 20 ink pixels, 6 of them keep a full 3x3 of ink = 30%, not < 30%
+    assert not phash._is_line_art(block)
+    block[10:14, 14] = 255  # 4x4: 16 ink, 4 core = 25%
+    assert phash._is_line_art(block)
+    mixed = _page()
+    mixed[::5, :] = 0
+    mixed[20:23, 20:23] = 0  # thin strokes plus one 3x3 blob: a core of one pixel among hundreds of ink
+    assert phash._is_line_art(mixed)
+
+
+def test_undecodable_rows_are_logged_with_their_index_and_reason(caplog):
+    import logging
+
+    blob = io.BytesIO()
+    Image.new("RGB", (800, 600), (1, 2, 3)).save(blob, "JPEG")
+    with caplog.at_level(logging.DEBUG, logger="curate.phash"):
+        out = phash.signatures_bytes([blob.getvalue(), b"not an image", blob.getvalue()], max_pixels=100)
+    assert out == [None, None, None]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "curate.phash"]
+    assert msgs[0] == "phash: image 0 does not decode: 200x150 exceeds 100 pixels"
+    assert msgs[1].startswith("phash: image 1 does not decode: ") and len(msgs) == 3
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (32, 32), (1, 32, 33)])
+def test_hash_input_of_the_wrong_shape_is_refused_by_name(shape):
+    with pytest.raises(ValueError, match=re.escape(f"expected (N, 32, 32) pixels, got {shape}")):
+        phash.hashes_from_pixels(np.zeros(shape, np.uint8))
+
+
+def _shape_on(bg: str, size=(120, 90)) -> Image.Image:
+    img = Image.new("RGB", size, bg)
+    ImageDraw.Draw(img).polygon([(10, 80), (60, 5), (110, 70)], fill=(200, 30, 30))
+    return img
+
+
+def test_palette_transparency_is_composited_over_white():
+    """A palette image whose background index is transparent (its colour black) hashes as the same
+    drawing on white; without transparency the palette's black is what a viewer sees."""
+    white = phash.signature_pil(_shape_on("white"))
+    pal = _shape_on("black").quantize(colors=4)
+    black_index = int(np.asarray(pal)[0, 0])
+    pal.info["transparency"] = black_index
+    assert phash.signature_pil(pal)[0] == white[0]
+    assert phash.color_distance(np.frombuffer(phash.signature_pil(pal)[1], np.uint8),
+                                np.frombuffer(white[1], np.uint8))[0] < 3
+    del pal.info["transparency"]
+    assert phash.signature_pil(pal)[0] == phash.signature_pil(_shape_on("black"))[0] != white[0]
+    pa = _shape_on("black").quantize(colors=4).convert("PA")
+    alpha = np.where(np.asarray(pa.convert("RGB")).sum(-1) == 0, 0, 255).astype(np.uint8)
+    pa.putalpha(Image.fromarray(alpha))
+    assert pa.mode == "PA" and phash.signature_pil(pa)[0] == white[0]
+
+
+def test_an_animated_image_hashes_as_its_first_frame():
+    first, second = _shape_on("white"), Image.new("RGB", (120, 90), (20, 90, 20))
+    ImageDraw.Draw(second).ellipse([5, 5, 60, 80], fill="white")
+    buf = io.BytesIO()
+    first.save(buf, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    got = phash.signatures_bytes([buf.getvalue()])[0]
+    one = io.BytesIO()
+    Image.open(buf).convert("RGB").save(one, "PNG")  # frame 0 as its own picture
+    assert got[0] == phash.signatures_bytes([one.getvalue()])[0][0]
+    assert Image.open(buf).n_frames == 2 and got[0] != phash.signature_pil(second)[0]
+
+
+def test_colour_signature_has_no_offset_against_scikit_image():
+    """Over 500 random colours the signature's L*, a*, b* bytes agree with scikit-image within 1 and
+    without a systematic shift (a wrong offset of a* or b* moves every value by the same amount);
+    black is L* 0 exactly."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (500, 3)).astype(np.uint8)
+    got = np.stack([np.frombuffer(phash.signature_pil(Image.new("RGB", (8, 8), tuple(int(v) for v in c)))[1],
+                                  np.uint8)[:3] for c in rgb]).astype(float)
+    lab = rgb2lab(rgb[None])[0]
+    want = np.stack([lab[:, 0] * 2.55, lab[:, 1] + 128, lab[:, 2] + 128], -1)
+    assert np.abs(got - want).max() <= 1.01
+    assert np.abs((got - want).mean(axis=0)).max() < 0.1
+    assert np.frombuffer(phash.signature_pil(Image.new("RGB", (8, 8), (0, 0, 0)))[1], np.uint8)[0] == 0
