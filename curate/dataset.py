@@ -173,10 +173,12 @@ class Dataset:
 
     @property
     def splits(self) -> dict[int, str]:
-        """The split of each shard of a dataset cut into named splits (export: train, val), from the
-        manifest, else the run's plan; empty for any other dataset."""
+        """The split of each shard whose tar is named by split (export: train, val), as the run's plan
+        recorded them (else the manifest, where the plan folder is gone); empty for any other dataset.
+        An export made before tars were named by split has a plan without splits: its tars keep
+        ``NNNNN.tar`` though its manifest lists splits."""
         if self._splits is None:
-            meta = self.manifest() or self.read_json(PLAN_DIR, PLAN_FILE)
+            meta = self.read_json(PLAN_DIR, PLAN_FILE) or self.manifest()
             recorded = (meta or {}).get("splits") or {}
             found = {int(s): name for name, info in recorded.items()
                      for s in (info["shards"] if isinstance(info, dict) else info)}

@@ -142,7 +142,15 @@ def test_a_dataset_cut_into_splits_names_its_tars_by_split(tmp_path):
     ds.write_manifest(ds.build_manifest({"owns_images": True, "shard_digits": 5}))
     assert sorted(p.name for p in Path(ds.path("shards")).glob("*.tar")) == ["train-00000.tar", "val-00001.tar"]
     assert ds.read_json("shards", "sizes.json") == {"train-00000.tar": 1, "val-00001.tar": 1}
+    assert Dataset(ds.url).tar_url(1) == ds.path("shards", "val-00001.tar")
+    ds.delete(ds.path("_plan", "plan.json"))
     assert Dataset(ds.url).tar_url(1) == ds.path("shards", "val-00001.tar")  # from the manifest alone
+    # an export made before tars carried their split: its plan records none, its manifest does
+    old = Dataset(str(tmp_path / "old"))
+    old.write_json({"shards": [0, 1], "shard_digits": 5}, "_plan", "plan.json")
+    old.write_json({"shard_digits": 5, "splits": {"train": {"shards": ["00000"]}, "val": {"shards": ["00001"]}}},
+                   "_manifest.json")
+    assert old.shard_path(1, "tar") == old.path("shards", "00001.tar")
     # a dataset that is not cut into splits keeps NNNNN.tar
     plain = Dataset(str(tmp_path / "plain"))
     plain.write_json({"shards": [0], "shard_digits": 5}, "_plan", "plan.json")
