@@ -182,7 +182,10 @@ def _image_hashes(shards: Sequence[tuple[str, str | None]]) -> set[str]:
 
     out: set[str] = set()
     for tar, _ in shards:
-        parquet = Path(tar).with_suffix(".parquet")
+        # beside the tar with its stem, or under the shard number alone (export's train-00000.tar)
+        stem = Path(tar).stem
+        parquet = next((p for p in (Path(tar).with_name(f"{s}.parquet") for s in (stem, stem.rsplit("-", 1)[-1]))
+                        if p.is_file()), Path(tar).with_suffix(".parquet"))
         if parquet.is_file() and schema.SHA256 in pq.ParquetFile(parquet).schema_arrow.names:
             out.update(h for h in pq.read_table(parquet, columns=[schema.SHA256]).column(0).to_pylist() if h)
             continue

@@ -7,6 +7,7 @@ Layout under any fsspec URL::
     _plan/                    what a stage's plan step decided (inputs of each shard, decision tables)
     shards/NNNNN.parquet      kept rows           shards/NNNNN.tar + .idx   (datasets that own bytes)
     shards/NNNNN.stats.json   the commit marker   shards/sizes.json          (beside the tars)
+                                                  shards/SPLIT-NNNNN.tar     (a dataset cut into splits)
     shards/NNNNN.commit.json  while a shard changes: which attempt's files it takes (claim and journal)
     rejects/NNNNN.parquet     dropped rows with drop_reason
 
@@ -60,6 +61,11 @@ def tmp_name(path: str, attempt: str | None = None) -> str:
     """A temporary name private to one attempt: two attempts at the same shard (a zombie worker of a
     killed driver, a retried task) never write to each other's files."""
     return f"{path}{TMP_MARK}{attempt or uuid.uuid4().hex[:12]}"
+
+
+def tar_file_name(shard_name: str, split: str | None = None) -> str:
+    """``NNNNN.tar``, or ``SPLIT-NNNNN.tar`` for a shard of a named split (see :meth:`Dataset.tar_name`)."""
+    return f"{split}-{shard_name}.tar" if split else f"{shard_name}.tar"
 
 
 def new_attempt() -> str:
@@ -138,6 +144,7 @@ class Dataset:
         self.durable = _durable_default(self.fs) if durable is None else durable
         self._manifest: dict[str, Any] | None = None
         self._digits: int | None = None
+        self._splits: dict[int, str] | None = None
 
     def __repr__(self) -> str:
         return f"Dataset({self.url!r})"
@@ -164,7 +171,35 @@ class Dataset:
     def shard_name(self, n: int) -> str:
         return f"{n:0{self.shard_digits}d}"
 
+    @property
+    def splits(self) -> dict[int, str]:
+        """The split of each shard whose tar is named by split (export: train, val), as the run's plan
+        recorded them (else the manifest, where the plan folder is gone); empty for any other dataset.
+        An export made before tars were named by split has a plan without splits: its tars keep
+        ``NNNNN.tar`` though its manifest lists splits."""
+        if self._splits is None:
+            meta = self.read_json(PLAN_DIR, PLAN_FILE) or self.manifest()
+            recorded = (meta or {}).get("splits") or {}
+            found = {int(s): name for name, info in recorded.items()
+                     for s in (info["shards"] if isinstance(info, dict) else info)}
+            if meta is None:
+                return found  # nothing recorded yet: asked again once the plan is written
+            self._splits = found
+        return self._splits
+
+    @splits.setter
+    def splits(self, value: dict[str, Sequence[int]]) -> None:
+        self._splits = {int(s): name for name, ids in value.items() for s in ids}
+
+    def tar_name(self, n: int) -> str:
+        """The file name of shard ``n``'s tar. A split's name leads it (``train-00000.tar``,
+        ``val-00041.tar``): readers that find splits by file name (HF ``datasets``' folder loading)
+        then open the tars alone, and ``sizes.json`` stays beside them for open_clip."""
+        return tar_file_name(self.shard_name(n), self.splits.get(n))
+
     def shard_path(self, n: int, ext: str) -> str:
+        if ext == "tar":
+            return self.path(SHARDS, self.tar_name(n))
         folder = REJECTS if ext == "rejects.parquet" else SHARDS
         ext = "parquet" if ext == "rejects.parquet" else ext
         return self.path(folder, f"{self.shard_name(n)}.{ext}")
@@ -284,6 +319,7 @@ class Dataset:
     def refresh(self) -> None:
         self._manifest = None
         self._digits = None
+        self._splits = None
         self._lineage = None  # curate.lineage's cache: a new manifest may name another input
         self.fs.invalidate_cache()
 
@@ -511,10 +547,10 @@ class Dataset:
             return
         if self.is_committed(n):
             raise DatasetError(f"refusing to clear committed shard {self.shard_name(n)} of {self.url}")
-        prefix = self.shard_name(n) + "."
+        prefixes = (self.shard_name(n) + ".", self.tar_name(n))
         for folder in (SHARDS, REJECTS):
             for p in self._ls(folder):
-                if posixpath.basename(p).startswith(prefix):
+                if posixpath.basename(p).startswith(prefixes):
                     self.delete(p)
 
     def sweep_tmp(self) -> int:
@@ -589,7 +625,8 @@ class Dataset:
     def write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """``sizes.json`` (where the dataset owns tars), then the manifest: the dataset's last write."""
         if manifest.get("owns_images"):
-            self.write_json({f"{e['shard']}.tar": e["rows"] for e in manifest["shards"]}, SHARDS, SIZES)
+            sizes = {tar_file_name(e["shard"], e.get("split")): e["rows"] for e in manifest["shards"]}
+            self.write_json(sizes, SHARDS, SIZES)
         self.write_json(manifest, MANIFEST)
         self.refresh()
         return manifest

@@ -529,7 +529,8 @@ def equal_key_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows with identical keys (rows of a 2-D uint64 array), each linked to the group's smallest id."""
     ids = np.asarray(ids, dtype=np.int64)
-    keys = np.asarray(keys, dtype=np.uint64).reshape(len(ids), -1)
+    # (numpy cannot infer the width of zero rows: reshape(0, -1) raises)
+    keys = np.asarray(keys, dtype=np.uint64).reshape(len(ids), -1) if len(ids) else np.empty((0, 1), np.uint64)
     if valid is not None:
         ids, keys = ids[valid], keys[valid]
     if len(ids) < 2:

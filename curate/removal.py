@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from curate import schema
 from curate.config import fingerprint
-from curate.dataset import MANIFEST, PLAN_DIR, REMOVALS_FILE, RUN_FILE, SHARDS, TMP_MARK, Dataset, new_attempt
+from curate.dataset import MANIFEST, PLAN_DIR, REMOVALS_FILE, RUN_FILE, TMP_MARK, Dataset, new_attempt
 from curate.wds import BLOCK, FIXED_MTIME, TarScan, index_text, iter_tar, split_name
 
 log = logging.getLogger(__name__)
@@ -498,7 +498,7 @@ def _finish(ds: Dataset, journal: dict[str, Any], res: dict[str, Any], new_fp: d
     manifest = ds.build_manifest(m)
     before, after = journal["before"], manifest["totals"]
     # tars this call blanked: of the shards whose removed count grew since the call began
-    tars = [ds.tar_url(n) for n in ds.shard_ids() if m.get("owns_images") and ds.exists(SHARDS, f"{ds.shard_name(n)}.tar")
+    tars = [ds.tar_url(n) for n in ds.shard_ids() if m.get("owns_images") and ds.fs.exists(ds.shard_path(n, "tar"))
             and ds.stats(n).get("removed", 0) > before["removed"].get(ds.shard_name(n), 0)]
     record = {"id": journal["id"], "call": journal["call"], "time": journal["time"], "count": before["rows_in"] - after["rows_in"],
               "kept_rows": before["kept"] - after["kept"], "rejected_rows": before["dropped"] - after["dropped"],

@@ -802,8 +802,11 @@ def _run_planned(stage, stage_cls, cfg, record, input, out, options, progress, b
             ids = sorted(int(i) for i in ids)
             digits = digits_for(max(ids) + 1 if ids else 1, 5)
         plan = {"shards": ids, "shard_digits": digits, "plan_seconds": plan_seconds}
+        if pctx.splits:
+            plan["splits"] = {name: sorted(int(i) for i in part) for name, part in pctx.splits.items()}
         out.write_json(plan, PLAN_DIR, PLAN_FILE)
     out.shard_digits = plan["shard_digits"]
+    out.splits = plan.get("splits") or {}
 
     env = ShardEnv(stage, input, out.url, plan["shard_digits"], options)
     committed = set(out.shard_ids())
@@ -821,6 +824,7 @@ def _run_planned(stage, stage_cls, cfg, record, input, out, options, progress, b
         _run_shards(stage, stage_cls, cfg, pending, env, on_done, tracker.running if progress else None)
     out.refresh()
     out.shard_digits = plan["shard_digits"]
+    out.splits = plan.get("splits") or {}
     out.sweep_tmp()
     manifest = write_manifest(out, stage_cls, record, plan, time.time() - started)
     return {**manifest["totals"], "skipped": False, "stage": stage, "output": out.url}

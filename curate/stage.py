@@ -75,6 +75,9 @@ class PlanContext:
     map: Callable[..., list[Any]]
     # Shard tasks the cluster runs at once for this stage (CPU or GPU slots / what one task asks).
     slots: int = 1
+    # A stage that cuts its output into named splits (export: train, val) sets the shards of each
+    # here; the runner records them in the plan, and each such shard's tar is named SPLIT-NNNNN.tar.
+    splits: dict[str, list[int]] | None = None
 
     def plan_store(self, sub: str) -> PlanStore:
         """The stage's own plan files in the output (``_plan/<sub>/``)."""

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 from curate import schema
-from curate.dataset import RECORD_EXT, SHARDS, SIZES, STATS_EXT, Dataset, read_images, tmp_name
+from curate.dataset import RECORD_EXT, SHARDS, SIZES, STATS_EXT, Dataset, read_images, tar_file_name, tmp_name
 from curate.wds import TarScan, iter_tar, parse_index, split_name
 
 
@@ -96,7 +96,7 @@ def _check_manifest(ds: Dataset) -> list[str]:
         out.append(f"manifest totals count drops {totals.get('drops')}, the shards' stats {dict(sorted(drops.items()))}")
     if m.get("owns_images"):
         sizes = ds.read_json(SHARDS, SIZES)
-        if sizes != {f"{e['shard']}.tar": e["rows"] for e in m.get("shards", [])}:
+        if sizes != {tar_file_name(e["shard"], e.get("split")): e["rows"] for e in m.get("shards", [])}:
             out.append(f"{SIZES} does not match the manifest's row counts")
     return out
 

@@ -7,7 +7,11 @@ code and tests and a pyproject.toml with that target's section: one module mutat
 selected. Inside a run mutmut maps each test to the functions it executes and runs, per mutant, only
 the tests that reach the mutated function.
 
-Usage: python tests/mutation.py [NAME ...] [--jobs N] [--show]
+A module too big for one run is split into targets by functions (``dedup``: the helpers, called
+directly by fast tests; ``dedup-decide``: the edges, clusters, applied columns and explain, reached
+through plans run in this process).
+
+Usage: python tests/mutation.py [NAME ...] [--jobs N] [--show] [--retest] [--no-run]
 Prints killed / total per target and writes build/mutation/summary.json; with --show, the diff of
 every surviving mutant (the equivalent ones are listed with their reason in docs/TESTING.md).
 """
@@ -71,7 +75,27 @@ TARGETS: dict[str, Target] = {
     ),
     "dedup": Target(
         "curate/stages/dedup.py",
-        ("tests/dedup/test_dedup_keep.py", "tests/dedup/test_decisions.py", "tests/dedup/test_dedup_stage.py"),
+        ("tests/dedup/test_dedup_units.py",
+         "tests/dedup/test_decisions.py::test_missing_color_column_is_named_with_the_fix"),
+        # the helpers under the decisions, each called directly: caption keys, plan columns, crop
+        # entries and their row pairs, exact keys, identity columns, pair searches, the refusal and
+        # rule texts (the pydantic validators are decorated: mutmut skips them)
+        ("normalize_caption", "_u64", "_colors", "_crops", "_near_groups", "_entries", "_rows_of", "_rule_key",
+         "_near_in_groups", "_minhash_band_pairs", "_sigs", "_identity", "_confirms", "missing_confirmation",
+         "_rule_text"),
+    ),
+    "dedup-decide": Target(
+        "curate/stages/dedup.py",
+        ("tests/dedup/test_dedup_keep.py", "tests/dedup/test_decisions.py", "tests/dedup/test_dedup_stage.py",
+         "tests/dedup/test_dedup_units.py"),
+        # the rules' edges in one process, confirmation, clusters and the keep policy, the applied
+        # columns, explain; not the scan (hashing, I/O) or the distributed engine's jobs
+        ("_edges_local", "DedupStage._decide", "DedupStage.process", "DedupStage.explain"),
+        deselect=("tests/dedup/test_decisions.py::test_report_and_inspect_show_dedup_clusters_with_distances",
+                  # the three engines, and every rule combination, on the 330-row corpus (10 s each):
+                  # test_decisions runs the engines and test_dedup_units the rules on small cases
+                  "tests/dedup/test_dedup_stage.py::test_engines_identical",
+                  "tests/dedup/test_dedup_stage.py::test_rules_combinations_and_keep_policy"),
     ),
     "dataset": Target(
         "curate/dataset.py",
@@ -91,8 +115,8 @@ TARGETS: dict[str, Target] = {
     ),
 }
 
-# what the copied tests read besides the code (recipes travel inside trainer/)
-ALSO_COPY = ("bench/data", "pipelines")
+# what the copied tests read besides the code (recipes travel inside trainer/; dedup_data reads the corpus)
+ALSO_COPY = ("bench/data", "pipelines", "demo/corpus")
 COPY = ("curate", "trainer", "tests", *ALSO_COPY, "pyproject.toml")
 
 
@@ -170,10 +194,19 @@ def _results(work: Path, t: Target) -> dict[str, str]:
 def _retest_names(work: Path, t: Target) -> list[str]:
     """Bring the current tests into a run and name its survivors and its unchecked mutants (a run
     that was stopped), to run them: tests added since only ever kill more, so the killed mutants
-    stay killed."""
+    stay killed. The mutated module must be unchanged since the run (its mutants are the old
+    code); the other modules are brought up to date, as the current tests expect them."""
+    if (REPO / t.path).read_bytes() != (work / t.path).read_bytes():
+        raise SystemExit(f"{t.path} changed since its mutation run: run the target again, without --retest")
     for dest in (work / "tests", work / "mutants" / "tests"):
         shutil.rmtree(dest)
         shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for src in [*(REPO / "curate").rglob("*.py"), *(REPO / "trainer").rglob("*.py")]:
+        rel = src.relative_to(REPO)
+        if rel.as_posix() != t.path and "__pycache__" not in rel.parts:
+            for dest in (work / rel, work / "mutants" / rel):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
     return [k for k, s in _results(work, t).items() if s not in ("killed", "timeout")]
 
 
@@ -184,6 +217,10 @@ def run(name: str, jobs: int, show: bool, again: bool = True, retest: bool = Fal
     work = OUT / name
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["RAY_ADDRESS"] = ""  # never reach a cluster from a mutant
+    # mutmut forks each mutant from a process that ran the tests once: an OpenMP thread pool (faiss)
+    # started there leaves the child waiting forever on a lock no thread holds (and a CPU-time
+    # limit never fires on a process that sleeps); one thread starts no pool
+    env["OMP_NUM_THREADS"] = "1"
     t0 = time.time()
     names = _retest_names(work, t) if again and retest else None
     if again and not (retest and not names):

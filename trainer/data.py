@@ -113,7 +113,8 @@ def find_shards(path: str, split: str | None = "train") -> list[tuple[str, str |
     """(tar, idx or None) for every shard of one split of a dataset directory (or its ``shards/``).
 
     ``path`` is a local path or any fsspec URL. The shard list comes from ``sizes.json`` (what export
-    writes, as open_clip reads it); without one, every ``*.tar`` in the folder. An export with a held-out
+    writes, as open_clip reads it, ``train-00000.tar`` or, from older exports, ``00000.tar``); without
+    one, every ``*.tar`` in the folder. An export with a held-out
     split records which shards are ``train`` and which ``val``; a dataset without splits is all ``train``
     (``split=None``: every shard).
     """
@@ -130,7 +131,7 @@ def find_shards(path: str, split: str | None = "train") -> list[tuple[str, str |
             names = names if split == "train" else []
         else:
             wanted = splits.get(split, set())
-            names = [n for n in names if int(n.split(".", 1)[0]) in wanted]
+            names = [n for n in names if _shard_number(n) in wanted]
     if not names:
         if split not in (None, "train"):
             return []
@@ -139,13 +140,29 @@ def find_shards(path: str, split: str | None = "train") -> list[tuple[str, str |
     listed |= {p.rstrip("/") for p in listed}
     out = []
     for name in names:
-        tar, idx = _join(folder, name), _join(folder, name.rsplit(".", 1)[0] + ".idx")
+        tar = _join(folder, name)
         if tar not in listed and not fs.isfile(tar):
             raise FileNotFoundError(f"{fs.unstrip_protocol(tar)} is listed in sizes.json but missing")
+        idx = next((i for i in _idx_candidates(folder, name) if i in listed or fs.isfile(i)), None)
         url = tar if _local(fs) else fs.unstrip_protocol(tar)
-        idx_url = (idx if _local(fs) else fs.unstrip_protocol(idx)) if (idx in listed or fs.isfile(idx)) else None
+        idx_url = None if idx is None else idx if _local(fs) else fs.unstrip_protocol(idx)
         out.append((url, idx_url))
     return out
+
+
+def _shard_number(name: str) -> int:
+    """The shard number in a tar's name: ``00041.tar``, or ``val-00041.tar`` where export names its
+    tars by split."""
+    return int(name.rsplit(".", 1)[0].rsplit("-", 1)[-1])
+
+
+def _idx_candidates(folder: str, name: str) -> list[str]:
+    """Where a tar's DALI index may be: beside it with its stem (``NAME.idx``, the wds2idx habit and
+    exports made before tars were named by split), else under the shard number alone
+    (``shards/00041.idx`` for ``val-00041.tar``)."""
+    stem = name.rsplit(".", 1)[0]
+    digits = stem.rsplit("-", 1)[-1]
+    return [_join(folder, f"{s}.idx") for s in dict.fromkeys((stem, digits)) if s]
 
 
 def _local(fs) -> bool:

@@ -1007,7 +1007,8 @@ class DedupStage(Stage):
         else:
             keys = pa.table({schema.UID: pa.array([], pa.string())})
         uid = keys.column(schema.UID).to_pylist()
-        ph = keys.column(schema.PHASH).to_numpy(zero_copy_only=False) if m else np.empty(0, np.uint64)
+        # a member without a pHash (an undecodable exact copy, undecodable: keep) has no distance
+        ph, has_ph = _u64(keys.column(schema.PHASH)) if m else (np.empty(0, np.uint64), np.empty(0, bool))
         pixels = keys.column(_PIXELS).to_numpy() if m else empty
         clip = keys.column(schema.CLIP_SCORE).to_numpy(zero_copy_only=False) if m else np.empty(0)
         clip = np.nan_to_num(np.asarray(clip, dtype=np.float64), nan=-np.inf)
@@ -1076,6 +1077,7 @@ class DedupStage(Stage):
         score = np.full(m, np.nan)
         d = ~kept
         distance[d], cropped[d] = reach(pos[d], leader[d])
+        distance[d & ~(has_ph & has_ph[leader])] = -1
         if _confirms(cfg) and d.any():
             score[d] = confirmation(pos[d], leader[d])
         rules = [*cfg.rules, ""]
@@ -1090,7 +1092,7 @@ class DedupStage(Stage):
                 schema.DUP_OF: pa.array(
                     [None if kept[i] else uid[leader[i]] for i in np.flatnonzero(c).tolist()], pa.string()
                 ),
-                schema.PHASH: pa.array(ph[c], pa.uint64()),
+                schema.PHASH: pa.array(ph[c], pa.uint64(), mask=~has_ph[c]),
                 _PIXELS: pa.array(pixels[c], pa.int64()),
                 _DISTANCE: pa.array(np.where(distance[c] >= 0, distance[c], None).tolist(), pa.int32()),
                 _CROP: pa.array(cropped[c]),

@@ -17,8 +17,10 @@ reads its row group from the parts of the windows it overlaps (about two): W x R
 all rather than inputs x outputs, each found from the part's footer statistics without touching the
 other groups. ``position_correlation`` measures what the window costs in shuffle quality.
 
-Layout of the output: train shards are ``0 .. T-1`` and validation shards ``T .. T+V-1``; every row
-carries ``split``, every shard's stats say its split, and :func:`split_shards` returns both lists.
+Layout of the output: train shards are ``0 .. T-1`` and validation shards ``T .. T+V-1``, their tars
+``shards/train-NNNNN.tar`` and ``shards/val-NNNNN.tar`` (so a reader given only the folder, HF
+``datasets``, opens just the tars and finds both splits); every row carries ``split``, every shard's
+stats say its split, and :func:`split_shards` returns both lists.
 The held-out set depends only on the uids (not on ``seed``), so reshuffling keeps the same val set.
 """
 
@@ -402,6 +404,9 @@ class ExportStage(Stage):
             "seconds": {"scan": scan_seconds, "place": time.perf_counter() - t},
         }
         store.write_json(record, _PLAN_FILE)
+        # the tars are named by split (train-00000.tar, val-00041.tar): a reader given the folder alone
+        # (HF datasets) then finds the tars, and both splits, by their names
+        ctx.splits = {name: info["shards"] for name, info in record["splits"].items() if info["shards"]}
         log.info("export plan: %d rows -> %d train shards (%d rows) + %d val shards (%d rows), %d per shard",
                  total, train_shards, n_train, val_shards, n_val, per)
         return list(range(len(counts)))

@@ -3,7 +3,8 @@
 Images are coloured shapes on grey noise (real JPEGs); captions name the colour and the shape, so a tiny
 CLIP learns the pairing in a few dozen steps. ``shuffle`` plants a quality defect: that fraction of the
 samples get each other's captions (a seeded permutation among them), the images unchanged. Written in
-the trainer's layout (tars + DALI ``.idx`` + ``sizes.json`` + a manifest).
+export's layout, all of it the train split (``train-NNNNN.tar`` + DALI ``NNNNN.idx`` + ``sizes.json`` + a
+manifest naming the split), which the trainer reads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from curate.dataset import tar_file_name
 from curate.wds import TarWriter
 
 COLORS = {
@@ -70,15 +72,17 @@ def write_shapes(root: str | Path, copies: int, *, seed: int, shuffle: float = 0
     sizes = {}
     for n, lo in enumerate(range(0, len(pairs), per_shard)):
         name = f"{n:05d}"
-        with open(shards / f"{name}.tar", "wb") as f:
+        tar = tar_file_name(name, "train")
+        with open(shards / tar, "wb") as f:
             w = TarWriter(f)
             for i in range(lo, min(lo + per_shard, len(pairs))):
                 key = f"{name}{i - lo:04d}"
                 w.add(key, {"jpg": images[i], "txt": captions[i], "json": json.dumps({"key": key})})
             w.close()
         (shards / f"{name}.idx").write_text(w.index_text())
-        sizes[f"{name}.tar"] = len(w)
+        sizes[tar] = len(w)
     (shards / "sizes.json").write_text(json.dumps(sizes))
+    train = {"shards": [f"{n:05d}" for n in range(len(sizes))], "rows": len(pairs)}
     (root / "_manifest.json").write_text(json.dumps({"stage": "export", "shards": len(sizes),
-                                                     "planted_shuffle": shuffle}))
+                                                     "splits": {"train": train}, "planted_shuffle": shuffle}))
     return {"n": len(pairs), "shuffled": moved}

@@ -122,6 +122,42 @@ def test_clear_shard_removes_debris_of_a_killed_attempt(tmp_path):
     assert sorted(p.name for p in Path(ds.path("shards")).iterdir()) == []
 
 
+def test_a_dataset_cut_into_splits_names_its_tars_by_split(tmp_path):
+    """The plan's splits name the tars (train-00000.tar, val-00001.tar); everything else keeps the
+    shard number alone, a killed attempt's split-named tar is cleared, sizes.json lists the names."""
+    ds = Dataset(str(tmp_path / "ds"))
+    ds.write_json({"shards": [0, 1], "shard_digits": 5, "splits": {"train": [0], "val": [1]}}, "_plan", "plan.json")
+    assert ds.shard_path(1, "tar") == ds.path("shards", "val-00001.tar")
+    assert ds.shard_path(1, "idx") == ds.path("shards", "00001.idx")
+    with ds.open_tmp_tar(1, "a1") as f:
+        f.write(b"partial")
+    ds.clear_shard(1)
+    assert list(Path(ds.path("shards")).iterdir()) == []
+    t = pa.table({schema.UID: ["0" * 32]})
+    rejects = t.slice(0, 0).append_column(schema.DROP_REASON, pa.array([], pa.string()))
+    for n, split in ((0, "train"), (1, "val")):
+        with ds.open_tmp_tar(n, "a2") as f:
+            f.write(b"\0" * 1024)
+        ds.commit_shard(n, t, rejects, {"rows_in": 1, "rows_out": 1, "rejected": 0, "drops": {}, "split": split},
+                        attempt="a2", tar_written=True)
+    ds.write_manifest(ds.build_manifest({"owns_images": True, "shard_digits": 5}))
+    assert sorted(p.name for p in Path(ds.path("shards")).glob("*.tar")) == ["train-00000.tar", "val-00001.tar"]
+    assert ds.read_json("shards", "sizes.json") == {"train-00000.tar": 1, "val-00001.tar": 1}
+    assert Dataset(ds.url).tar_url(1) == ds.path("shards", "val-00001.tar")
+    ds.delete(ds.path("_plan", "plan.json"))
+    assert Dataset(ds.url).tar_url(1) == ds.path("shards", "val-00001.tar")  # from the manifest alone
+    # an export made before tars carried their split: its plan records none, its manifest does
+    old = Dataset(str(tmp_path / "old"))
+    old.write_json({"shards": [0, 1], "shard_digits": 5}, "_plan", "plan.json")
+    old.write_json({"shard_digits": 5, "splits": {"train": {"shards": ["00000"]}, "val": {"shards": ["00001"]}}},
+                   "_manifest.json")
+    assert old.shard_path(1, "tar") == old.path("shards", "00001.tar")
+    # a dataset that is not cut into splits keeps NNNNN.tar
+    plain = Dataset(str(tmp_path / "plain"))
+    plain.write_json({"shards": [0], "shard_digits": 5}, "_plan", "plan.json")
+    assert plain.shard_path(0, "tar") == plain.path("shards", "00000.tar")
+
+
 def test_read_images_opens_each_tar_once_and_aligns_rows(tmp_path):
     from curate.testing.datasets import finish
 

@@ -154,3 +154,56 @@ def test_sort_path_equals_brute_force_on_small_inputs(radius, blocks):
     assert dict(zip(nodes_g.tolist(), labels_g.tolist(), strict=True)) == dict(
         zip(nodes_w.tolist(), labels_w.tolist(), strict=True)
     )
+
+
+def test_equal_key_pairs_at_two_rows_and_the_id_type():
+    # the smallest input with a pair: two rows, one key
+    a, b = nd.equal_key_pairs(np.array([9, 4], dtype=np.int32), np.array([7, 7], dtype=np.uint64))
+    assert a.tolist() == [4] and b.tolist() == [9]
+    assert a.dtype == b.dtype == np.int64  # row ids come back as int64 whatever they came in as
+    for ids in ([], [3]):  # nothing to pair
+        for valid in (None, np.ones(len(ids), bool)):
+            a, b = nd.equal_key_pairs(np.array(ids, dtype=np.int32), np.zeros(len(ids), np.uint64), valid)
+            assert a.tolist() == b.tolist() == [] and a.dtype == b.dtype == np.int64
+
+
+def test_components_of_plain_lists_are_int64_ids():
+    nodes, labels = nd.components([], [])
+    assert nodes.dtype == labels.dtype == np.int64
+
+
+@pytest.mark.parametrize(("blocks", "widths"), [
+    (1, [64]), (2, [32, 32]), (5, [13, 13, 13, 13, 12]), (7, [10, 9, 9, 9, 9, 9, 9]), (16, [4] * 16)])
+def test_block_layout_covers_the_64_bits_in_near_equal_blocks(blocks, widths):
+    shifts = [sum(widths[:i]) for i in range(blocks)]
+    assert nd.block_layout(blocks) == list(zip(shifts, widths, strict=True))
+
+
+def test_sort_order_is_key_order_ties_by_position_packed_or_not():
+    rng = np.random.default_rng(3)
+    for keybits, n in ((60, 300), (20, 300), (58, 64), (59, 64)):  # 58 + 6 bits fit exactly; 59 + 6 do not
+        keys = rng.integers(0, 4, n).astype(np.uint64) << np.uint64(keybits - 2)  # few keys: many ties
+        keys |= rng.integers(0, 2, n).astype(np.uint64)
+        want = sorted(range(n), key=lambda i: (int(keys[i]), i))
+        assert nd._sort_order(keys, keybits).tolist() == want
+
+
+def test_near_pairs_sort_small_cases_written_out():
+    # two distinct hashes are enough for a pair
+    assert _pairs2(nd.near_pairs_sort(np.array([0b1010, 0b1011], dtype=np.uint64), 1)) == {(0, 1)}
+    # a plain list of ints is read as uint64 hashes
+    assert _pairs2(nd.near_pairs_sort([1, 3, 7, 1 << 40], 1)) == {(0, 1), (1, 2)}
+    # radius 0: only identical rows; rows with one hash but other groups (colours) are not linked
+    h = np.array([5, 5, 5, 9], dtype=np.uint64)
+    assert _pairs2(nd.near_pairs_sort(h, 0)) == {(0, 1), (0, 2)}
+    for groups in (np.array([1, 2, 1, 3], np.uint64), np.array([[1], [2], [1], [3]], np.uint64)):
+        assert _pairs2(nd.near_pairs_sort(h, 0, groups=groups)) == {(0, 2)}
+        # radius 1: the other colour is a near pair of its class's first row
+        assert _pairs2(nd.near_pairs_sort(h, 1, groups=groups)) == {(0, 2), (0, 1)}
+    # a block count the pigeonhole cannot use is refused, not replaced
+    with pytest.raises(ValueError, match="radius < blocks"):
+        nd.near_pairs_sort(np.array([1, 2, 3], dtype=np.uint64), 4, blocks=4)
+
+
+def _pairs2(p) -> set[tuple[int, int]]:
+    return set(zip(p[0].tolist(), p[1].tolist(), strict=True))

@@ -266,7 +266,7 @@ def test_min3_equals_pillows_min_filter_and_erodes_from_the_edge():
     assert phash._min3(block).nonzero() == (np.array([2]), np.array([2]))
     edge = np.zeros((6, 6), np.uint8)
     edge[0:2, 0:3] = 1
-    assert sorted(zip(*phash._min3(edge).nonzero())) == [(0, 0), (0, 1)]
+    assert sorted(zip(*phash._min3(edge).nonzero(), strict=True)) == [(0, 0), (0, 1)]
 
 
 def test_line_art_means_a_white_page_with_strokes_thinner_than_three_pixels():

@@ -190,7 +190,7 @@ def test_make_targets_are_the_documented_commands():
     proc = subprocess.run(["make", "-n", "-B", "demo", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"-m curate\.demo all$", proc.stdout, re.M)
-    assert re.search(r"-m pytest -q -m \"not gpu\"$", proc.stdout, re.M)
+    assert re.search(r"-m pytest -q -m \"not gpu\"( --durations=\d+)?$", proc.stdout, re.M)
 
 
 # -- README: Safety heads -----------------------------------------------------------------------------

@@ -94,32 +94,55 @@ def test_hf_datasets_webdataset_builder(exported, tmp_path, curated, ray_session
     assert {m["split"] for m in hf["validation"]["json"]} == {"val"}
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="HF's webdataset builder opens every file under data_dir as a tar (the export's "
-                          ".parquet, .idx and .json files beside the tars: tarfile.ReadError); open issue")
 def test_hf_datasets_reads_the_export_folder_with_nothing_declared(curated, tmp_path, ray_session):
-    """What a user types first: the export's folder, no data_files, no features. Every row comes back
-    (train and val shards alike: the folder says nothing of splits), pHashes above 2**63 included."""
+    """What a user types first: the export's folder, no data_files, no features. Every row comes back,
+    the held-out rows exactly as HF's validation split; the .parquet, .idx and .json files beside the
+    tars are never opened as tars. (pHashes above 2**63 read the same way: test_export_stage.)"""
     import datasets
 
     single = _export(curated, tmp_path / "single", image_extension="jpg")
-    ds = datasets.load_dataset("webdataset", data_dir=single.path(), split="train", cache_dir=str(tmp_path / "hf"))
-    assert sorted(ds["__key__"]) == sorted(_expected(single))
-    assert set(split_shards(single)) == {"train", "val"} and len(ds) == single.manifest()["totals"]["kept"]
-    phashes = [int(m[schema.PHASH], 16) for m in ds["json"]]
-    assert any(h >= 2**63 for h in phashes)  # the case that overflowed int64
+    splits = split_shards(single)
+    assert splits["train"] and splits["val"]
+    hf = datasets.load_dataset("webdataset", data_dir=single.path(), cache_dir=str(tmp_path / "hf"))
+    assert set(hf) == {"train", "validation"}
+    assert sorted(hf["train"]["__key__"]) == sorted(_expected(single, splits["train"]))
+    # the oracle: the rows the export's Parquet marks val, not its shard list
+    rows = pa.concat_tables([single.read_shard(n, [schema.KEY, schema.SPLIT]) for n in single.shard_ids()])
+    val_keys = [k for k, s in zip(rows[schema.KEY].to_pylist(), rows[schema.SPLIT].to_pylist(), strict=True)
+                if s == "val"]
+    assert val_keys and sorted(hf["validation"]["__key__"]) == sorted(val_keys)
+    assert len(hf["train"]) + len(hf["validation"]) == single.manifest()["totals"]["kept"]
+    assert {m["split"] for m in hf["validation"]["json"]} == {"val"}
+
+
+def test_trainer_finds_each_split_and_its_indexes(exported):
+    """The trainer's shard discovery on a real export: each split's tars (from sizes.json and the
+    manifest) paired with their .idx, whose samples are the keys the Parquet holds."""
+    from trainer import data as D
+
+    splits = split_shards(exported)
+    for split in ("train", "val"):
+        got = D.find_shards(exported.url, split)
+        name = exported.shard_name
+        assert got == [(exported.path("shards", f"{split}-{name(n)}.tar"), exported.path("shards", f"{name(n)}.idx"))
+                       for n in splits[split]]
+        keys = [s.key for shard in D.index_samples(got) for s in shard]
+        assert keys == _expected(exported, splits[split])
 
 
 def test_dali_webdataset_reader_with_our_idx(exported):
     from nvidia.dali import fn, pipeline_def
 
     tars = _tars(exported)
+    # the index of shards/train-00000.tar is shards/00000.idx (an .idx named by split would be opened as
+    # a tar by HF datasets' folder loading)
+    idxs = [exported.path("shards", f"{exported.shard_name(n)}.idx") for n in exported.shard_ids()]
     batch = 8
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None)
     def pipe():
         image, text = fn.readers.webdataset(
-            paths=tars, index_paths=[t[: -len("tar")] + "idx" for t in tars], ext=["jpg;png;webp", "txt"],
+            paths=tars, index_paths=idxs, ext=["jpg;png;webp", "txt"],
             missing_component_behavior="error", random_shuffle=False, pad_last_batch=True, name="reader")
         return fn.decoders.image(image, device="cpu"), text
 
@@ -170,7 +193,7 @@ def test_open_clip_trainer_trains_on_the_export(exported, tmp_path):
     train, val = splits["train"], splits["val"]
     assert len(train) >= 2 and len(val) == 1
     name = exported.shard_name
-    train_urls = str(Path(exported.shard_path(0, "tar")).parent / f"{{{name(train[0])}..{name(train[-1])}}}.tar")
+    train_urls = str(Path(exported.path("shards")) / f"train-{{{name(train[0])}..{name(train[-1])}}}.tar")
     val_rows = exported.read_shard(val[0]).num_rows
     env = {**os.environ, "PYTHONPATH": str(_open_clip_webdataset()), "CUDA_VISIBLE_DEVICES": ""}
     # No --train-num-samples: open_clip reads the sample count from our sizes.json.
@@ -186,7 +209,7 @@ def test_open_clip_trainer_trains_on_the_export(exported, tmp_path):
     log = (tmp_path / "logs" / "peer" / "out.log").read_text() if (tmp_path / "logs" / "peer" / "out.log").exists() else ""
     assert r.returncode == 0, (r.stderr or r.stdout)[-3000:]
     sizes = json.loads(Path(exported.path("shards", "sizes.json")).read_text())
-    n_train = sum(sizes[f"{name(n)}.tar"] for n in train)
+    n_train = sum(sizes[f"train-{name(n)}.tar"] for n in train)
     # open_clip rounds the epoch up to whole batches per worker: ceil(ceil(n/8)/2)*2 batches of 8.
     steps = math.ceil(math.ceil(n_train / 8) / 2) * 2
     assert f"[{steps * 8}/{steps * 8} (100%)]" in log

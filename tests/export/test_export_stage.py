@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from curate import schema
@@ -72,8 +73,11 @@ def test_counts_bytes_and_layout(curated, exported):
     assert len(ids) >= 6
     for n in ids:
         t = out.read_shard(n)
-        assert sizes[f"{out.shard_name(n)}.tar"] == t.num_rows <= 16
-        assert set(t.column(schema.IMAGE_TAR).to_pylist()) == {out.tar_url(n)}
+        # the tar is named by its rows' split (train-00000.tar, val-00041.tar), in shards/
+        (split,) = set(t.column(schema.SPLIT).to_pylist())
+        tar = f"{split}-{out.shard_name(n)}.tar"
+        assert sizes[tar] == t.num_rows <= 16
+        assert set(t.column(schema.IMAGE_TAR).to_pylist()) == {out.tar_url(n)} == {out.url_of("shards", tar)}
         keys = t.column(schema.KEY).to_pylist()
         assert all(k.startswith(out.shard_name(n)) and len(k) == 9 and k.isdigit() for k in keys)
         assert keys == sorted(keys)
@@ -193,7 +197,7 @@ def test_unreadable_and_corrupt_rows_are_rejected(curated, tmp_path, ray_session
     assert sum(sizes.values()) == t.num_rows - 2
     for n in out.shard_ids():
         with tarfile.open(fileobj=io.BytesIO(out.fs.cat(out.shard_path(n, "tar")))) as tf:
-            assert len(tf.getnames()) == 3 * sizes[f"{out.shard_name(n)}.tar"]
+            assert len(tf.getnames()) == 3 * sizes[f"train-{out.shard_name(n)}.tar"]
 
 
 def test_target_bytes_sizes_shards(curated, tmp_path, ray_session):
@@ -342,8 +346,9 @@ def test_batched_reads_write_the_same_tars(curated, tmp_path, monkeypatch):
     assert len(whole) >= 4 and whole == batched
 
 
-def test_export_on_object_storage(s3_bucket, ray_session):
-    """Input tars, pointer-only input, plan parts and output all on S3 (moto), through Ray workers."""
+def test_export_on_object_storage(s3_bucket, ray_session, tmp_path):
+    """Input tars, pointer-only input, plan parts and output all on S3 (moto), through Ray workers; HF
+    ``datasets`` reads each split from one glob of the bucket, the trainer finds both splits."""
     from export_data import write_curated, write_source
 
     from curate.verify import verify
@@ -351,7 +356,8 @@ def test_export_on_object_storage(s3_bucket, ray_session):
     source = write_source(f"s3://{s3_bucket}/download")
     curated = write_curated(f"s3://{s3_bucket}/recaption", source)
     out = Dataset(f"s3://{s3_bucket}/export")
-    summary = run_stage("export", curated.url, out.url, config={**CONFIG, "samples_per_shard": 40})
+    summary = run_stage("export", curated.url, out.url,
+                        config={**CONFIG, "samples_per_shard": 40, "image_extension": "jpg"})
     src = _all_rows(curated)
     got = _all_rows(out)
     assert summary["kept"] == got.num_rows == src.num_rows and out.url.startswith("s3://")
@@ -359,7 +365,21 @@ def test_export_on_object_storage(s3_bucket, ray_session):
     src_bytes = dict(zip(src.column(schema.UID).to_pylist(), read_images(src, curated), strict=True))
     assert [src_bytes[u] for u in got.column(schema.UID).to_pylist()] == read_images(got, out)
     assert verify(out)[0] == []
-    assert sorted(sum(split_shards(out).values(), [])) == out.shard_ids()
+    splits = split_shards(out)
+    assert sorted(sum(splits.values(), [])) == out.shard_ids()
+
+    import datasets
+
+    from trainer.data import find_shards
+
+    # HF resolves data_dir on local disk only; on a bucket the split-named tars are one glob per split
+    files = {"train": f"{out.url}/shards/train-*.tar", "validation": f"{out.url}/shards/val-*.tar"}
+    hf = datasets.load_dataset("webdataset", data_files=files, cache_dir=str(tmp_path / "hf"))
+    for split, hf_split in (("train", "train"), ("val", "validation")):
+        keys = got.filter(pc.equal(got[schema.SPLIT], split))[schema.KEY].to_pylist()
+        assert keys and sorted(hf[hf_split]["__key__"]) == sorted(keys)
+        tars = [t for t, _ in find_shards(out.url, split)]
+        assert tars == [f"s3://{s3_bucket}/export/shards/{split}-{out.shard_name(n)}.tar" for n in splits[split]]
 
 
 def test_uint64_columns_are_hex_in_key_json_and_hf_reads_without_features(tmp_path, ray_session):
@@ -380,8 +400,8 @@ def test_uint64_columns_are_hex_in_key_json_and_hf_reads_without_features(tmp_pa
     t = src.read_shard(0)
     assert t.column(schema.PHASH).type == pa.uint64()
     run_stage("export", src.url, str(tmp_path / "out"), config={"val_fraction": 0})
-    tars = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
-    hf = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
+    # the folder alone: no data_files, no features
+    hf = datasets.load_dataset("webdataset", data_dir=str(tmp_path / "out"), split="train",
                                cache_dir=str(tmp_path / "hf"))
     assert len(hf) == 6
     assert sorted(m[schema.PHASH] for m in hf["json"]) == sorted(f"{big - i:016x}" for i in range(6))

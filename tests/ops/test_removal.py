@@ -129,7 +129,10 @@ def test_remove_everywhere_others_byte_identical_verify_passes(lineage, tmp_path
         assert m["removals"][1]["request"] == {"kind": "sha256", "entries": 1}
         if m["owns_images"]:
             sizes = ds.read_json("shards", "sizes.json")
-            assert sizes == {f"{e['shard']}.tar": e["rows"] for e in m["shards"]}
+            # keyed by tar name: an export's carry their split (train-00000.tar, val-00004.tar)
+            assert sizes == {(f"{e['split']}-" if "split" in e else "") + f"{e['shard']}.tar": e["rows"]
+                             for e in m["shards"]}
+            assert all((Path(ds.path("shards")) / tar).is_file() for tar in sizes)
         for n in ds.shard_ids():
             idx = Path(ds.shard_path(n, "idx"))
             if idx.exists():

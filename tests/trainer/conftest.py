@@ -58,14 +58,15 @@ def _image(rng: np.random.Generator, color: str, shape: str, size: int = 64) -> 
 
 
 def write_dataset(root: Path, pairs: list[tuple[str, str]], per_shard: int, seed: int) -> list[str]:
-    """Write ``pairs`` as export does (tars + .idx + sizes.json + manifest); return the keys."""
+    """Write ``pairs`` as export does, all of them its train split (``train-NNNNN.tar`` + ``NNNNN.idx``
+    + sizes.json + a manifest naming the split); return the keys."""
     rng = np.random.default_rng(seed)
     shards = root / "shards"
     shards.mkdir(parents=True)
     sizes, keys = {}, []
     for n, lo in enumerate(range(0, len(pairs), per_shard)):
         name = f"{n:05d}"
-        with open(shards / f"{name}.tar", "wb") as f:
+        with open(shards / f"train-{name}.tar", "wb") as f:
             w = TarWriter(f)
             for i, (color, shape) in enumerate(pairs[lo : lo + per_shard]):
                 key = f"{name}{i:04d}"
@@ -74,9 +75,11 @@ def write_dataset(root: Path, pairs: list[tuple[str, str]], per_shard: int, seed
                 keys.append(key)
             w.close()
         (shards / f"{name}.idx").write_text(w.index_text())
-        sizes[f"{name}.tar"] = len(w)
+        sizes[f"train-{name}.tar"] = len(w)
     (shards / "sizes.json").write_text(json.dumps(sizes))
-    (root / "_manifest.json").write_text(json.dumps({"stage": "export", "shards": len(sizes)}))
+    train = {"shards": [f"{n:05d}" for n in range(len(sizes))], "rows": len(keys)}
+    (root / "_manifest.json").write_text(json.dumps({"stage": "export", "shards": len(sizes),
+                                                     "splits": {"train": train}}))
     return keys
 
 

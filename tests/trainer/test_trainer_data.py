@@ -130,3 +130,22 @@ def test_s3_shards_are_found_like_local_ones(dataset, s3_bucket):
     assert a.keys == b.keys and torch.equal(a.images, b.images) and a.captions == b.captions
     with pytest.raises(FileNotFoundError, match="no train shards"):
         D.find_shards(f"s3://{s3_bucket}/nothing-here")
+
+
+def test_exports_written_before_split_named_tars_still_train(tmp_path):
+    """An older export: tars NNNNN.tar with NNNNN.idx, sizes.json keyed so, splits in the manifest only."""
+    root = tmp_path / "old"
+    keys = write_dataset(root, PAIRS * 3, per_shard=24, seed=4)  # 3 shards
+    shards = root / "shards"
+    for tar in sorted(shards.glob("train-*.tar")):
+        tar.rename(shards / tar.name.removeprefix("train-"))
+    sizes = {k.removeprefix("train-"): v for k, v in json.loads((shards / "sizes.json").read_text()).items()}
+    (shards / "sizes.json").write_text(json.dumps(sizes))
+    manifest = json.loads((root / "_manifest.json").read_text())
+    manifest["splits"] = {"train": {"shards": ["00000", "00001"], "rows": 48}, "val": {"shards": ["00002"], "rows": 24}}
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+
+    train, val = D.find_shards(str(root)), D.find_val(str(root), None)
+    assert train == [(str(shards / f"{n}.tar"), str(shards / f"{n}.idx")) for n in ("00000", "00001")]
+    assert val == [(str(shards / "00002.tar"), str(shards / "00002.idx"))]
+    assert [s.key for part in D.index_samples(train + val) for s in part] == keys
