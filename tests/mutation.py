@@ -101,7 +101,8 @@ TARGETS: dict[str, Target] = {
         "curate/dataset.py",
         ("tests/core/test_dataset.py", "tests/core/test_commit_order.py", "tests/core/test_dataset_files.py"),
         # naming, the atomic commit and its debris, the committed-shard listing, reading bytes back
-        ("tmp_name", "make_key", "digits_for", "Dataset.shard_name", "Dataset.shard_path", "Dataset.write_bytes",
+        ("tmp_name", "make_key", "digits_for", "tar_file_name", "Dataset.shard_name", "Dataset.tar_name",
+         "Dataset.shard_path", "Dataset.write_bytes", "Dataset.write_manifest",
          "Dataset.rename", "Dataset.shard_ids", "Dataset.clear_shard", "Dataset.sweep_tmp", "Dataset.commit_shard",
          "Dataset._read", "write_parquet", "read_images"),
     ),
