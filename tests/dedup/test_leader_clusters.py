@@ -207,3 +207,13 @@ def test_near_pairs_sort_small_cases_written_out():
 
 def _pairs2(p) -> set[tuple[int, int]]:
     return set(zip(p[0].tolist(), p[1].tolist(), strict=True))
+
+
+def test_leader_arrays_are_int64_even_when_empty_or_without_edges():
+    """The result feeds Arrow int64 columns: it is int64 whatever the input holds, including no rows at
+    all (an empty list would otherwise come back as float64) and rules given as empty Python lists."""
+    lead, by = nd.leader_clusters(0, [], [([], [], [], [])])
+    assert lead.dtype == np.int64 and by.dtype == np.int64 and lead.size == by.size == 0
+    lead, by = nd.leader_clusters(3, [2, 0, 1], [([], [], [], [])])
+    assert lead.dtype == np.int64 and by.dtype == np.int64
+    assert lead.tolist() == [0, 1, 2] and by.tolist() == [-1, -1, -1]
