@@ -340,3 +340,74 @@ def test_explain_names_a_crop_match(tmp_path):
 def test_crop_radius_above_radius_is_refused():
     with pytest.raises(ValueError, match="crop_radius"):
         DedupConfig(radius=2, crop_radius=3)
+
+
+# -- the clusters table and the decisions' edges, called in one process ---------------------------
+def _clusters(out_root) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    from curate.stages.dedup import _plan_path
+
+    out = Dataset(str(out_root))
+    return pq.read_table(_plan_path(out, "clusters.parquet"), filesystem=out.fs)
+
+
+CLUSTER_TYPES = {"gid": pa.int64(), schema.UID: pa.string(), "cluster": pa.int64(), "kept": pa.bool_(),
+                 "kind": pa.string(), schema.DUP_OF: pa.string(), schema.PHASH: pa.uint64(),
+                 "pixels": pa.int64(), "distance": pa.int32(), "crop": pa.bool_(), "confirm": pa.float32()}
+
+
+def test_clusters_table_has_fixed_types_with_and_without_duplicates(tmp_path):
+    """clusters.parquet keeps one schema (the report and inspect read it): with a cluster, and with none
+    (empty columns would otherwise come out untyped, null)."""
+    run_inline(write_image_dataset(str(tmp_path / "in"), [[_row(0, H_A, 300), _row(1, H_B, 200)]]), tmp_path / "o1")
+    t = _clusters(tmp_path / "o1")
+    assert {f.name: f.type for f in t.schema} == CLUSTER_TYPES and t.num_rows == 2
+    run_inline(write_image_dataset(str(tmp_path / "in2"), [[_row(0, H_A, 300), _row(1, H_FAR, 200)]]), tmp_path / "o2")
+    t = _clusters(tmp_path / "o2")
+    assert {f.name: f.type for f in t.schema} == CLUSTER_TYPES and t.num_rows == 0
+
+
+def test_identical_hashes_of_different_colours_keep_distance_zero_and_keep_first_keeps_the_earliest(tmp_path):
+    """A near pair at 0 bits records distance 0 (not null); keep: first keeps the row that comes first,
+    whatever the sizes; the confirmation score is the Delta-E, and null with confirm: none."""
+    near_grey = bytes([200, 130, 128] * 16)  # 2 units of a*: confirmed, yet not colour-identical
+    rows = [[_row(0, H_A, 100), _row(1, H_A, 300, color=near_grey), _row(2, H_FAR, 100),
+             _row(3, H_FAR, 300, color=near_grey)]]
+    got = _decisions(run_inline(write_image_dataset(str(tmp_path / "in"), rows), tmp_path / "o1", keep="first"))
+    assert got[A] == (None, None) and got[B] == ("dedup:near", A)
+    assert got[C] == (None, None) and got[f"{3:032x}"] == ("dedup:near", C)
+    t = {r[schema.UID]: r for r in _clusters(tmp_path / "o1").to_pylist()}
+    assert t[B]["distance"] == 0 and t[A]["distance"] is None and t[B]["confirm"] == pytest.approx(2.0, abs=0.01)
+    got = _decisions(run_inline(write_image_dataset(str(tmp_path / "in2"), rows), tmp_path / "o2"))
+    assert got[B] == (None, None) and got[A] == ("dedup:near", B)  # keep: resolution (default)
+    run_inline(write_image_dataset(str(tmp_path / "in3"), rows), tmp_path / "o3", confirm="none")
+    assert {r[schema.UID]: r["confirm"] for r in _clusters(tmp_path / "o3").to_pylist()}[A] is None
+
+
+def test_a_row_without_a_colour_signature_is_never_confirmed(tmp_path):
+    """Confirmation needs both signatures: one missing means no duplicate, not a comparison with zeros."""
+    rows = [[_row(0, H_A, 300), _row(1, H_B, 200, color=None), _row(2, _flip(H_A, range(40, 42)), 100)]]
+    got = _decisions(run_inline(write_image_dataset(str(tmp_path / "in"), rows), tmp_path / "out"))
+    assert got[B] == (None, None) and got[C] == ("dedup:near", A)
+
+
+def test_crop_distance_when_only_one_side_has_crops(tmp_path):
+    """A has no crop hashes, B's crop is 3 bits from A's full image: linked at crop_radius 3, and the
+    distance recorded is those 3 bits (the side without crops contributes nothing)."""
+    rows = _crop_rows(3)
+    rows[0][schema.PHASH_CROPS] = None
+    run_inline(write_image_dataset(str(tmp_path / "in"), [rows]), tmp_path / "out", crop_radius=3)
+    t = {r[schema.UID]: r for r in _clusters(tmp_path / "out").to_pylist()}
+    assert t[B]["distance"] == 3 and t[B]["crop"] is True and t[B][schema.DUP_OF] == A
+
+
+def test_clip_confirmation_at_exactly_its_threshold(tmp_path):
+    e0 = np.array([1.0, 0.0, 0.0, 0.0])
+    half = np.array([0.5, 0.0, 0.8660254, 0.0])  # cosine 0.5, exact in float16 (0.5 * 1.0)
+    t = write_image_dataset(str(tmp_path / "in"), [[_emb_row(0, H_A, 300, e0), _emb_row(2, H_A ^ 2, 100, half)]]).read_shard(0)
+    t = t.set_column(t.column_names.index(schema.IMAGE_EMBEDDING), schema.IMAGE_EMBEDDING,
+                     t.column(schema.IMAGE_EMBEDDING).cast(schema.embedding_type(4)))
+    ds = _with_table(Dataset(str(tmp_path / "in")), t, tmp_path)
+    assert _decisions(run_inline(ds, tmp_path / "o1", confirm="clip", clip_threshold=0.5))[C] == ("dedup:near", A)
+    assert _decisions(run_inline(ds, tmp_path / "o2", confirm="clip", clip_threshold=0.51))[C] == (None, None)
