@@ -411,3 +411,46 @@ def test_clip_confirmation_at_exactly_its_threshold(tmp_path):
     ds = _with_table(Dataset(str(tmp_path / "in")), t, tmp_path)
     assert _decisions(run_inline(ds, tmp_path / "o1", confirm="clip", clip_threshold=0.5))[C] == ("dedup:near", A)
     assert _decisions(run_inline(ds, tmp_path / "o2", confirm="clip", clip_threshold=0.51))[C] == (None, None)
+
+
+def _apply(inp: Dataset, out_root, shard: int, table: pa.Table, **cfg) -> tuple[pa.Table, dict]:
+    """Apply one shard of a dedup plan already made under ``out_root`` (by run_inline) to ``table``."""
+    from curate.stage import RunOptions, ShardContext
+    from curate.stages.dedup import DedupStage
+
+    out = Dataset(str(out_root))
+    sctx = ShardContext(shard=shard, input_path=inp.url, input=inp, output=out, plan_dir=out.path("_plan"),
+                        options=RunOptions())
+    return DedupStage(DedupConfig(**cfg)).process(table, sctx), sctx.stats
+
+
+def test_apply_counts_duplicates_and_refuses_a_changed_shard(tmp_path):
+    rows = [[_row(0, H_A, 300), _row(1, H_B, 200), _row(2, H_FAR, 100)], [_row(3, H_A, 50)]]
+    ds = write_image_dataset(str(tmp_path / "in"), rows)
+    run_inline(ds, tmp_path / "out")
+    _, stats = _apply(ds, tmp_path / "out", 0, ds.read_shard(0))
+    assert stats["duplicates"] == 1  # B; C is far from everything
+    _, stats = _apply(ds, tmp_path / "out", 1, ds.read_shard(1))
+    assert stats["duplicates"] == 1  # the row of shard 1, a copy of A
+    with pytest.raises(RuntimeError, match=r"^dedup: input shard 0 changed since the plan; rerun with --overwrite$"):
+        _apply(ds, tmp_path / "out", 0, ds.read_shard(0).slice(0, 2))  # a row fewer
+    other = ds.read_shard(0)
+    uids = other.column(schema.UID).to_pylist()
+    other = other.set_column(other.column_names.index(schema.UID), schema.UID, pa.array(uids[::-1], pa.string()))
+    with pytest.raises(RuntimeError, match="changed since the plan"):
+        _apply(ds, tmp_path / "out", 0, other)  # same count, other rows
+
+
+def test_apply_adds_no_crop_column_the_input_did_not_have(tmp_path):
+    """Without crop matching (crop_radius 0) and an input without crop hashes, the output gains no
+    all-null crop column; with stored crop hashes the column is kept."""
+    rows = [[_row(0, H_A, 300), _row(1, H_B, 200)]]
+    t = write_image_dataset(str(tmp_path / "in"), rows).read_shard(0).drop_columns([schema.PHASH_CROPS])
+    from curate.testing.datasets import write_table_dataset
+
+    ds = write_table_dataset(str(tmp_path / "bare"), [t], stage="import")
+    out = run_inline(ds, tmp_path / "out", crop_radius=0)
+    assert schema.PHASH_CROPS not in out[0].column_names
+    crops = [[_row(0, H_A, 300, crops=[1, 2, 3, 4, 5]), _row(1, H_B, 200, crops=[6, 7, 8, 9, 10])]]
+    out = run_inline(write_image_dataset(str(tmp_path / "in2"), crops), tmp_path / "out2", crop_radius=0)
+    assert out[0].column(schema.PHASH_CROPS).null_count == 0
