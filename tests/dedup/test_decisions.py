@@ -454,3 +454,15 @@ def test_apply_adds_no_crop_column_the_input_did_not_have(tmp_path):
     crops = [[_row(0, H_A, 300, crops=[1, 2, 3, 4, 5]), _row(1, H_B, 200, crops=[6, 7, 8, 9, 10])]]
     out = run_inline(write_image_dataset(str(tmp_path / "in2"), crops), tmp_path / "out2", crop_radius=0)
     assert out[0].column(schema.PHASH_CROPS).null_count == 0
+
+
+def test_a_full_image_pair_at_the_radius_is_not_called_a_crop_match(tmp_path):
+    """B is exactly at the radius (6 bits) from A and one of its crops is 2 bits from A: the pair is a
+    full-image one, recorded as 6 bits and not as a crop match."""
+    h_b = _flip(H_A, range(0, 6))
+    rows = [_row(0, H_A, 300, crops=[_flip(H_A, range(50, 60 + i)) for i in range(5)]),
+            _row(1, h_b, 200, crops=[_flip(H_A, range(40, 42))] * 5)]
+    got = _decisions(run_inline(write_image_dataset(str(tmp_path / "in"), [rows]), tmp_path / "out"))
+    assert got[B] == ("dedup:near", A)
+    t = {r[schema.UID]: r for r in _clusters(tmp_path / "out").to_pylist()}
+    assert t[B]["distance"] == 6 and t[B]["crop"] is False
