@@ -291,6 +291,41 @@ def test_dct_rows_are_scipys_unnormalised_dct_basis():
     assert np.allclose(phash._C, basis, atol=1e-12) and np.allclose(phash._CT, basis.T, atol=1e-12)
 
 
+def _pillow_lanczos32(gray: Image.Image) -> np.ndarray:
+    """Pillow's Lanczos resize to 32x32 as two one-axis resizes, horizontal first: the pass order
+    phash fixes (Pillow 13 picks its own order for some shapes taller than wide)."""
+    w, h = gray.size
+    return np.asarray(gray.resize((32, h), Image.Resampling.LANCZOS).resize((32, 32), Image.Resampling.LANCZOS))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lanczos_equals_pillows_two_one_axis_resizes(seed):
+    """The matrix Lanczos against Pillow on random, binary and smooth pixels of many shapes: shrinking
+    and enlarging, one side already 32 (that pass skipped), single rows and columns, tall and wide."""
+    rng = np.random.default_rng(seed)
+    shapes = [(1, 1), (1, 40), (40, 1), (32, 32), (32, 97), (97, 32), (31, 33), (124, 124), (128, 128),
+              (191, 96), (96, 191), (250, 21), (21, 250), (1000, 333)]
+    shapes += [tuple(int(v) for v in rng.integers(1, 300, 2)) for _ in range(12)]
+    for h, w in shapes:
+        for a in (rng.integers(0, 256, (h, w)), np.where(rng.random((h, w)) < 0.5, 0, 255),
+                  np.add.outer(np.arange(h), np.arange(w)) * (seed + 3) % 256):
+            a = a.astype(np.uint8)
+            want = _pillow_lanczos32(Image.fromarray(a))
+            assert np.array_equal(phash._lanczos(a, 32), want), (h, w)
+            if h <= w:  # no taller than wide: every Pillow runs the horizontal pass first
+                assert np.array_equal(phash._lanczos(a, 32), np.asarray(
+                    Image.fromarray(a).resize((32, 32), Image.Resampling.LANCZOS))), (h, w)
+
+
+def test_lanczos_of_a_view_equals_that_of_its_copy():
+    """A crop is a strided view of the grey image; the resize must read it as the cropped pixels."""
+    a = np.random.default_rng(9).integers(0, 256, (130, 140)).astype(np.uint8)
+    view = a[3:127, 5:129]
+    assert not view.flags.c_contiguous
+    assert np.array_equal(phash._lanczos(view, 32), phash._lanczos(view.copy(), 32))
+    assert np.array_equal(phash._lanczos(view, 32), _pillow_lanczos32(Image.fromarray(view.copy())))
+
+
 def _line_art_reference(gray: Image.Image) -> np.ndarray:
     """Line-art hash pixels written from Pillow's parts: short side scaled to 128 (box filter when
     shrinking, bilinear when enlarging), a 3x3 minimum filter, then the 32x32 Lanczos resize."""
@@ -301,8 +336,7 @@ def _line_art_reference(gray: Image.Image) -> np.ndarray:
     if r != 1:
         gray = gray.resize((max(1, round(w * r)), max(1, round(h * r))),
                            Image.Resampling.BOX if r < 1 else Image.Resampling.BILINEAR)
-    gray = gray.filter(ImageFilter.MinFilter(3))
-    return np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS))
+    return _pillow_lanczos32(gray.filter(ImageFilter.MinFilter(3)))
 
 
 @pytest.mark.parametrize("size", [(300, 200), (128, 128), (64, 90), (100, 150), (1000, 130)])
@@ -322,7 +356,7 @@ def test_line_art_pixels_are_thickened_at_one_scale(size):
     assert got.mean() < plain.mean() - 10  # thicker (darker) strokes, not just different ones
     filled = Image.new("L", size, 40)
     ImageDraw.Draw(filled).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=200)
-    assert np.array_equal(phash._hash_pixels(filled), np.asarray(filled.resize((32, 32), Image.Resampling.LANCZOS)))
+    assert np.array_equal(phash._hash_pixels(filled), _pillow_lanczos32(filled))
 
 
 def test_each_crop_of_a_line_drawing_is_hashed_as_a_line_drawing():
