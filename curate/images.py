@@ -240,10 +240,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        # Matte on white, as img2dataset does, so transparent areas do not turn black in JPEG.
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        # Matte on white, as img2dataset does, so transparent areas do not turn black in JPEG. An
+        # RGBA mask is its alpha band: no copy of the image or of the band is made.
         bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
+        bg.paste(rgba, mask=rgba)
         return bg
     if img.mode == "I;16" or img.mode.startswith("I;16"):
         img = img.point(lambda v: v / 256).convert("L")  # 16-bit grey: keep the high byte
@@ -307,7 +308,7 @@ def process_image(data: bytes, cfg: ImageConfig, keep_image: bool = False) -> Pr
                     w, h = out_img.size
                     left, top = (w - size) // 2, (h - size) // 2
                     out_img = out_img.crop((left, top, left + size, top + size))
-                elif cfg.resize_mode == "border":
+                elif cfg.resize_mode == "border" and out_img.size != (size, size):
                     w, h = out_img.size
                     canvas = Image.new("RGB", (size, size), (255, 255, 255))
                     canvas.paste(out_img, ((size - w) // 2, (size - h) // 2))

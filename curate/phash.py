@@ -175,6 +175,12 @@ def _hash_pixels(img: Image.Image | np.ndarray) -> np.ndarray:
     """The 32x32 grey pixels the DCT sees, of an image or of a 2-D uint8 grey array (a crop may be
     a view into a larger one)."""
     gray = np.asarray(_gray(img) if isinstance(img, Image.Image) else img, dtype=np.uint8)
+    return _lanczos(_prepared(gray), IMG_SIZE)
+
+
+def _prepared(gray: np.ndarray) -> np.ndarray:
+    """The grey pixels that get the final resize: line art thickened at its one scale, anything
+    else as it is."""
     if _is_line_art(gray):
         # The strokes are thickened at one fixed scale (short side LINE_ART_SIDE, area-averaged), so a
         # drawing and its rescaled copy get the same stroke width relative to the picture.
@@ -187,7 +193,7 @@ def _hash_pixels(img: Image.Image | np.ndarray) -> np.ndarray:
             filt = Image.Resampling.BOX if r < 1 else Image.Resampling.BILINEAR
             gray = np.asarray(Image.fromarray(np.ascontiguousarray(gray)).resize(size, filt))
         gray = _min3(gray)
-    return _lanczos(gray, IMG_SIZE)
+    return gray
 
 
 # The final resize to 32x32 is Pillow's Lanczos filter as two matrix products: each output pixel
@@ -262,13 +268,29 @@ def _lanczos(gray: np.ndarray, size: int) -> np.ndarray:
     """A Lanczos resize of a 2-D uint8 array to size x size: the horizontal pass, then the vertical
     one, each skipped where that side already has the size, each exactly what Pillow's one-axis
     ``resize`` gives for it."""
-    x = gray.astype(np.float64)
-    h, w = x.shape
-    if w != size:
-        x = _to_8bit(x @ _lanczos_weights_t(w, size))
-    if h != size:
-        x = _to_8bit(_lanczos_weights(h, size) @ x)
-    return x.astype(np.uint8)
+    return _lanczos_many([gray], size)[0]
+
+
+def _lanczos_many(grays: Sequence[np.ndarray], size: int) -> list[np.ndarray]:
+    """``_lanczos`` of each array, with one matrix product per pass for all arrays of one shape (an
+    image's five crops share theirs): stacked rows for the horizontal pass, side-by-side columns for
+    the vertical one. Every output value is the same sum as alone."""
+    out: list[np.ndarray | None] = [None] * len(grays)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, g in enumerate(grays):
+        groups.setdefault(g.shape, []).append(i)
+    for (h, w), idx in groups.items():
+        k = len(idx)
+        x = np.concatenate([grays[i] for i in idx], axis=0).astype(np.float64)  # (k*h, w)
+        if w != size:
+            x = _to_8bit(x @ _lanczos_weights_t(w, size))
+        x = x.reshape(k, h, size)
+        if h != size:
+            side = x.transpose(1, 0, 2).reshape(h, k * size)  # the k arrays side by side
+            x = _to_8bit(_lanczos_weights(h, size) @ side).reshape(size, k, size).transpose(1, 0, 2)
+        for j, i in enumerate(idx):
+            out[i] = x[j].astype(np.uint8)
+    return out
 
 
 def _crop_boxes(w: int, h: int) -> list[tuple[int, int, int, int]]:
@@ -289,7 +311,8 @@ def _all_pixels(small: Image.Image) -> list[np.ndarray]:
     gets its own line-art check and scale, exactly as if it were an image of its own."""
     gray = np.asarray(_gray(small), dtype=np.uint8)
     h, w = gray.shape
-    return [_hash_pixels(gray), *(_hash_pixels(gray[y0:y1, x0:x1]) for x0, y0, x1, y1 in _crop_boxes(w, h))]
+    windows = [gray, *(gray[y0:y1, x0:x1] for x0, y0, x1, y1 in _crop_boxes(w, h))]
+    return _lanczos_many([_prepared(g) for g in windows], IMG_SIZE)
 
 
 def crops_to_bytes(hashes: Sequence[int] | np.ndarray) -> bytes:
