@@ -79,3 +79,23 @@ def test_sigkill_of_a_local_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
     assert _run(tmp_path, killed, slow, executor="local")["ray_started"] is False
     _same(tmp_path / "clean", killed)
     assert not list(killed.rglob("*.tmp"))
+
+
+def test_warm_starts_every_worker_before_any_shard_is_submitted():
+    """``_LocalPool.warm`` starts one worker per slot at once, each importing the stage's module, so
+    their start-up overlaps the driver's plan; the pool then runs work on those same processes."""
+    from curate.runner import _LocalPool
+
+    pool = _LocalPool(2)
+    try:
+        pool.warm("curate.testing.stages")
+        started = dict(pool.pool()._processes)
+        assert len(started) == 2  # both started by warm(), none waiting for a first map()
+        pids = set(pool.map(_pid, range(6)))
+        assert pids <= set(started)  # no new process was needed for the work
+    finally:
+        pool.close()
+
+
+def _pid(_: int) -> int:
+    return os.getpid()
