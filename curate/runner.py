@@ -8,6 +8,7 @@ the driver only plans, tracks progress and writes the manifest once every shard 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -377,27 +378,34 @@ def plan_map(stage: Stage) -> Callable[..., list[Any]]:
 class _LocalPool:
     """A process pool started on first use, one slot per CPU (per what a shard task asks)."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, threads: int = 1):
         self.slots = max(1, slots)
+        self.threads = max(1, threads)  # CPUs of one task: its workers' OpenMP / BLAS threads
         self._pool: Any = None
 
-    def pool(self) -> Any:
+    def pool(self, module: str = "curate.runner") -> Any:
+        """The pool, its workers all started at once, each importing ``module`` (the stage's, when
+        the runner warms it up: their ~0.5 s of imports then overlap the driver's plan).
+
+        Workers start with OMP_NUM_THREADS set to the task's CPUs, as Ray sets it for its workers,
+        unless the user set it: numpy's OpenBLAS otherwise starts a thread per core in every worker,
+        and the small matrix products of the pHash then spin on cores the other workers need (a
+        download ran at 2.5x the CPU per image that way)."""
         if self._pool is None:
             import concurrent.futures
+            import importlib
             import multiprocessing
 
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.slots, mp_context=multiprocessing.get_context("spawn"))
+            with _environment({"OMP_NUM_THREADS": str(self.threads)}):
+                for _ in range(self.slots):  # no worker is idle yet: each submit starts one
+                    self._pool.submit(importlib.import_module, module)
         return self._pool
 
     def warm(self, module: str) -> None:
-        """Start every worker now, importing ``module``, so that their start-up (~0.5 s of imports
-        each) overlaps the driver's plan instead of following it. Each submit finds no idle worker
-        and starts one."""
-        import importlib
-
-        for _ in range(self.slots):
-            self.pool().submit(importlib.import_module, module)
+        """Start every worker now, importing ``module``."""
+        self.pool(module)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1, num_gpus: float = 0,
             model: bool = False) -> list[Any]:
@@ -424,7 +432,20 @@ def _local_pool_for(stage: Stage) -> _LocalPool | None:
         return None
     res = stage.config.resources
     slots = int((os.cpu_count() or 1) // max(res.num_cpus, 1e-9)) or 1
-    return _LocalPool(min(slots, res.concurrency) if res.concurrency else slots)
+    return _LocalPool(min(slots, res.concurrency) if res.concurrency else slots, threads=int(res.num_cpus))
+
+
+@contextlib.contextmanager
+def _environment(defaults: dict[str, str]):
+    """``defaults`` in os.environ where the user has not set them, for the processes started inside
+    the block (they copy the environment when they start); restored after."""
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _run_shards_local(pool: _LocalPool, name: str, config: StageConfig, pending: list[int], env: ShardEnv,

@@ -99,3 +99,28 @@ def test_warm_starts_every_worker_before_any_shard_is_submitted():
 
 def _pid(_: int) -> int:
     return os.getpid()
+
+
+def _omp(_: int) -> str | None:
+    return os.environ.get("OMP_NUM_THREADS")
+
+
+def test_workers_get_one_blas_thread_per_cpu_unless_the_user_chose(monkeypatch):
+    """Local workers start with OMP_NUM_THREADS = the task's CPUs, as Ray's workers do (numpy's
+    OpenBLAS would otherwise spin a thread per core in each of them); a value the user set is kept,
+    and the driver's own environment is left as it was."""
+    from curate.runner import _LocalPool
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    pool = _LocalPool(2, threads=1)
+    try:
+        assert set(pool.map(_omp, range(4))) == {"1"}
+        assert "OMP_NUM_THREADS" not in os.environ
+    finally:
+        pool.close()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    pool = _LocalPool(2, threads=1)
+    try:
+        assert set(pool.map(_omp, range(4))) == {"3"}
+    finally:
+        pool.close()
