@@ -20,6 +20,7 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from typing import Any, Literal
@@ -314,8 +315,8 @@ class DownloadStage(Stage):
         keys = [make_key(ctx.shard, i, digits, index_digits) for i in range(n_rows)]
         results: list[dict[str, Any] | None] = [None] * n_rows
         timing = {"network": 0.0, "decode": 0.0, "resize": 0.0, "phash": 0.0, "write": 0.0}
-        loop = asyncio.get_running_loop()
         pool = concurrent.futures.ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="curate-decode")
+        bridge = _Bridge(asyncio.get_running_loop(), pool)
         budget = cfg.reorder_buffer_mb * 1024 * 1024
         state = {"head": 0, "buffered": 0, "finished": 0}
         cond = asyncio.Condition()
@@ -381,7 +382,7 @@ class DownloadStage(Stage):
                         r[schema.ERROR_MESSAGE] = f.error
                     else:
                         try:
-                            p, sha, ph, t_ph = await loop.run_in_executor(pool, cpu, f.data)
+                            p, sha, ph, t_ph = await bridge.run(cpu, f.data)
                         finally:
                             f.release()
                         del f
@@ -438,6 +439,48 @@ class DownloadStage(Stage):
                     row = hit.to_pylist()[0]
                     return {"stage": STAGE, "decision": kind, "shard": output.shard_name(n), **row}
         return None
+
+
+class _Bridge:
+    """Runs CPU work in a thread pool for one event loop, and hands results back in batches: a
+    finishing thread queues its result and wakes the loop only if no wake-up is already pending.
+    When the CPU is the bound (the loop busy whenever a decode ends), one wake-up carries several
+    results, where ``run_in_executor`` pays a future chain and a self-pipe write for each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: concurrent.futures.Executor):
+        self.loop, self.pool = loop, pool
+        self._done: list[tuple[asyncio.Future, Any, BaseException | None]] = []
+        self._lock = threading.Lock()
+        self._wake_pending = False
+
+    def run(self, fn: Any, *args: Any) -> asyncio.Future:
+        fut = self.loop.create_future()
+        self.pool.submit(self._call, fut, fn, args)
+        return fut
+
+    def _call(self, fut: asyncio.Future, fn: Any, args: tuple) -> None:
+        try:
+            item = (fut, fn(*args), None)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            item = (fut, None, e)
+        with self._lock:
+            self._done.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+            self._wake_pending = False
+        for fut, result, error in done:
+            if fut.cancelled():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
 
 
 def _uid_key(uid: str) -> bytes | str:
