@@ -208,45 +208,36 @@ def _prepared(gray: np.ndarray) -> np.ndarray:
 _FIXED = 1 << 22  # Pillow's PRECISION_BITS for 8-bit images: 32 - 8 - 2
 
 
-def _lanczos3(x: float) -> float:
-    if not -3.0 <= x < 3.0:
-        return 0.0
-    return _sinc(x) * _sinc(x / 3)
-
-
-def _sinc(x: float) -> float:
-    if x == 0.0:
-        return 1.0
-    x = x * math.pi
-    return math.sin(x) / x
-
-
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _lanczos_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) fixed-point Lanczos weights of one pass from n_in to n_out pixels, as Pillow
-    computes them (its precompute_coeffs and 8-bit normalisation), stored as integers in float64.
-    Scalar ``math`` arithmetic in Pillow's order, so every coefficient rounds as it does there."""
+    """(n_out, n_in) fixed-point Lanczos weights of one pass from n_in to n_out pixels, computed as
+    Pillow computes them (its precompute_coeffs and 8-bit normalisation), stored as integers in
+    float64: the same taps, the same arguments, a sequential sum for the normaliser, the same
+    rounding. numpy's sin may differ from the C library's in the last bit, which could move one
+    coefficient by one unit (a rounding exactly at .5: ~1e-9 a coefficient)."""
     scale = n_in / n_out
     filterscale = max(scale, 1.0)
     support = 3.0 * filterscale
-    inv = 1.0 / filterscale
-    m = np.zeros((n_out, n_in), dtype=np.float64)
-    for j in range(n_out):
-        center = (j + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), n_in)
-        w = [_lanczos3((x - center + 0.5) * inv) for x in range(lo, hi)]
-        total = 0.0
-        for v in w:
-            total += v
-        for i, v in enumerate(w):
-            k = v / total if total != 0.0 else v
-            m[j, lo + i] = int(k * _FIXED - 0.5) if k < 0 else int(k * _FIXED + 0.5)
+    center = (np.arange(n_out) + 0.5) * scale
+    lo = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's truncating casts
+    hi = np.minimum((center + support + 0.5).astype(np.int64), n_in)
+    taps = np.arange(n_in)
+    arg = (taps[None, :] - center[:, None] + 0.5) * (1.0 / filterscale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = arg * math.pi
+        sinc = np.where(arg == 0.0, 1.0, np.sin(t) / t)
+        t3 = (arg / 3) * math.pi
+        sinc3 = np.where(arg == 0.0, 1.0, np.sin(t3) / t3)
+    inside = (taps[None, :] >= lo[:, None]) & (taps[None, :] < hi[:, None]) & (arg >= -3.0) & (arg < 3.0)
+    w = np.where(inside, sinc * sinc3, 0.0)
+    total = np.cumsum(w, axis=1)[:, -1:]  # in tap order, as the C loop adds them
+    k = np.divide(w, total, out=w.copy(), where=total != 0.0)
+    m = np.trunc(np.where(k < 0, k * _FIXED - 0.5, k * _FIXED + 0.5))
     m.setflags(write=False)
     return m
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _lanczos_weights_t(n_in: int, n_out: int) -> np.ndarray:
     """The transpose of ``_lanczos_weights``, contiguous: the horizontal pass's right operand."""
     t = np.ascontiguousarray(_lanczos_weights(n_in, n_out).T)
