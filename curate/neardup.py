@@ -203,7 +203,17 @@ def _collapse(
     Rows are identical when their ``groups`` keys are equal (default: their hashes); a key may be
     a 2-D array (rows of several uint64 words), e.g. the pHash with a colour signature, so that
     rows with one pHash but other colours stay distinct and are compared like any near pair.
-    The distinct hashes returned may then repeat; the kernels handle equal hashes."""
+    The distinct hashes returned may then repeat; the kernels handle equal hashes.
+
+    ``groups`` with fewer rows than ``hashes`` covers the first rows only; every later row is
+    distinct (dedup's crop entries, which follow the full images' entries)."""
+    if groups is not None and 0 < len(groups) < len(hashes):
+        n = len(groups)
+        uniq, first, sa, sb = _collapse(hashes[:n], groups)
+        rest = np.arange(n, len(hashes))
+        return np.concatenate([uniq, hashes[n:]]), np.concatenate([first, rest]), sa, sb
+    if groups is not None and len(groups) == 0:
+        groups = None if len(hashes) == 0 else np.arange(len(hashes), dtype=np.uint64)
     key = hashes if groups is None else np.asarray(groups, dtype=np.uint64).reshape(len(hashes), -1)
     if key.ndim == 2 and key.shape[1] == 1:
         key = key[:, 0]

@@ -87,7 +87,7 @@ class DedupConfig(StageConfig):
     undecodable: Literal["drop", "keep"] = "drop"
     engine: Literal["auto", "sort", "faiss", "distributed"] = "auto"
     # auto: one process up to this many rows, distributed beyond; None: as many as the driver's
-    # available memory holds at LOCAL_BYTES_PER_ROW (a 64 GB head: ~160M rows).
+    # available memory holds at LOCAL_BYTES_PER_ROW (a 64 GB head: ~40M rows).
     local_max_rows: int | None = Field(None, ge=1)
     rows_per_partition: int = Field(4_000_000, ge=1000)
     # distributed pHash rules: a task holds at most this many hashes (~40 B each while it sorts);
@@ -342,8 +342,14 @@ def _entries(
     groups: np.ndarray | None,
     valid: np.ndarray,
     key: np.ndarray | None = None,
+    crop_groups: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(entry ids, hashes, groups, exact keys) of the valid rows for a near rule's pair search."""
+    """(entry ids, hashes, groups, exact keys) of the valid rows for a near rule's pair search.
+
+    ``crop_groups=False``: the groups cover the full-image entries only (they come first) and every
+    crop entry is distinct, which is what the crop entries' own words say anyway; ``neardup``'s
+    engines read a shorter groups array that way (``_collapse``). Six times fewer group words in
+    memory: the one-process engine's largest arrays."""
     ids, hv = gids[valid], h[valid]
     g = None if groups is None else groups[valid]
     k = None if key is None else key[valid]
@@ -353,6 +359,9 @@ def _entries(
     sel = np.flatnonzero(ok[valid])
     cid = ((ids[sel, None] << _ENTRY_BITS) + np.arange(1, phash.CROP_COUNT + 1)).reshape(-1)
     g = hv[:, None] if g is None else g.reshape(len(ids), g.shape[1] if g.ndim == 2 else 1)
+    if not crop_groups:
+        assert k is None, "exact keys need every entry's group words"
+        return np.concatenate([ids << _ENTRY_BITS, cid]), np.concatenate([hv, crops[valid][sel].reshape(-1)]), g, None
     words = np.concatenate([g, np.repeat(g[sel], phash.CROP_COUNT, axis=0)])
     own = np.concatenate([np.zeros(len(ids), np.uint64), cid.astype(np.uint64)])
     return (
@@ -480,7 +489,7 @@ def _edges_local(
                 out.append(neardup.equal_key_pairs(gids[valid], g))
             elif key is None:
                 find = neardup.near_pairs_faiss if engine == "faiss" else neardup.near_pairs_sort
-                ids, eh, eg, _ = _entries(cfg, keys, gids, h, groups, valid)
+                ids, eh, eg, _ = _entries(cfg, keys, gids, h, groups, valid, crop_groups=False)
                 a, b = find(eh, cfg.radius, cfg.blocks, eg)
                 out.append(_rows_of(cfg, ids[a], ids[b]))
             else:
@@ -641,8 +650,12 @@ def _reduce_partition(job: _ReduceJob) -> tuple[int, np.ndarray, np.ndarray]:
 
 
 # The one-process plan holds every shard's keys table (uid, sha and caption keys, pHash, colour
-# signature: ~200 B a row in Arrow) and the pair search's arrays (~75 B a row at 10M, bench/near_dup.py).
-LOCAL_BYTES_PER_ROW = 400
+# signature, crop hashes) and the pair search's arrays: six entries a row with crop matching (the
+# image and its five crops), each with its id and hash, group words for the images. Measured on
+# bench/scale.py's keys with the default rules: the driver's peak grows ~1.35 KB a row from 100k to
+# 1M rows (329 MB -> 1,548 MB); 400 B, the figure before crop matching, let `auto` pick this engine
+# for ~4x more rows than memory holds. 1,600 leaves ~20% for the rest of the plan.
+LOCAL_BYTES_PER_ROW = 1600
 
 
 def available_memory() -> int:

@@ -482,3 +482,24 @@ def test_an_exact_near_rule_needs_the_sha256_as_well_as_the_phash():
                            pa.array([bytes(48), bytes([9]) * 48], pa.binary(48)))
     got = d._edges_local(DedupConfig(rules=["caption+near"], radius=0, crop_radius=0), keys, gids, "sort")
     assert [_pairs(*e) for e in got] == [set()]
+
+
+def test_groups_for_the_first_rows_only_mean_every_later_row_is_distinct():
+    """The one-process engines get group words for the full-image entries only (crop entries follow
+    and are each distinct): the same pairs as the full-width groups with a unique word per crop."""
+    from curate import neardup
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2**63, 60, dtype=np.uint64)
+    flips = (np.uint64(1) << rng.integers(0, 64, 200).astype(np.uint64))
+    h = np.concatenate([base[rng.integers(0, 60, 300)], base[rng.integers(0, 60, 200)] ^ flips])
+    words = rng.integers(0, 3, (300, 2)).astype(np.uint64)  # a few colour classes per hash
+    own = np.concatenate([np.zeros(300, np.uint64), np.arange(1, 201, dtype=np.uint64)])
+    wide = np.column_stack([np.concatenate([words, np.zeros((200, 2), np.uint64)]), own])
+    for find in (neardup.near_pairs_sort, neardup.near_pairs_faiss):
+        short = set(zip(*(x.tolist() for x in find(h, 6, None, words)), strict=True))
+        full = set(zip(*(x.tolist() for x in find(h, 6, None, wide)), strict=True))
+        assert short == full and len(short) > 500
+    uniq, first, sa, sb = neardup._collapse(h, words)
+    assert set(range(300, 500)) <= set(first.tolist())  # every later row is its own distinct row
+    assert not set(sb.tolist()) & set(range(300, 500))
