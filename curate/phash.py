@@ -171,11 +171,9 @@ def _is_line_art(gray: np.ndarray) -> bool:
     return int(np.count_nonzero(core)) < LINE_ART_CORE * total
 
 
-def _hash_pixels(img: Image.Image | np.ndarray) -> np.ndarray:
-    """The 32x32 grey pixels the DCT sees, of an image or of a 2-D uint8 grey array (a crop may be
-    a view into a larger one)."""
-    gray = np.asarray(_gray(img) if isinstance(img, Image.Image) else img, dtype=np.uint8)
-    return _lanczos(_prepared(gray), IMG_SIZE)
+def _hash_pixels(img: Image.Image) -> np.ndarray:
+    """The 32x32 grey pixels the DCT sees, of one image."""
+    return _lanczos(_prepared(np.asarray(_gray(img), dtype=np.uint8)), IMG_SIZE)
 
 
 def _prepared(gray: np.ndarray) -> np.ndarray:
