@@ -397,7 +397,8 @@ class _LocalPool:
             import multiprocessing
 
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.slots, mp_context=multiprocessing.get_context("spawn"))
+                self.slots, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent,
+                initargs=(os.getpid(),))
             with _environment({"OMP_NUM_THREADS": str(self.threads)}):
                 for _ in range(self.slots):  # no worker is idle yet: each submit starts one
                     self._pool.submit(importlib.import_module, module)
@@ -433,6 +434,30 @@ def _local_pool_for(stage: Stage) -> _LocalPool | None:
     res = stage.config.resources
     slots = int((os.cpu_count() or 1) // max(res.num_cpus, 1e-9)) or 1
     return _LocalPool(min(slots, res.concurrency) if res.concurrency else slots, threads=int(res.num_cpus))
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a local worker: end when the driver ends, however it ends. A killed driver's workers would
+    otherwise go on running their shard (and commit it) beside the rerun that redoes it. Linux: the
+    kernel sends SIGKILL when the parent exits (PR_SET_PDEATHSIG); elsewhere, and for a parent that
+    died before this ran, a thread checks the parent every second."""
+    import signal
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="curate-parent-watch", daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -124,3 +124,37 @@ def test_workers_get_one_blas_thread_per_cpu_unless_the_user_chose(monkeypatch):
         assert set(pool.map(_omp, range(4))) == {"3"}
     finally:
         pool.close()
+
+
+KILL_DRIVER = """
+import os, signal, sys, time
+from curate.runner import _LocalPool
+pool = _LocalPool(2)
+pool.warm("curate.runner")
+print(" ".join(str(p) for p in pool.pool()._processes), flush=True)
+pool.pool().submit(time.sleep, 300)  # a worker busy with a long shard
+time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_end_when_the_driver_is_killed():
+    """A SIGKILLed driver leaves no worker behind (one would go on running, and committing, a shard
+    that the rerun redoes), even one in the middle of its work."""
+    r = subprocess.run([sys.executable, "-c", KILL_DRIVER], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    pids = [int(p) for p in r.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
+    assert not alive, f"workers {alive} outlived their driver"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
