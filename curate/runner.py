@@ -439,8 +439,10 @@ def _local_pool_for(stage: Stage) -> _LocalPool | None:
 def _die_with_parent(parent: int) -> None:
     """In a local worker: end when the driver ends, however it ends. A killed driver's workers would
     otherwise go on running their shard (and commit it) beside the rerun that redoes it. Linux: the
-    kernel sends SIGKILL when the parent exits (PR_SET_PDEATHSIG); elsewhere, and for a parent that
-    died before this ran, a thread checks the parent every second."""
+    kernel sends SIGKILL when the parent exits (PR_SET_PDEATHSIG: strictly, when the thread that
+    started the worker ends; the pool starts its workers from run_stage's own thread, which outlives
+    the pool); elsewhere, and for a parent that died before this ran, a thread checks the parent
+    every second."""
     import signal
     import threading
 
@@ -877,6 +879,8 @@ def _run_planned(stage, stage_cls, cfg, record, input, out, options, progress, b
                                           or os.environ.get("CURATE_EXECUTOR") == "local"):
         _run_shards_local(local, stage, cfg, pending, env, on_done)
     elif pending:
+        if local is not None:
+            local.close()  # warmed up for the plan, not needed beside Ray's own workers
         ensure_ray()
         _run_shards(stage, stage_cls, cfg, pending, env, on_done, tracker.running if progress else None)
     out.refresh()

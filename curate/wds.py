@@ -40,7 +40,7 @@ def ustar_header(name: str, size: int) -> bytes:
     for it with our fixed fields, built directly: ``TarInfo.tobuf`` took ~25 us a member, a large
     share of a download's writes. Names that are not short ASCII, and sizes beyond the 11-digit
     field, go through ``tarfile`` (which raises where ustar cannot hold them)."""
-    raw = name.encode("ascii", "surrogateescape") if name.isascii() else b""
+    raw = name.encode("ascii") if name.isascii() else b""
     if not raw or len(raw) >= 100 or size >= 8**11 or size < 0:
         info = tarfile.TarInfo(name)
         info.size = size

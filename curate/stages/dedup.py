@@ -359,14 +359,16 @@ def _entries(
     sel = np.flatnonzero(ok[valid])
     cid = ((ids[sel, None] << _ENTRY_BITS) + np.arange(1, phash.CROP_COUNT + 1)).reshape(-1)
     g = hv[:, None] if g is None else g.reshape(len(ids), g.shape[1] if g.ndim == 2 else 1)
+    entry_ids = np.concatenate([ids << _ENTRY_BITS, cid])
+    entry_hashes = np.concatenate([hv, crops[valid][sel].reshape(-1)])
     if not crop_groups:
         assert k is None, "exact keys need every entry's group words"
-        return np.concatenate([ids << _ENTRY_BITS, cid]), np.concatenate([hv, crops[valid][sel].reshape(-1)]), g, None
+        return entry_ids, entry_hashes, g, None
     words = np.concatenate([g, np.repeat(g[sel], phash.CROP_COUNT, axis=0)])
     own = np.concatenate([np.zeros(len(ids), np.uint64), cid.astype(np.uint64)])
     return (
-        np.concatenate([ids << _ENTRY_BITS, cid]),
-        np.concatenate([hv, crops[valid][sel].reshape(-1)]),
+        entry_ids,
+        entry_hashes,
         np.column_stack([words, own]),
         None if k is None else np.concatenate([k, np.repeat(k[sel], phash.CROP_COUNT, axis=0)]),
     )
